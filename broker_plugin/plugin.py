@@ -1,0 +1,176 @@
+"""amqtt plugin: binds each MQTT session to a certificate-proven device and asks the PDP about it.
+
+Loaded through amqtt's ``plugins:`` configuration. Under stock amqtt it works
+as an auth plus topic plugin (with amqtt's holes); ``broker_plugin.broker.HardenedBroker``
+calls it directly and closes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from amqtt.contexts import Action
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.session import Session
+
+from pdp.admission import Admission, AdmissionSettings, ConnectRequest
+from pdp.decision_point import DecisionPoint, PdpSettings
+from pdp.identity import IdentitySettings
+
+log = logging.getLogger("mqtt_pdp.plugin")
+SESSION_KEY = "mqtt_pdp.admission"
+
+Revoker = Callable[[str, str], Awaitable[None]]
+
+
+def peer_certificate(session: Session) -> bytes | None:
+    ssl_object = session.ssl_object
+    if ssl_object is None:
+        return None
+    return ssl_object.getpeercert(binary_form=True) or None
+
+
+def session_admission(session: Session) -> Admission | None:
+    admission = session.attributes.get(SESSION_KEY)
+    return admission if isinstance(admission, Admission) else None
+
+
+class DeviceAuthorizationPlugin(BaseAuthPlugin, BaseTopicPlugin):
+    @dataclass
+    class Config:
+        model: str = "policies/model.conf"
+        policy: str = "policies/policy.csv"
+        registry: str = "policies/devices.yaml"
+        trust_domain: str = "example.org"
+        identity_source: str = "uri-san"
+        client_id: str = "{device_id}"
+        require_client_certificate: bool = True
+        allow_plain_tcp: bool = False
+        reload_interval: float = 0.5
+        verify_with_casbin: bool = False
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        cfg: DeviceAuthorizationPlugin.Config = self.config
+        if cfg.reload_interval <= 0:
+            raise ValueError(f"reload_interval must be positive, got {cfg.reload_interval}")
+        self.pdp = DecisionPoint(
+            PdpSettings(
+                model_path=cfg.model,
+                policy_path=cfg.policy,
+                registry_path=cfg.registry,
+                admission=AdmissionSettings(
+                    identity=IdentitySettings(trust_domain=cfg.trust_domain, source=cfg.identity_source),  # type: ignore[arg-type]
+                    client_id_pattern=cfg.client_id,
+                    allow_plain_tcp=cfg.allow_plain_tcp,
+                ),
+                verify_with_casbin=cfg.verify_with_casbin,
+            )
+        )
+        self._revoker: Revoker | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        # Lets tests and tools wait for a reload attempt instead of sleeping.
+        self.reload_attempts = 0
+        self.reload_condition = threading.Condition()
+
+    # -- connect ------------------------------------------------------------------------
+
+    def admit_session(self, session: Session) -> Admission:
+        """Decide the connect from the session's verified certificate and remember it on the session."""
+        request = ConnectRequest(
+            client_id=session.client_id or "",
+            certificate_der=peer_certificate(session),
+            tls=session.ssl_object is not None,
+            will_topic=session.will_topic if session.will_flag else None,
+        )
+        admission = self.pdp.admit(request)
+        session.attributes[SESSION_KEY] = admission
+        cert = admission.identity.certificate if admission.identity else None
+        device_id = admission.identity.device_id if admission.identity else (admission.device.device_id if admission.device else None)
+        if admission.allowed:
+            log.info("connect accepted: client=%s device=%s fingerprint=%s peer=%s:%s",
+                     request.client_id, device_id, cert.fingerprint_sha256 if cert else None,
+                     session.remote_address, session.remote_port)
+        else:
+            log.warning("connect refused: client=%s device=%s fingerprint=%s peer=%s:%s reason=%s",
+                        request.client_id, device_id, cert.fingerprint_sha256 if cert else None,
+                        session.remote_address, session.remote_port, admission.reason)
+        return admission
+
+    async def authenticate(self, *, session: Session) -> bool:
+        return self.admit_session(session).allowed
+
+    # -- publish / subscribe / receive ------------------------------------------------
+
+    def allows(self, session: Session, action: str, topic: str) -> bool:
+        """Synchronous decision for one request of an admitted session; anything else is refused."""
+        admission = session_admission(session)
+        if admission is None or not admission.allowed or admission.device is None:
+            return False
+        decision = self.pdp.decide(admission.device, action, topic)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s %s %s: %s", session.client_id, action, topic,
+                      "allowed" if decision.allowed else "denied", decision.reason)
+        return decision.allowed
+
+    async def topic_filtering(
+        self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
+    ) -> bool:
+        if session is None or topic is None or action is None:
+            return False
+        return self.allows(session, str(action), topic)
+
+    # -- hot reload ---------------------------------------------------------------------
+
+    def set_revoker(self, revoker: Revoker) -> None:
+        """The broker's way to end a session that the current policy no longer admits."""
+        self._revoker = revoker
+
+    async def on_broker_post_start(self) -> None:
+        self._watch_task = asyncio.create_task(self._watch(), name="mqtt-pdp-reload")
+
+    async def _watch(self) -> None:
+        interval = self.config.reload_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                result = await asyncio.to_thread(self.pdp.reload_if_changed)
+                if result:
+                    await self.revoke_disallowed()
+            except Exception:  # the watcher must outlive any single bad reload
+                log.exception("policy reload failed")
+                result = False
+            if result is not None:
+                with self.reload_condition:
+                    self.reload_attempts += 1
+                    self.reload_condition.notify_all()
+
+    async def revoke_disallowed(self) -> list[str]:
+        """End every session whose device the current registry no longer admits."""
+        revoked: list[str] = []
+        for session in list(self.context.sessions):  # type: ignore[attr-defined]
+            admission = session_admission(session)
+            if admission is None or not admission.allowed or session.client_id is None:
+                continue
+            reason = self.pdp.revocation_reason(admission)
+            if reason is None:
+                continue
+            revoked.append(session.client_id)
+            log.warning("session revoked: client=%s device=%s reason=%s", session.client_id,
+                        admission.device.device_id if admission.device else None, reason)
+            if self._revoker is not None:
+                await self._revoker(session.client_id, reason)
+            else:
+                session.attributes[SESSION_KEY] = Admission(False, reason, admission.identity, admission.device)
+        return revoked
+
+    async def close(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            await asyncio.gather(self._watch_task, return_exceptions=True)
+            self._watch_task = None

@@ -1,0 +1,1 @@
+"""Policy decision point for device-identity authorization of MQTT."""

@@ -1,0 +1,118 @@
+"""The connect decision: who is this client, may it be connected at all, and may its will be published.
+
+Pure: the caller passes the certificate bytes, the registry, the rules and the time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from pdp.engine import Decision, Rule, decide
+from pdp.identity import DeviceIdentity, IdentityRefused, IdentitySettings, identity_from_der
+from pdp.registry import Device, Registry
+from pdp.topics import TopicError, level_value_problem, validate_topic
+
+ADMITTED = "identity verified"
+
+
+class SettingsError(ValueError):
+    """A configuration value that cannot work; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class AdmissionSettings:
+    identity: IdentitySettings = field(default_factory=IdentitySettings)
+    # '{device_id}' must appear once; a trailing '*' allows any suffix, e.g. '{device_id}-*'.
+    client_id_pattern: str = "{device_id}"
+    # Plain-TCP clients have no certificate; only with this opt-in is the client id
+    # taken as the (unverified) device id. Meant for lab use, never production.
+    allow_plain_tcp: bool = False
+
+    def __post_init__(self) -> None:
+        pattern = self.client_id_pattern
+        if pattern.count("{device_id}") != 1:
+            raise SettingsError(f"client_id pattern {pattern!r} must contain '{{device_id}}' exactly once")
+        if "*" in pattern[:-1]:
+            raise SettingsError(f"client_id pattern {pattern!r}: '*' is only allowed at the end")
+        if self.identity.source not in ("uri-san", "cn"):
+            raise SettingsError(f"identity source {self.identity.source!r} is not 'uri-san' or 'cn'")
+        if not self.identity.trust_domain or "/" in self.identity.trust_domain:
+            raise SettingsError(f"trust domain {self.identity.trust_domain!r} must be a non-empty host name")
+
+
+@dataclass(frozen=True)
+class ConnectRequest:
+    client_id: str
+    certificate_der: bytes | None
+    tls: bool
+    will_topic: str | None = None
+
+
+@dataclass(frozen=True)
+class Admission:
+    allowed: bool
+    reason: str
+    identity: DeviceIdentity | None = None
+    device: Device | None = None
+    rule_id: str | None = None
+
+
+def client_id_permitted(pattern: str, device_id: str, client_id: str) -> bool:
+    expected = pattern.replace("{device_id}", device_id)
+    if expected.endswith("*"):
+        return client_id.startswith(expected[:-1])
+    return client_id == expected
+
+
+def device_problem(device: Device | None, identity: DeviceIdentity | None) -> str | None:
+    """Why a registered device (with this certificate) may not be connected now, or None."""
+    if device is None:
+        return "unknown device"
+    if device.status != "active":
+        return f"device {device.status}"
+    if device.fingerprints and (identity is None or identity.certificate.fingerprint_sha256 not in device.fingerprints):
+        return "certificate not bound to device"
+    return None
+
+
+def admit(
+    request: ConnectRequest,
+    settings: AdmissionSettings,
+    registry: Registry,
+    rules: Sequence[Rule],
+    now: datetime,
+) -> Admission:
+    identity: DeviceIdentity | None = None
+    if request.certificate_der is None and not request.tls:
+        if not settings.allow_plain_tcp:
+            return Admission(False, "plain TCP not allowed")
+        problem = level_value_problem(request.client_id)
+        if problem is not None:
+            return Admission(False, f"invalid device id {request.client_id!r}: {problem}")
+        device_id = request.client_id
+    else:
+        try:
+            identity = identity_from_der(request.certificate_der, settings.identity, now)
+        except IdentityRefused as refused:
+            return Admission(False, refused.reason)
+        device_id = identity.device_id
+
+    device = registry.lookup(device_id)
+    problem = device_problem(device, identity)
+    if problem is not None or device is None:
+        return Admission(False, problem or "unknown device", identity, device)
+    if not client_id_permitted(settings.client_id_pattern, device_id, request.client_id):
+        return Admission(False, "client id mismatch", identity, device)
+    if request.will_topic is not None:
+        try:
+            validate_topic(request.will_topic)
+        except TopicError as exc:
+            return Admission(False, f"invalid will topic: {exc}", identity, device)
+        if request.will_topic.startswith("$"):
+            return Admission(False, "will topic starts with '$'", identity, device)
+        will: Decision = decide(rules, device.attributes(), "publish", request.will_topic)
+        if not will.allowed:
+            return Admission(False, f"will topic not permitted ({will.reason})", identity, device, will.rule_id)
+    return Admission(True, ADMITTED, identity, device)

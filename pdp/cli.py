@@ -1,0 +1,245 @@
+"""mqtt-pdp: run the hardened broker, make a development PKI, check and explain the policy."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pdp.errors import SourceError
+
+log = logging.getLogger("mqtt_pdp.cli")
+DEFAULT_CONFIG = "deploy/broker.yaml"
+
+
+class CliError(Exception):
+    """One line for the user, exit status 2."""
+
+
+# -- shared -------------------------------------------------------------------------------
+
+
+def _pdp_paths(args: argparse.Namespace) -> tuple[str, str, str, dict[str, Any]]:
+    """model, policy, registry and the plugin settings, from -c and the explicit overrides."""
+    from broker_plugin.plugin import DeviceAuthorizationPlugin
+    from pdp.config import load_broker_config, plugin_settings
+
+    settings: dict[str, Any] = {}
+    config_path = args.config or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None)
+    if config_path:
+        settings = plugin_settings(load_broker_config(config_path, check_files=False))
+    defaults = DeviceAuthorizationPlugin.Config()
+    model = args.model or settings.get("model", defaults.model)
+    policy = args.policy or settings.get("policy", defaults.policy)
+    registry = args.registry or settings.get("registry", defaults.registry)
+    return model, policy, registry, settings
+
+
+def _add_policy_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", help=f"broker config to take file paths from (default: {DEFAULT_CONFIG} if present)")
+    parser.add_argument("--model", help="Casbin model file (default: from config, else policies/model.conf)")
+    parser.add_argument("--policy", help="policy rules file (default: from config, else policies/policy.csv)")
+    parser.add_argument("--registry", help="device registry file (default: from config, else policies/devices.yaml)")
+
+
+# -- check / explain ------------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from pdp.policy import load_policy
+    from pdp.registry import load_registry
+
+    model, policy_path, registry_path, _ = _pdp_paths(args)
+    policy = load_policy(model, policy_path)
+    registry = load_registry(registry_path)
+    by_status: dict[str, int] = {}
+    for device in registry.devices.values():
+        by_status[device.status] = by_status.get(device.status, 0) + 1
+    statuses = ", ".join(f"{count} {status}" for status, count in sorted(by_status.items())) or "none"
+    print(f"ok: {policy_path}: {len(policy.rules)} rules (revision {policy.revision})")
+    print(f"ok: {registry_path}: {len(registry)} devices ({statuses}) (revision {registry.revision})")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from pdp.engine import decide
+    from pdp.policy import load_policy
+    from pdp.registry import load_registry
+    from pdp.topics import TopicError, validate_filter, validate_topic
+
+    model, policy_path, registry_path, _ = _pdp_paths(args)
+    try:
+        (validate_filter if args.action == "subscribe" else validate_topic)(args.topic)
+    except TopicError as exc:
+        raise CliError(str(exc)) from None
+    policy = load_policy(model, policy_path)
+    registry = load_registry(registry_path)
+    device = registry.lookup(args.device)
+    if device is None:
+        raise CliError(f"unknown device {args.device!r} (not in {registry_path})")
+    decision = decide(policy.rules, device.attributes(), args.action, args.topic)
+    reference = policy.reference.decide(device, args.action, args.topic)
+    lines = {rule.rule_id: rule.line for rule in policy.rules}
+    print(f"decision: {'allow' if decision.allowed else 'deny'}")
+    if decision.rule_id:
+        print(f"rule:     {decision.rule_id} ({policy_path}:{lines.get(decision.rule_id)})")
+    else:
+        print("rule:     none")
+    print(f"reason:   {decision.reason}")
+    attrs = device.attributes()
+    print("device:   " + " ".join(f"{k}={v}" for k, v in attrs.items()) + f" status={device.status}")
+    if device.status != "active":
+        print(f"note:     device is {device.status}; it is refused at connect whatever the rules say")
+    agree = (reference.allowed, reference.rule_id) == (decision.allowed, decision.rule_id)
+    print(f"casbin:   {'allow' if reference.allowed else 'deny'} ({reference.rule_id or 'no rule'})"
+          f"{'' if agree else '  MISMATCH: please report this'}")
+    return 0 if agree else 1
+
+
+# -- pki ------------------------------------------------------------------------------------
+
+
+def cmd_pki(args: argparse.Namespace) -> int:
+    from pdp import pki
+    from pdp.registry import load_registry
+    from pdp.topics import level_value_problem
+
+    out = Path(args.out)
+    device_ids: list[str] = list(args.device or [])
+    if not device_ids:
+        device_ids = sorted(load_registry(args.registry).devices)
+    for device_id in device_ids:
+        problem = level_value_problem(device_id)
+        if problem is not None:
+            raise CliError(f"device id {device_id!r} {problem}")
+    ca_cert, ca_key = out / "ca.pem", out / "ca-key.pem"
+    if ca_cert.exists() and ca_key.exists() and not args.force:
+        try:
+            ca = pki.load_issued(ca_cert, ca_key)
+        except (ValueError, OSError) as exc:
+            raise CliError(f"cannot use existing CA in {out}: {exc} (use --force to replace it)") from None
+        print(f"using CA {ca_cert}")
+    else:
+        ca = pki.make_ca()
+        ca.write(ca_cert, ca_key)
+        pki.issue_server(ca, tuple(args.hostname)).write(out / "server.pem", out / "server-key.pem")
+        print(f"created CA {ca_cert} and broker certificate {out / 'server.pem'}")
+    if not (out / "server.pem").exists():
+        pki.issue_server(ca, tuple(args.hostname)).write(out / "server.pem", out / "server-key.pem")
+    for device_id in device_ids:
+        issued = pki.issue_device(ca, device_id, args.trust_domain, days=args.days)
+        cert_path = out / "devices" / f"{device_id}.pem"
+        issued.write(cert_path, out / "devices" / f"{device_id}-key.pem")
+        print(f"device {device_id}: {cert_path} ({pki.spiffe_id(args.trust_domain, device_id)}, "
+              f"sha256 {pki.fingerprint(issued)})")
+    return 0
+
+
+# -- broker ---------------------------------------------------------------------------------
+
+
+async def _run_broker(config: dict[str, Any]) -> None:
+    from broker_plugin.broker import HardenedBroker
+
+    broker = HardenedBroker(config)
+    await broker.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    for name, server in broker._servers.items():
+        for sock in getattr(server.instance, "sockets", []) or []:
+            log.info("listener %s on %s", name, sock.getsockname()[:2])
+    await stop.wait()
+    log.info("shutting down")
+    await broker.shutdown()
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from amqtt.errors import AMQTTError
+
+    from broker_plugin.plugin import DeviceAuthorizationPlugin
+    from pdp.config import load_broker_config, plugin_settings
+    from pdp.policy import load_policy
+    from pdp.registry import load_registry
+
+    config = load_broker_config(args.config)
+    settings = plugin_settings(config)
+    unknown = set(settings) - set(DeviceAuthorizationPlugin.Config.__dataclass_fields__)
+    if unknown:
+        raise CliError(f"{args.config}: unknown plugin settings: {', '.join(sorted(unknown))}")
+    defaults = DeviceAuthorizationPlugin.Config()
+    load_policy(settings.get("model", defaults.model), settings.get("policy", defaults.policy))
+    load_registry(settings.get("registry", defaults.registry))
+    try:
+        asyncio.run(_run_broker(config))
+    except (AMQTTError, OSError, ValueError) as exc:
+        cause = exc.__cause__ or exc
+        raise CliError(f"broker failed: {cause}") from None
+    return 0
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mqtt-pdp", description=__doc__)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("broker", help="run the hardened amqtt broker with device authorization",
+                       description="Run the amqtt broker with the device authorization plugin (TLS listener 8883 by default).")
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"broker config (default: {DEFAULT_CONFIG})")
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("pki", help="create a development CA, broker and device certificates (not for production)",
+                       description="Create a development CA, broker certificate and device certificates. Not for production.")
+    p.add_argument("--out", default="deploy/pki", help="output directory (default: deploy/pki)")
+    p.add_argument("--device", action="append", metavar="ID", help="device id to issue for (repeatable; default: every device in --registry)")
+    p.add_argument("--registry", default="policies/devices.yaml", help="registry whose devices get certificates when no --device is given")
+    p.add_argument("--trust-domain", default="example.org", help="SPIFFE trust domain (default: example.org)")
+    p.add_argument("--hostname", action="append", default=None, help="broker host name for its certificate (default: localhost)")
+    p.add_argument("--days", type=int, default=30, help="device certificate lifetime in days (default: 30)")
+    p.add_argument("--force", action="store_true", help="replace an existing CA and broker certificate")
+    p.set_defaults(func=cmd_pki)
+
+    p = sub.add_parser("check", help="validate the model, policy and registry", description="Validate model, policy and registry files.")
+    _add_policy_args(p)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("explain", help="show the decision, deciding rule and reason for one request",
+                       description="Explain the decision for one device, topic and action (Casbin's answer is shown beside it).")
+    _add_policy_args(p)
+    p.add_argument("--device", required=True, help="device id from the registry")
+    p.add_argument("--topic", required=True, help="topic name (publish, receive) or filter (subscribe)")
+    p.add_argument("--action", required=True, choices=["publish", "subscribe", "receive"])
+    p.set_defaults(func=cmd_explain)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "hostname", "unset") is None:
+        args.hostname = ["localhost"]
+    level = getattr(logging, args.log_level.upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level > logging.DEBUG:
+        logging.getLogger("amqtt").setLevel(logging.WARNING)
+        logging.getLogger("transitions").setLevel(logging.WARNING)
+    logging.getLogger("casbin").setLevel(logging.WARNING)
+    try:
+        return int(args.func(args))
+    except (CliError, SourceError) as exc:
+        print(f"mqtt-pdp: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Reading the broker configuration file, with paths resolved against the file's own directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pdp.errors import SourceError
+
+PLUGIN_PATH = "broker_plugin.plugin.DeviceAuthorizationPlugin"
+LISTENER_PATH_KEYS = ("cafile", "capath", "certfile", "keyfile")
+PLUGIN_PATH_KEYS = ("model", "policy", "registry")
+
+
+def _resolve(base: Path, value: Any) -> Any:
+    if isinstance(value, str) and value and not Path(value).is_absolute():
+        return str((base / value).resolve())
+    return value
+
+
+def load_broker_config(path: str | Path, *, check_files: bool = True) -> dict[str, Any]:
+    """The amqtt configuration dict with every relative file path made absolute; SourceError if unusable."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SourceError(str(path), None, f"cannot read broker config: {exc.strerror or exc}") from None
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise SourceError(str(path), mark.line + 1 if mark else None, f"invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(config, dict):
+        raise SourceError(str(path), None, "broker config must be a mapping with 'listeners' and 'plugins'")
+    base = path.resolve().parent
+    listeners = config.get("listeners")
+    if not isinstance(listeners, dict) or "default" not in listeners:
+        raise SourceError(str(path), None, "'listeners' must be a mapping with a 'default' listener")
+    for name, listener in listeners.items():
+        if not isinstance(listener, dict):
+            raise SourceError(str(path), None, f"listener {name!r} must be a mapping")
+        for key in LISTENER_PATH_KEYS:
+            if key in listener:
+                listener[key] = _resolve(base, listener[key])
+                if check_files and not Path(listener[key]).exists():
+                    raise SourceError(str(path), None, f"listener {name!r}: {key} {listener[key]} does not exist"
+                                      " (run 'mqtt-pdp pki' for a development PKI)")
+    plugins = config.get("plugins")
+    if not isinstance(plugins, dict) or PLUGIN_PATH not in plugins:
+        raise SourceError(str(path), None, f"'plugins' must configure {PLUGIN_PATH}")
+    plugin = plugins[PLUGIN_PATH] or {}
+    if not isinstance(plugin, dict):
+        raise SourceError(str(path), None, f"{PLUGIN_PATH} settings must be a mapping")
+    for key in PLUGIN_PATH_KEYS:
+        if key in plugin:
+            plugin[key] = _resolve(base, plugin[key])
+    plugins[PLUGIN_PATH] = plugin
+    return config
+
+
+def plugin_settings(config: dict[str, Any]) -> dict[str, Any]:
+    return dict(config["plugins"][PLUGIN_PATH])

@@ -1,0 +1,79 @@
+"""The policy decision: which rule decides an (device, action, topic) request, and how.
+
+Semantics (the same as the Casbin model in ``policies/model.conf``):
+a rule applies when its type, location and purpose each equal the device's
+value or are ``*``, its action is the requested one, and its topic pattern,
+bound to the device's own attributes, matches the topic (publish, receive)
+or covers the filter (subscribe). Any applicable deny decides (the first one
+in file order); otherwise the first applicable allow decides; otherwise deny.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from pdp.topics import bind, covers, matches
+
+ACTIONS: tuple[str, ...] = ("publish", "subscribe", "receive")
+EFFECTS: tuple[str, ...] = ("allow", "deny")
+NO_MATCH = "no matching rule"
+
+
+@dataclass(frozen=True)
+class Rule:
+    rule_id: str
+    type: str
+    location: str
+    purpose: str
+    topic: str
+    action: str
+    effect: str
+    line: int | None = None
+
+    def as_casbin(self) -> list[str]:
+        return [self.rule_id, self.type, self.location, self.purpose, self.topic, self.action, self.effect]
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    rule_id: str | None
+    reason: str
+
+
+def topic_applies(action: str, topic: str, pattern: str, attributes: Mapping[str, str]) -> bool:
+    """Whether a rule's pattern, bound to the device, selects the requested topic or filter."""
+    bound = bind(pattern, attributes)
+    if bound is None:
+        return False
+    if action == "subscribe":
+        return covers(bound, topic)
+    return matches(bound, topic)
+
+
+def _selects(value: str, device_value: str) -> bool:
+    return value == "*" or value == device_value
+
+
+def decide(rules: Sequence[Rule], attributes: Mapping[str, str], action: str, topic: str) -> Decision:
+    """Evaluate rules (in file order) for one request; deny overrides allow, no match is deny."""
+    first_allow: Rule | None = None
+    for rule in rules:
+        if rule.action != action:
+            continue
+        if not (
+            _selects(rule.type, attributes["type"])
+            and _selects(rule.location, attributes["location"])
+            and _selects(rule.purpose, attributes["purpose"])
+        ):
+            continue
+        if not topic_applies(action, topic, rule.topic, attributes):
+            continue
+        if rule.effect == "deny":
+            return Decision(False, rule.rule_id, f"denied by rule {rule.rule_id}")
+        if first_allow is None:
+            first_allow = rule
+    if first_allow is not None:
+        return Decision(True, first_allow.rule_id, f"allowed by rule {first_allow.rule_id}")
+    return Decision(False, None, NO_MATCH)

@@ -1,0 +1,142 @@
+"""Loading and validating the policy: the Casbin model and the rule file policy authors edit.
+
+Casbin loads both files; the rules the PDP evaluates are taken from what Casbin
+loaded, after each line has been checked so that a mistake is reported as
+``file:line: reason`` and never half-applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import casbin
+
+from pdp.engine import ACTIONS, EFFECTS, Rule
+from pdp.errors import SourceError
+from pdp.reference import CasbinReference
+from pdp.topics import TopicError, level_value_problem, validate_pattern
+
+RULE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+POLICY_FIELDS = ("id", "type", "location", "purpose", "topic", "action", "effect")
+
+CANONICAL_MODEL = """
+[request_definition]
+r = dev, topic, act
+
+[policy_definition]
+p = id, type, location, purpose, topic, act, eft
+
+[policy_effect]
+e = some(where (p.eft == allow)) && !some(where (p.eft == deny))
+
+[matchers]
+m = (p.type == "*" || p.type == r.dev.type) && (p.location == "*" || p.location == r.dev.location) \
+&& (p.purpose == "*" || p.purpose == r.dev.purpose) && p.act == r.act && topicMatch(r.act, r.topic, p.topic, r.dev)
+"""
+
+
+@dataclass(frozen=True)
+class Policy:
+    rules: tuple[Rule, ...]
+    revision: str
+    model_path: str
+    policy_path: str
+    reference: CasbinReference = field(compare=False, repr=False)
+
+
+def _read_text(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SourceError(path, None, f"cannot read {what}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise SourceError(path, None, f"{what} is not UTF-8 text") from None
+
+
+def _model_shape(model: casbin.model.Model) -> dict[str, list[str] | str]:
+    shape: dict[str, list[str] | str] = {}
+    for sec in ("r", "p", "e", "m"):
+        for key, assertion in model.model.get(sec, {}).items():
+            shape[f"{sec}.{key}"] = list(assertion.tokens) if sec in ("r", "p") else " ".join(assertion.value.split())
+    return shape
+
+
+def check_model(path: str) -> None:
+    """Refuse a model whose semantics differ from the ones the PDP implements."""
+    _read_text(path, "model")
+    canonical = casbin.model.Model()
+    canonical.load_model_from_text(CANONICAL_MODEL)
+    model = casbin.model.Model()
+    try:
+        model.load_model(path)
+    except Exception as exc:  # Casbin raises bare exceptions of several kinds for a bad model.
+        raise SourceError(path, None, f"Casbin cannot load the model: {exc}") from None
+    if _model_shape(model) != _model_shape(canonical):
+        raise SourceError(
+            path, None, "model differs from the supported one (see README, 'The model'); restore policies/model.conf"
+        )
+
+
+def _check_rule(tokens: list[str], path: str, line: int) -> Rule:
+    if tokens[0] != "p":
+        raise SourceError(path, line, f"only 'p' rules are supported, not {tokens[0]!r}")
+    values = tokens[1:]
+    if len(values) != len(POLICY_FIELDS):
+        raise SourceError(
+            path, line, f"expected {len(POLICY_FIELDS)} fields after 'p' ({', '.join(POLICY_FIELDS)}), got {len(values)}"
+        )
+    rule_id, dtype, location, purpose, topic, action, effect = values
+    if not RULE_ID_RE.match(rule_id):
+        raise SourceError(path, line, f"rule id {rule_id!r} must be 1-128 of letters, digits, '_', '.', ':', '-'")
+    for name, value in (("type", dtype), ("location", location), ("purpose", purpose)):
+        problem = None if value == "*" else level_value_problem(value)
+        if problem is not None:
+            raise SourceError(path, line, f"{name} {value!r} {problem}; use a value or '*'")
+    try:
+        validate_pattern(topic)
+    except TopicError as exc:
+        raise SourceError(path, line, str(exc)) from None
+    if action not in ACTIONS:
+        raise SourceError(path, line, f"action {action!r} is not one of {', '.join(ACTIONS)}")
+    if effect not in EFFECTS:
+        raise SourceError(path, line, f"effect {effect!r} is not one of {', '.join(EFFECTS)}")
+    return Rule(rule_id, dtype, location, purpose, topic, action, effect, line)
+
+
+def parse_rules(text: str, path: str) -> list[Rule]:
+    rules: list[Rule] = []
+    seen: dict[str, int] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "\x00" in line:
+            raise SourceError(path, number, "contains NUL")
+        rule = _check_rule([token.strip() for token in line.split(",")], path, number)
+        if rule.rule_id in seen:
+            raise SourceError(path, number, f"rule id {rule.rule_id!r} already used at line {seen[rule.rule_id]}")
+        seen[rule.rule_id] = number
+        rules.append(rule)
+    return rules
+
+
+def load_policy(model_path: str | Path, policy_path: str | Path) -> Policy:
+    """Validate and load both files; SourceError on the first problem."""
+    model_path, policy_path = str(model_path), str(policy_path)
+    check_model(model_path)
+    text = _read_text(policy_path, "policy")
+    checked = parse_rules(text, policy_path)
+    try:
+        reference = CasbinReference(model_path, policy_path)
+    except Exception as exc:  # Casbin raises bare exceptions for malformed lines.
+        raise SourceError(policy_path, None, f"Casbin cannot load the policy: {exc}") from None
+    loaded = reference.policy_lines()
+    if loaded != [rule.as_casbin() for rule in checked]:
+        raise SourceError(policy_path, None, "Casbin read the rules differently (brackets or parentheses in a field?)")
+    lines = {rule.rule_id: rule.line for rule in checked}
+    rules = tuple(Rule(*values, line=lines[values[0]]) for values in loaded)  # type: ignore[arg-type]
+    digest = hashlib.sha256(_read_text(model_path, "model").encode() + b"\0" + text.encode()).hexdigest()[:12]
+    return Policy(rules=rules, revision=digest, model_path=model_path, policy_path=policy_path, reference=reference)

@@ -1,0 +1,45 @@
+"""Casbin, loaded from the model and policy files, as the reference decision maker.
+
+Casbin's deny-override effect reports the deciding rule only for denials, so a
+second enforcer over the same files with an allow-override effect names the
+first applicable allow. Together they give the decision and deciding rule that
+``pdp.engine.decide`` must reproduce.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import casbin
+from casbin.persist.adapters import FileAdapter
+
+from pdp.engine import Decision, NO_MATCH, topic_applies
+from pdp.registry import Device
+
+FIRST_ALLOW_EFFECT = "some(where (p.eft == allow))"
+
+
+def _topic_match(action: str, topic: str, pattern: str, device: Device) -> bool:
+    return topic_applies(action, topic, pattern, device.attributes())
+
+
+class CasbinReference:
+    def __init__(self, model_path: str, policy_path: str) -> None:
+        self.enforcer = casbin.Enforcer(model_path, policy_path)
+        self.enforcer.add_function("topicMatch", _topic_match)
+        allow_model = casbin.Enforcer.new_model(model_path)
+        allow_model.add_def("e", "e", FIRST_ALLOW_EFFECT)
+        self._first_allow = casbin.Enforcer(allow_model, FileAdapter(policy_path))
+        self._first_allow.add_function("topicMatch", _topic_match)
+
+    def policy_lines(self) -> list[list[str]]:
+        return [list(rule) for rule in self.enforcer.get_policy()]
+
+    def decide(self, device: Device, action: str, topic: str) -> Decision:
+        allowed, explain = self.enforcer.enforce_ex(device, topic, action)
+        if not allowed:
+            rule_id: Any = explain[0] if explain else None
+            return Decision(False, rule_id, f"denied by rule {rule_id}" if rule_id else NO_MATCH)
+        _, allow_explain = self._first_allow.enforce_ex(device, topic, action)
+        rule_id = allow_explain[0]
+        return Decision(True, rule_id, f"allowed by rule {rule_id}")
