@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import BrokerThread, Client, TestPki, broker_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TEST_POLICY = """\
+# rules for the integration tests
+p, sensor-pub, sensor, *, *, sites/{location}/{device_id}/telemetry, publish, allow
+p, sensor-will, sensor, *, *, sites/{location}/{device_id}/status, publish, allow
+p, sensor-sub-cmd, sensor, *, *, sites/{location}/{device_id}/cmd, subscribe, allow
+p, sensor-recv-cmd, sensor, *, *, sites/{location}/{device_id}/cmd, receive, allow
+p, dash-sub, dashboard, *, *, sites/{location}/#, subscribe, allow
+p, dash-recv, dashboard, *, *, sites/{location}/#, receive, allow
+p, dash-cmd, dashboard, *, *, sites/{location}/+/cmd, publish, allow
+p, no-secret, *, *, *, sites/+/secret/#, receive, deny
+p, lab-sub, lab, *, *, a/+, subscribe, allow
+p, lab-recv, lab, *, *, a/#, receive, allow
+p, lab-pub, lab, *, *, a/#, publish, allow
+p, watcher-sub, watcher, *, *, a/#, subscribe, allow
+p, watcher-recv, watcher, *, *, a/#, receive, allow
+p, no-a-secret, *, *, *, a/secret, receive, deny
+p, root-sub, root, *, *, #, subscribe, allow
+p, root-recv, root, *, *, #, receive, allow
+p, root-pub, root, *, *, #, publish, allow
+"""
+
+DEVICES = [
+    ("sensor-1", "sensor", "plant-a", "active"),
+    ("sensor-2", "sensor", "plant-b", "active"),
+    ("dash-1", "dashboard", "plant-a", "active"),
+    ("lab-1", "lab", "lab", "active"),
+    ("watcher-1", "watcher", "lab", "active"),
+    ("root-1", "root", "hq", "active"),
+    ("root-2", "root", "hq", "active"),
+    ("suspended-1", "sensor", "plant-a", "suspended"),
+    ("retired-1", "sensor", "plant-a", "retired"),
+    ("provisioned-1", "sensor", "plant-a", "provisioned"),
+]
+
+
+def registry_yaml(devices: list[tuple[str, str, str, str]], bound: dict[str, str] | None = None) -> str:
+    lines = ["devices:"]
+    for device_id, dtype, location, status in devices:
+        lines += [
+            f"  - id: {device_id}",
+            f"    type: {dtype}",
+            f"    location: {location}",
+            "    purpose: test",
+            "    owner: qa",
+            f"    status: {status}",
+        ]
+        if bound and device_id in bound:
+            lines.append(f"    fingerprints: [\"{bound[device_id]}\"]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def test_pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
+    return TestPki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def policy_dir(tmp_path: Path, test_pki: TestPki) -> Path:
+    directory = tmp_path / "policies"
+    directory.mkdir()
+    shutil.copy(ROOT / "policies" / "model.conf", directory / "model.conf")
+    (directory / "policy.csv").write_text(TEST_POLICY)
+    bound = {"bound-1": test_pki.device("bound-1").fingerprint}
+    (directory / "devices.yaml").write_text(
+        registry_yaml(DEVICES + [("bound-1", "sensor", "plant-a", "active")], bound)
+    )
+    return directory
+
+
+@pytest.fixture
+def make_broker(test_pki: TestPki, policy_dir: Path) -> Iterator[Callable[..., BrokerThread]]:
+    started: list[BrokerThread] = []
+
+    def make(broker_class: type | None = None, config: dict[str, Any] | None = None, **plugin: Any) -> BrokerThread:
+        cfg = config or broker_config(test_pki, policy_dir, **plugin)
+        thread = BrokerThread(cfg, broker_class) if broker_class else BrokerThread(cfg)
+        started.append(thread)
+        return thread
+
+    yield make
+    for thread in started:
+        plugin = thread.plugin
+        thread.stop()
+        # Casbin's enforce gave the same decision and deciding rule as the PDP on every request.
+        assert plugin.pdp.casbin_mismatches == 0
+
+
+@pytest.fixture
+def broker(make_broker: Callable[..., BrokerThread]) -> BrokerThread:
+    return make_broker()
+
+
+@pytest.fixture
+def connect(broker: BrokerThread, test_pki: TestPki) -> Iterator[Callable[..., Client]]:
+    clients: list[Client] = []
+
+    def make(device: str, client_id: str | None = None, *, expect: int | None = 0, port: int | None = None,
+             creds: Any = "auto", **kwargs: Any) -> Client:
+        credentials = test_pki.device(device) if creds == "auto" else creds
+        client = Client(port or broker.port, client_id or device, credentials, test_pki.ca_file, **kwargs)
+        clients.append(client)
+        rc = client.connect()
+        if expect is not None or rc is not None:
+            assert rc == expect, f"{device}: CONNACK {rc}, expected {expect}"
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_libraries() -> None:
+    logging.getLogger("casbin").setLevel(logging.WARNING)
+    logging.getLogger("transitions").setLevel(logging.WARNING)
