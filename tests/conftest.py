@@ -31,6 +31,8 @@ p, no-a-secret, *, *, *, a/secret, receive, deny
 p, root-sub, root, *, *, #, subscribe, allow
 p, root-recv, root, *, *, #, receive, allow
 p, root-pub, root, *, *, #, publish, allow
+p, sys-sub, sysmon, *, *, $SYS/#, subscribe, allow
+p, sys-recv, sysmon, *, *, $SYS/#, receive, allow
 """
 
 DEVICES = [
@@ -41,6 +43,7 @@ DEVICES = [
     ("watcher-1", "watcher", "lab", "active"),
     ("root-1", "root", "hq", "active"),
     ("root-2", "root", "hq", "active"),
+    ("sysmon-1", "sysmon", "hq", "active"),
     ("suspended-1", "sensor", "plant-a", "suspended"),
     ("retired-1", "sensor", "plant-a", "retired"),
     ("provisioned-1", "sensor", "plant-a", "provisioned"),

@@ -26,6 +26,7 @@ T = TypeVar("T")
 WAIT = 10.0
 TRUST_DOMAIN = "test.example"
 PLUGIN = "broker_plugin.plugin.DeviceAuthorizationPlugin"
+V5_TO_V311_CONNACK = {0: 0, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
 
 
 @dataclass
@@ -172,7 +173,8 @@ class Client:
         self.client.on_disconnect = lambda c, u, f, rc, p: self.disconnected.set()
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        self.connack.put(reason.value if hasattr(reason, "value") else int(reason))
+        # paho 2 reports MQTT 3.1.1 CONNACK codes as MQTT 5 reason codes; map them back.
+        self.connack.put(V5_TO_V311_CONNACK.get(reason.value, reason.value))
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, codes: list[Any], props: Any) -> None:
         with self._suback_cond:

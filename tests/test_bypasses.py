@@ -1,0 +1,227 @@
+"""The six amqtt 0.12.1 authorization holes, each attacked with real clients.
+
+Each attack runs against HardenedBroker (must fail) and, where the hole is in
+amqtt itself, against stock amqtt with the same plugin (must succeed), which
+shows the test can tell the difference.
+"""
+
+from __future__ import annotations
+
+import pytest
+from amqtt.broker import Broker
+
+from tests.support import WAIT
+
+STOCK = pytest.param(Broker, id="stock-amqtt")
+
+
+def _wait_until(broker, predicate, what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + WAIT
+    while not broker.run(predicate):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"broker never reached: {what}")
+        time.sleep(0.02)
+
+
+# 1. Retained messages on subscribe are checked as receives.
+
+
+def retained_secret_attack(broker, connect) -> list[str]:
+    root = connect("root-1")
+    root.publish("a/secret", b"retained secret", qos=1, retain=True)
+    root.publish("a/ok", b"retained ok", qos=1, retain=True)
+    watcher = connect("watcher-1")  # may subscribe a/# but never receive a/secret
+    assert watcher.subscribe("a/#") == 0
+    root.publish("a/sentinel", b"after the retained ones")
+    return sorted(m.topic for m in watcher.messages_until("a/sentinel"))
+
+
+def test_1_retained_message_not_sent_to_subscriber_that_may_not_receive_it(broker, connect):
+    assert retained_secret_attack(broker, connect) == ["a/ok", "a/sentinel"]
+
+
+def test_1_stock_amqtt_leaks_the_retained_message(make_broker, test_pki):
+    from tests.support import Client
+
+    broker = make_broker(Broker)
+    clients = []
+
+    def connect(device):
+        client = Client(broker.port, device, test_pki.device(device), test_pki.ca_file)
+        clients.append(client)
+        assert client.connect() == 0
+        return client
+
+    try:
+        assert retained_secret_attack(broker, connect) == ["a/ok", "a/secret", "a/sentinel"]
+    finally:
+        for client in clients:
+            client.close()
+
+
+# 2. Wills are publishes: checked at connect and again when published.
+
+
+def test_2_will_on_forbidden_topic_refuses_connect(connect):
+    connect("sensor-1", will=("sites/plant-a/sensor-2/status", b"forged", 1, True), expect=5)
+    connect("sensor-1", will=("$SYS/broker/forged", b"forged", 0, False), expect=5)
+    connect("sensor-1", will=("sites/plant-a/sensor-1/status", b"offline", 1, True), expect=0)
+
+
+def test_2_will_no_longer_permitted_is_neither_delivered_nor_retained(broker, connect, policy_dir):
+    root = connect("root-1")
+    assert root.subscribe("sites/#") == 0
+    sensor = connect("sensor-1", will=("sites/plant-a/sensor-1/status", b"offline", 1, True))
+    attempts = broker.plugin.reload_attempts
+    policy = policy_dir / "policy.csv"
+    policy.write_text(policy.read_text().replace("p, sensor-will,", "# p, sensor-will,"))
+    broker.wait_reload(attempts)
+    sensor.drop()
+    sessions = broker.broker._sessions
+    _wait_until(broker, lambda: sessions["sensor-1"][0].transitions.state == "disconnected", "sensor-1 disconnected")
+    root.publish("sites/plant-a/sentinel", b"s")
+    assert [m.topic for m in root.messages_until("sites/plant-a/sentinel")] == ["sites/plant-a/sentinel"]
+    assert "sites/plant-a/sensor-1/status" not in broker.run(lambda: dict(broker.broker.retained_messages))
+
+
+def test_2_permitted_will_is_delivered(broker, connect):
+    root = connect("root-1")
+    assert root.subscribe("sites/#") == 0
+    sensor = connect("sensor-1", will=("sites/plant-a/sensor-1/status", b"offline", 1, False))
+    sensor.drop()
+    message = root.next_message()
+    assert (message.topic, message.payload) == ("sites/plant-a/sensor-1/status", b"offline")
+
+
+# 3. Client-id take-over: authentication happens before any session is touched.
+
+
+def session_takeover_attack(broker, connect) -> list[bytes]:
+    victim = connect("sensor-1", clean=False)
+    assert victim.subscribe("sites/plant-a/sensor-1/cmd", qos=1) == 1
+    victim.close()
+    sessions = broker.broker._sessions
+    _wait_until(broker, lambda: sessions["sensor-1"][0].transitions.state == "disconnected", "victim offline")
+    dashboard = connect("dash-1")
+    dashboard.publish("sites/plant-a/sensor-1/cmd", b"queued while offline", qos=1)
+    _wait_until(broker, lambda: sessions["sensor-1"][0].retained_messages.qsize() == 1, "message queued")
+    # Another device's certificate, the victim's client id: refused, in both variants.
+    connect("sensor-2", client_id="sensor-1", clean=False, expect=5)
+    connect("sensor-2", client_id="sensor-1", clean=True, expect=5)
+    victim = connect("sensor-1", clean=False)
+    dashboard.publish("sites/plant-a/sensor-1/cmd", b"after reconnect", qos=1)
+    payloads = []
+    for _ in range(4):
+        try:
+            payloads.append(victim.next_message(timeout=2).payload)
+        except AssertionError:
+            break
+        if payloads[-1] == b"after reconnect":
+            break
+    return payloads
+
+
+def test_3_failed_takeover_leaves_victim_session_intact(broker, connect):
+    assert session_takeover_attack(broker, connect) == [b"queued while offline", b"after reconnect"]
+
+
+def test_3_failed_takeover_does_not_kick_connected_victim(broker, connect):
+    victim = connect("sensor-1", clean=False)
+    assert victim.subscribe("sites/plant-a/sensor-1/cmd") == 0
+    connect("sensor-2", client_id="sensor-1", clean=True, expect=5)
+    connect("sensor-2", client_id="sensor-1", clean=False, expect=5)
+    dashboard = connect("dash-1")
+    dashboard.publish("sites/plant-a/sensor-1/cmd", b"still yours")
+    assert victim.next_message().payload == b"still yours"
+    assert not victim.disconnected.is_set()
+
+
+# 4. On connect, retained messages go only to the session's own subscriptions.
+
+
+def test_4_no_retained_messages_from_other_clients_filters(broker, connect):
+    root = connect("root-1")
+    assert root.subscribe("a/#") == 0
+    sysmon = connect("sysmon-1")
+    assert sysmon.subscribe("$SYS/#") == 0
+    root.publish("a/x", b"retained", retain=True)
+    broker.call(broker.broker.retain_message(None, "$SYS/broker/secret", b"sys", 0))
+    # lab-1 may receive a/# but has subscribed to nothing: it must get nothing on connect.
+    lab = connect("lab-1")
+    assert lab.subscribe("a/sentinel") == 0
+    root.publish("a/sentinel", b"s")
+    assert [m.topic for m in lab.messages_until("a/sentinel")] == ["a/sentinel"]
+    # root-1 may receive '#', which never selects $SYS: on reconnect it gets only its own a/# retained.
+    root2 = connect("root-2")
+    assert root2.subscribe("a/sentinel2") == 0
+    root.publish("a/sentinel2", b"s")
+    assert [m.topic for m in root2.messages_until("a/sentinel2")] == ["a/sentinel2"]
+
+
+def test_4_resumed_session_gets_retained_for_its_own_filters(broker, connect):
+    root = connect("root-1")
+    root.publish("a/x", b"retained", retain=True)
+    lab = connect("lab-1", clean=False)
+    assert lab.subscribe("a/x", qos=1) == 1
+    assert lab.next_message().topic == "a/x"
+    lab.close()
+    lab = connect("lab-1", clean=False)
+    assert lab.next_message().topic == "a/x"
+
+
+# 5. Subscribe containment: see test_broker_basic (a/+ does not grant a/#; '#' does not grant $SYS/#).
+
+
+# 6. Deliveries do not depend on the subscription list staying still during a broadcast.
+
+
+def broadcast_race_attack(broker, connect) -> list[bytes]:
+    first = connect("root-1")
+    assert first.subscribe("race/t") == 0
+    live = connect("root-2")
+    assert live.subscribe("race/t") == 0
+    plugin = broker.plugin
+    original = plugin.allows
+    first_session = broker.run(lambda: broker.broker._sessions["root-1"][0])
+    fired = []
+
+    def allows(session, action, topic):
+        # What amqtt's once-a-second session monitor does, at the worst moment:
+        # drop an earlier subscriber from the list the broadcast is walking.
+        if action == "receive" and topic == "race/t" and not fired:
+            fired.append(True)
+            broker.broker._del_subscription("race/t", first_session)
+        return original(session, action, topic)
+
+    plugin.allows = allows
+    first.publish("race/t", b"1")
+    first.publish("race/t", b"2")
+    received: list[bytes] = []
+    while b"2" not in received:
+        received.append(live.next_message().payload)
+    return received
+
+
+def test_6_delivery_survives_subscription_removal_during_broadcast(broker, connect):
+    assert broadcast_race_attack(broker, connect) == [b"1", b"2"]
+
+
+def test_6_stock_amqtt_skips_the_live_subscriber(make_broker, test_pki):
+    from tests.support import Client
+
+    broker = make_broker(Broker)
+    clients = []
+
+    def connect(device):
+        client = Client(broker.port, device, test_pki.device(device), test_pki.ca_file)
+        clients.append(client)
+        assert client.connect() == 0
+        return client
+
+    try:
+        assert broadcast_race_attack(broker, connect) == [b"2"]
+    finally:
+        for client in clients:
+            client.close()
