@@ -114,7 +114,7 @@ def connect(broker: BrokerThread, test_pki: TestPki) -> Iterator[Callable[..., C
     def make(device: str, client_id: str | None = None, *, expect: int | None = 0, port: int | None = None,
              creds: Any = "auto", **kwargs: Any) -> Client:
         credentials = test_pki.device(device) if creds == "auto" else creds
-        client = Client(port or broker.port, client_id or device, credentials, test_pki.ca_file, **kwargs)
+        client = Client(port or broker.port, device if client_id is None else client_id, credentials, test_pki.ca_file, **kwargs)
         clients.append(client)
         rc = client.connect()
         if expect is not None or rc is not None:

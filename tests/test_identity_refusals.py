@@ -1,0 +1,174 @@
+"""Who gets in: only a verified certificate of an active, registered device, with its own client id."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from pdp import pki
+from tests.support import TRUST_DOMAIN, Client, broker_config
+
+
+@pytest.fixture
+def refused_reason(caplog):
+    caplog.set_level(logging.WARNING, logger="mqtt_pdp.plugin")
+
+    def reason(client_id: str) -> str:
+        for record in caplog.records:
+            message = record.getMessage()
+            if message.startswith(f"connect refused: client={client_id} "):
+                return message.split(" reason=", 1)[1]
+        raise AssertionError(f"no refusal logged for {client_id}")
+
+    return reason
+
+
+def test_no_certificate_refused_at_tls_handshake(connect):
+    assert connect("sensor-1", creds=None, expect=None).connack.empty()
+    client = connect("sensor-1", creds=None, expect=None)
+    assert client.connack.empty()
+
+
+def test_no_certificate_refused_at_connect_when_handshake_allows_it(make_broker, test_pki, refused_reason):
+    broker = make_broker(require_client_certificate=False)
+    client = Client(broker.port, "sensor-1", None, test_pki.ca_file)
+    try:
+        assert client.connect() == 5
+    finally:
+        client.close()
+    assert refused_reason("sensor-1") == "no client certificate"
+
+
+def test_expired_and_not_yet_valid_certificates_refused(connect, test_pki):
+    now = datetime.now(timezone.utc)
+    expired = test_pki.save("expired", pki.issue_device(
+        test_pki.ca, "sensor-1", TRUST_DOMAIN, not_before=now - timedelta(days=10), not_after=now - timedelta(days=1)))
+    future = test_pki.save("future", pki.issue_device(
+        test_pki.ca, "sensor-1", TRUST_DOMAIN, not_before=now + timedelta(days=1), not_after=now + timedelta(days=10)))
+    connect("sensor-1", creds=expired, expect=None)
+    connect("sensor-1", creds=future, expect=None)
+    connect("sensor-1", expect=0)
+
+
+def test_certificate_from_another_ca_refused(connect, tmp_path):
+    rogue_ca = pki.make_ca("rogue CA")
+    rogue = pki.issue_device(rogue_ca, "sensor-1", TRUST_DOMAIN)
+    from tests.support import Credentials
+
+    creds = Credentials(tmp_path / "rogue.pem", tmp_path / "rogue-key.pem", pki.fingerprint(rogue))
+    rogue.write(creds.cert, creds.key)
+    connect("sensor-1", creds=creds, expect=None)
+
+
+def test_foreign_trust_domain_refused(connect, test_pki, refused_reason):
+    creds = test_pki.save("foreign", pki.issue_device(test_pki.ca, "sensor-1", "other.example"))
+    connect("sensor-1", creds=creds, expect=5)
+    assert refused_reason("sensor-1") == "foreign trust domain other.example"
+
+
+@pytest.mark.parametrize(
+    ("device", "reason"),
+    [
+        ("nobody-1", "unknown device"),
+        ("suspended-1", "device suspended"),
+        ("retired-1", "device retired"),
+        ("provisioned-1", "device provisioned"),
+    ],
+)
+def test_unregistered_or_inactive_devices_refused(connect, refused_reason, device, reason):
+    connect(device, expect=5)
+    assert refused_reason(device) == reason
+
+
+def test_client_id_must_be_the_device_id(connect, refused_reason):
+    connect("sensor-1", client_id="sensor-2", expect=5)
+    assert refused_reason("sensor-2") == "client id mismatch"
+    connect("sensor-1", client_id="sensor-1-extra", expect=5)
+    connect("sensor-1", client_id="", expect=5)
+
+
+def test_client_id_prefix_pattern(make_broker, test_pki):
+    broker = make_broker(client_id="{device_id}-*")
+    results = {}
+    for client_id in ("sensor-1-a", "sensor-1-", "sensor-1", "sensor-10", "xsensor-1-a"):
+        client = Client(broker.port, client_id, test_pki.device("sensor-1"), test_pki.ca_file)
+        results[client_id] = client.connect()
+        client.close()
+    assert results == {"sensor-1-a": 0, "sensor-1-": 0, "sensor-1": 5, "sensor-10": 5, "xsensor-1-a": 5}
+
+
+@pytest.mark.parametrize(
+    ("uri", "why"),
+    [
+        (f"spiffe://{TRUST_DOMAIN}/device/sensor+1", "contains '+'"),
+        (f"spiffe://{TRUST_DOMAIN}/device/sensor#1", "contains '#'"),
+        (f"spiffe://{TRUST_DOMAIN}/device/$sensor", "starts with '$'"),
+        (f"spiffe://{TRUST_DOMAIN}/device/plant-a/sensor-1", "contains '/'"),
+        (f"spiffe://{TRUST_DOMAIN}/device/", "is empty"),
+        (f"spiffe://{TRUST_DOMAIN}/device/" + "x" * 200, "is longer than 128 characters"),
+    ],
+)
+def test_injection_device_ids_refused(connect, test_pki, refused_reason, uri, why):
+    device_id = uri.split("/device/", 1)[1]
+    creds = test_pki.save(f"inject-{abs(hash(uri))}", pki.issue_device(test_pki.ca, "x", uris=[uri], common_name="x"))
+    client_id = device_id or "empty"
+    connect("x", client_id=client_id, creds=creds, expect=5)
+    assert refused_reason(client_id).endswith(why)
+
+
+def test_several_identities_in_one_certificate_refused(connect, test_pki, refused_reason):
+    uris = [pki.spiffe_id(TRUST_DOMAIN, "sensor-1"), pki.spiffe_id(TRUST_DOMAIN, "root-1")]
+    creds = test_pki.save("double", pki.issue_device(test_pki.ca, "sensor-1", uris=uris))
+    connect("sensor-1", creds=creds, expect=5)
+    assert refused_reason("sensor-1") == "several device identities in certificate"
+
+
+def test_certificate_not_bound_to_device_refused(connect, test_pki, refused_reason):
+    connect("bound-1", expect=0)  # the certificate whose fingerprint the registry binds
+    other = test_pki.save("bound-1-other", pki.issue_device(test_pki.ca, "bound-1", TRUST_DOMAIN))
+    connect("bound-1", creds=other, expect=5)
+    assert refused_reason("bound-1") == "certificate not bound to device"
+
+
+def test_common_name_identity_source(make_broker, test_pki):
+    broker = make_broker(identity_source="cn")
+    creds = test_pki.save("cn-only", pki.issue_device(test_pki.ca, "x", uris=[], common_name="sensor-1"))
+    client = Client(broker.port, "sensor-1", creds, test_pki.ca_file)
+    try:
+        assert client.connect() == 0
+        assert client.subscribe("sites/plant-a/sensor-1/cmd") == 0
+    finally:
+        client.close()
+
+
+def plain_tcp_config(test_pki, policy_dir, **plugin):
+    """amqtt copies the 'default' listener's settings into the others, so plain TCP must be the default."""
+    config = broker_config(test_pki, policy_dir, **plugin)
+    config["listeners"]["tls"] = config["listeners"]["default"]
+    config["listeners"]["default"] = {"type": "tcp", "bind": "127.0.0.1:0", "ssl": False}
+    config["listeners"]["plain"] = config["listeners"]["default"]
+    return config
+
+
+def test_plain_tcp_listener_gets_no_access_unless_opted_in(make_broker, test_pki, policy_dir, refused_reason):
+    config = plain_tcp_config(test_pki, policy_dir)
+    broker = make_broker(config=config)
+    client = Client(broker.ports["plain"], "sensor-1", None, None, tls=False)
+    try:
+        assert client.connect() == 5
+    finally:
+        client.close()
+    assert refused_reason("sensor-1") == "plain TCP not allowed"
+
+
+def test_plain_tcp_opt_in_still_uses_the_registry(make_broker, test_pki, policy_dir):
+    config = plain_tcp_config(test_pki, policy_dir, allow_plain_tcp=True)
+    broker = make_broker(config=config)
+    results = {}
+    for client_id in ("sensor-1", "retired-1", "nobody", "a+b"):
+        client = Client(broker.ports["plain"], client_id, None, None, tls=False)
+        results[client_id] = client.connect()
+        client.close()
+    assert results == {"sensor-1": 0, "retired-1": 5, "nobody": 5, "a+b": 5}
