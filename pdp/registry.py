@@ -77,6 +77,7 @@ def _device_from_node(node: yaml.Node, path: str) -> Device:
     if not isinstance(node, yaml.MappingNode):
         raise SourceError(path, line, "each device must be a mapping with id, type, location, purpose, owner, status")
     values: dict[str, str] = {}
+    lines: dict[str, int] = {}
     fingerprints: set[str] = set()
     for key_node, value_node in node.value:
         key = _scalar(key_node, path, "a field name")
@@ -95,15 +96,16 @@ def _device_from_node(node: yaml.Node, path: str) -> Device:
                     raise SourceError(path, item.start_mark.line + 1, str(exc)) from None
             continue
         values[key] = _scalar(value_node, path, f"field {key!r}")
+        lines[key] = key_line
     for required in ("id", "status", *ATTRIBUTE_FIELDS):
         if required not in values:
             raise SourceError(path, line, f"device is missing field {required!r}")
     for name in ("id", *ATTRIBUTE_FIELDS):
         problem = level_value_problem(values[name])
         if problem is not None:
-            raise SourceError(path, line, f"{name} {values[name]!r} {problem}")
+            raise SourceError(path, lines[name], f"{name} {values[name]!r} {problem}")
     if values["status"] not in STATUSES:
-        raise SourceError(path, line, f"status {values['status']!r} is not one of {', '.join(STATUSES)}")
+        raise SourceError(path, lines["status"], f"status {values['status']!r} is not one of {', '.join(STATUSES)}")
     return Device(
         device_id=values["id"],
         type=values["type"],
