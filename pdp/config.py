@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from pdp.errors import SourceError
+from pdp.registry import yaml_error
 
 PLUGIN_PATH = "broker_plugin.plugin.DeviceAuthorizationPlugin"
 LISTENER_PATH_KEYS = ("cafile", "capath", "certfile", "keyfile")
@@ -30,8 +31,7 @@ def load_broker_config(path: str | Path, *, check_files: bool = True) -> dict[st
     try:
         config = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise SourceError(str(path), mark.line + 1 if mark else None, f"invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        raise yaml_error(str(path), exc) from None
     if not isinstance(config, dict):
         raise SourceError(str(path), None, "broker config must be a mapping with 'listeners' and 'plugins'")
     base = path.resolve().parent

@@ -66,6 +66,16 @@ class FileRegistry:
         return len(self.devices)
 
 
+def yaml_error(path: str, exc: yaml.YAMLError) -> SourceError:
+    """PyYAML's error as one line: where it failed, and where the construct it was reading began."""
+    mark = getattr(exc, "problem_mark", None)
+    reason = f"invalid YAML: {getattr(exc, 'problem', None) or exc}"
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context_mark is not None:
+        reason += f" ({context} at line {context_mark.line + 1})"
+    return SourceError(path, mark.line + 1 if mark else None, reason)
+
+
 def _scalar(node: yaml.Node, path: str, what: str) -> str:
     if not isinstance(node, yaml.ScalarNode):
         raise SourceError(path, node.start_mark.line + 1, f"{what} must be a single value")
@@ -122,9 +132,7 @@ def parse_registry(text: str, path: str) -> FileRegistry:
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SourceError(path, mark.line + 1 if mark else None, f"invalid YAML: {problem}") from None
+        raise yaml_error(path, exc) from None
     if root is None:
         raise SourceError(path, None, "registry is empty; expected 'devices:' with a list of devices")
     if not isinstance(root, yaml.MappingNode):

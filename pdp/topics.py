@@ -152,7 +152,8 @@ def covers(pattern: str, topic_filter: str) -> bool:
             return False
         f_level = f_levels[index]
         if f_level == "#":
-            return False
+            # A leading '#' selects topics of one level or more (never none), as '+/#' does.
+            return index == 0 and p_levels == ["+", "#"]
         if p_level == "+":
             continue
         if f_level != p_level:

@@ -1,0 +1,106 @@
+"""MQTT topic semantics, proved against paho-mqtt's topic_matches_sub and by exhaustive containment checks."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from paho.mqtt.client import topic_matches_sub
+
+from pdp.topics import TopicError, bind, covers, level_value_problem, matches, validate_filter, validate_pattern, validate_topic
+
+LITERALS = ["a", "b", "", "$SYS", "$x"]
+
+literal_level = st.sampled_from(LITERALS)
+topic_names = st.lists(literal_level, min_size=1, max_size=4).map("/".join)
+
+
+@st.composite
+def filters(draw: st.DrawFn) -> str:
+    levels = draw(st.lists(st.one_of(literal_level, st.just("+")), min_size=0, max_size=4))
+    if draw(st.booleans()) or not levels:
+        levels.append("#")
+    return "/".join(levels)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(filters(), topic_names)
+def test_matches_agrees_with_paho(topic_filter: str, topic: str) -> None:
+    assert matches(topic_filter, topic) == topic_matches_sub(topic_filter, topic)
+
+
+def _universe(*texts: str) -> list[str]:
+    """Every topic that can separate two filters built from these texts: their literals plus fresh ones."""
+    levels = {level for text in texts for level in text.split("/") if level not in ("+", "#")}
+    levels |= {"fresh", ""}
+    depth = max(len(text.split("/")) for text in texts) + 1
+    alphabet = sorted(levels | {"$fresh"})
+    topics = []
+    for n in range(1, depth + 1):
+        for combo in itertools.product(alphabet, repeat=n):
+            if "$fresh" in combo[1:]:
+                continue  # a fresh '$' level only behaves differently in the first level
+            topics.append("/".join(combo))
+    return topics
+
+
+@settings(max_examples=1500, deadline=None)
+@given(filters(), filters())
+def test_covers_is_exactly_set_containment(pattern: str, topic_filter: str) -> None:
+    universe = _universe(pattern, topic_filter)
+    contained = all(topic_matches_sub(pattern, t) for t in universe if topic_matches_sub(topic_filter, t))
+    assert covers(pattern, topic_filter) == contained
+
+
+@pytest.mark.parametrize(
+    ("pattern", "topic_filter", "expected"),
+    [
+        ("a/+", "a/#", False),
+        ("a/#", "a/+/c", True),
+        ("a/#", "a", True),
+        ("a/+", "a", False),
+        ("#", "$SYS/#", False),
+        ("+/#", "$SYS/x", False),
+        ("$SYS/#", "$SYS/broker/uptime", True),
+        ("#", "+/x", True),
+        ("#", "#", True),
+        ("a/+/#", "a/#", False),
+        ("+/#", "a/#", True),
+    ],
+)
+def test_covers_examples(pattern: str, topic_filter: str, expected: bool) -> None:
+    assert covers(pattern, topic_filter) is expected
+
+
+def test_bind_is_level_by_level_and_refuses_unsafe_values() -> None:
+    attrs = {"device_id": "s-1", "location": "plant-a", "type": "sensor", "purpose": "p", "owner": "o"}
+    assert bind("sites/{location}/{device_id}/#", attrs) == "sites/plant-a/s-1/#"
+    assert bind("x/{type}-{purpose}", attrs) == "x/sensor-p"
+    for unsafe in ("a/b", "+", "#", "$x", "", "a\x00b"):
+        assert bind("sites/{device_id}", {**attrs, "device_id": unsafe}) is None
+    assert bind("sites/{owner}", {"device_id": "x"}) is None
+
+
+@pytest.mark.parametrize("value", ["a/b", "a+", "#", "\x00", "$x", "", "x" * 129, " a", "a\n"])
+def test_level_value_problem_rejects_injection(value: str) -> None:
+    assert level_value_problem(value) is not None
+
+
+@pytest.mark.parametrize("bad", ["", "a/#/b", "a#", "a/b+", "a\x00"])
+def test_invalid_filters(bad: str) -> None:
+    with pytest.raises(TopicError):
+        validate_filter(bad)
+
+
+@pytest.mark.parametrize("bad", ["", "a/+", "a/#", "a\x00"])
+def test_invalid_topics(bad: str) -> None:
+    with pytest.raises(TopicError):
+        validate_topic(bad)
+
+
+@pytest.mark.parametrize("bad", ["a/{serial}", "a/{device_id", "a/}x", "a/{}"])
+def test_invalid_patterns(bad: str) -> None:
+    with pytest.raises(TopicError):
+        validate_pattern(bad)
