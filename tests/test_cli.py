@@ -1,0 +1,122 @@
+"""The mqtt-pdp command as a user runs it: one clear line and a non-zero exit for every bad input."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support import WAIT, Client, TestPki
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pdp.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], fragment: str) -> None:
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mqtt-pdp: error: "), result.stderr
+    assert fragment in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["broker"], ["pki"], ["check"], ["explain"]])
+def test_help(command: list[str]) -> None:
+    result = run(*command, "--help")
+    assert result.returncode == 0 and "usage: mqtt-pdp" in result.stdout
+
+
+def test_check_example_policy() -> None:
+    result = run("check", "--model", "policies/model.conf", "--policy", "policies/policy.csv",
+                 "--registry", "policies/devices.yaml")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"ok: .*policy.csv: \d+ rules", result.stdout)
+
+
+def test_check_reports_bad_files(tmp_path: Path) -> None:
+    bad = tmp_path / "policy.csv"
+    bad.write_text("p, r1, *, *, *, a/#, publish, allow\np, r2, *, *, *, a/#/b, publish, allow\n")
+    assert_one_line_error(run("check", "--policy", str(bad)), f"{bad}:2: filter 'a/#/b'")
+    assert_one_line_error(run("check", "--registry", str(tmp_path / "none.yaml")), "cannot read registry")
+    broken = tmp_path / "broker.yaml"
+    broken.write_text("listeners: [\n")
+    assert_one_line_error(run("check", "-c", str(broken)), "invalid YAML")
+
+
+def test_explain() -> None:
+    result = run("explain", "--device", "dashboard-001", "--topic", "sites/plant-a/secret/key", "--action", "receive")
+    assert result.returncode == 0, result.stderr
+    assert "decision: deny" in result.stdout and "secrets-never" in result.stdout
+    assert "casbin:   deny (secrets-never)" in result.stdout
+    assert_one_line_error(run("explain", "--device", "ghost", "--topic", "a", "--action", "publish"), "unknown device 'ghost'")
+    assert_one_line_error(run("explain", "--device", "sensor-001", "--topic", "a/#", "--action", "publish"), "wildcard")
+
+
+def test_pki_creates_and_reuses_ca(tmp_path: Path) -> None:
+    out = tmp_path / "pki"
+    result = run("pki", "--out", str(out), "--device", "dev-1", "--trust-domain", "t.example")
+    assert result.returncode == 0, result.stderr
+    ca = (out / "ca.pem").read_bytes()
+    assert (out / "devices" / "dev-1.pem").exists() and (out / "server-key.pem").stat().st_mode & 0o077 == 0
+    result = run("pki", "--out", str(out), "--device", "dev-2")
+    assert result.returncode == 0 and (out / "ca.pem").read_bytes() == ca
+    assert_one_line_error(run("pki", "--out", str(out), "--device", "a/b"), "device id 'a/b' contains '/'")
+    (out / "ca.pem").write_text("garbage")
+    assert_one_line_error(run("pki", "--out", str(out), "--device", "dev-3"), "cannot use existing CA")
+
+
+def test_broker_bad_inputs(tmp_path: Path) -> None:
+    assert_one_line_error(run("broker", "-c", str(tmp_path / "missing.yaml")), "cannot read broker config")
+    config = yaml.safe_load((ROOT / "deploy" / "broker.yaml").read_text())
+    config["listeners"]["default"]["cafile"] = str(tmp_path / "nope.pem")
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(config))
+    assert_one_line_error(run("broker", "-c", str(tmp_path / "b.yaml")), "does not exist")
+
+
+def test_broker_command_serves_devices_and_stops_on_sigterm(tmp_path: Path) -> None:
+    pki_dir = tmp_path / "pki"
+    pki = TestPki(pki_dir)
+    creds = pki.device("sensor-001")
+    policies = tmp_path / "policies"
+    shutil.copytree(ROOT / "policies", policies)
+    config = yaml.safe_load((ROOT / "deploy" / "broker.yaml").read_text())
+    config["listeners"]["default"].update(bind="127.0.0.1:0", cafile="pki/ca.pem", certfile="pki/server.pem",
+                                          keyfile="pki/server-key.pem")
+    plugin = config["plugins"]["broker_plugin.plugin.DeviceAuthorizationPlugin"]
+    plugin.update(model="policies/model.conf", policy="policies/policy.csv", registry="policies/devices.yaml",
+                  trust_domain="test.example")
+    (tmp_path / "broker.yaml").write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen([sys.executable, "-m", "pdp.cli", "broker", "-c", "broker.yaml"], cwd=tmp_path,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        port = None
+        deadline = time.monotonic() + WAIT
+        assert proc.stderr is not None
+        while port is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            match = re.search(r"listener default on \('127\.0\.0\.1', (\d+)\)", line)
+            port = int(match.group(1)) if match else None
+        assert port, "broker did not report its listener"
+        client = Client(port, "sensor-001", creds, pki.ca_file)
+        assert client.connect() == 0
+        assert client.subscribe("sites/plant-a/sensor-001/cmd") == 0
+        assert client.subscribe("sites/#") == 0x80
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(WAIT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
