@@ -5,16 +5,17 @@ Pure: the caller passes the certificate bytes, the registry, the rules and the t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from pdp.engine import Decision, Rule, decide
+from pdp.engine import Decision
 from pdp.identity import DeviceIdentity, IdentityRefused, IdentitySettings, identity_from_der
 from pdp.registry import Device, Registry
 from pdp.topics import TopicError, level_value_problem, validate_topic
 
 ADMITTED = "identity verified"
+Decider = Callable[[Device, str, str], Decision]
 
 
 class SettingsError(ValueError):
@@ -81,7 +82,7 @@ def admit(
     request: ConnectRequest,
     settings: AdmissionSettings,
     registry: Registry,
-    rules: Sequence[Rule],
+    decide: Decider,
     now: datetime,
 ) -> Admission:
     identity: DeviceIdentity | None = None
@@ -112,7 +113,7 @@ def admit(
             return Admission(False, f"invalid will topic: {exc}", identity, device)
         if request.will_topic.startswith("$"):
             return Admission(False, "will topic starts with '$'", identity, device)
-        will: Decision = decide(rules, device.attributes(), "publish", request.will_topic)
+        will = decide(device, "publish", request.will_topic)
         if not will.allowed:
             return Admission(False, f"will topic not permitted ({will.reason})", identity, device, will.rule_id)
     return Admission(True, ADMITTED, identity, device)

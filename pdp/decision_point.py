@@ -72,7 +72,7 @@ class DecisionPoint:
 
     def admit(self, request: ConnectRequest, now: datetime | None = None) -> Admission:
         snap = self.snapshot
-        return admit(request, self.settings.admission, snap.registry, snap.policy.rules, now or datetime.now(timezone.utc))
+        return admit(request, self.settings.admission, snap.registry, self.decide, now or datetime.now(timezone.utc))
 
     def decide(self, device: Device, action: str, topic: str) -> Decision:
         snap = self.snapshot

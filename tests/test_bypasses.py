@@ -225,3 +225,27 @@ def test_6_stock_amqtt_skips_the_live_subscriber(make_broker, test_pki):
     finally:
         for client in clients:
             client.close()
+
+
+# Messages queued for an offline session are checked again when delivered.
+
+
+def test_queued_message_not_delivered_after_receive_is_revoked(broker, connect, policy_dir):
+    lab = connect("lab-1", clean=False)
+    assert lab.subscribe("a/x", qos=1) == 1
+    assert lab.subscribe("a/y", qos=1) == 1
+    lab.close()
+    sessions = broker.broker._sessions
+    _wait_until(broker, lambda: sessions["lab-1"][0].transitions.state == "disconnected", "lab-1 offline")
+    root = connect("root-1")
+    root.publish("a/x", b"queued, then denied", qos=1)
+    root.publish("a/y", b"queued, still allowed", qos=1)
+    _wait_until(broker, lambda: sessions["lab-1"][0].retained_messages.qsize() == 2, "both queued")
+    attempts = broker.plugin.reload_attempts
+    policy = policy_dir / "policy.csv"
+    policy.write_text(policy.read_text() + "p, no-a-x, *, *, *, a/x, receive, deny\n")
+    broker.wait_reload(attempts)
+    lab = connect("lab-1", clean=False)
+    assert lab.subscribe("a/z") == 0
+    root.publish("a/z", b"sentinel")
+    assert [m.topic for m in lab.messages_until("a/z")] == ["a/y", "a/z"]
