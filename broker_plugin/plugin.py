@@ -53,6 +53,7 @@ class DeviceAuthorizationPlugin(BaseAuthPlugin, BaseTopicPlugin):
         allow_plain_tcp: bool = False
         reload_interval: float = 0.5
         verify_with_casbin: bool = False
+        l1_size: int = 100_000
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)
@@ -70,6 +71,7 @@ class DeviceAuthorizationPlugin(BaseAuthPlugin, BaseTopicPlugin):
                     allow_plain_tcp=cfg.allow_plain_tcp,
                 ),
                 verify_with_casbin=cfg.verify_with_casbin,
+                l1_size=cfg.l1_size,
             )
         )
         self._revoker: Revoker | None = None

@@ -67,7 +67,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from pdp.engine import decide
+    from pdp.index import PolicyIndex
     from pdp.policy import load_policy
     from pdp.registry import load_registry
     from pdp.topics import TopicError, validate_filter, validate_topic
@@ -82,7 +82,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     device = registry.lookup(args.device)
     if device is None:
         raise CliError(f"unknown device {args.device!r} (not in {registry_path})")
-    decision = decide(policy.rules, device.attributes(), args.action, args.topic)
+    decision = PolicyIndex(policy.rules).decide(device.attrs, args.action, args.topic)
     reference = policy.reference.decide(device, args.action, args.topic)
     lines = {rule.rule_id: rule.line for rule in policy.rules}
     print(f"decision: {'allow' if decision.allowed else 'deny'}")
@@ -91,8 +91,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     else:
         print("rule:     none")
     print(f"reason:   {decision.reason}")
-    attrs = device.attributes()
-    print("device:   " + " ".join(f"{k}={v}" for k, v in attrs.items()) + f" status={device.status}")
+    print("device:   " + " ".join(f"{k}={v}" for k, v in device.attrs.items()) + f" status={device.status}")
     if device.status != "active":
         print(f"note:     device is {device.status}; it is refused at connect whatever the rules say")
     agree = (reference.allowed, reference.rule_id) == (decision.allowed, decision.rule_id)

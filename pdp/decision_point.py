@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from pdp.admission import Admission, AdmissionSettings, ConnectRequest, admit, device_problem
-from pdp.engine import Decision, decide
+from pdp.cache import LruCache
+from pdp.engine import Decision
+from pdp.index import PolicyIndex
 from pdp.errors import SourceError
 from pdp.policy import Policy, load_policy
 from pdp.registry import Device, FileRegistry, load_registry
@@ -31,12 +33,17 @@ class PdpSettings:
     admission: AdmissionSettings
     # Ask Casbin for every decision too and count disagreements (tests and audits; slow).
     verify_with_casbin: bool = False
+    l1_size: int = 100_000
 
 
 @dataclass(frozen=True)
 class Snapshot:
+    """One consistent version of policy and registry, with its compiled index and its own L1 cache."""
+
     policy: Policy
     registry: FileRegistry
+    index: PolicyIndex
+    l1: LruCache[tuple[str, str, str], Decision]
 
     @property
     def revision(self) -> str:
@@ -47,7 +54,7 @@ def load_snapshot(settings: PdpSettings) -> Snapshot:
     """Both files or neither: SourceError names the first problem."""
     policy = load_policy(settings.model_path, settings.policy_path)
     registry = load_registry(settings.registry_path)
-    return Snapshot(policy, registry)
+    return Snapshot(policy, registry, PolicyIndex(policy.rules), LruCache(settings.l1_size))
 
 
 def _signature(paths: tuple[str, ...]) -> FileSignature:
@@ -75,14 +82,23 @@ class DecisionPoint:
         return admit(request, self.settings.admission, snap.registry, self.decide, now or datetime.now(timezone.utc))
 
     def decide(self, device: Device, action: str, topic: str) -> Decision:
+        return self.lookup(device, action, topic)[0]
+
+    def lookup(self, device: Device, action: str, topic: str) -> tuple[Decision, str]:
+        """The decision and the tier that answered it: ``l1`` (cached) or ``index`` (compiled policy)."""
         snap = self.snapshot
-        decision = decide(snap.policy.rules, device.attributes(), action, topic)
+        key = (device.revision, action, topic)
+        decision = snap.l1.get(key)
+        if decision is not None:
+            return decision, "l1"
+        decision = snap.index.decide(device.attrs, action, topic)
+        snap.l1.put(key, decision)
         if self.settings.verify_with_casbin:
             reference = snap.policy.reference.decide(device, action, topic)
             if (reference.allowed, reference.rule_id) != (decision.allowed, decision.rule_id):
                 self.casbin_mismatches += 1
                 log.error("Casbin disagrees on %s %s %s: casbin=%s pdp=%s", device.device_id, action, topic, reference, decision)
-        return decision
+        return decision, "index"
 
     def revocation_reason(self, admission: Admission) -> str | None:
         """Why a session admitted earlier may no longer stay connected under the current snapshot."""

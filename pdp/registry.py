@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
+from types import MappingProxyType
 from pathlib import Path
 from typing import Protocol
 
@@ -33,15 +35,25 @@ class Device:
     status: str
     fingerprints: frozenset[str] = field(default_factory=frozenset)
 
-    def attributes(self) -> dict[str, str]:
-        """The values placeholders bind to."""
-        return {
+    @cached_property
+    def attrs(self) -> Mapping[str, str]:
+        """The values placeholders bind to; computed once, decisions read it per message."""
+        return MappingProxyType({
             "device_id": self.device_id,
             "type": self.type,
             "location": self.location,
             "purpose": self.purpose,
             "owner": self.owner,
-        }
+        })
+
+    def attributes(self) -> dict[str, str]:
+        return dict(self.attrs)
+
+    @cached_property
+    def revision(self) -> str:
+        """Changes whenever anything a decision or admission depends on changes; part of cache keys."""
+        text = "\0".join([*self.attrs.values(), self.status, *sorted(self.fingerprints)])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class Registry(Protocol):

@@ -15,7 +15,7 @@ TYPES = ["sensor", "gateway", "cam"]
 LOCATIONS = ["plant-a", "plant-b"]
 PURPOSES = ["telemetry", "control"]
 LEVELS = ["sites", "plant-a", "plant-b", "x", "cmd", "", "$SYS"]
-PATTERN_LEVELS = LEVELS[:-1] + ["+", "{device_id}", "{location}", "{type}", "{owner}"]
+PATTERN_LEVELS = LEVELS[:-1] + ["+", "{device_id}", "{location}", "{type}", "{owner}", "x-{type}"]
 
 
 def _pattern(rng: random.Random) -> str:
@@ -40,7 +40,7 @@ def _random_policy(rng: random.Random, n: int) -> str:
 
 def _request(rng: random.Random, device: Device) -> tuple[str, str]:
     action = rng.choice(["publish", "subscribe", "receive"])
-    values = LEVELS + [device.device_id, device.location]
+    values = LEVELS + [device.device_id, device.location, f"x-{device.type}"]
     levels = [rng.choice(values) for _ in range(rng.randint(1, 4))]
     if action == "subscribe":
         levels = [lvl if rng.random() < 0.7 else "+" for lvl in levels]

@@ -1,0 +1,153 @@
+"""The compiled policy: the same decisions as ``pdp.engine.decide``, in microseconds at any policy size.
+
+Rules are bucketed by action and by their (type, location, purpose) selectors;
+each bucket is a topic trie whose edges are literal levels, ``+``, ``#`` or
+template levels holding placeholders, bound to the device while walking. A
+request visits at most the eight buckets its device can select and only the
+trie paths its topic can follow, so the cost does not grow with unrelated rules.
+
+Immutable once built; the broker swaps whole indexes on reload.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from pdp.engine import NO_MATCH, Decision, Rule
+
+_PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
+
+
+@dataclass
+class _Node:
+    literal: dict[str, _Node] = field(default_factory=dict)
+    templates: list[tuple[tuple[str, ...], _Node]] = field(default_factory=list)
+    plus: _Node | None = None
+    hash_rules: list[int] = field(default_factory=list)  # patterns ending in '#' right below this node
+    end_rules: list[int] = field(default_factory=list)  # patterns ending at this node
+
+    def child(self, level: str) -> _Node:
+        if level == "+":
+            if self.plus is None:
+                self.plus = _Node()
+            return self.plus
+        if "{" in level:
+            parts = tuple(_PLACEHOLDER_RE.split(level))  # literal, name, literal, name, ..., literal
+            for existing, node in self.templates:
+                if existing == parts:
+                    return node
+            node = _Node()
+            self.templates.append((parts, node))
+            return node
+        node = self.literal.get(level)
+        if node is None:
+            node = self.literal[level] = _Node()
+        return node
+
+
+def _bind(parts: tuple[str, ...], attributes: Mapping[str, str]) -> str:
+    return "".join(attributes[p] if i % 2 else p for i, p in enumerate(parts))
+
+
+def _match(node: _Node, levels: list[str], i: int, attrs: Mapping[str, str], dollar: bool, out: list[int]) -> None:
+    """Rules whose bound pattern matches the topic name (publish, receive)."""
+    if node.hash_rules and not (i == 0 and dollar):
+        out.extend(node.hash_rules)
+    if i == len(levels):
+        out.extend(node.end_rules)
+        return
+    level = levels[i]
+    child = node.literal.get(level)
+    if child is not None:
+        _match(child, levels, i + 1, attrs, dollar, out)
+    for parts, tchild in node.templates:
+        if _bind(parts, attrs) == level:
+            _match(tchild, levels, i + 1, attrs, dollar, out)
+    if node.plus is not None and not (i == 0 and dollar):
+        _match(node.plus, levels, i + 1, attrs, dollar, out)
+
+
+def _cover(node: _Node, levels: list[str], i: int, attrs: Mapping[str, str], dollar: bool, out: list[int]) -> None:
+    """Rules whose bound pattern covers the filter (subscribe); see ``pdp.topics.covers``."""
+    if node.hash_rules and not (i == 0 and dollar):
+        out.extend(node.hash_rules)
+    if i == len(levels):
+        out.extend(node.end_rules)
+        return
+    level = levels[i]
+    if level == "#":
+        # A leading '#' selects one level or more, as '+/#' does.
+        if i == 0 and node.plus is not None:
+            out.extend(node.plus.hash_rules)
+        return
+    if level == "+":
+        if node.plus is not None:
+            _cover(node.plus, levels, i + 1, attrs, dollar, out)
+        return
+    child = node.literal.get(level)
+    if child is not None:
+        _cover(child, levels, i + 1, attrs, dollar, out)
+    for parts, tchild in node.templates:
+        if _bind(parts, attrs) == level:
+            _cover(tchild, levels, i + 1, attrs, dollar, out)
+    if node.plus is not None and not (i == 0 and dollar):
+        _cover(node.plus, levels, i + 1, attrs, dollar, out)
+
+
+class PolicyIndex:
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        self._rules = tuple(rules)
+        self._deny = tuple(rule.effect == "deny" for rule in self._rules)
+        self._buckets: dict[tuple[str, str, str, str], _Node] = {}
+        for order, rule in enumerate(self._rules):
+            key = (rule.action, rule.type, rule.location, rule.purpose)
+            node = self._buckets.get(key)
+            if node is None:
+                node = self._buckets[key] = _Node()
+            levels = rule.topic.split("/")
+            for level in levels[:-1]:
+                node = node.child(level)
+            if levels[-1] == "#":
+                node.hash_rules.append(order)
+            else:
+                node.child(levels[-1]).end_rules.append(order)
+        self._roots: dict[tuple[str, str, str, str], tuple[_Node, ...]] = {}
+
+    def __len__(self) -> int:
+        return len(self._rules)
+
+    def _roots_for(self, action: str, attrs: Mapping[str, str]) -> tuple[_Node, ...]:
+        key = (action, attrs["type"], attrs["location"], attrs["purpose"])
+        roots = self._roots.get(key)
+        if roots is None:
+            buckets = self._buckets
+            roots = tuple(
+                node
+                for t in (key[1], "*")
+                for loc in (key[2], "*")
+                for p in (key[3], "*")
+                if (node := buckets.get((action, t, loc, p))) is not None
+            )
+            self._roots[key] = roots  # a memo of a pure function; safe to race on
+        return roots
+
+    def decide(self, attributes: Mapping[str, str], action: str, topic: str) -> Decision:
+        matched: list[int] = []
+        roots = self._roots_for(action, attributes)
+        if roots:
+            levels = topic.split("/")
+            dollar = topic.startswith("$")
+            walk = _cover if action == "subscribe" else _match
+            for root in roots:
+                walk(root, levels, 0, attributes, dollar, matched)
+        if not matched:
+            return Decision(False, None, NO_MATCH)
+        deny = self._deny
+        denies = [order for order in matched if deny[order]]
+        if denies:
+            rule = self._rules[min(denies)]
+            return Decision(False, rule.rule_id, f"denied by rule {rule.rule_id}")
+        rule = self._rules[min(matched)]
+        return Decision(True, rule.rule_id, f"allowed by rule {rule.rule_id}")
