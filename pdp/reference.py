@@ -25,12 +25,22 @@ def _topic_match(action: str, topic: str, pattern: str, device: Device) -> bool:
 
 class CasbinReference:
     def __init__(self, model_path: str, policy_path: str) -> None:
+        self._model_path = model_path
+        self._policy_path = policy_path
         self.enforcer = casbin.Enforcer(model_path, policy_path)
         self.enforcer.add_function("topicMatch", _topic_match)
-        allow_model = casbin.Enforcer.new_model(model_path)
-        allow_model.add_def("e", "e", FIRST_ALLOW_EFFECT)
-        self._first_allow = casbin.Enforcer(allow_model, FileAdapter(policy_path))
-        self._first_allow.add_function("topicMatch", _topic_match)
+        self._first_allow_enforcer: casbin.Enforcer | None = None
+
+    @property
+    def _first_allow(self) -> casbin.Enforcer:
+        """Built on first use: only explanations and verification need the allowing rule's id."""
+        if self._first_allow_enforcer is None:
+            allow_model = casbin.Enforcer.new_model(self._model_path)
+            allow_model.add_def("e", "e", FIRST_ALLOW_EFFECT)
+            enforcer = casbin.Enforcer(allow_model, FileAdapter(self._policy_path))
+            enforcer.add_function("topicMatch", _topic_match)
+            self._first_allow_enforcer = enforcer
+        return self._first_allow_enforcer
 
     def policy_lines(self) -> list[list[str]]:
         return [list(rule) for rule in self.enforcer.get_policy()]

@@ -1,0 +1,68 @@
+"""Run the benchmarks side by side and print tables; the JSON goes to bench/results/.
+
+    python -m bench [--quick] [--only throughput,latency,connect,fleet] [--redis URL] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import connect, fleet, latency, throughput
+
+ALL = ("throughput", "latency", "connect", "fleet")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions and smaller fleets (a smoke run)")
+    parser.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis for the L2 latency row ('' to skip)")
+    parser.add_argument("--out", default="bench/results/latest.json", help="where to write the JSON results")
+    args = parser.parse_args(argv)
+    chosen = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(ALL))
+    if unknown:
+        parser.error(f"unknown benchmark(s): {', '.join(unknown)}")
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("casbin").setLevel(logging.WARNING)
+    results: dict[str, object] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                  "python": platform.python_version(), "machine": platform.machine(), "quick": args.quick}
+    with tempfile.TemporaryDirectory(prefix="mqtt-pdp-bench-") as tmp:
+        work = Path(tmp)
+        if "throughput" in chosen:
+            result = throughput.run(work, reps=1 if args.quick else 3, quick=args.quick)
+            print("\n== End-to-end throughput (delivered messages/s; medians; broker CPU per delivered message)")
+            print(throughput.table(result), flush=True)
+            results["throughput"] = result
+        if "latency" in chosen:
+            result = latency.run(work / "latency", sizes=(10, 100, 1000) if args.quick else (10, 100, 1000, 10000),
+                                 requests=5000 if args.quick else 20000, redis_url=args.redis or None)
+            print("\n== Decision latency, 100,000 registered devices")
+            print(latency.table(result), flush=True)
+            results["latency"] = result
+        if "connect" in chosen:
+            result = connect.run(work, count=100 if args.quick else 300, reps=1 if args.quick else 3)
+            print("\n== mTLS connections per second (sequential connect + CONNACK + disconnect)")
+            print(connect.table(result), flush=True)
+            results["connect"] = result
+        if "fleet" in chosen:
+            result = fleet.run(work, sizes=(100, 1000) if args.quick else (100, 1000, 10000))
+            print("\n== Fleet growth: N devices each subscribed to its own command topic; one publisher")
+            print(fleet.table(result), flush=True)
+            results["fleet"] = result
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nresults written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

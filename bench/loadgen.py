@@ -1,0 +1,161 @@
+"""Load generation with real paho-mqtt clients against a broker in another process."""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from bench.setup import ROOT, BenchEnv
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class BrokerProcess:
+    """The broker under test, in its own process; ``cpu()`` is its user+system CPU seconds."""
+
+    def __init__(self, mode: str, config: dict[str, Any]) -> None:
+        handle = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+        json.dump(config, handle)
+        handle.close()
+        self._config_path = handle.name
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.broker_proc", mode, handle.name],
+            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("READY "):
+            self.stop()
+            raise RuntimeError(f"broker {mode} did not start: {line!r}")
+        self.port = int(line.split()[1])
+
+    def cpu(self) -> float:
+        with open(f"/proc/{self.proc.pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def stop(self) -> None:
+        try:
+            if self.proc.stdin:
+                self.proc.stdin.close()
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        finally:
+            Path(self._config_path).unlink(missing_ok=True)
+
+    def __enter__(self) -> BrokerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def tls_context(env: BenchEnv, device_id: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(env.ca_file))
+    cert, key = env.device(device_id)
+    context.load_cert_chain(str(cert), str(key))
+    return context
+
+
+def connect_client(env: BenchEnv, port: int, device_id: str, *, start_loop: bool = True) -> mqtt.Client:
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv311)
+    client.tls_set_context(tls_context(env, device_id))
+    client.max_inflight_messages_set(100)
+    connected = threading.Event()
+    client.on_connect = lambda c, u, f, rc, p: connected.set() if rc == 0 else None
+    client.connect("127.0.0.1", port, keepalive=60)
+    if start_loop:
+        client.loop_start()
+        if not connected.wait(30):
+            raise RuntimeError(f"{device_id} not connected")
+    return client
+
+
+class Counter:
+    """Messages seen by one subscriber, with (publisher, sequence) pairs to find losses and duplicates."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.seen: set[bytes] = set()
+        self.duplicates = 0
+        self.last = 0.0
+
+    def on_message(self, client: Any, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        key = message.payload[:16]
+        if key in self.seen:
+            self.duplicates += 1
+        else:
+            self.seen.add(key)
+        self.count += 1
+        self.last = time.perf_counter()
+
+
+def subscribe_all(clients: list[mqtt.Client], topic_filter: str, qos: int) -> None:
+    done = threading.Semaphore(0)
+    for client in clients:
+        client.on_subscribe = lambda c, u, mid, codes, p: done.release()
+        client.subscribe(topic_filter, qos)
+    for _ in clients:
+        if not done.acquire(timeout=30):
+            raise RuntimeError("SUBACK missing")
+
+
+def run_flow(broker: BrokerProcess, env: BenchEnv, pubs: int, subs: int, qos: int, per_pub: int,
+             timeout: float = 120.0) -> dict[str, Any]:
+    """Each of ``pubs`` publishers sends ``per_pub`` messages; each of ``subs`` subscribers should get all."""
+    subscribers = [connect_client(env, broker.port, f"sub-{i}") for i in range(subs)]
+    publishers = [connect_client(env, broker.port, f"pub-{i}") for i in range(pubs)]
+    counters = [Counter() for _ in subscribers]
+    for client, counter in zip(subscribers, counters):
+        client.on_message = counter.on_message
+    subscribe_all(subscribers, "sites/bench/#", qos)
+    expected = pubs * subs * per_pub
+    cpu0, t0 = broker.cpu(), time.perf_counter()
+
+    def publish(index: int, client: mqtt.Client) -> None:
+        topic = f"sites/bench/pub-{index}/telemetry"
+        infos = [client.publish(topic, f"{index:04d}:{seq:010d}".encode().ljust(64, b"."), qos) for seq in range(per_pub)]
+        if qos:
+            for info in infos:
+                info.wait_for_publish(timeout)
+
+    threads = [threading.Thread(target=publish, args=(i, c)) for i, c in enumerate(publishers)]
+    for thread in threads:
+        thread.start()
+    deadline = t0 + timeout
+    last_total, last_progress = -1, time.perf_counter()
+    while True:
+        total = sum(c.count for c in counters)
+        now = time.perf_counter()
+        if total >= expected or now > deadline or now - last_progress > 10:
+            break
+        if total != last_total:
+            last_total, last_progress = total, now
+        time.sleep(0.01)
+    for thread in threads:
+        thread.join(timeout)
+    end = max((c.last for c in counters), default=t0)
+    cpu1 = broker.cpu()
+    delivered = sum(len(c.seen) for c in counters)
+    for client in subscribers + publishers:
+        client.disconnect()
+        client.loop_stop()
+    seconds = max(end - t0, 1e-9)
+    return {
+        "pubs": pubs, "subs": subs, "qos": qos, "expected": expected, "delivered": delivered,
+        "lost": expected - delivered, "duplicates": sum(c.duplicates for c in counters),
+        "seconds": round(seconds, 3), "rate": round(delivered / seconds, 1),
+        "broker_cpu_us_per_msg": round((cpu1 - cpu0) / max(delivered, 1) * 1e6, 1),
+    }
