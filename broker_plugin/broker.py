@@ -29,6 +29,7 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import OutgoingApplicationMessage, Session
 from amqtt.utils import format_client_message, gen_client_id
 
+from broker_plugin.subscriptions import FilterIndex
 from broker_plugin.plugin import SESSION_KEY, DeviceAuthorizationPlugin, session_admission
 
 log = logging.getLogger("mqtt_pdp.broker")
@@ -56,6 +57,7 @@ class HardenedBroker(Broker):
             raise BrokerError(f"HardenedBroker decides all access itself; remove these auth/topic plugins: {', '.join(others)}")
         self.authz: DeviceAuthorizationPlugin = authz[0]
         self.authz.set_revoker(self.revoke_session)
+        self._filter_index = FilterIndex()
 
     # -- TLS: require a client certificate at the handshake ------------------------------
 
@@ -205,15 +207,39 @@ class HardenedBroker(Broker):
             client_session.will_flag = False
         await super()._handle_disconnect(client_session, handler, disconnect_waiter)
 
+    # -- subscriptions: indexed, so delivery cost does not grow with every filter in the broker --
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        result = await super().add_subscription(subscription, session)
+        if result != 0x80:
+            self._filter_index.add(subscription[0])
+        return result
+
+    async def _del_all_subscriptions(self, session: Session) -> None:
+        held = [topic_filter for topic_filter, _ in self._own_filters(session)]
+        await super()._del_all_subscriptions(session)
+        for topic_filter in held:
+            if topic_filter not in self._subscriptions:
+                self._filter_index.remove(topic_filter)
+
+    def _subscribers_of(self, topic: str) -> list[tuple[Session, int]]:
+        """Every (session, qos) whose filter selects ``topic``, taken in one synchronous step."""
+        subscriptions = self._subscriptions
+        if len(self._filter_index) != len(subscriptions):
+            self._filter_index.rebuild(list(subscriptions))  # a filter added or removed behind our back
+        targets: list[tuple[Session, int]] = []
+        for topic_filter in self._filter_index.match(topic):
+            subscribers = subscriptions.get(topic_filter)
+            if subscribers:
+                targets.extend(subscribers)
+        return targets
+
     # -- delivery: snapshot the subscribers before anything can yield (hole 6) -------------
 
     async def _run_broadcast(self, running_tasks: deque[asyncio.Task[OutgoingApplicationMessage]]) -> None:
         broadcast = await self._broadcast_queue.get()
         topic = broadcast["topic"]
-        targets: list[tuple[Session, int]] = []
-        for topic_filter, subscribers in self._subscriptions.items():
-            if self._matches(topic, topic_filter):
-                targets.extend(subscribers)
+        targets = self._subscribers_of(topic)
         allows = self.authz.allows
         for target, sub_qos in targets:
             qos = broadcast.get("qos", sub_qos)
