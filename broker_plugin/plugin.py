@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,8 +21,12 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
 from pdp.admission import Admission, AdmissionSettings, ConnectRequest
+from pdp.cache import RedisDecisionCache
 from pdp.decision_point import DecisionPoint, PdpSettings
 from pdp.identity import IdentitySettings
+from pdp.invalidation import InvalidationBus
+from pdp.redis_link import RedisLink
+from pdp.registry import Device
 
 log = logging.getLogger("mqtt_pdp.plugin")
 SESSION_KEY = "mqtt_pdp.admission"
@@ -54,6 +60,10 @@ class DeviceAuthorizationPlugin(BaseAuthPlugin, BaseTopicPlugin):
         reload_interval: float = 0.5
         verify_with_casbin: bool = False
         l1_size: int = 100_000
+        redis_url: str = ""
+        redis_prefix: str = "mqtt-pdp"
+        l2_ttl: int = 3600
+        node_id: str = ""
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)
@@ -75,9 +85,15 @@ class DeviceAuthorizationPlugin(BaseAuthPlugin, BaseTopicPlugin):
             )
         )
         self._revoker: Revoker | None = None
-        self._watch_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reload_lock = asyncio.Lock()
+        self.node_id = cfg.node_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.redis: RedisLink | None = None
+        self.l2: RedisDecisionCache | None = None
+        self.bus: InvalidationBus | None = None
         # Lets tests and tools wait for a reload attempt instead of sleeping.
         self.reload_attempts = 0
+        self.remote_reloads = 0
         self.reload_condition = threading.Condition()
 
     # -- connect ------------------------------------------------------------------------
@@ -92,6 +108,8 @@ class DeviceAuthorizationPlugin(BaseAuthPlugin, BaseTopicPlugin):
         )
         admission = self.pdp.admit(request)
         session.attributes[SESSION_KEY] = admission
+        if admission.allowed and admission.device is not None and self.l2 is not None:
+            self._spawn(self._warm(admission.device))
         cert = admission.identity.certificate if admission.identity else None
         device_id = admission.identity.device_id if admission.identity else (admission.device.device_id if admission.device else None)
         if admission.allowed:
@@ -133,24 +151,64 @@ class DeviceAuthorizationPlugin(BaseAuthPlugin, BaseTopicPlugin):
         """The broker's way to end a session that the current policy no longer admits."""
         self._revoker = revoker
 
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def on_broker_post_start(self) -> None:
-        self._watch_task = asyncio.create_task(self._watch(), name="mqtt-pdp-reload")
+        cfg: DeviceAuthorizationPlugin.Config = self.config
+        self._spawn(self._watch())
+        if cfg.redis_url:
+            self.redis = RedisLink(cfg.redis_url)
+            self.l2 = RedisDecisionCache(self.redis, cfg.redis_prefix, cfg.l2_ttl)
+            self.bus = InvalidationBus(self.redis, cfg.redis_prefix, self.node_id, self._on_event)
+            l2 = self.l2
+            self.pdp.recorder = lambda rev, device, action, topic, decision: l2.record(
+                rev, device.revision, action, topic, decision)
+            self._spawn(self.l2.run())
+            self._spawn(self.bus.run())
 
     async def _watch(self) -> None:
-        interval = self.config.reload_interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.config.reload_interval)
+            await self.reload(announce=True)
+
+    async def reload(self, announce: bool) -> bool | None:
+        """Reload changed files, end sessions no longer admitted, and tell the other brokers."""
+        async with self._reload_lock:
             try:
                 result = await asyncio.to_thread(self.pdp.reload_if_changed)
                 if result:
                     await self.revoke_disallowed()
+                    if announce and self.bus is not None:
+                        await self.bus.publish({"type": "reload", "revision": self.pdp.snapshot.revision})
             except Exception:  # the watcher must outlive any single bad reload
                 log.exception("policy reload failed")
                 result = False
-            if result is not None:
-                with self.reload_condition:
-                    self.reload_attempts += 1
-                    self.reload_condition.notify_all()
+        if result is not None:
+            with self.reload_condition:
+                self.reload_attempts += 1
+                self.reload_condition.notify_all()
+        return result
+
+    async def _on_event(self, event: dict[str, Any]) -> None:
+        result = await self.reload(announce=False)
+        if result:
+            self.remote_reloads += 1
+        revision = event.get("revision")
+        if result is None and revision and revision != self.pdp.snapshot.revision:
+            log.warning("node %s announced revision %s but this node's files give %s; do the brokers share "
+                        "the policy files?", event.get("node"), revision, self.pdp.snapshot.revision)
+
+    async def _warm(self, device: Device) -> None:
+        """Fill L1 with what any broker already decided for this device under the current policy."""
+        assert self.l2 is not None
+        snapshot = self.pdp.snapshot
+        entries = await self.l2.fetch(snapshot.policy.revision, device.revision)
+        if self.pdp.snapshot is snapshot:
+            for (action, topic), decision in entries.items():
+                snapshot.l1.put((device.revision, action, topic), decision)
 
     async def revoke_disallowed(self) -> list[str]:
         """End every session whose device the current registry no longer admits."""
@@ -172,7 +230,9 @@ class DeviceAuthorizationPlugin(BaseAuthPlugin, BaseTopicPlugin):
         return revoked
 
     async def close(self) -> None:
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            await asyncio.gather(self._watch_task, return_exceptions=True)
-            self._watch_task = None
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.redis is not None:
+            await self.redis.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -23,6 +24,8 @@ from pdp.registry import Device, FileRegistry, load_registry
 log = logging.getLogger(__name__)
 
 FileSignature = tuple[tuple[str, int, int, int], ...]
+# Told about each decision the compiled index computed (not L1 hits): policy revision, device, action, topic, decision.
+Recorder = Callable[[str, Device, str, str, Decision], None]
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class DecisionPoint:
         self.snapshot = load_snapshot(settings)
         self.casbin_mismatches = 0
         self.last_error: str | None = None
+        self.recorder: Recorder | None = None
 
     def admit(self, request: ConnectRequest, now: datetime | None = None) -> Admission:
         snap = self.snapshot
@@ -93,6 +97,8 @@ class DecisionPoint:
             return decision, "l1"
         decision = snap.index.decide(device.attrs, action, topic)
         snap.l1.put(key, decision)
+        if self.recorder is not None:
+            self.recorder(snap.policy.revision, device, action, topic, decision)
         if self.settings.verify_with_casbin:
             reference = snap.policy.reference.decide(device, action, topic)
             if (reference.allowed, reference.rule_id) != (decision.allowed, decision.rule_id):

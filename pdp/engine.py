@@ -42,6 +42,13 @@ class Decision:
     reason: str
 
 
+def decision_for(allowed: bool, rule_id: str | None) -> Decision:
+    """The decision with its standard reason, from its outcome and deciding rule."""
+    if rule_id is None:
+        return Decision(False, None, NO_MATCH)
+    return Decision(allowed, rule_id, f"{'allowed' if allowed else 'denied'} by rule {rule_id}")
+
+
 def topic_applies(action: str, topic: str, pattern: str, attributes: Mapping[str, str]) -> bool:
     """Whether a rule's pattern, bound to the device, selects the requested topic or filter."""
     bound = bind(pattern, attributes)
@@ -71,9 +78,7 @@ def decide(rules: Sequence[Rule], attributes: Mapping[str, str], action: str, to
         if not topic_applies(action, topic, rule.topic, attributes):
             continue
         if rule.effect == "deny":
-            return Decision(False, rule.rule_id, f"denied by rule {rule.rule_id}")
+            return decision_for(False, rule.rule_id)
         if first_allow is None:
             first_allow = rule
-    if first_allow is not None:
-        return Decision(True, first_allow.rule_id, f"allowed by rule {first_allow.rule_id}")
-    return Decision(False, None, NO_MATCH)
+    return decision_for(first_allow is not None, first_allow.rule_id if first_allow else None)

@@ -15,7 +15,9 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from pdp.engine import NO_MATCH, Decision, Rule
+from pdp.engine import Decision, Rule, decision_for
+
+NO_MATCH_DECISION = decision_for(False, None)
 
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
 
@@ -143,11 +145,9 @@ class PolicyIndex:
             for root in roots:
                 walk(root, levels, 0, attributes, dollar, matched)
         if not matched:
-            return Decision(False, None, NO_MATCH)
+            return NO_MATCH_DECISION
         deny = self._deny
         denies = [order for order in matched if deny[order]]
         if denies:
-            rule = self._rules[min(denies)]
-            return Decision(False, rule.rule_id, f"denied by rule {rule.rule_id}")
-        rule = self._rules[min(matched)]
-        return Decision(True, rule.rule_id, f"allowed by rule {rule.rule_id}")
+            return decision_for(False, self._rules[min(denies)].rule_id)
+        return decision_for(True, self._rules[min(matched)].rule_id)

@@ -8,12 +8,10 @@ first applicable allow. Together they give the decision and deciding rule that
 
 from __future__ import annotations
 
-from typing import Any
-
 import casbin
 from casbin.persist.adapters import FileAdapter
 
-from pdp.engine import Decision, NO_MATCH, topic_applies
+from pdp.engine import Decision, decision_for, topic_applies
 from pdp.registry import Device
 
 FIRST_ALLOW_EFFECT = "some(where (p.eft == allow))"
@@ -48,8 +46,6 @@ class CasbinReference:
     def decide(self, device: Device, action: str, topic: str) -> Decision:
         allowed, explain = self.enforcer.enforce_ex(device, topic, action)
         if not allowed:
-            rule_id: Any = explain[0] if explain else None
-            return Decision(False, rule_id, f"denied by rule {rule_id}" if rule_id else NO_MATCH)
+            return decision_for(False, explain[0] if explain else None)
         _, allow_explain = self._first_allow.enforce_ex(device, topic, action)
-        rule_id = allow_explain[0]
-        return Decision(True, rule_id, f"allowed by rule {rule_id}")
+        return decision_for(True, allow_explain[0])

@@ -1,14 +1,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support import BrokerThread, Client, TestPki, broker_config
+from tests.support import BrokerThread, Client, RedisServer, TestPki, broker_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,8 +105,14 @@ def make_broker(test_pki: TestPki, policy_dir: Path) -> Iterator[Callable[..., B
 
 
 @pytest.fixture
-def broker(make_broker: Callable[..., BrokerThread]) -> BrokerThread:
-    return make_broker()
+def broker_settings() -> dict[str, Any]:
+    """Plugin settings of the `broker` fixture; a test module may override this fixture."""
+    return {}
+
+
+@pytest.fixture
+def broker(make_broker: Callable[..., BrokerThread], broker_settings: dict[str, Any]) -> BrokerThread:
+    return make_broker(**broker_settings)
 
 
 @pytest.fixture
@@ -124,6 +132,47 @@ def connect(broker: BrokerThread, test_pki: TestPki) -> Iterator[Callable[..., C
     yield make
     for client in clients:
         client.close()
+
+
+@pytest.fixture(scope="session")
+def shared_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The machine's Redis if one answers (MQTT_PDP_TEST_REDIS or 127.0.0.1:6379), else one of our own."""
+    import redis
+
+    url = os.environ.get("MQTT_PDP_TEST_REDIS", "redis://127.0.0.1:6379/0")
+    try:
+        redis.Redis.from_url(url, socket_timeout=1).ping()
+        yield url
+        return
+    except redis.RedisError:
+        pass
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_prefix(shared_redis_url: str) -> Iterator[str]:
+    """A key prefix of this test's own; its keys are deleted afterwards."""
+    import redis
+
+    prefix = f"mqtt-pdp-test-{uuid.uuid4().hex[:10]}"
+    yield prefix
+    client = redis.Redis.from_url(shared_redis_url)
+    keys = list(client.scan_iter(f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(autouse=True)

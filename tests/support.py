@@ -248,3 +248,134 @@ class Client:
             self.client.disconnect()
         finally:
             self.client.loop_stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    """Bounded wait for a condition the code under test exposes no event for."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout}s: {what}")
+        time.sleep(0.02)
+
+
+class RedisServer:
+    """A real redis-server of the test's own, on a free port, that a test may stop and start again."""
+
+    def __init__(self, directory: Path) -> None:
+        import shutil
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        self.binary = binary
+        self.dir = directory
+        self.port = free_port()
+        self.proc: Any = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def ping(self) -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis(port=self.port, socket_timeout=0.5).ping())
+        except redis.RedisError:
+            return False
+
+    def start(self) -> None:
+        import subprocess
+
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for(self.ping, "redis-server answering")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+class BrokerProcess:
+    """``mqtt-pdp broker`` in its own process, as an operator runs it; its log lines can be awaited."""
+
+    def __init__(self, config_path: Path, cwd: Path) -> None:
+        import os
+        import subprocess
+        import sys
+
+        root = Path(__file__).resolve().parent.parent
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pdp.cli", "broker", "-c", str(config_path)], cwd=cwd,
+            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(root)},
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.log: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        line = self.wait_line(r"listener default on \('[0-9.]+', (\d+)\)")
+        import re
+
+        match = re.search(r", (\d+)\)", line)
+        assert match
+        self.port = int(match.group(1))
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.put(line)
+
+    def wait_line(self, pattern: str, timeout: float = WAIT) -> str:
+        import re
+
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"broker never logged {pattern!r}; log so far:\n{''.join(self.log[-30:])}")
+            try:
+                line = self.lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            self.log.append(line)
+            if re.search(pattern, line):
+                return line
+
+    def stop(self) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(WAIT)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+                raise
+        return self.proc.returncode
+
+
+def write_cli_config(path: Path, pki_: TestPki, policy_dir: Path, **plugin: Any) -> Path:
+    """deploy/broker.yaml, pointed at the test's PKI and policy files and an ephemeral port."""
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    config = yaml.safe_load((root / "deploy" / "broker.yaml").read_text())
+    config["listeners"]["default"].update(bind="127.0.0.1:0", cafile=str(pki_.ca_file),
+                                          certfile=str(pki_.dir / "server.pem"), keyfile=str(pki_.dir / "server-key.pem"))
+    config["plugins"][PLUGIN].update(model=str(policy_dir / "model.conf"), policy=str(policy_dir / "policy.csv"),
+                                     registry=str(policy_dir / "devices.yaml"), trust_domain=TRUST_DOMAIN, **plugin)
+    path.write_text(yaml.safe_dump(config))
+    return path

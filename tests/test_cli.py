@@ -5,16 +5,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.support import WAIT, Client, TestPki
+from tests.support import BrokerProcess, Client, TestPki, write_cli_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,37 +84,15 @@ def test_broker_bad_inputs(tmp_path: Path) -> None:
 
 
 def test_broker_command_serves_devices_and_stops_on_sigterm(tmp_path: Path) -> None:
-    pki_dir = tmp_path / "pki"
-    pki = TestPki(pki_dir)
+    pki = TestPki(tmp_path / "pki")
     creds = pki.device("sensor-001")
-    policies = tmp_path / "policies"
-    shutil.copytree(ROOT / "policies", policies)
-    config = yaml.safe_load((ROOT / "deploy" / "broker.yaml").read_text())
-    config["listeners"]["default"].update(bind="127.0.0.1:0", cafile="pki/ca.pem", certfile="pki/server.pem",
-                                          keyfile="pki/server-key.pem")
-    plugin = config["plugins"]["broker_plugin.plugin.DeviceAuthorizationPlugin"]
-    plugin.update(model="policies/model.conf", policy="policies/policy.csv", registry="policies/devices.yaml",
-                  trust_domain="test.example")
-    (tmp_path / "broker.yaml").write_text(yaml.safe_dump(config))
-    proc = subprocess.Popen([sys.executable, "-m", "pdp.cli", "broker", "-c", "broker.yaml"], cwd=tmp_path,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    shutil.copytree(ROOT / "policies", tmp_path / "policies")
+    broker = BrokerProcess(write_cli_config(tmp_path / "broker.yaml", pki, tmp_path / "policies"), tmp_path)
     try:
-        port = None
-        deadline = time.monotonic() + WAIT
-        assert proc.stderr is not None
-        while port is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            match = re.search(r"listener default on \('127\.0\.0\.1', (\d+)\)", line)
-            port = int(match.group(1)) if match else None
-        assert port, "broker did not report its listener"
-        client = Client(port, "sensor-001", creds, pki.ca_file)
+        client = Client(broker.port, "sensor-001", creds, pki.ca_file)
         assert client.connect() == 0
         assert client.subscribe("sites/plant-a/sensor-001/cmd") == 0
         assert client.subscribe("sites/#") == 0x80
         client.close()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(WAIT) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        assert broker.stop() == 0
