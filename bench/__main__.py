@@ -14,9 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import connect, fleet, latency, throughput
+from bench import connect, fleet, latency, propagation, throughput
 
-ALL = ("throughput", "latency", "connect", "fleet")
+ALL = ("throughput", "latency", "propagation", "connect", "fleet")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +47,14 @@ def main(argv: list[str] | None = None) -> int:
             print("\n== Decision latency, 100,000 registered devices")
             print(latency.table(result), flush=True)
             results["latency"] = result
+        if "propagation" in chosen:
+            if args.redis:
+                result = propagation.run(work, args.redis, reps=1 if args.quick else 3)
+                print("\n== Policy reload across two broker processes sharing one Redis")
+                print(propagation.table(result), flush=True)
+                results["propagation"] = result
+            else:
+                print("\n== Policy reload across brokers: skipped (no --redis)")
         if "connect" in chosen:
             result = connect.run(work, count=100 if args.quick else 300, reps=1 if args.quick else 3)
             print("\n== mTLS connections per second (sequential connect + CONNACK + disconnect)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -125,6 +126,7 @@ class DecisionPoint:
         if signature == self._signature:
             return None
         self._signature = signature
+        started = time.perf_counter()
         try:
             snapshot = load_snapshot(self.settings)
         except SourceError as exc:
@@ -133,6 +135,6 @@ class DecisionPoint:
             return False
         self.snapshot = snapshot
         self.last_error = None
-        log.info("policy reloaded: revision %s (%d rules, %d devices)", snapshot.revision,
-                 len(snapshot.policy.rules), len(snapshot.registry))
+        log.info("policy reloaded: revision %s (%d rules, %d devices) in %.3f s", snapshot.revision,
+                 len(snapshot.policy.rules), len(snapshot.registry), time.perf_counter() - started)
         return True
