@@ -12,6 +12,10 @@ import logging
 import os
 import socket
 import threading
+import time
+import uuid
+from pathlib import Path
+from time import perf_counter_ns
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +25,9 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
 from pdp.admission import Admission, AdmissionSettings, ConnectRequest
+from pdp.assertion_sinks import RedisStreamSink, SpoolingSink, SqliteSink
+from pdp.assertion_store import AssertionStore
+from pdp.assertions import AssertionRecorder
 from pdp.cache import RedisDecisionCache
 from pdp.decision_point import DecisionPoint, PdpSettings
 from pdp.identity import IdentitySettings
@@ -63,7 +70,12 @@ class DeviceAuthorizationPlugin(BaseAuthPlugin, BaseTopicPlugin):
         redis_url: str = ""
         redis_prefix: str = "mqtt-pdp"
         l2_ttl: int = 3600
-        node_id: str = ""
+        node_id: str = ""  # names this broker in assertion records and their hash chain; default: host name
+        assertions: bool = True
+        assertion_db: str = "var/assertions.db"  # "" for none
+        assertion_stream: bool = False  # also append to a Redis Stream (needs redis_url)
+        spool_dir: str = "var/spool"
+        retention_days: float = 0  # prune the SQLite store of records older than this; 0 keeps everything
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)
@@ -87,7 +99,11 @@ class DeviceAuthorizationPlugin(BaseAuthPlugin, BaseTopicPlugin):
         self._revoker: Revoker | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
-        self.node_id = cfg.node_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.node_id = cfg.node_id or socket.gethostname()
+        self.instance_id = f"{self.node_id}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.recorder: AssertionRecorder | None = None
+        if cfg.assertions:
+            self.recorder = self._make_recorder(cfg)
         self.redis: RedisLink | None = None
         self.l2: RedisDecisionCache | None = None
         self.bus: InvalidationBus | None = None
@@ -95,6 +111,19 @@ class DeviceAuthorizationPlugin(BaseAuthPlugin, BaseTopicPlugin):
         self.reload_attempts = 0
         self.remote_reloads = 0
         self.reload_condition = threading.Condition()
+
+    def _make_recorder(self, cfg: DeviceAuthorizationPlugin.Config) -> AssertionRecorder:
+        spool = Path(cfg.spool_dir)
+        sinks: list[SpoolingSink] = []
+        if cfg.assertion_db:
+            sinks.append(SpoolingSink(SqliteSink(cfg.assertion_db), spool))
+        if cfg.assertion_stream:
+            if not cfg.redis_url:
+                raise ValueError("assertion_stream needs redis_url")
+            sinks.append(SpoolingSink(RedisStreamSink(cfg.redis_url, cfg.redis_prefix), spool))
+        if not sinks:
+            raise ValueError("assertions are on but no sink is configured (assertion_db or assertion_stream)")
+        return AssertionRecorder(self.node_id, sinks, spool)
 
     # -- connect ------------------------------------------------------------------------
 
@@ -108,6 +137,9 @@ class DeviceAuthorizationPlugin(BaseAuthPlugin, BaseTopicPlugin):
         )
         admission = self.pdp.admit(request)
         session.attributes[SESSION_KEY] = admission
+        if self.recorder is not None:
+            self.recorder.connect(admission, request.client_id, (session.remote_address, session.remote_port),
+                                  self.pdp.snapshot.revision)
         if admission.allowed and admission.device is not None and self.l2 is not None:
             self._spawn(self._warm(admission.device))
         cert = admission.identity.certificate if admission.identity else None
@@ -132,7 +164,11 @@ class DeviceAuthorizationPlugin(BaseAuthPlugin, BaseTopicPlugin):
         admission = session_admission(session)
         if admission is None or not admission.allowed or admission.device is None:
             return False
-        decision = self.pdp.decide(admission.device, action, topic)
+        start = perf_counter_ns()
+        decision, tier, revision = self.pdp.lookup(admission.device, action, topic)
+        if self.recorder is not None:
+            self.recorder.decision(admission, session.client_id, (session.remote_address, session.remote_port),
+                                   action, topic, decision, tier, perf_counter_ns() - start, revision)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s %s %s: %s", session.client_id, action, topic,
                       "allowed" if decision.allowed else "denied", decision.reason)
@@ -159,10 +195,14 @@ class DeviceAuthorizationPlugin(BaseAuthPlugin, BaseTopicPlugin):
     async def on_broker_post_start(self) -> None:
         cfg: DeviceAuthorizationPlugin.Config = self.config
         self._spawn(self._watch())
+        if self.recorder is not None:
+            self.recorder.start()
+        if self.recorder is not None and cfg.retention_days > 0 and cfg.assertion_db:
+            self._spawn(self._prune(cfg.assertion_db, cfg.retention_days))
         if cfg.redis_url:
             self.redis = RedisLink(cfg.redis_url)
             self.l2 = RedisDecisionCache(self.redis, cfg.redis_prefix, cfg.l2_ttl)
-            self.bus = InvalidationBus(self.redis, cfg.redis_prefix, self.node_id, self._on_event)
+            self.bus = InvalidationBus(self.redis, cfg.redis_prefix, self.instance_id, self._on_event)
             l2 = self.l2
             self.pdp.recorder = lambda rev, device, action, topic, decision: l2.record(
                 rev, device.revision, action, topic, decision)
@@ -229,10 +269,31 @@ class DeviceAuthorizationPlugin(BaseAuthPlugin, BaseTopicPlugin):
                 session.attributes[SESSION_KEY] = Admission(False, reason, admission.identity, admission.device)
         return revoked
 
+    async def _prune(self, path: str, days: float) -> None:
+        """Retention: once an hour, delete records older than ``days`` (the chain keeps a checkpoint)."""
+        while True:
+            try:
+                removed = await asyncio.to_thread(_prune_store, path, time.time() - days * 86400)
+                if removed:
+                    log.info("retention: pruned %d assertion records older than %g days", removed, days)
+            except Exception:
+                log.exception("pruning the assertion store failed")
+            await asyncio.sleep(3600)
+
     async def close(self) -> None:
+        if self.recorder is not None:
+            await self.recorder.close()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.redis is not None:
             await self.redis.close()
+
+
+def _prune_store(path: str, before: float) -> int:
+    store = AssertionStore(path)
+    try:
+        return store.prune(before)
+    finally:
+        store.close()

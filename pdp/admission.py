@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from pdp.engine import Decision
-from pdp.identity import DeviceIdentity, IdentityRefused, IdentitySettings, identity_from_der
+from pdp.identity import CertificateInfo, DeviceIdentity, IdentityRefused, IdentitySettings, identity_from_der
 from pdp.registry import Device, Registry
 from pdp.topics import TopicError, level_value_problem, validate_topic
 
@@ -58,6 +58,7 @@ class Admission:
     identity: DeviceIdentity | None = None
     device: Device | None = None
     rule_id: str | None = None
+    certificate: CertificateInfo | None = None  # also when the certificate was refused, for the record
 
 
 def client_id_permitted(pattern: str, device_id: str, client_id: str) -> bool:
@@ -97,7 +98,7 @@ def admit(
         try:
             identity = identity_from_der(request.certificate_der, settings.identity, now)
         except IdentityRefused as refused:
-            return Admission(False, refused.reason)
+            return Admission(False, refused.reason, certificate=refused.certificate)
         device_id = identity.device_id
 
     device = registry.lookup(device_id)

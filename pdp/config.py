@@ -12,7 +12,7 @@ from pdp.registry import yaml_error
 
 PLUGIN_PATH = "broker_plugin.plugin.DeviceAuthorizationPlugin"
 LISTENER_PATH_KEYS = ("cafile", "capath", "certfile", "keyfile")
-PLUGIN_PATH_KEYS = ("model", "policy", "registry")
+PLUGIN_PATH_KEYS = ("model", "policy", "registry", "assertion_db", "spool_dir")
 
 
 def _resolve(base: Path, value: Any) -> Any:

@@ -89,13 +89,13 @@ class DecisionPoint:
     def decide(self, device: Device, action: str, topic: str) -> Decision:
         return self.lookup(device, action, topic)[0]
 
-    def lookup(self, device: Device, action: str, topic: str) -> tuple[Decision, str]:
-        """The decision and the tier that answered it: ``l1`` (cached) or ``index`` (compiled policy)."""
+    def lookup(self, device: Device, action: str, topic: str) -> tuple[Decision, str, str]:
+        """The decision, the tier that answered it (``l1``: cached, ``index``: compiled policy) and the revision."""
         snap = self.snapshot
         key = (device.revision, action, topic)
         decision = snap.l1.get(key)
         if decision is not None:
-            return decision, "l1"
+            return decision, "l1", snap.revision
         decision = snap.index.decide(device.attrs, action, topic)
         snap.l1.put(key, decision)
         if self.recorder is not None:
@@ -105,7 +105,7 @@ class DecisionPoint:
             if (reference.allowed, reference.rule_id) != (decision.allowed, decision.rule_id):
                 self.casbin_mismatches += 1
                 log.error("Casbin disagrees on %s %s %s: casbin=%s pdp=%s", device.device_id, action, topic, reference, decision)
-        return decision, "index"
+        return decision, "index", snap.revision
 
     def revocation_reason(self, admission: Admission) -> str | None:
         """Why a session admitted earlier may no longer stay connected under the current snapshot."""

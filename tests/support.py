@@ -11,6 +11,7 @@ import socket
 import ssl
 import threading
 import time
+import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,9 @@ def broker_config(pki_: TestPki, policy_dir: Path, **plugin: Any) -> dict[str, A
         "trust_domain": TRUST_DOMAIN,
         "reload_interval": 0.1,
         "verify_with_casbin": True,
+        "node_id": f"test-{uuid.uuid4().hex[:8]}",
+        "assertion_db": str(policy_dir.parent / "assertions.db"),
+        "spool_dir": str(policy_dir.parent / "spool"),
     }
     settings.update(plugin)
     return {
@@ -375,7 +379,9 @@ def write_cli_config(path: Path, pki_: TestPki, policy_dir: Path, **plugin: Any)
     config = yaml.safe_load((root / "deploy" / "broker.yaml").read_text())
     config["listeners"]["default"].update(bind="127.0.0.1:0", cafile=str(pki_.ca_file),
                                           certfile=str(pki_.dir / "server.pem"), keyfile=str(pki_.dir / "server-key.pem"))
-    config["plugins"][PLUGIN].update(model=str(policy_dir / "model.conf"), policy=str(policy_dir / "policy.csv"),
-                                     registry=str(policy_dir / "devices.yaml"), trust_domain=TRUST_DOMAIN, **plugin)
+    settings = dict(model=str(policy_dir / "model.conf"), policy=str(policy_dir / "policy.csv"),
+                    registry=str(policy_dir / "devices.yaml"), trust_domain=TRUST_DOMAIN, node_id=path.stem,
+                    assertion_db=str(path.parent / "assertions.db"), spool_dir=str(path.parent / "spool"))
+    config["plugins"][PLUGIN].update({**settings, **plugin})
     path.write_text(yaml.safe_dump(config))
     return path

@@ -1,0 +1,233 @@
+"""The assertion store: SQLite with the indexes security teams' questions need, plus verify and prune.
+
+Inserts are idempotent on (node, seq), so a batch delivered twice (a spool
+replayed after a partial write, a stream drained again) is stored once.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pdp.assertions import FIELD_NAMES, GENESIS, AssertionRecord, record_hash
+from pdp.topics import covers, matches
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    record_id TEXT NOT NULL, node TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL,
+    client_id TEXT, device_id TEXT, fingerprint TEXT, serial TEXT, issuer TEXT,
+    type TEXT, location TEXT, purpose TEXT, owner TEXT, status TEXT,
+    action TEXT NOT NULL, topic TEXT, decision TEXT NOT NULL, rule_id TEXT, reason TEXT NOT NULL,
+    policy_revision TEXT, cache_tier TEXT, latency_us REAL, peer TEXT, prev_hash TEXT NOT NULL, hash TEXT NOT NULL,
+    UNIQUE (node, seq)
+);
+CREATE INDEX IF NOT EXISTS records_device ON records (device_id, ts);
+CREATE INDEX IF NOT EXISTS records_client ON records (client_id, ts);
+CREATE INDEX IF NOT EXISTS records_fingerprint ON records (fingerprint, ts);
+CREATE INDEX IF NOT EXISTS records_ts ON records (ts);
+CREATE INDEX IF NOT EXISTS records_rule ON records (rule_id, ts);
+CREATE INDEX IF NOT EXISTS records_topic ON records (topic);
+CREATE TABLE IF NOT EXISTS checkpoints (node TEXT PRIMARY KEY, seq INTEGER NOT NULL, hash TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+_COLUMNS = ", ".join(FIELD_NAMES)
+_INSERT = f"INSERT OR IGNORE INTO records ({_COLUMNS}) VALUES ({', '.join('?' for _ in FIELD_NAMES)})"
+
+
+@dataclass(frozen=True)
+class QueryFilters:
+    device: str | None = None
+    client_id: str | None = None
+    fingerprint: str | None = None
+    action: str | None = None
+    decision: str | None = None
+    topic: str | None = None  # an MQTT filter: records whose topic it matches (or, for subscribe, covers)
+    rule_id: str | None = None
+    policy_revision: str | None = None
+    node: str | None = None
+    since: float | None = None
+    until: float | None = None
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    node: str
+    checked: int
+    problem: str | None  # None: the chain is intact from its checkpoint to its last record
+    record_id: str | None = None
+
+
+def _topic_prefix(topic_filter: str) -> str:
+    """The literal levels before the first wildcard, for an index range scan."""
+    literal = []
+    for level in topic_filter.split("/"):
+        if level in ("+", "#"):
+            break
+        literal.append(level)
+    return "/".join(literal)
+
+
+class AssertionStore:
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
+        self.path = str(path)
+        if readonly:
+            if not Path(self.path).exists():
+                raise FileNotFoundError(f"no assertion database at {self.path}")
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+        else:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, timeout=10)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- writing --------------------------------------------------------------------------
+
+    def insert(self, records: Sequence[AssertionRecord]) -> int:
+        with self.db:
+            before = self.db.total_changes
+            self.db.executemany(_INSERT, [tuple(getattr(r, n) for n in FIELD_NAMES) for r in records])
+            return self.db.total_changes - before
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def insert_with_meta(self, records: Sequence[AssertionRecord], key: str, value: str) -> int:
+        """Records and a position (e.g. of a drained stream) in one transaction."""
+        with self.db:
+            before = self.db.total_changes
+            self.db.executemany(_INSERT, [tuple(getattr(r, n) for n in FIELD_NAMES) for r in records])
+            inserted = self.db.total_changes - before
+            self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+            return inserted
+
+    # -- reading --------------------------------------------------------------------------
+
+    def query(self, filters: QueryFilters, limit: int | None = None, after_rowid: int = 0,
+              newest_first: bool = False) -> Iterator[tuple[int, AssertionRecord]]:
+        clauses, params = ["rowid > ?"], [after_rowid]
+        for column, value in (
+            ("device_id", filters.device), ("client_id", filters.client_id), ("fingerprint", filters.fingerprint),
+            ("action", filters.action), ("decision", filters.decision), ("rule_id", filters.rule_id),
+            ("policy_revision", filters.policy_revision), ("node", filters.node),
+        ):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if filters.since is not None:
+            clauses.append("ts >= ?")
+            params.append(filters.since)
+        if filters.until is not None:
+            clauses.append("ts < ?")
+            params.append(filters.until)
+        topic_filter = filters.topic
+        if topic_filter is not None:
+            if "+" not in topic_filter and "#" not in topic_filter:
+                clauses.append("topic = ?")
+                params.append(topic_filter)
+                topic_filter = None
+            elif prefix := _topic_prefix(topic_filter):
+                clauses.append("topic >= ? AND topic < ?")
+                params += [prefix, prefix + "\U0010ffff"]
+        order = "DESC" if newest_first else "ASC"
+        sql = f"SELECT rowid, {_COLUMNS} FROM records WHERE {' AND '.join(clauses)} ORDER BY ts {order}, rowid {order}"
+        count = 0
+        for row in self.db.execute(sql, params):
+            record = AssertionRecord(*row[1:])
+            if topic_filter is not None and not _topic_selected(topic_filter, record):
+                continue
+            yield row[0], record
+            count += 1
+            if limit is not None and count >= limit:
+                return
+
+    def count(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM records").fetchone()[0])
+
+    def nodes(self) -> list[str]:
+        return [row[0] for row in self.db.execute("SELECT DISTINCT node FROM records ORDER BY node")]
+
+    def stats(self, since: float | None, until: float | None, top: int = 10) -> dict[str, Any]:
+        where, params = ["1=1"], []
+        if since is not None:
+            where.append("ts >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("ts < ?")
+            params.append(until)
+        w = " AND ".join(where)
+        run = self.db.execute
+        return {
+            "outcomes": run(f"SELECT action, decision, count(*) FROM records WHERE {w} GROUP BY action, decision "
+                            "ORDER BY action, decision", params).fetchall(),
+            "top_denied_devices": run(f"SELECT coalesce(device_id, '(unknown)'), count(*) AS n FROM records WHERE {w} "
+                                      "AND decision = 'deny' GROUP BY device_id ORDER BY n DESC LIMIT ?",
+                                      [*params, top]).fetchall(),
+            "top_denied_topics": run(f"SELECT topic, count(*) AS n FROM records WHERE {w} AND decision = 'deny' "
+                                     "AND topic IS NOT NULL GROUP BY topic ORDER BY n DESC LIMIT ?",
+                                     [*params, top]).fetchall(),
+            "refused_connects": run(f"SELECT coalesce(device_id, '(no identity)'), reason, count(*) AS n FROM records "
+                                    f"WHERE {w} AND action = 'connect' AND decision = 'deny' "
+                                    "GROUP BY device_id, reason ORDER BY n DESC LIMIT ?", [*params, top]).fetchall(),
+        }
+
+    # -- integrity ------------------------------------------------------------------------
+
+    def verify(self, node: str | None = None) -> list[ChainReport]:
+        """Walk each node's chain in sequence order; report the first record altered, missing or out of place."""
+        reports = []
+        for name in [node] if node else self.nodes():
+            checkpoint = self.db.execute("SELECT seq, hash FROM checkpoints WHERE node = ?", (name,)).fetchone()
+            prev_seq, prev_hash = checkpoint if checkpoint else (0, GENESIS)
+            checked, problem, where = 0, None, None
+            for row in self.db.execute(f"SELECT {_COLUMNS} FROM records WHERE node = ? ORDER BY seq", (name,)):
+                record = AssertionRecord(*row)
+                if record.seq != prev_seq + 1:
+                    first_missing = prev_seq + 1
+                    gap = f"{first_missing}" if record.seq == first_missing + 1 else f"{first_missing}..{record.seq - 1}"
+                    problem, where = f"record(s) {name}:{gap} missing before {record.record_id}", record.record_id
+                    break
+                if record.prev_hash != prev_hash:
+                    problem = f"{record.record_id} does not follow the previous record (removed, reordered or replaced)"
+                    where = record.record_id
+                    break
+                if record_hash(record) != record.hash or record.record_id != f"{record.node}:{record.seq}":
+                    problem, where = f"{record.record_id} was altered (its hash does not match its content)", record.record_id
+                    break
+                prev_seq, prev_hash = record.seq, record.hash
+                checked += 1
+            reports.append(ChainReport(name, checked, problem, where))
+        return reports
+
+    def prune(self, before: float) -> int:
+        """Delete records older than ``before``; each node's chain then starts from a checkpoint of its last deleted record."""
+        removed = 0
+        with self.db:
+            for name in self.nodes():
+                last = self.db.execute(
+                    "SELECT seq, hash FROM records WHERE node = ? AND seq <= "
+                    "(SELECT coalesce(max(seq), 0) FROM records WHERE node = ? AND ts < ?) ORDER BY seq DESC LIMIT 1",
+                    (name, name, before)).fetchone()
+                if last is None:
+                    continue
+                cursor = self.db.execute("DELETE FROM records WHERE node = ? AND seq <= ?", (name, last[0]))
+                removed += cursor.rowcount
+                self.db.execute("INSERT OR REPLACE INTO checkpoints (node, seq, hash) VALUES (?, ?, ?)", (name, *last))
+        return removed
+
+
+def _topic_selected(topic_filter: str, record: AssertionRecord) -> bool:
+    topic = record.topic
+    if topic is None:
+        return False
+    if "+" in topic or "#" in topic:
+        return covers(topic_filter, topic)
+    return matches(topic_filter, topic)

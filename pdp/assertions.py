@@ -1,0 +1,237 @@
+"""Identity assertions: one record per decision, chained per broker so that tampering shows.
+
+The per-message path only appends a tuple to a queue (``AssertionRecorder.decision``);
+a background task turns tuples into records, extends the hash chain and hands
+batches to the sinks, which spool to disk when they cannot write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import hashlib
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+from pdp.admission import Admission
+from pdp.engine import Decision
+
+log = logging.getLogger("mqtt_pdp.assertions")
+
+GENESIS = "0" * 64
+
+
+@dataclass(frozen=True)
+class AssertionRecord:
+    record_id: str
+    node: str
+    seq: int
+    ts: float  # seconds since the epoch, UTC
+    client_id: str | None
+    device_id: str | None
+    fingerprint: str | None
+    serial: str | None
+    issuer: str | None
+    type: str | None
+    location: str | None
+    purpose: str | None
+    owner: str | None
+    status: str | None
+    action: str  # connect | publish | subscribe | receive
+    topic: str | None
+    decision: str  # allow | deny
+    rule_id: str | None
+    reason: str
+    policy_revision: str | None
+    cache_tier: str | None  # l1 | index | None for connects
+    latency_us: float | None
+    peer: str | None
+    prev_hash: str
+    hash: str
+
+    @property
+    def timestamp(self) -> str:
+        return datetime.fromtimestamp(self.ts, timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+    def to_json_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["timestamp"] = self.timestamp
+        return data
+
+
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(AssertionRecord))
+HASHED_FIELDS: tuple[str, ...] = tuple(name for name in FIELD_NAMES if name not in ("hash",))
+
+
+def _canonical(value: Any) -> str:
+    if value is None:
+        return "\x00"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def chain_hash(values: Sequence[Any]) -> str:
+    """SHA-256 over every field but the hash itself (the previous hash included), in a fixed order."""
+    return hashlib.sha256("\x1f".join(_canonical(v) for v in values).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def record_hash(record: AssertionRecord) -> str:
+    return chain_hash([getattr(record, name) for name in HASHED_FIELDS])
+
+
+class Sink(Protocol):
+    """Where records go. ``write`` either stores the whole batch or raises; it may be retried with the same records."""
+
+    name: str
+
+    def write(self, records: Sequence[AssertionRecord]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SinkError(Exception):
+    pass
+
+
+# What the per-message path captures: no formatting, no hashing, just references.
+Peer = tuple[str | None, int | None] | None
+Captured = tuple[float, Admission | None, str | None, Peer, str, str | None, Decision, str | None, int, str | None]
+
+
+class ChainState:
+    """The last (seq, hash) of this node's chain, on disk so that a restarted broker continues it.
+
+    The file is locked: two brokers with the same node id and spool directory would fork the chain.
+    """
+
+    def __init__(self, directory: Path, node: str) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in node)
+        self.path = directory / f"{safe}.chain"
+        self._lock = open(directory / f"{safe}.lock", "a")  # noqa: SIM115 - held for the broker's lifetime
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            raise SinkError(f"another broker already records as node {node!r} in {directory}") from None
+        self.seq, self.hash = 0, GENESIS
+        if self.path.exists():
+            seq, _, digest = self.path.read_text().strip().partition(" ")
+            self.seq, self.hash = int(seq), digest
+
+    def save(self, seq: int, digest: str) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(f"{seq} {digest}\n")
+        os.replace(tmp, self.path)
+        self.seq, self.hash = seq, digest
+
+    def close(self) -> None:
+        self._lock.close()
+
+
+class AssertionRecorder:
+    def __init__(self, node: str, sinks: Sequence[Sink], state_dir: Path, flush_interval: float = 0.05,
+                 batch_size: int = 5000) -> None:
+        self.node = node
+        self.sinks = list(sinks)
+        self.chain = ChainState(state_dir, node)
+        self.flush_interval = flush_interval
+        self.batch_size = batch_size
+        self._queue: deque[Captured] = deque()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="assertions")
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self.recorded = 0
+
+    # -- per message: O(1), no I/O ---------------------------------------------------------
+
+    def decision(self, admission: Admission | None, client_id: str | None, peer: Peer, action: str,
+                 topic: str | None, decision: Decision, tier: str | None, latency_ns: int,
+                 policy_revision: str | None) -> None:
+        self._queue.append((time.time(), admission, client_id, peer, action, topic, decision, tier, latency_ns,
+                            policy_revision))
+
+    def connect(self, admission: Admission, client_id: str | None, peer: Peer, policy_revision: str) -> None:
+        decision = Decision(admission.allowed, admission.rule_id, admission.reason)
+        self.decision(admission, client_id, peer, "connect", None, decision, None, 0, policy_revision)
+
+    # -- background --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="mqtt-pdp-assertions")
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.flush_interval)
+            except TimeoutError:
+                pass
+            await self._drain()
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._queue:
+            batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.batch_size))]
+            try:
+                await loop.run_in_executor(self._executor, self._write, batch)
+            except Exception:  # a bug in a sink must not lose evidence: keep the batch and retry
+                log.exception("writing assertion records failed; %d records kept in memory for retry", len(batch))
+                self._queue.extendleft(reversed(batch))
+                await asyncio.sleep(1.0)
+                if self._stopping.is_set():
+                    return
+
+    def _materialize(self, batch: list[Captured]) -> list[AssertionRecord]:
+        records = []
+        seq, prev = self.chain.seq, self.chain.hash
+        node = self.node
+        for ts, admission, client_id, peer, action, topic, decision, tier, latency_ns, revision in batch:
+            seq += 1
+            identity = admission.identity if admission else None
+            cert = identity.certificate if identity else (admission.certificate if admission else None)
+            device = admission.device if admission else None
+            values = [
+                f"{node}:{seq}", node, seq, ts, client_id,
+                device.device_id if device else (identity.device_id if identity else None),
+                cert.fingerprint_sha256 if cert else None, cert.serial if cert else None, cert.issuer if cert else None,
+                device.type if device else None, device.location if device else None,
+                device.purpose if device else None, device.owner if device else None,
+                device.status if device else None,
+                action, topic, "allow" if decision.allowed else "deny", decision.rule_id, decision.reason,
+                revision, tier, round(latency_ns / 1000, 3) if tier else None,
+                f"{peer[0]}:{peer[1]}" if peer and peer[0] else None, prev,
+            ]
+            prev = chain_hash(values)
+            records.append(AssertionRecord(*values, prev))  # type: ignore[arg-type]
+        return records
+
+    def _write(self, batch: list[Captured]) -> None:
+        """Runs on the recorder's own thread: extend the chain, persist its head, hand the batch to every sink."""
+        records = self._materialize(batch)
+        for sink in self.sinks:
+            sink.write(records)  # spooling sinks never raise for an unavailable backend
+        self.chain.save(records[-1].seq, records[-1].hash)
+        self.recorded += len(records)
+
+    async def close(self) -> None:
+        """Graceful shutdown: everything captured is written (or spooled) before this returns."""
+        self._stopping.set()
+        if self._task is not None:
+            await self._task
+        await self._drain()
+        if self._queue:
+            log.critical("%d assertion records could not be written at shutdown", len(self._queue))
+        loop = asyncio.get_running_loop()
+        for sink in self.sinks:
+            await loop.run_in_executor(self._executor, sink.close)
+        self._executor.shutdown(wait=True)
+        self.chain.close()
