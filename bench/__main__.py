@@ -1,6 +1,6 @@
 """Run the benchmarks side by side and print tables; the JSON goes to bench/results/.
 
-    python -m bench [--quick] [--only throughput,latency,connect,fleet] [--redis URL] [--out FILE]
+    python -m bench [--quick] [--only throughput,latency,propagation,assertions,connect,fleet] [--redis URL] [--out FILE]
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import connect, fleet, latency, propagation, throughput
+from bench import assertion_log, connect, fleet, latency, propagation, throughput
 
-ALL = ("throughput", "latency", "propagation", "connect", "fleet")
+ALL = ("throughput", "latency", "propagation", "assertions", "connect", "fleet")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
                 results["propagation"] = result
             else:
                 print("\n== Policy reload across brokers: skipped (no --redis)")
+        if "assertions" in chosen:
+            result = assertion_log.run(work / "assertions", quick=args.quick)
+            print("\n== Assertion log")
+            print(assertion_log.table(result), flush=True)
+            results["assertions"] = result
         if "connect" in chosen:
             result = connect.run(work, count=100 if args.quick else 300, reps=1 if args.quick else 3)
             print("\n== mTLS connections per second (sequential connect + CONNACK + disconnect)")

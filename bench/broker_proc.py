@@ -18,7 +18,7 @@ from broker_plugin.broker import HardenedBroker
 async def main(mode: str, config_path: str) -> None:
     with open(config_path) as handle:
         config = json.load(handle)
-    broker = (HardenedBroker if mode == "ours" else Broker)(config)
+    broker = (HardenedBroker if mode.startswith("ours") else Broker)(config)
     await broker.start()
     port = broker._servers["default"].instance.sockets[0].getsockname()[1]
     print(f"READY {port}", flush=True)

@@ -40,9 +40,9 @@ def run(workdir: Path, count: int = 300, reps: int = 3) -> dict[str, Any]:
     devices = [(f"dev-{i}", "sensor") for i in range(count)]
     env = make_env(workdir / "connect", devices)
     contexts = [(f"dev-{i}", tls_context(env, f"dev-{i}")) for i in range(count)]
-    samples: dict[str, list[dict[str, float]]] = {"bare": [], "ours": []}
+    samples: dict[str, list[dict[str, float]]] = {"bare": [], "ours": [], "ours-nolog": []}
     for _ in range(reps):
-        for mode in ("bare", "ours"):
+        for mode in samples:
             with BrokerProcess(mode, broker_config(env, mode)) as broker:
                 cpu0, t0 = broker.cpu(), time.perf_counter()
                 ok = sum(_connect_once(broker.port, device_id, ctx) for device_id, ctx in contexts)

@@ -115,7 +115,7 @@ def run(workdir: Path, sizes: tuple[int, ...] = (100, 1000, 10000), messages: in
     rng = random.Random(3)
     rows = []
     for size in sizes:
-        for mode in ("bare", "ours"):
+        for mode in ("bare", "ours", "ours-nolog"):
             rows.append(run_one(env, mode, size, messages if size < 10000 else messages // 2, rng))
     return {"rows": rows}
 

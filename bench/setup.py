@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from pdp import pki
 ROOT = Path(__file__).resolve().parent.parent
 TRUST_DOMAIN = "bench.example"
 PLUGIN = "broker_plugin.plugin.DeviceAuthorizationPlugin"
-MODES = ("bare", "acl", "ours")
+MODES = ("bare", "acl", "ours", "ours-nolog")
 
 BENCH_POLICY = """\
 p, pub-telemetry, sensor, *, *, sites/{location}/{device_id}/telemetry, publish, allow
@@ -71,10 +72,13 @@ def broker_config(env: BenchEnv, mode: str, port: int = 0, **plugin: Any) -> dic
     elif mode == "acl":
         acl = {"anonymous": ["sites/#"]}
         plugins = {**anonymous, "amqtt.plugins.topic_checking.TopicAccessControlListPlugin": {"acl": acl, "publish_acl": acl}}
-    elif mode == "ours":
+    elif mode in ("ours", "ours-nolog"):
+        node = f"bench-{uuid.uuid4().hex[:8]}"
         plugins = {PLUGIN: {
             "model": str(env.dir / "model.conf"), "policy": str(env.dir / "policy.csv"),
-            "registry": str(env.dir / "devices.yaml"), "trust_domain": TRUST_DOMAIN, **plugin,
+            "registry": str(env.dir / "devices.yaml"), "trust_domain": TRUST_DOMAIN,
+            "assertions": mode == "ours", "assertion_db": str(env.dir / f"{node}.db"),
+            "spool_dir": str(env.dir / "spool"), "node_id": node, **plugin,
         }}
     else:
         raise ValueError(f"unknown broker mode {mode!r}")

@@ -37,6 +37,7 @@ from pdp.registry import Device
 
 log = logging.getLogger("mqtt_pdp.plugin")
 SESSION_KEY = "mqtt_pdp.admission"
+PEER_KEY = "mqtt_pdp.peer"
 
 Revoker = Callable[[str, str], Awaitable[None]]
 
@@ -137,9 +138,9 @@ class DeviceAuthorizationPlugin(BaseAuthPlugin, BaseTopicPlugin):
         )
         admission = self.pdp.admit(request)
         session.attributes[SESSION_KEY] = admission
+        peer = session.attributes[PEER_KEY] = f"{session.remote_address}:{session.remote_port}"
         if self.recorder is not None:
-            self.recorder.connect(admission, request.client_id, (session.remote_address, session.remote_port),
-                                  self.pdp.snapshot.revision)
+            self.recorder.connect(admission, request.client_id, peer, self.pdp.snapshot.revision)
         if admission.allowed and admission.device is not None and self.l2 is not None:
             self._spawn(self._warm(admission.device))
         cert = admission.identity.certificate if admission.identity else None
@@ -167,8 +168,8 @@ class DeviceAuthorizationPlugin(BaseAuthPlugin, BaseTopicPlugin):
         start = perf_counter_ns()
         decision, tier, revision = self.pdp.lookup(admission.device, action, topic)
         if self.recorder is not None:
-            self.recorder.decision(admission, session.client_id, (session.remote_address, session.remote_port),
-                                   action, topic, decision, tier, perf_counter_ns() - start, revision)
+            self.recorder.decision(admission, session.client_id, session.attributes.get(PEER_KEY), action, topic,
+                                   decision, tier, perf_counter_ns() - start, revision)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s %s %s: %s", session.client_id, action, topic,
                       "allowed" if decision.allowed else "denied", decision.reason)

@@ -11,7 +11,6 @@ import os
 import sqlite3
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import redis
@@ -25,7 +24,7 @@ SINK_ERRORS: tuple[type[BaseException], ...] = (SinkError, OSError, sqlite3.Erro
 
 
 def record_to_json(record: AssertionRecord) -> str:
-    return json.dumps(asdict(record), separators=(",", ":"))
+    return json.dumps(record._asdict(), separators=(",", ":"))
 
 
 def record_from_json(text: str | bytes) -> AssertionRecord:

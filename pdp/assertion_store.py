@@ -83,6 +83,7 @@ class AssertionStore:
             self.db = sqlite3.connect(self.path, timeout=10)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA cache_size=-65536")  # 64 MiB: index pages stay in memory while appending
             self.db.executescript(SCHEMA)
 
     def close(self) -> None:
@@ -93,7 +94,7 @@ class AssertionStore:
     def insert(self, records: Sequence[AssertionRecord]) -> int:
         with self.db:
             before = self.db.total_changes
-            self.db.executemany(_INSERT, [tuple(getattr(r, n) for n in FIELD_NAMES) for r in records])
+            self.db.executemany(_INSERT, records)
             return self.db.total_changes - before
 
     def get_meta(self, key: str) -> str | None:
@@ -104,7 +105,7 @@ class AssertionStore:
         """Records and a position (e.g. of a drained stream) in one transaction."""
         with self.db:
             before = self.db.total_changes
-            self.db.executemany(_INSERT, [tuple(getattr(r, n) for n in FIELD_NAMES) for r in records])
+            self.db.executemany(_INSERT, records)
             inserted = self.db.total_changes - before
             self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
             return inserted
@@ -141,7 +142,7 @@ class AssertionStore:
         sql = f"SELECT rowid, {_COLUMNS} FROM records WHERE {' AND '.join(clauses)} ORDER BY ts {order}, rowid {order}"
         count = 0
         for row in self.db.execute(sql, params):
-            record = AssertionRecord(*row[1:])
+            record = AssertionRecord._make(row[1:])
             if topic_filter is not None and not _topic_selected(topic_filter, record):
                 continue
             yield row[0], record
@@ -189,7 +190,7 @@ class AssertionStore:
             prev_seq, prev_hash = checkpoint if checkpoint else (0, GENESIS)
             checked, problem, where = 0, None, None
             for row in self.db.execute(f"SELECT {_COLUMNS} FROM records WHERE node = ? ORDER BY seq", (name,)):
-                record = AssertionRecord(*row)
+                record = AssertionRecord._make(row)
                 if record.seq != prev_seq + 1:
                     first_missing = prev_seq + 1
                     gap = f"{first_missing}" if record.seq == first_missing + 1 else f"{first_missing}..{record.seq - 1}"

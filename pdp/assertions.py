@@ -16,10 +16,9 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from pdp.admission import Admission
 from pdp.engine import Decision
@@ -29,8 +28,9 @@ log = logging.getLogger("mqtt_pdp.assertions")
 GENESIS = "0" * 64
 
 
-@dataclass(frozen=True)
-class AssertionRecord:
+class AssertionRecord(NamedTuple):
+    """A tuple, so that batches go to SQLite and JSON without per-field copying."""
+
     record_id: str
     node: str
     seq: int
@@ -51,7 +51,7 @@ class AssertionRecord:
     rule_id: str | None
     reason: str
     policy_revision: str | None
-    cache_tier: str | None  # l1 | index | None for connects
+    cache_tier: str | None  # l1 | index; None for connects
     latency_us: float | None
     peer: str | None
     prev_hash: str
@@ -62,30 +62,33 @@ class AssertionRecord:
         return datetime.fromtimestamp(self.ts, timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
     def to_json_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = self._asdict()
         data["timestamp"] = self.timestamp
         return data
 
 
-FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(AssertionRecord))
-HASHED_FIELDS: tuple[str, ...] = tuple(name for name in FIELD_NAMES if name not in ("hash",))
+FIELD_NAMES: tuple[str, ...] = AssertionRecord._fields
 
 
 def _canonical(value: Any) -> str:
     if value is None:
         return "\x00"
-    if isinstance(value, float):
+    if type(value) is float:
         return repr(value)
     return str(value)
 
 
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def chain_hash(values: Sequence[Any]) -> str:
-    """SHA-256 over every field but the hash itself (the previous hash included), in a fixed order."""
-    return hashlib.sha256("\x1f".join(_canonical(v) for v in values).encode("utf-8", "surrogatepass")).hexdigest()
+    """SHA-256 over every field but the hash itself (the previous hash included), in record order."""
+    return _digest("\x1f".join(map(_canonical, values)))
 
 
 def record_hash(record: AssertionRecord) -> str:
-    return chain_hash([getattr(record, name) for name in HASHED_FIELDS])
+    return chain_hash(record[:-1])
 
 
 class Sink(Protocol):
@@ -103,7 +106,7 @@ class SinkError(Exception):
 
 
 # What the per-message path captures: no formatting, no hashing, just references.
-Peer = tuple[str | None, int | None] | None
+Peer = str | None  # "address:port", formatted once per session by the caller
 Captured = tuple[float, Admission | None, str | None, Peer, str, str | None, Decision, str | None, int, str | None]
 
 
@@ -148,6 +151,7 @@ class AssertionRecorder:
         self.batch_size = batch_size
         self._queue: deque[Captured] = deque()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="assertions")
+        self._sessions: dict[int, tuple[Admission | None, tuple[Any, ...], str]] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self.recorded = 0
@@ -176,6 +180,9 @@ class AssertionRecorder:
             except TimeoutError:
                 pass
             await self._drain()
+            for sink in self.sinks:
+                if getattr(sink, "backlog", False):  # deliver a spool even when no new records arrive
+                    await asyncio.get_running_loop().run_in_executor(self._executor, sink.replay)
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
@@ -190,28 +197,47 @@ class AssertionRecorder:
                 if self._stopping.is_set():
                     return
 
+    def _session_fields(self, admission: Admission | None) -> tuple[tuple[Any, ...], str]:
+        """The identity and attribute fields of a session's records, and their canonical text, computed once."""
+        entry = self._sessions.get(id(admission))
+        if entry is not None and entry[0] is admission:
+            return entry[1], entry[2]
+        identity = admission.identity if admission else None
+        cert = identity.certificate if identity else (admission.certificate if admission else None)
+        device = admission.device if admission else None
+        values = (
+            device.device_id if device else (identity.device_id if identity else None),
+            cert.fingerprint_sha256 if cert else None, cert.serial if cert else None, cert.issuer if cert else None,
+            device.type if device else None, device.location if device else None,
+            device.purpose if device else None, device.owner if device else None, device.status if device else None,
+        )
+        text = "\x1f".join(map(_canonical, values))
+        if len(self._sessions) > 50_000:
+            self._sessions.clear()
+        self._sessions[id(admission)] = (admission, values, text)
+        return values, text
+
     def _materialize(self, batch: list[Captured]) -> list[AssertionRecord]:
+        """Turn captured tuples into chained records; the text hashed equals ``chain_hash`` of the record."""
         records = []
         seq, prev = self.chain.seq, self.chain.hash
         node = self.node
+        make = AssertionRecord._make
+        canon = _canonical
         for ts, admission, client_id, peer, action, topic, decision, tier, latency_ns, revision in batch:
             seq += 1
-            identity = admission.identity if admission else None
-            cert = identity.certificate if identity else (admission.certificate if admission else None)
-            device = admission.device if admission else None
-            values = [
-                f"{node}:{seq}", node, seq, ts, client_id,
-                device.device_id if device else (identity.device_id if identity else None),
-                cert.fingerprint_sha256 if cert else None, cert.serial if cert else None, cert.issuer if cert else None,
-                device.type if device else None, device.location if device else None,
-                device.purpose if device else None, device.owner if device else None,
-                device.status if device else None,
-                action, topic, "allow" if decision.allowed else "deny", decision.rule_id, decision.reason,
-                revision, tier, round(latency_ns / 1000, 3) if tier else None,
-                f"{peer[0]}:{peer[1]}" if peer and peer[0] else None, prev,
-            ]
-            prev = chain_hash(values)
-            records.append(AssertionRecord(*values, prev))  # type: ignore[arg-type]
+            session_values, session_text = self._session_fields(admission)
+            record_id = f"{node}:{seq}"
+            verdict = "allow" if decision.allowed else "deny"
+            latency = round(latency_ns / 1000, 3) if tier else None
+            text = "\x1f".join((
+                record_id, node, str(seq), repr(ts), canon(client_id), session_text, action, canon(topic), verdict,
+                canon(decision.rule_id), decision.reason, canon(revision), canon(tier), canon(latency), canon(peer), prev,
+            ))
+            digest = _digest(text)
+            records.append(make((record_id, node, seq, ts, client_id, *session_values, action, topic, verdict,
+                                 decision.rule_id, decision.reason, revision, tier, latency, peer, prev, digest)))
+            prev = digest
         return records
 
     def _write(self, batch: list[Captured]) -> None:

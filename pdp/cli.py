@@ -218,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topic", required=True, help="topic name (publish, receive) or filter (subscribe)")
     p.add_argument("--action", required=True, choices=["publish", "subscribe", "receive"])
     p.set_defaults(func=cmd_explain)
+
+    from pdp import log_cli
+
+    log_cli.add_arguments(sub)
     return parser
 
 
@@ -231,9 +235,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("amqtt").setLevel(logging.WARNING)
         logging.getLogger("transitions").setLevel(logging.WARNING)
     logging.getLogger("casbin").setLevel(logging.WARNING)
+    from pdp.log_cli import LogCliError
+
     try:
+        if args.command == "log":
+            from pdp import log_cli
+
+            return log_cli.run(args)
         return int(args.func(args))
-    except (CliError, SourceError) as exc:
+    except (CliError, SourceError, LogCliError) as exc:
         print(f"mqtt-pdp: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

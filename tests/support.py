@@ -133,6 +133,9 @@ class BrokerThread:
                 raise AssertionError("no reload attempt within the bound")
 
     def stop(self) -> None:
+        """Graceful shutdown (assertion records flushed); safe to call twice."""
+        if not self.thread.is_alive():
+            return
         try:
             self.call(self.broker.shutdown(), 30)
         finally:
@@ -272,14 +275,16 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = WAIT) ->
 class RedisServer:
     """A real redis-server of the test's own, on a free port, that a test may stop and start again."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, persistent: bool = False) -> None:
         import shutil
 
+        self.persistent = persistent
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         self.binary = binary
         self.dir = directory
+        directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.proc: Any = None
         self.start()
@@ -300,11 +305,13 @@ class RedisServer:
         import subprocess
 
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.dir)],
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always", "--dir", str(self.dir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        wait_for(self.ping, "redis-server answering")
+        wait_for(lambda: self.ping() or self.proc.poll() is not None, "redis-server answering")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with status {self.proc.returncode}")
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -1,0 +1,269 @@
+"""``mqtt-pdp log``: what security teams run against the assertion log."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TextIO
+
+from pdp.assertion_store import AssertionStore, QueryFilters
+from pdp.assertions import FIELD_NAMES, AssertionRecord
+
+DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+TABLE_COLUMNS = ("timestamp", "device_id", "client_id", "action", "topic", "decision", "rule_id", "reason", "cache_tier")
+
+
+class LogCliError(Exception):
+    pass
+
+
+def parse_time(text: str, now: float | None = None) -> float:
+    """``1h``, ``30m``, ``2d`` (that long ago) or an ISO 8601 time (UTC unless it says otherwise)."""
+    match = DURATION_RE.match(text.strip())
+    if match:
+        return (now if now is not None else time.time()) - float(match.group(1)) * UNITS[match.group(2)]
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise LogCliError(f"cannot read time {text!r}: use e.g. 30m, 1h, 7d or 2026-11-25T10:00:00Z") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def add_arguments(sub: Any) -> None:
+    log = sub.add_parser("log", help="query, summarise, verify, prune and drain the identity assertion log",
+                         description="The identity assertion log: one record per connect, publish, subscribe and receive decision.")
+    log_sub = log.add_subparsers(dest="log_command", required=True, metavar="LOG_COMMAND")
+
+    def store_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--db", help="assertion database (default: assertion_db of -c, else deploy/broker.yaml's, else var/assertions.db)")
+        p.add_argument("-c", "--config", help="broker config to take the database path from")
+
+    q = log_sub.add_parser("query", help="records matching filters, as a table, JSON Lines or CSV",
+                           description="Records matching every given filter, oldest first.")
+    store_args(q)
+    q.add_argument("--device", help="device id")
+    q.add_argument("--client", help="MQTT client id")
+    q.add_argument("--fingerprint", help="certificate SHA-256 fingerprint (hex)")
+    q.add_argument("--action", choices=["connect", "publish", "subscribe", "receive"])
+    q.add_argument("--decision", choices=["allow", "deny"])
+    q.add_argument("--topic", help="MQTT filter: records whose topic it matches, e.g. 'sites/+/secret/#'")
+    q.add_argument("--rule", help="deciding rule id")
+    q.add_argument("--revision", help="policy revision (as in the records)")
+    q.add_argument("--node", help="broker node")
+    q.add_argument("--since", help="start: 30m, 1h, 7d ago or an ISO time")
+    q.add_argument("--until", help="end (exclusive): 30m, 1h, 7d ago or an ISO time")
+    q.add_argument("--limit", type=int, help="the newest N matching records (default: 100 for tables, all otherwise)")
+    q.add_argument("--format", choices=["table", "jsonl", "csv"], default="table")
+    q.add_argument("--follow", action="store_true", help="keep printing new matching records until interrupted")
+    q.set_defaults(log_func=cmd_query)
+
+    s = log_sub.add_parser("stats", help="a period summarised: outcomes, top denied devices and topics, refused connects",
+                           description="Summary of a period (default: the last 24 hours).")
+    store_args(s)
+    s.add_argument("--since", default="24h")
+    s.add_argument("--until")
+    s.add_argument("--top", type=int, default=10)
+    s.set_defaults(log_func=cmd_stats)
+
+    v = log_sub.add_parser("verify", help="check every broker's hash chain; report the first altered, removed or reordered record",
+                           description="Verify the hash chains. Exit status 1 if any chain is broken.")
+    store_args(v)
+    v.add_argument("--node", help="only this broker node")
+    v.set_defaults(log_func=cmd_verify)
+
+    p = log_sub.add_parser("prune", help="delete records older than a given age (retention)",
+                           description="Delete records older than --older-than; the chain keeps a checkpoint so verify still works.")
+    store_args(p)
+    p.add_argument("--older-than", required=True, help="age, e.g. 90d")
+    p.set_defaults(log_func=cmd_prune)
+
+    d = log_sub.add_parser("drain", help="move records from the shared Redis Stream into the database",
+                           description="Move records that brokers appended to the Redis Stream into the database (idempotent).")
+    store_args(d)
+    d.add_argument("--redis", help="Redis URL (default: redis_url of the broker config)")
+    d.add_argument("--prefix", help="key prefix (default: redis_prefix of the broker config, else mqtt-pdp)")
+    d.add_argument("--follow", action="store_true", help="keep draining until interrupted")
+    d.set_defaults(log_func=cmd_drain)
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    from pdp.cli import DEFAULT_CONFIG
+    from pdp.config import load_broker_config, plugin_settings
+
+    path = args.config or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None)
+    return plugin_settings(load_broker_config(path, check_files=False)) if path else {}
+
+
+def _db_path(args: argparse.Namespace) -> str:
+    if args.db:
+        return str(args.db)
+    return str(_settings(args).get("assertion_db") or "var/assertions.db")
+
+
+def _open(args: argparse.Namespace, readonly: bool = True) -> AssertionStore:
+    path = _db_path(args)
+    try:
+        return AssertionStore(path, readonly=readonly)
+    except FileNotFoundError:
+        raise LogCliError(f"no assertion database at {path} (has the broker run? use --db)") from None
+
+
+def _write_table(records: list[AssertionRecord], out: TextIO) -> None:
+    rows = [[_cell(r, c) for c in TABLE_COLUMNS] for r in records]
+    widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(TABLE_COLUMNS)]
+    widths = [min(w, 48) for w in widths]
+    out.write("  ".join(c.upper().ljust(w) for c, w in zip(TABLE_COLUMNS, widths)).rstrip() + "\n")
+    for row in rows:
+        out.write("  ".join(v[:w].ljust(w) for v, w in zip(row, widths)).rstrip() + "\n")
+
+
+def _cell(record: AssertionRecord, column: str) -> str:
+    value = record.timestamp if column == "timestamp" else getattr(record, column)
+    return "-" if value is None else str(value)
+
+
+def _emit(records: list[AssertionRecord], fmt: str, out: TextIO, header: bool) -> None:
+    if fmt == "jsonl":
+        for record in records:
+            out.write(json.dumps(record.to_json_dict(), separators=(",", ":")) + "\n")
+    elif fmt == "csv":
+        writer = csv.writer(out)
+        if header:
+            writer.writerow(["timestamp", *FIELD_NAMES])
+        for record in records:
+            writer.writerow([record.timestamp, *(getattr(record, n) for n in FIELD_NAMES)])
+    else:
+        _write_table(records, out)
+    out.flush()
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from pdp.topics import TopicError, validate_filter
+
+    if args.topic is not None:
+        try:
+            validate_filter(args.topic)
+        except TopicError as exc:
+            raise LogCliError(str(exc)) from None
+    if args.limit is not None and args.limit < 1:
+        raise LogCliError("--limit must be at least 1")
+    filters = QueryFilters(
+        device=args.device, client_id=args.client, fingerprint=args.fingerprint and args.fingerprint.lower().replace(":", ""),
+        action=args.action, decision=args.decision, topic=args.topic, rule_id=args.rule,
+        policy_revision=args.revision, node=args.node,
+        since=parse_time(args.since) if args.since else None, until=parse_time(args.until) if args.until else None,
+    )
+    store = _open(args)
+    limit = args.limit if args.limit is not None else (100 if args.format == "table" and not args.follow else None)
+    if limit is not None:
+        rows = list(store.query(filters, limit=limit, newest_first=True))[::-1]
+    else:
+        rows = list(store.query(filters))
+    _emit([r for _, r in rows], args.format, sys.stdout, header=True)
+    if not args.follow:
+        return 0
+    last = max((rowid for rowid, _ in rows), default=0)
+    try:
+        while True:
+            time.sleep(0.5)
+            new = list(store.query(filters, after_rowid=last))
+            if new:
+                last = new[-1][0]
+                _emit([r for _, r in new], "jsonl" if args.format == "jsonl" else args.format, sys.stdout,
+                      header=False)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    store = _open(args)
+    since = parse_time(args.since) if args.since else None
+    until = parse_time(args.until) if args.until else None
+    stats = store.stats(since, until, args.top)
+    start = datetime.fromtimestamp(since, timezone.utc).isoformat(timespec="seconds") if since else "the beginning"
+    print(f"decisions since {start}:")
+    for action, decision, count in stats["outcomes"]:
+        print(f"  {action:<10} {decision:<6} {count:>10}")
+    if not stats["outcomes"]:
+        print("  none")
+    print("top denied devices:")
+    for device, count in stats["top_denied_devices"] or [("none", "")]:
+        print(f"  {device:<40} {count:>10}")
+    print("top denied topics:")
+    for topic, count in stats["top_denied_topics"] or [("none", "")]:
+        print(f"  {topic:<60} {count:>10}")
+    print("refused connects:")
+    for device, reason, count in stats["refused_connects"] or [("none", "", "")]:
+        print(f"  {device:<30} {reason:<40} {count:>6}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    store = _open(args)
+    reports = store.verify(args.node)
+    if not reports:
+        print("no records")
+        return 0
+    broken = 0
+    for report in reports:
+        if report.problem is None:
+            print(f"ok: node {report.node}: {report.checked} records, chain intact")
+        else:
+            broken += 1
+            print(f"BROKEN: node {report.node}: {report.problem} (after {report.checked} good records)")
+    return 1 if broken else 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    match = DURATION_RE.match(args.older_than.strip())
+    if not match:
+        raise LogCliError(f"--older-than {args.older_than!r}: use an age such as 90d or 12h")
+    store = _open(args, readonly=False)
+    removed = store.prune(parse_time(args.older_than))
+    print(f"pruned {removed} records older than {args.older_than}")
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    import redis
+
+    from pdp.assertion_sinks import drain_stream
+
+    settings = _settings(args)
+    url = args.redis or settings.get("redis_url")
+    if not url:
+        raise LogCliError("no Redis URL: give --redis or redis_url in the broker config")
+    prefix = args.prefix or settings.get("redis_prefix") or "mqtt-pdp"
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    store = AssertionStore(_db_path(args))
+    try:
+        while True:
+            try:
+                moved = drain_stream(store, client, prefix)
+            except redis.RedisError as exc:
+                if not args.follow:
+                    raise LogCliError(f"Redis at {url}: {exc}") from None
+                print(f"mqtt-pdp: Redis unavailable ({exc}); retrying", file=sys.stderr)
+                moved = 0
+            if moved or not args.follow:
+                print(f"drained {moved} records into {store.path}")
+            if not args.follow:
+                return 0
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        store.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(args.log_func(args))
