@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pdp.admission import Admission
-from pdp.assertion_sinks import SpoolingSink, SqliteSink
+from pdp.assertion_writer import WriterProcess
 from pdp.assertion_store import AssertionStore, QueryFilters
 from pdp.assertions import AssertionRecorder
 from pdp.engine import decision_for
@@ -31,12 +31,13 @@ def _admissions(count: int) -> list[Admission]:
 
 
 def record_rate(workdir: Path, records: int = 200_000) -> dict[str, Any]:
-    """Capture as the broker does, and measure until every record is committed to SQLite."""
+    """Capture as the broker does, ship to the writer process, and measure until every record is committed."""
     admissions = _admissions(1000)
     allow = decision_for(True, "rule-1")
 
     async def run() -> float:
-        recorder = AssertionRecorder("bench", [SpoolingSink(SqliteSink(workdir / "rate.db"), workdir / "spool")], workdir / "spool")
+        recorder = AssertionRecorder(WriterProcess({"node": "bench", "spool_dir": str(workdir / "spool"),
+                                                    "assertion_db": str(workdir / "rate.db")}))
         recorder.start()
         start = time.perf_counter()
         for i in range(records):

@@ -34,6 +34,7 @@ from broker_plugin.plugin import SESSION_KEY, DeviceAuthorizationPlugin, session
 
 log = logging.getLogger("mqtt_pdp.broker")
 AMQTT_VERSION = "0.12.1"
+STOP_HANDLER_TIMEOUT = 2.0
 
 
 def check_amqtt_version() -> None:
@@ -253,6 +254,23 @@ class HardenedBroker(Broker):
             handler = self._get_handler(target)
             if handler is not None:
                 running_tasks.append(asyncio.ensure_future(handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)))
+
+    # -- stopping a session never hangs -------------------------------------------------------
+
+    async def _stop_handler(self, handler: BrokerProtocolHandler) -> None:
+        """amqtt's stop, bounded: on Python 3.11 a cancellation of the reader can be lost inside
+        ``asyncio.wait_for`` and ``handler.stop()`` then waits forever (seen at shutdown under QoS 1)."""
+        stopping = asyncio.ensure_future(super()._stop_handler(handler))
+        for _ in range(3):
+            done, _ = await asyncio.wait({stopping}, timeout=STOP_HANDLER_TIMEOUT)
+            if done:
+                stopping.result()
+                return
+            reader = getattr(handler, "_reader_task", None)
+            if reader is not None and not reader.done():
+                reader.cancel()
+        log.warning("a client handler did not stop; abandoning it")
+        stopping.cancel()
 
     # -- revocation on reload -----------------------------------------------------------
 

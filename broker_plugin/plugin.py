@@ -14,7 +14,6 @@ import socket
 import threading
 import time
 import uuid
-from pathlib import Path
 from time import perf_counter_ns
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,8 +24,8 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
 from pdp.admission import Admission, AdmissionSettings, ConnectRequest
-from pdp.assertion_sinks import RedisStreamSink, SpoolingSink, SqliteSink
 from pdp.assertion_store import AssertionStore
+from pdp.assertion_writer import WriterProcess
 from pdp.assertions import AssertionRecorder
 from pdp.cache import RedisDecisionCache
 from pdp.decision_point import DecisionPoint, PdpSettings
@@ -114,17 +113,13 @@ class DeviceAuthorizationPlugin(BaseAuthPlugin, BaseTopicPlugin):
         self.reload_condition = threading.Condition()
 
     def _make_recorder(self, cfg: DeviceAuthorizationPlugin.Config) -> AssertionRecorder:
-        spool = Path(cfg.spool_dir)
-        sinks: list[SpoolingSink] = []
-        if cfg.assertion_db:
-            sinks.append(SpoolingSink(SqliteSink(cfg.assertion_db), spool))
-        if cfg.assertion_stream:
-            if not cfg.redis_url:
-                raise ValueError("assertion_stream needs redis_url")
-            sinks.append(SpoolingSink(RedisStreamSink(cfg.redis_url, cfg.redis_prefix), spool))
-        if not sinks:
-            raise ValueError("assertions are on but no sink is configured (assertion_db or assertion_stream)")
-        return AssertionRecorder(self.node_id, sinks, spool)
+        if cfg.assertion_stream and not cfg.redis_url:
+            raise ValueError("assertion_stream needs redis_url")
+        writer = WriterProcess({
+            "node": self.node_id, "spool_dir": cfg.spool_dir, "assertion_db": cfg.assertion_db,
+            "stream_url": cfg.redis_url if cfg.assertion_stream else "", "stream_prefix": cfg.redis_prefix,
+        })
+        return AssertionRecorder(writer)
 
     # -- connect ------------------------------------------------------------------------
 

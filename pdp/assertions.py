@@ -108,6 +108,32 @@ class SinkError(Exception):
 # What the per-message path captures: no formatting, no hashing, just references.
 Peer = str | None  # "address:port", formatted once per session by the caller
 Captured = tuple[float, Admission | None, str | None, Peer, str, str | None, Decision, str | None, int, str | None]
+# What crosses to the writer: the session's identity fields by key, the rest per record.
+# (ts, session key, client id, peer, action, topic, allowed, rule id, reason, tier, latency ns, policy revision)
+Row = tuple[float, int, str | None, Peer, str, str | None, bool, str | None, str, str | None, int, str | None]
+SessionFields = tuple[Any, ...]  # device_id, fingerprint, serial, issuer, type, location, purpose, owner, status
+
+
+def session_fields(admission: Admission | None) -> SessionFields:
+    identity = admission.identity if admission else None
+    cert = identity.certificate if identity else (admission.certificate if admission else None)
+    device = admission.device if admission else None
+    return (
+        device.device_id if device else (identity.device_id if identity else None),
+        cert.fingerprint_sha256 if cert else None, cert.serial if cert else None, cert.issuer if cert else None,
+        device.type if device else None, device.location if device else None,
+        device.purpose if device else None, device.owner if device else None, device.status if device else None,
+    )
+
+
+class BatchWriter(Protocol):
+    """Takes batches in order; ``write`` returns once the batch is stored or spooled, or raises to be retried."""
+
+    def write(self, rows: list[Row], sessions: dict[int, SessionFields]) -> int: ...
+
+    def idle(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class ChainState:
@@ -141,20 +167,73 @@ class ChainState:
         self._lock.close()
 
 
-class AssertionRecorder:
-    def __init__(self, node: str, sinks: Sequence[Sink], state_dir: Path, flush_interval: float = 0.05,
-                 batch_size: int = 5000) -> None:
+class ChainWriter:
+    """Extends one node's hash chain and hands the records to the sinks (in the writer process)."""
+
+    def __init__(self, node: str, sinks: Sequence[Sink], state_dir: Path) -> None:
         self.node = node
         self.sinks = list(sinks)
         self.chain = ChainState(state_dir, node)
+        self.recorded = 0
+
+    def materialize(self, rows: list[Row], sessions: dict[int, SessionFields]) -> list[AssertionRecord]:
+        """Chained records; the text hashed here equals ``chain_hash`` of each record, as verify recomputes it."""
+        texts = {key: "\x1f".join(map(_canonical, values)) for key, values in sessions.items()}
+        records = []
+        seq, prev = self.chain.seq, self.chain.hash
+        node = self.node
+        make = AssertionRecord._make
+        canon = _canonical
+        for ts, key, client_id, peer, action, topic, allowed, rule_id, reason, tier, latency_ns, revision in rows:
+            seq += 1
+            record_id = f"{node}:{seq}"
+            verdict = "allow" if allowed else "deny"
+            latency = round(latency_ns / 1000, 3) if tier else None
+            text = "\x1f".join((
+                record_id, node, str(seq), repr(ts), canon(client_id), texts[key], action, canon(topic), verdict,
+                canon(rule_id), reason, canon(revision), canon(tier), canon(latency), canon(peer), prev,
+            ))
+            digest = _digest(text)
+            records.append(make((record_id, node, seq, ts, client_id, *sessions[key], action, topic, verdict,
+                                 rule_id, reason, revision, tier, latency, peer, prev, digest)))
+            prev = digest
+        return records
+
+    def write(self, rows: list[Row], sessions: dict[int, SessionFields]) -> int:
+        records = self.materialize(rows, sessions)
+        if not records:
+            return 0
+        for sink in self.sinks:
+            sink.write(records)  # spooling sinks never raise for an unavailable backend
+        self.chain.save(records[-1].seq, records[-1].hash)
+        self.recorded += len(records)
+        return len(records)
+
+    def idle(self) -> None:
+        """Deliver spooled records even when no new ones arrive."""
+        for sink in self.sinks:
+            if getattr(sink, "backlog", False):
+                sink.replay()  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.chain.close()
+
+
+class AssertionRecorder:
+    """The broker's side: captures decisions in O(1) and ships them, in order, to a ``BatchWriter``."""
+
+    def __init__(self, writer: BatchWriter, flush_interval: float = 0.05, batch_size: int = 5000) -> None:
+        self.writer = writer
         self.flush_interval = flush_interval
         self.batch_size = batch_size
         self._queue: deque[Captured] = deque()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="assertions")
-        self._sessions: dict[int, tuple[Admission | None, tuple[Any, ...], str]] = {}
+        self._sessions: dict[int, tuple[Admission | None, SessionFields]] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
-        self.recorded = 0
+        self.shipped = 0
 
     # -- per message: O(1), no I/O ---------------------------------------------------------
 
@@ -174,79 +253,49 @@ class AssertionRecorder:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="mqtt-pdp-assertions")
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
             try:
                 await asyncio.wait_for(self._stopping.wait(), self.flush_interval)
             except TimeoutError:
                 pass
-            await self._drain()
-            for sink in self.sinks:
-                if getattr(sink, "backlog", False):  # deliver a spool even when no new records arrive
-                    await asyncio.get_running_loop().run_in_executor(self._executor, sink.replay)
+            if self._queue:
+                await self._drain()
+            else:
+                await loop.run_in_executor(self._executor, self.writer.idle)
+
+    def _rows(self, batch: list[Captured]) -> tuple[list[Row], dict[int, SessionFields]]:
+        sessions: dict[int, SessionFields] = {}
+        known = self._sessions
+        rows: list[Row] = []
+        for ts, admission, client_id, peer, action, topic, decision, tier, latency_ns, revision in batch:
+            key = id(admission)
+            if key not in sessions:
+                entry = known.get(key)
+                if entry is None or entry[0] is not admission:
+                    if len(known) > 50_000:
+                        known.clear()
+                    entry = known[key] = (admission, session_fields(admission))
+                sessions[key] = entry[1]
+            rows.append((ts, key, client_id, peer, action, topic, decision.allowed, decision.rule_id, decision.reason,
+                         tier, latency_ns, revision))
+        return rows, sessions
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         while self._queue:
             batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.batch_size))]
+            rows, sessions = self._rows(batch)
             try:
-                await loop.run_in_executor(self._executor, self._write, batch)
-            except Exception:  # a bug in a sink must not lose evidence: keep the batch and retry
+                await loop.run_in_executor(self._executor, self.writer.write, rows, sessions)
+            except Exception:  # evidence is never dropped: keep the batch, in order, and retry
                 log.exception("writing assertion records failed; %d records kept in memory for retry", len(batch))
                 self._queue.extendleft(reversed(batch))
                 await asyncio.sleep(1.0)
                 if self._stopping.is_set():
                     return
-
-    def _session_fields(self, admission: Admission | None) -> tuple[tuple[Any, ...], str]:
-        """The identity and attribute fields of a session's records, and their canonical text, computed once."""
-        entry = self._sessions.get(id(admission))
-        if entry is not None and entry[0] is admission:
-            return entry[1], entry[2]
-        identity = admission.identity if admission else None
-        cert = identity.certificate if identity else (admission.certificate if admission else None)
-        device = admission.device if admission else None
-        values = (
-            device.device_id if device else (identity.device_id if identity else None),
-            cert.fingerprint_sha256 if cert else None, cert.serial if cert else None, cert.issuer if cert else None,
-            device.type if device else None, device.location if device else None,
-            device.purpose if device else None, device.owner if device else None, device.status if device else None,
-        )
-        text = "\x1f".join(map(_canonical, values))
-        if len(self._sessions) > 50_000:
-            self._sessions.clear()
-        self._sessions[id(admission)] = (admission, values, text)
-        return values, text
-
-    def _materialize(self, batch: list[Captured]) -> list[AssertionRecord]:
-        """Turn captured tuples into chained records; the text hashed equals ``chain_hash`` of the record."""
-        records = []
-        seq, prev = self.chain.seq, self.chain.hash
-        node = self.node
-        make = AssertionRecord._make
-        canon = _canonical
-        for ts, admission, client_id, peer, action, topic, decision, tier, latency_ns, revision in batch:
-            seq += 1
-            session_values, session_text = self._session_fields(admission)
-            record_id = f"{node}:{seq}"
-            verdict = "allow" if decision.allowed else "deny"
-            latency = round(latency_ns / 1000, 3) if tier else None
-            text = "\x1f".join((
-                record_id, node, str(seq), repr(ts), canon(client_id), session_text, action, canon(topic), verdict,
-                canon(decision.rule_id), decision.reason, canon(revision), canon(tier), canon(latency), canon(peer), prev,
-            ))
-            digest = _digest(text)
-            records.append(make((record_id, node, seq, ts, client_id, *session_values, action, topic, verdict,
-                                 decision.rule_id, decision.reason, revision, tier, latency, peer, prev, digest)))
-            prev = digest
-        return records
-
-    def _write(self, batch: list[Captured]) -> None:
-        """Runs on the recorder's own thread: extend the chain, persist its head, hand the batch to every sink."""
-        records = self._materialize(batch)
-        for sink in self.sinks:
-            sink.write(records)  # spooling sinks never raise for an unavailable backend
-        self.chain.save(records[-1].seq, records[-1].hash)
-        self.recorded += len(records)
+            else:
+                self.shipped += len(batch)
 
     async def close(self) -> None:
         """Graceful shutdown: everything captured is written (or spooled) before this returns."""
@@ -256,8 +305,5 @@ class AssertionRecorder:
         await self._drain()
         if self._queue:
             log.critical("%d assertion records could not be written at shutdown", len(self._queue))
-        loop = asyncio.get_running_loop()
-        for sink in self.sinks:
-            await loop.run_in_executor(self._executor, sink.close)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.writer.close)
         self._executor.shutdown(wait=True)
-        self.chain.close()

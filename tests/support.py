@@ -112,6 +112,13 @@ class BrokerThread:
         await broker.start()
         return broker
 
+    @staticmethod
+    async def _dump_tasks() -> None:
+        import sys as _sys
+
+        for task in asyncio.all_tasks():
+            task.print_stack(limit=6, file=_sys.stderr)
+
     @property
     def plugin(self) -> DeviceAuthorizationPlugin:
         return next(p for p in self.broker.plugins_manager.plugins if isinstance(p, DeviceAuthorizationPlugin))
@@ -138,6 +145,9 @@ class BrokerThread:
             return
         try:
             self.call(self.broker.shutdown(), 30)
+        except TimeoutError:
+            self.call(self._dump_tasks())
+            raise
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)

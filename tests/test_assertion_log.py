@@ -16,7 +16,7 @@ import pytest
 from pdp.admission import Admission
 from pdp.assertion_sinks import SpoolingSink, SqliteSink
 from pdp.assertion_store import AssertionStore, QueryFilters
-from pdp.assertions import AssertionRecorder, SinkError
+from pdp.assertions import AssertionRecorder, ChainWriter, SinkError
 from pdp.engine import decision_for
 from pdp.identity import CertificateInfo
 from pdp.registry import Device
@@ -47,7 +47,7 @@ SCRIPT = [
 
 def write_log(db: Path, spool: Path, node: str = "n1", script=SCRIPT, revision: str = "rev1") -> None:
     async def run() -> None:
-        recorder = AssertionRecorder(node, [SpoolingSink(SqliteSink(db), spool)], spool)
+        recorder = AssertionRecorder(ChainWriter(node, [SpoolingSink(SqliteSink(db), spool)], spool))
         recorder.start()
         for device_id, action, topic, allowed, rule in script:
             adm = admission(device_id, "dashboard" if device_id.startswith("d") else "sensor")
@@ -146,10 +146,10 @@ def test_chain_continues_across_restarts_and_prune_keeps_it_verifiable(tmp_path:
 
 
 def test_second_broker_with_same_node_and_spool_is_refused(tmp_path: Path) -> None:
-    first = AssertionRecorder("n1", [], tmp_path)
+    first = ChainWriter("n1", [], tmp_path)
     with pytest.raises(SinkError, match="another broker already records as node 'n1'"):
-        AssertionRecorder("n1", [], tmp_path)
-    first.chain.close()
+        ChainWriter("n1", [], tmp_path)
+    first.close()
 
 
 class FlakySink:
@@ -179,11 +179,12 @@ def test_spool_keeps_order_and_says_so_loudly_when_it_cannot_be_written(tmp_path
     recorder_records = []
 
     async def make(n: int) -> list:
-        recorder = AssertionRecorder(f"n{n}", [], tmp_path / f"state{n}")
+        writer = ChainWriter(f"n{n}", [], tmp_path / f"state{n}")
+        recorder = AssertionRecorder(writer)
         for i in range(n):
             recorder.decision(adm("s1"), "c", None, "publish", f"t/{i}", decision_for(True, "r"), "l1", 10, "rev")
-        records = recorder._materialize(list(recorder._queue))
-        recorder.chain.close()
+        records = writer.materialize(*recorder._rows(list(recorder._queue)))
+        writer.close()
         return records
 
     recorder_records = asyncio.run(make(6))

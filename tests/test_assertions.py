@@ -126,3 +126,24 @@ def test_sink_outage_and_broker_restart_lose_and_double_nothing(make_broker, tes
                 == [(r.record_id, r.hash) for _, r in drained.query(QueryFilters())])
     finally:
         server.stop()
+
+
+def test_killed_writer_process_is_restarted_without_loss(broker, connect, policy_dir):
+    dashboard = connect("dash-1")
+    assert dashboard.subscribe("sites/plant-a/#", qos=1) == 1
+    sensor = connect("sensor-1")
+    for i in range(10):
+        sensor.publish("sites/plant-a/sensor-1/telemetry", f"a{i}".encode(), qos=1)
+    assert len([dashboard.next_message() for _ in range(10)]) == 10
+    writer = broker.plugin.recorder.writer
+    writer.proc.kill()  # the assertion writer process crashes
+    for i in range(10):
+        sensor.publish("sites/plant-a/sensor-1/telemetry", f"b{i}".encode(), qos=1)
+    assert len([dashboard.next_message() for _ in range(10)]) == 10
+    broker.stop()
+    assert writer.restarts >= 1
+    store = AssertionStore(policy_dir.parent / "assertions.db", readonly=True)
+    records = [r for _, r in store.query(QueryFilters())]
+    assert [r.seq for r in records] == list(range(1, len(records) + 1))
+    assert len([r for r in records if r.action == "receive"]) == 20
+    assert [r.problem for r in store.verify()] == [None]

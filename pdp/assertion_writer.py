@@ -1,0 +1,159 @@
+"""The assertion writer process: hashes, stores and spools records away from the broker's interpreter.
+
+Hashing and SQLite inserts cost tens of microseconds per record; in the broker's
+process they would compete for its interpreter lock with message delivery. The
+broker ships compact rows over a pipe and waits for an acknowledgement per
+batch, so a batch is never lost: if this process dies, the broker starts a new
+one and sends the batch again (stores ignore records they already have).
+
+Run by the broker as ``python -m pdp.assertion_writer SETTINGS_JSON``; frames on
+stdin/stdout are a 4-byte length and a pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import select
+import signal
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+from pdp.assertion_sinks import RedisStreamSink, SpoolingSink, SqliteSink
+from pdp.assertions import ChainWriter, Row, SessionFields, SinkError
+
+log = logging.getLogger("mqtt_pdp.assertions")
+_LEN = struct.Struct("!I")
+
+
+def send(stream: IO[bytes], message: Any) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_LEN.pack(len(data)) + data)
+    stream.flush()
+
+
+def receive(stream: IO[bytes]) -> Any:
+    header = stream.read(_LEN.size)
+    if len(header) < _LEN.size:
+        raise EOFError("writer pipe closed")
+    (size,) = _LEN.unpack(header)
+    data = stream.read(size)
+    if len(data) < size:
+        raise EOFError("writer pipe closed mid-frame")
+    return pickle.loads(data)  # noqa: S301 - our own child process, over its own pipe
+
+
+def build_writer(settings: dict[str, Any]) -> ChainWriter:
+    spool = Path(settings["spool_dir"])
+    sinks = []
+    if settings.get("assertion_db"):
+        sinks.append(SpoolingSink(SqliteSink(settings["assertion_db"]), spool))
+    if settings.get("stream_url"):
+        sinks.append(SpoolingSink(RedisStreamSink(settings["stream_url"], settings["stream_prefix"]), spool))
+    if not sinks:
+        raise SinkError("no assertion sink configured (assertion_db or assertion_stream)")
+    return ChainWriter(settings["node"], sinks, spool)
+
+
+def main() -> int:
+    # Ctrl-C reaches the whole process group; the broker decides when this process ends.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = json.loads(sys.argv[1])
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    try:
+        writer = build_writer(settings)
+    except (SinkError, OSError) as exc:
+        send(out, ("error", str(exc)))
+        return 1
+    send(out, ("ready",))
+    try:
+        while True:
+            readable, _, _ = select.select([inp], [], [], 0.5)
+            if not readable:
+                writer.idle()
+                continue
+            try:
+                message = receive(inp)
+            except EOFError:
+                return 0  # the broker is gone; the finally below flushes what we have
+            if message[0] == "batch":
+                send(out, ("ack", writer.write(message[1], message[2])))
+            elif message[0] == "close":
+                writer.close()
+                send(out, ("closed",))
+                return 0
+    finally:
+        try:
+            writer.close()
+        except Exception:  # already closed, or closing after a failure: nothing more to do
+            pass
+
+
+class WriterProcess:
+    """The broker's handle on the writer process; restarts it and resends the batch if it dies."""
+
+    def __init__(self, settings: dict[str, Any], start_timeout: float = 30.0) -> None:
+        self.settings = settings
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self._start()
+
+    def _start(self) -> None:
+        root = Path(__file__).resolve().parent.parent
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+        self.proc = subprocess.Popen([sys.executable, "-m", "pdp.assertion_writer", json.dumps(self.settings)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        assert self.proc.stdout is not None
+        readable, _, _ = select.select([self.proc.stdout], [], [], self.start_timeout)
+        if not readable:
+            self.proc.kill()
+            raise SinkError("the assertion writer did not start")
+        try:
+            reply = receive(self.proc.stdout)
+        except EOFError:
+            raise SinkError(f"the assertion writer exited with status {self.proc.wait()}") from None
+        if reply[0] == "error":
+            self.proc.wait()
+            raise SinkError(reply[1])
+
+    def _exchange(self, message: Any) -> Any:
+        assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
+        send(self.proc.stdin, message)
+        return receive(self.proc.stdout)
+
+    def write(self, rows: list[Row], sessions: dict[int, SessionFields]) -> int:
+        try:
+            return int(self._exchange(("batch", rows, sessions))[1])
+        except (EOFError, BrokenPipeError, OSError) as exc:
+            log.error("assertion writer died (%s); restarting it and sending the batch again", exc)
+            self.restarts += 1
+            if self.proc is not None:
+                self.proc.kill()
+                self.proc.wait()
+            self._start()
+            return int(self._exchange(("batch", rows, sessions))[1])
+
+    def idle(self) -> None:
+        """The process delivers its spool on its own when idle."""
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            self._exchange(("close",))
+        except (EOFError, BrokenPipeError, OSError):
+            log.error("assertion writer was gone at shutdown")
+        self.proc.wait(30)
+        self.proc = None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
