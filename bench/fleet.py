@@ -85,7 +85,13 @@ def run_one(env: Any, mode: str, size: int, messages: int, rng: random.Random) -
             if not fleet.pump_until(lambda: fleet.subacks >= size, 300):
                 return {"mode": mode, "devices": size, "error": f"only {fleet.subacks}/{size} subscribed"}
             connect_s = time.perf_counter() - t_connect
-            publisher = connect_client(env, broker.port, "sub-0")
+            holder: list[mqtt.Client] = []
+            connecting = threading.Thread(target=lambda: holder.append(connect_client(env, broker.port, "sub-0")))
+            connecting.start()
+            fleet.pump_until(lambda: not connecting.is_alive(), 120)  # keep serving the fleet meanwhile
+            if not holder:
+                return {"mode": mode, "devices": size, "error": "publisher could not connect"}
+            publisher = holder[0]
             targets = [rng.choice(device_ids) for _ in range(messages)]
             cpu0, t0 = broker.cpu(), time.perf_counter()
 
@@ -116,7 +122,10 @@ def run(workdir: Path, sizes: tuple[int, ...] = (100, 1000, 10000), messages: in
     rows = []
     for size in sizes:
         for mode in ("bare", "ours", "ours-nolog"):
-            rows.append(run_one(env, mode, size, messages if size < 10000 else messages // 2, rng))
+            try:
+                rows.append(run_one(env, mode, size, messages if size < 10000 else messages // 2, rng))
+            except (RuntimeError, OSError) as exc:  # report it in the table; the other rows still count
+                rows.append({"mode": mode, "devices": size, "error": str(exc)})
     return {"rows": rows}
 
 

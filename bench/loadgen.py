@@ -78,7 +78,7 @@ def connect_client(env: BenchEnv, port: int, device_id: str, *, start_loop: bool
     client.connect("127.0.0.1", port, keepalive=60)
     if start_loop:
         client.loop_start()
-        if not connected.wait(30):
+        if not connected.wait(120):
             raise RuntimeError(f"{device_id} not connected")
     return client
 

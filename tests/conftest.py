@@ -111,8 +111,14 @@ def broker_settings() -> dict[str, Any]:
 
 
 @pytest.fixture
-def broker(make_broker: Callable[..., BrokerThread], broker_settings: dict[str, Any]) -> BrokerThread:
-    return make_broker(**broker_settings)
+def broker_class() -> type | None:
+    """The broker the `broker` fixture runs (None: HardenedBroker); a test may parametrize it."""
+    return None
+
+
+@pytest.fixture
+def broker(make_broker: Callable[..., BrokerThread], broker_settings: dict[str, Any], broker_class: type | None) -> BrokerThread:
+    return make_broker(broker_class, **broker_settings)
 
 
 @pytest.fixture
