@@ -59,6 +59,7 @@ class HardenedBroker(Broker):
         self.authz: DeviceAuthorizationPlugin = authz[0]
         self.authz.set_revoker(self.revoke_session)
         self._filter_index = FilterIndex()
+        self._session_filters: dict[str, set[str]] = {}  # client id -> its filters
 
     # -- TLS: require a client certificate at the handshake ------------------------------
 
@@ -162,12 +163,14 @@ class HardenedBroker(Broker):
         return self.authz.allows(session, str(action), topic)
 
     def _own_filters(self, session: Session) -> list[tuple[str, int]]:
-        return [
-            (topic_filter, qos)
-            for topic_filter, subscribers in list(self._subscriptions.items())
-            for sub_session, qos in subscribers
-            if sub_session.client_id == session.client_id
-        ]
+        """(filter, qos) of the session's subscriptions, without scanning every filter in the broker."""
+        out = []
+        for topic_filter in self._session_filters.get(session.client_id or "", ()):
+            for sub_session, qos in self._subscriptions.get(topic_filter, ()):
+                if sub_session.client_id == session.client_id:
+                    out.append((topic_filter, qos))
+                    break
+        return out
 
     # -- retained messages: on subscribe and on reconnect (holes 1 and 4) ----------------
 
@@ -214,13 +217,25 @@ class HardenedBroker(Broker):
         result = await super().add_subscription(subscription, session)
         if result != 0x80:
             self._filter_index.add(subscription[0])
+            self._session_filters.setdefault(session.client_id or "", set()).add(subscription[0])
         return result
 
+    def _del_subscription(self, a_filter: str, session: Session) -> int:
+        deleted = super()._del_subscription(a_filter, session)
+        self._session_filters.get(session.client_id or "", set()).discard(a_filter)
+        return deleted
+
     async def _del_all_subscriptions(self, session: Session) -> None:
-        held = [topic_filter for topic_filter, _ in self._own_filters(session)]
-        await super()._del_all_subscriptions(session)
-        for topic_filter in held:
-            if topic_filter not in self._subscriptions:
+        """Only the session's own filters: amqtt scans every filter, which made mass disconnects quadratic."""
+        for topic_filter in self._session_filters.pop(session.client_id or "", set()):
+            subscribers = self._subscriptions.get(topic_filter)
+            if subscribers is None:
+                continue
+            remaining = [(s, qos) for s, qos in subscribers if s.client_id != session.client_id]
+            if remaining:
+                self._subscriptions[topic_filter] = remaining
+            else:
+                del self._subscriptions[topic_filter]
                 self._filter_index.remove(topic_filter)
 
     def _subscribers_of(self, topic: str) -> list[tuple[Session, int]]:
