@@ -160,7 +160,7 @@ async def _run_broker(config: dict[str, Any]) -> None:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from amqtt.errors import AMQTTError
+    from amqtt.errors import AMQTTError, BrokerError, PluginError, PluginLoadError
 
     from broker_plugin.plugin import DeviceAuthorizationPlugin
     from pdp.config import load_broker_config, plugin_settings
@@ -175,12 +175,31 @@ def cmd_broker(args: argparse.Namespace) -> int:
     defaults = DeviceAuthorizationPlugin.Config()
     load_policy(settings.get("model", defaults.model), settings.get("policy", defaults.policy))
     load_registry(settings.get("registry", defaults.registry))
+    _check_tls_files(args.config, config)
     try:
         asyncio.run(_run_broker(config))
-    except (AMQTTError, OSError, ValueError) as exc:
+    except (AMQTTError, BrokerError, PluginError, PluginLoadError, OSError, ValueError) as exc:
         cause = exc.__cause__ or exc
         raise CliError(f"broker failed: {cause}") from None
     return 0
+
+
+def _check_tls_files(config_path: str, config: dict[str, Any]) -> None:
+    """Load each TLS listener's CA, certificate and key now, so a bad file is one clear line, not a traceback."""
+    import ssl
+
+    default = config["listeners"].get("default", {})
+    for name, listener in config["listeners"].items():
+        merged = {**default, **listener}
+        if not merged.get("ssl"):
+            continue
+        try:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=merged.get("cafile"))
+            context.load_cert_chain(merged["certfile"], merged["keyfile"])
+        except KeyError as exc:
+            raise CliError(f"{config_path}: listener {name!r} has ssl: true but no {exc.args[0]}") from None
+        except (ssl.SSLError, OSError) as exc:
+            raise CliError(f"{config_path}: listener {name!r}: cannot load its CA, certificate or key: {exc}") from None
 
 
 # -- main -------------------------------------------------------------------------------------

@@ -231,3 +231,23 @@ def test_log_cli_query_formats_stats_and_verify(log_db: Path, tmp_path: Path) ->
                          (("--db", str(tmp_path / "none.db")), "no assertion database")]:
         result = run_cli("log", "query", *bad) if bad[0] == "--db" else run_cli("log", "query", "--db", str(log_db), *bad)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_log_query_follow_prints_new_records(log_db: Path, tmp_path: Path) -> None:
+    import queue
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-m", "pdp.cli", "log", "query", "--db", str(log_db), "--follow",
+                             "--format", "jsonl", "--action", "publish"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+    try:
+        first = [json.loads(lines.get(timeout=20)) for _ in range(2)]
+        assert [r["seq"] for r in first] == [2, 3]
+        write_log(log_db, tmp_path / "spool2", node="n2")  # another broker's records arrive
+        followed = [json.loads(lines.get(timeout=20)) for _ in range(2)]
+        assert [(r["node"], r["seq"]) for r in followed] == [("n2", 2), ("n2", 3)]
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -81,6 +81,14 @@ def test_broker_bad_inputs(tmp_path: Path) -> None:
     config["listeners"]["default"]["cafile"] = str(tmp_path / "nope.pem")
     (tmp_path / "b.yaml").write_text(yaml.safe_dump(config))
     assert_one_line_error(run("broker", "-c", str(tmp_path / "b.yaml")), "does not exist")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    config["listeners"]["default"].update(cafile=str(garbage), certfile=str(garbage), keyfile=str(garbage))
+    config["plugins"]["broker_plugin.plugin.DeviceAuthorizationPlugin"].update(
+        model=str(ROOT / "policies" / "model.conf"), policy=str(ROOT / "policies" / "policy.csv"),
+        registry=str(ROOT / "policies" / "devices.yaml"))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(config))
+    assert_one_line_error(run("broker", "-c", str(tmp_path / "b.yaml")), "cannot load its CA, certificate or key")
 
 
 def test_broker_command_serves_devices_and_stops_on_sigterm(tmp_path: Path) -> None:
