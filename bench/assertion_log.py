@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from pdp.admission import Admission
-from pdp.assertion_writer import WriterProcess
 from pdp.assertion_store import AssertionStore, QueryFilters
+from pdp.assertion_writer import WriterProcess
 from pdp.assertions import AssertionRecorder
 from pdp.engine import decision_for
 from pdp.identity import CertificateInfo

@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.setup import ROOT
 from pdp.cache import LruCache
 from pdp.engine import Decision
 from pdp.index import PolicyIndex
 from pdp.policy import load_policy
 from pdp.registry import Device
-from bench.setup import ROOT
 
 TYPES = [f"type{i}" for i in range(50)]
 LOCATIONS = [f"site{i}" for i in range(200)]

@@ -15,22 +15,21 @@ from collections import deque
 from importlib.metadata import version
 from typing import Any
 
-from transitions import MachineError
-
 from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action, ListenerConfig
-from amqtt.events import BrokerEvents
 from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
+from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import OutgoingApplicationMessage, Session
 from amqtt.utils import format_client_message, gen_client_id
+from transitions import MachineError
 
+from broker_plugin.plugin import PEER_KEY, SESSION_KEY, DeviceAuthorizationPlugin, session_admission
 from broker_plugin.subscriptions import FilterIndex
-from broker_plugin.plugin import SESSION_KEY, DeviceAuthorizationPlugin, session_admission
 
 log = logging.getLogger("mqtt_pdp.broker")
 AMQTT_VERSION = "0.12.1"
@@ -106,6 +105,7 @@ class HardenedBroker(Broker):
                          "username", "password", "remote_address", "remote_port", "ssl_object"):
                 setattr(session, name, getattr(incoming, name))
             session.attributes[SESSION_KEY] = admission
+            session.attributes[PEER_KEY] = incoming.attributes.get(PEER_KEY)
             session.parent = 1
         else:
             incoming.parent = 0

@@ -14,9 +14,9 @@ import socket
 import threading
 import time
 import uuid
-from time import perf_counter_ns
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from time import perf_counter_ns
 from typing import Any
 
 from amqtt.contexts import Action

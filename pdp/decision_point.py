@@ -17,8 +17,8 @@ from datetime import datetime, timezone
 from pdp.admission import Admission, AdmissionSettings, ConnectRequest, admit, device_problem
 from pdp.cache import LruCache
 from pdp.engine import Decision
-from pdp.index import PolicyIndex
 from pdp.errors import SourceError
+from pdp.index import PolicyIndex
 from pdp.policy import Policy, load_policy
 from pdp.registry import Device, FileRegistry, load_registry
 

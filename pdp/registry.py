@@ -10,8 +10,8 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from types import MappingProxyType
 from pathlib import Path
+from types import MappingProxyType
 from typing import Protocol
 
 import yaml

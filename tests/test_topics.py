@@ -9,7 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from paho.mqtt.client import topic_matches_sub
 
-from pdp.topics import TopicError, bind, covers, level_value_problem, matches, validate_filter, validate_pattern, validate_topic
+from pdp.topics import (
+    TopicError,
+    bind,
+    covers,
+    level_value_problem,
+    matches,
+    validate_filter,
+    validate_pattern,
+    validate_topic,
+)
 
 LITERALS = ["a", "b", "", "$SYS", "$x"]
 
