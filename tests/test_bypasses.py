@@ -10,20 +10,14 @@ from __future__ import annotations
 import pytest
 from amqtt.broker import Broker
 
-from tests.support import WAIT
+from tests.support import wait_for
 
 # Runs a test against stock amqtt 0.12.1 (with the same plugin) instead of the hardened broker.
 STOCK = pytest.mark.parametrize("broker_class", [Broker], ids=["stock-amqtt"])
 
 
 def _wait_until(broker, predicate, what: str) -> None:
-    import time
-
-    deadline = time.monotonic() + WAIT
-    while not broker.run(predicate):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"broker never reached: {what}")
-        time.sleep(0.02)
+    wait_for(lambda: broker.run(predicate), what)
 
 
 # 1. Retained messages on subscribe are checked as receives.
@@ -85,7 +79,8 @@ def test_2_permitted_will_is_delivered(broker, connect):
 # 3. Client-id take-over: authentication happens before any session is touched.
 
 
-def session_takeover_attack(broker, connect) -> list[bytes]:
+def victim_offline_with_a_queued_message(broker, connect):
+    """sensor-1 holds a persistent session with one QoS 1 command queued while it is offline."""
     victim = connect("sensor-1", clean=False)
     assert victim.subscribe("sites/plant-a/sensor-1/cmd", qos=1) == 1
     victim.close()
@@ -94,6 +89,11 @@ def session_takeover_attack(broker, connect) -> list[bytes]:
     dashboard = connect("dash-1")
     dashboard.publish("sites/plant-a/sensor-1/cmd", b"queued while offline", qos=1)
     _wait_until(broker, lambda: sessions["sensor-1"][0].retained_messages.qsize() == 1, "message queued")
+    return dashboard
+
+
+def session_takeover_attack(broker, connect) -> list[bytes]:
+    dashboard = victim_offline_with_a_queued_message(broker, connect)
     # Another device's certificate, the victim's client id: refused, in both variants.
     connect("sensor-2", client_id="sensor-1", clean=False, expect=5)
     connect("sensor-2", client_id="sensor-1", clean=True, expect=5)
@@ -118,14 +118,7 @@ def test_3_failed_takeover_leaves_victim_session_intact(broker, connect):
 def test_3_stock_amqtt_hands_the_victims_session_to_another_device(broker, connect):
     """Stock amqtt adopts the victim's session before authenticating, and that session still carries
     the victim's TLS object: even a certificate-checking plugin then sees the victim's certificate."""
-    victim = connect("sensor-1", clean=False)
-    assert victim.subscribe("sites/plant-a/sensor-1/cmd", qos=1) == 1
-    victim.close()
-    sessions = broker.broker._sessions
-    _wait_until(broker, lambda: sessions["sensor-1"][0].transitions.state == "disconnected", "victim offline")
-    dashboard = connect("dash-1")
-    dashboard.publish("sites/plant-a/sensor-1/cmd", b"queued while offline", qos=1)
-    _wait_until(broker, lambda: sessions["sensor-1"][0].retained_messages.qsize() == 1, "message queued")
+    victim_offline_with_a_queued_message(broker, connect)
     attacker = connect("sensor-2", client_id="sensor-1", clean=False, expect=0)
     assert attacker.next_message().payload == b"queued while offline"
 

@@ -25,10 +25,10 @@ def refused_reason(caplog):
     return reason
 
 
-def test_no_certificate_refused_at_tls_handshake(connect):
-    assert connect("sensor-1", creds=None, expect=None).connack.empty()
-    client = connect("sensor-1", creds=None, expect=None)
+def test_no_certificate_refused_at_tls_handshake(broker, connect):
+    client = connect("sensor-1", creds=None, expect=None)  # expect=None: no CONNACK at all
     assert client.connack.empty()
+    assert broker.run(lambda: "sensor-1" not in broker.broker._sessions)
 
 
 def test_no_certificate_refused_at_connect_when_handshake_allows_it(make_broker, test_pki, refused_reason):
