@@ -53,49 +53,33 @@ def _bind(parts: tuple[str, ...], attributes: Mapping[str, str]) -> str:
     return "".join(attributes[p] if i % 2 else p for i, p in enumerate(parts))
 
 
-def _match(node: _Node, levels: list[str], i: int, attrs: Mapping[str, str], dollar: bool, out: list[int]) -> None:
-    """Rules whose bound pattern matches the topic name (publish, receive)."""
+def _walk(node: _Node, levels: list[str], i: int, attrs: Mapping[str, str], dollar: bool, subscribe: bool,
+          out: list[int]) -> None:
+    """Collect the rules whose bound pattern matches the topic name (publish, receive) or covers the
+    filter (subscribe, see ``pdp.topics.covers``); only the branches the request's levels select are visited."""
     if node.hash_rules and not (i == 0 and dollar):
         out.extend(node.hash_rules)
     if i == len(levels):
         out.extend(node.end_rules)
         return
     level = levels[i]
-    child = node.literal.get(level)
-    if child is not None:
-        _match(child, levels, i + 1, attrs, dollar, out)
-    for parts, tchild in node.templates:
-        if _bind(parts, attrs) == level:
-            _match(tchild, levels, i + 1, attrs, dollar, out)
-    if node.plus is not None and not (i == 0 and dollar):
-        _match(node.plus, levels, i + 1, attrs, dollar, out)
-
-
-def _cover(node: _Node, levels: list[str], i: int, attrs: Mapping[str, str], dollar: bool, out: list[int]) -> None:
-    """Rules whose bound pattern covers the filter (subscribe); see ``pdp.topics.covers``."""
-    if node.hash_rules and not (i == 0 and dollar):
-        out.extend(node.hash_rules)
-    if i == len(levels):
-        out.extend(node.end_rules)
-        return
-    level = levels[i]
-    if level == "#":
-        # A leading '#' selects one level or more, as '+/#' does.
+    if subscribe and level == "#":
+        # Only a '#' at this depth covers it (added above); a leading '#' selects one level or more, as '+/#'.
         if i == 0 and node.plus is not None:
             out.extend(node.plus.hash_rules)
         return
-    if level == "+":
+    if subscribe and level == "+":
         if node.plus is not None:
-            _cover(node.plus, levels, i + 1, attrs, dollar, out)
+            _walk(node.plus, levels, i + 1, attrs, dollar, subscribe, out)
         return
     child = node.literal.get(level)
     if child is not None:
-        _cover(child, levels, i + 1, attrs, dollar, out)
-    for parts, tchild in node.templates:
+        _walk(child, levels, i + 1, attrs, dollar, subscribe, out)
+    for parts, template_child in node.templates:
         if _bind(parts, attrs) == level:
-            _cover(tchild, levels, i + 1, attrs, dollar, out)
+            _walk(template_child, levels, i + 1, attrs, dollar, subscribe, out)
     if node.plus is not None and not (i == 0 and dollar):
-        _cover(node.plus, levels, i + 1, attrs, dollar, out)
+        _walk(node.plus, levels, i + 1, attrs, dollar, subscribe, out)
 
 
 class PolicyIndex:
@@ -141,9 +125,9 @@ class PolicyIndex:
         if roots:
             levels = topic.split("/")
             dollar = topic.startswith("$")
-            walk = _cover if action == "subscribe" else _match
+            subscribe = action == "subscribe"
             for root in roots:
-                walk(root, levels, 0, attributes, dollar, matched)
+                _walk(root, levels, 0, attributes, dollar, subscribe, matched)
         if not matched:
             return NO_MATCH_DECISION
         deny = self._deny
