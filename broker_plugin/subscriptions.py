@@ -59,7 +59,7 @@ class FilterIndex:
         # prune empty branches
         for depth in range(len(path) - 1, 0, -1):
             node = path[depth]
-            if node.children or node.filter or node.hash_filter:
+            if node.children or node.filter is not None or node.hash_filter is not None:
                 break
             del path[depth - 1].children[levels[depth - 1]]
 

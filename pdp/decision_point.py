@@ -21,6 +21,7 @@ from pdp.errors import SourceError
 from pdp.index import PolicyIndex
 from pdp.policy import Policy, load_policy
 from pdp.registry import Device, FileRegistry, load_registry
+from pdp.topics import TopicError, validate_filter, validate_topic
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,12 @@ class DecisionPoint:
         decision = snap.l1.get(key)
         if decision is not None:
             return decision, "l1", snap.revision
+        try:
+            (validate_filter if action == "subscribe" else validate_topic)(topic)
+        except TopicError as exc:  # never reaches the rules, so no pattern can grant it
+            decision = Decision(False, None, f"invalid {'filter' if action == 'subscribe' else 'topic'}: {exc}")
+            snap.l1.put(key, decision)
+            return decision, "index", snap.revision
         decision = snap.index.decide(device.attrs, action, topic)
         snap.l1.put(key, decision)
         if self.recorder is not None:

@@ -81,3 +81,9 @@ def test_username_is_ignored_for_authorization(connect, broker, test_pki):
         assert client.subscribe("#") == 0x80
     finally:
         client.close()
+
+
+def test_invalid_filters_are_refused_whatever_the_rules(connect):
+    root = connect("root-1")  # may subscribe to '#', which covers nearly everything
+    assert root.subscribe("a/\x00b") == 0x80
+    assert root.subscribe("a/b") == 0
