@@ -2,6 +2,12 @@
 
 Inserts are idempotent on (node, seq), so a batch delivered twice (a spool
 replayed after a partial write, a stream drained again) is stored once.
+
+Client ids and certificate fingerprints are not indexed on the records (a
+64-hex fingerprint index doubled the cost of an insert): the small
+``identities`` table maps each (device, client id, fingerprint) ever seen, and
+a query by client id or fingerprint goes through the device index. A missing
+device id is stored there as ''.
 """
 
 from __future__ import annotations
@@ -25,8 +31,12 @@ CREATE TABLE IF NOT EXISTS records (
     UNIQUE (node, seq)
 );
 CREATE INDEX IF NOT EXISTS records_device ON records (device_id, ts);
-CREATE INDEX IF NOT EXISTS records_client ON records (client_id, ts);
-CREATE INDEX IF NOT EXISTS records_fingerprint ON records (fingerprint, ts);
+CREATE TABLE IF NOT EXISTS identities (
+    device_id TEXT NOT NULL, client_id TEXT NOT NULL, fingerprint TEXT NOT NULL,
+    UNIQUE (device_id, client_id, fingerprint)
+);
+CREATE INDEX IF NOT EXISTS identities_client ON identities (client_id);
+CREATE INDEX IF NOT EXISTS identities_fingerprint ON identities (fingerprint);
 CREATE INDEX IF NOT EXISTS records_ts ON records (ts);
 CREATE INDEX IF NOT EXISTS records_rule ON records (rule_id, ts);
 CREATE INDEX IF NOT EXISTS records_topic ON records (topic);
@@ -91,11 +101,17 @@ class AssertionStore:
 
     # -- writing --------------------------------------------------------------------------
 
+    def _insert(self, records: Sequence[AssertionRecord]) -> int:
+        before = self.db.total_changes
+        self.db.executemany(_INSERT, records)
+        inserted = self.db.total_changes - before
+        identities = {(r.device_id or "", r.client_id or "", r.fingerprint or "") for r in records}
+        self.db.executemany("INSERT OR IGNORE INTO identities VALUES (?, ?, ?)", identities)
+        return inserted
+
     def insert(self, records: Sequence[AssertionRecord]) -> int:
         with self.db:
-            before = self.db.total_changes
-            self.db.executemany(_INSERT, records)
-            return self.db.total_changes - before
+            return self._insert(records)
 
     def get_meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -104,9 +120,7 @@ class AssertionStore:
     def insert_with_meta(self, records: Sequence[AssertionRecord], key: str, value: str) -> int:
         """Records and a position (e.g. of a drained stream) in one transaction."""
         with self.db:
-            before = self.db.total_changes
-            self.db.executemany(_INSERT, records)
-            inserted = self.db.total_changes - before
+            inserted = self._insert(records)
             self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
             return inserted
 
@@ -115,9 +129,15 @@ class AssertionStore:
     def query(self, filters: QueryFilters, limit: int | None = None, after_rowid: int = 0,
               newest_first: bool = False) -> Iterator[tuple[int, AssertionRecord]]:
         clauses, params = ["rowid > ?"], [after_rowid]
+        for column, value in (("client_id", filters.client_id), ("fingerprint", filters.fingerprint)):
+            if value is not None:
+                # Through the device index: the devices that ever used this client id or certificate.
+                clauses.append(f"{column} = ? AND (device_id IN (SELECT device_id FROM identities WHERE {column} = ?) "
+                               f"OR (device_id IS NULL AND EXISTS (SELECT 1 FROM identities WHERE {column} = ? "
+                               "AND device_id = '')))")
+                params += [value, value, value]
         for column, value in (
-            ("device_id", filters.device), ("client_id", filters.client_id), ("fingerprint", filters.fingerprint),
-            ("action", filters.action), ("decision", filters.decision), ("rule_id", filters.rule_id),
+            ("device_id", filters.device), ("action", filters.action), ("decision", filters.decision), ("rule_id", filters.rule_id),
             ("policy_revision", filters.policy_revision), ("node", filters.node),
         ):
             if value is not None:
