@@ -94,6 +94,7 @@ class AssertionStore:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA cache_size=-65536")  # 64 MiB: index pages stay in memory while appending
+            self.db.execute("PRAGMA wal_autocheckpoint=20000")
             self.db.executescript(SCHEMA)
 
     def close(self) -> None:
