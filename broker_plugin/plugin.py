@@ -101,12 +101,16 @@ class DeviceAuthorizationPlugin(BaseAuthPlugin, BaseTopicPlugin):
         self._reload_lock = asyncio.Lock()
         self.node_id = cfg.node_id or socket.gethostname()
         self.instance_id = f"{self.node_id}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.recorder: AssertionRecorder | None = None
-        if cfg.assertions:
-            self.recorder = self._make_recorder(cfg)
         self.redis: RedisLink | None = None
         self.l2: RedisDecisionCache | None = None
         self.bus: InvalidationBus | None = None
+        if cfg.redis_url:  # built now, so a bad URL or TTL stops the broker at start with one line
+            self.redis = RedisLink(cfg.redis_url)
+            self.l2 = RedisDecisionCache(self.redis, cfg.redis_prefix, cfg.l2_ttl)
+            self.bus = InvalidationBus(self.redis, cfg.redis_prefix, self.instance_id, self._on_event)
+        self.recorder: AssertionRecorder | None = None
+        if cfg.assertions:  # last: it starts the writer process, so every other setting is checked first
+            self.recorder = self._make_recorder(cfg)
         # Lets tests and tools wait for a reload attempt instead of sleeping.
         self.reload_attempts = 0
         self.remote_reloads = 0
@@ -138,16 +142,15 @@ class DeviceAuthorizationPlugin(BaseAuthPlugin, BaseTopicPlugin):
             self.recorder.connect(admission, request.client_id, peer, self.pdp.snapshot.revision)
         if admission.allowed and admission.device is not None and self.l2 is not None:
             self._spawn(self._warm(admission.device))
-        cert = admission.identity.certificate if admission.identity else None
+        cert = admission.identity.certificate if admission.identity else admission.certificate
         device_id = admission.identity.device_id if admission.identity else (admission.device.device_id if admission.device else None)
+        fingerprint = cert.fingerprint_sha256 if cert else None
         if admission.allowed:
-            log.info("connect accepted: client=%s device=%s fingerprint=%s peer=%s:%s",
-                     request.client_id, device_id, cert.fingerprint_sha256 if cert else None,
-                     session.remote_address, session.remote_port)
+            log.info("connect accepted: client=%s device=%s fingerprint=%s peer=%s",
+                     request.client_id, device_id, fingerprint, peer)
         else:
-            log.warning("connect refused: client=%s device=%s fingerprint=%s peer=%s:%s reason=%s",
-                        request.client_id, device_id, cert.fingerprint_sha256 if cert else None,
-                        session.remote_address, session.remote_port, admission.reason)
+            log.warning("connect refused: client=%s device=%s fingerprint=%s peer=%s reason=%s",
+                        request.client_id, device_id, fingerprint, peer, admission.reason)
         return admission
 
     async def authenticate(self, *, session: Session) -> bool:
@@ -195,10 +198,7 @@ class DeviceAuthorizationPlugin(BaseAuthPlugin, BaseTopicPlugin):
             self.recorder.start()
         if self.recorder is not None and cfg.retention_days > 0 and cfg.assertion_db:
             self._spawn(self._prune(cfg.assertion_db, cfg.retention_days))
-        if cfg.redis_url:
-            self.redis = RedisLink(cfg.redis_url)
-            self.l2 = RedisDecisionCache(self.redis, cfg.redis_prefix, cfg.l2_ttl)
-            self.bus = InvalidationBus(self.redis, cfg.redis_prefix, self.instance_id, self._on_event)
+        if self.l2 is not None and self.bus is not None:
             l2 = self.l2
             self.pdp.recorder = lambda rev, device, action, topic, decision: l2.record(
                 rev, device.revision, action, topic, decision)
@@ -241,10 +241,7 @@ class DeviceAuthorizationPlugin(BaseAuthPlugin, BaseTopicPlugin):
         """Fill L1 with what any broker already decided for this device under the current policy."""
         assert self.l2 is not None
         snapshot = self.pdp.snapshot
-        entries = await self.l2.fetch(snapshot.policy.revision, device.revision)
-        if self.pdp.snapshot is snapshot:
-            for (action, topic), decision in entries.items():
-                snapshot.l1.put((device.revision, action, topic), decision)
+        self.pdp.warm(snapshot, device, await self.l2.fetch(snapshot.policy.revision, device.revision))
 
     async def revoke_disallowed(self) -> list[str]:
         """End every session whose device the current registry no longer admits."""

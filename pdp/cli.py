@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pdp.config import DEFAULT_CONFIG
 from pdp.errors import SourceError
 
 log = logging.getLogger("mqtt_pdp.cli")
-DEFAULT_CONFIG = "deploy/broker.yaml"
 
 
 class CliError(Exception):
@@ -27,12 +27,9 @@ class CliError(Exception):
 def _pdp_paths(args: argparse.Namespace) -> tuple[str, str, str, dict[str, Any]]:
     """model, policy, registry and the plugin settings, from -c and the explicit overrides."""
     from broker_plugin.plugin import DeviceAuthorizationPlugin
-    from pdp.config import load_broker_config, plugin_settings
+    from pdp.config import settings_of
 
-    settings: dict[str, Any] = {}
-    config_path = args.config or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None)
-    if config_path:
-        settings = plugin_settings(load_broker_config(config_path, check_files=False))
+    settings = settings_of(args.config)
     defaults = DeviceAuthorizationPlugin.Config()
     model = args.model or settings.get("model", defaults.model)
     policy = args.policy or settings.get("policy", defaults.policy)

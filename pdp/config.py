@@ -11,6 +11,7 @@ from pdp.errors import SourceError
 from pdp.registry import yaml_error
 
 PLUGIN_PATH = "broker_plugin.plugin.DeviceAuthorizationPlugin"
+DEFAULT_CONFIG = "deploy/broker.yaml"
 LISTENER_PATH_KEYS = ("cafile", "capath", "certfile", "keyfile")
 PLUGIN_PATH_KEYS = ("model", "policy", "registry", "assertion_db", "spool_dir")
 
@@ -62,3 +63,9 @@ def load_broker_config(path: str | Path, *, check_files: bool = True) -> dict[st
 
 def plugin_settings(config: dict[str, Any]) -> dict[str, Any]:
     return dict(config["plugins"][PLUGIN_PATH])
+
+
+def settings_of(config_path: str | None) -> dict[str, Any]:
+    """The plugin settings of ``config_path``, else of deploy/broker.yaml if present, else none (for the CLI)."""
+    path = config_path or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None)
+    return plugin_settings(load_broker_config(path, check_files=False)) if path else {}

@@ -114,6 +114,12 @@ class DecisionPoint:
                 log.error("Casbin disagrees on %s %s %s: casbin=%s pdp=%s", device.device_id, action, topic, reference, decision)
         return decision, "index", snap.revision
 
+    def warm(self, snapshot: Snapshot, device: Device, entries: dict[tuple[str, str], Decision]) -> None:
+        """Put decisions taken elsewhere (L2) into L1, if ``snapshot`` is still the current one."""
+        if self.snapshot is snapshot:
+            for (action, topic), decision in entries.items():
+                snapshot.l1.put((device.revision, action, topic), decision)
+
     def revocation_reason(self, admission: Admission) -> str | None:
         """Why a session admitted earlier may no longer stay connected under the current snapshot."""
         device = admission.device

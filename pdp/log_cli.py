@@ -9,7 +9,6 @@ import re
 import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, TextIO
 
 from pdp.assertion_store import AssertionStore, QueryFilters
@@ -96,11 +95,9 @@ def add_arguments(sub: Any) -> None:
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    from pdp.cli import DEFAULT_CONFIG
-    from pdp.config import load_broker_config, plugin_settings
+    from pdp.config import settings_of
 
-    path = args.config or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None)
-    return plugin_settings(load_broker_config(path, check_files=False)) if path else {}
+    return settings_of(args.config)
 
 
 def _db_path(args: argparse.Namespace) -> str:
