@@ -276,12 +276,25 @@ class DeviceAuthorizationPlugin(BaseAuthPlugin, BaseTopicPlugin):
     async def close(self) -> None:
         if self.recorder is not None:
             await self.recorder.close()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Bounded: redis-py's asyncio clients can swallow a cancellation while closing a socket
+        # (seen at shutdown, Python 3.11), and a broker must still stop.
+        await _finish(list(self._tasks), "background task")
         if self.redis is not None:
-            await self.redis.close()
+            closing = asyncio.ensure_future(self.redis.close())
+            if not (await asyncio.wait({closing}, timeout=2.0))[0]:
+                await _finish([closing], "Redis connection close")
+
+
+async def _finish(tasks: list[asyncio.Future[Any]], what: str, timeout: float = 2.0) -> None:
+    """Cancel ``tasks`` and wait for them, cancelling again if a cancellation was lost; give up after a bound."""
+    pending = {task for task in tasks if not task.done()}
+    for _ in range(3):
+        if not pending:
+            return
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=timeout)
+    log.warning("%d %s(s) did not stop at shutdown; abandoned", len(pending), what)
 
 
 def _prune_store(path: str, before: float) -> int:
