@@ -9,13 +9,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pdp.admission import Admission
-from pdp.assertion_store import AssertionStore, QueryFilters
-from pdp.assertion_writer import WriterProcess
-from pdp.assertions import AssertionRecorder
-from pdp.engine import decision_for
-from pdp.identity import CertificateInfo
-from pdp.registry import Device
+from pdp.core.admission import Admission
+from pdp.evidence.store import AssertionStore, QueryFilters
+from pdp.evidence.writer import WriterProcess
+from pdp.evidence.records import AssertionRecorder
+from pdp.core.engine import decision_for
+from pdp.core.identity import CertificateInfo
+from pdp.registry.file import Device
 
 
 def _admissions(count: int) -> list[Admission]:
@@ -55,7 +55,7 @@ def record_rate(workdir: Path, records: int = 200_000) -> dict[str, Any]:
 
 def query_time(workdir: Path, records: int = 1_000_000, devices: int = 10_000) -> dict[str, Any]:
     """Fill a store with ``records`` records over ``devices`` devices, then time queries by device."""
-    from pdp.assertions import AssertionRecord
+    from pdp.evidence.records import AssertionRecord
 
     db = workdir / "query.db"
     store = AssertionStore(db)

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.setup import ROOT
-from pdp.cache import LruCache
-from pdp.engine import Decision
-from pdp.index import PolicyIndex
-from pdp.policy import load_policy
-from pdp.registry import Device
+from pdp.runtime.cache import LruCache
+from pdp.core.engine import Decision
+from pdp.core.index import PolicyIndex
+from pdp.policy.load import load_policy
+from pdp.registry.file import Device
 
 TYPES = [f"type{i}" for i in range(50)]
 LOCATIONS = [f"site{i}" for i in range(200)]

@@ -23,16 +23,16 @@ from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
-from pdp.admission import Admission, AdmissionSettings, ConnectRequest
-from pdp.assertion_store import AssertionStore
-from pdp.assertion_writer import WriterProcess
-from pdp.assertions import AssertionRecorder
-from pdp.cache import RedisDecisionCache
-from pdp.decision_point import DecisionPoint, PdpSettings
-from pdp.identity import IdentitySettings
-from pdp.invalidation import InvalidationBus
-from pdp.redis_link import RedisLink
-from pdp.registry import Device
+from pdp.core.admission import Admission, AdmissionSettings, ConnectRequest
+from pdp.evidence.store import AssertionStore
+from pdp.evidence.writer import WriterProcess
+from pdp.evidence.records import AssertionRecorder
+from pdp.runtime.cache import RedisDecisionCache
+from pdp.runtime.decision_point import DecisionPoint, PdpSettings
+from pdp.core.identity import IdentitySettings
+from pdp.runtime.bus import InvalidationBus
+from pdp.runtime.redis_link import RedisLink
+from pdp.registry.file import Device
 
 log = logging.getLogger("mqtt_pdp.plugin")
 SESSION_KEY = "mqtt_pdp.admission"

@@ -2,7 +2,7 @@
 
 amqtt 0.12.1 tests every published topic against every subscription filter;
 with one filter per device that grows linearly with the fleet. This trie
-answers the same question (MQTT semantics, as ``pdp.topics.matches``) by
+answers the same question (MQTT semantics, as ``pdp.core.topics.matches``) by
 walking only the branches the topic's levels select.
 """
 

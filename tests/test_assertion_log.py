@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from pdp.admission import Admission
-from pdp.assertion_sinks import SpoolingSink, SqliteSink
-from pdp.assertion_store import AssertionStore, QueryFilters
-from pdp.assertions import AssertionRecorder, ChainWriter, SinkError
-from pdp.engine import decision_for
-from pdp.identity import CertificateInfo
-from pdp.registry import Device
+from pdp.core.admission import Admission
+from pdp.evidence.sinks import SpoolingSink, SqliteSink
+from pdp.evidence.store import AssertionStore, QueryFilters
+from pdp.evidence.records import AssertionRecorder, ChainWriter, SinkError
+from pdp.core.engine import decision_for
+from pdp.core.identity import CertificateInfo
+from pdp.registry.file import Device
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -123,7 +123,7 @@ def test_verify_catches_modified_deleted_and_reordered_records(tmp_path: Path, l
                     "UPDATE records SET seq = 4 WHERE seq = -1;") == [
         ("n1:3 does not follow the previous record (removed, reordered or replaced)", "n1:3")]
     # A record rewritten with a recomputed hash still breaks the link to its successor.
-    from pdp.assertions import record_hash
+    from pdp.evidence.records import record_hash
 
     store = AssertionStore(log_db, readonly=True)
     (_, original), = list(store.query(QueryFilters(action="connect")))

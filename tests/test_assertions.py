@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from pdp.assertion_store import AssertionStore, QueryFilters
+from pdp.evidence.store import AssertionStore, QueryFilters
 
 
 def records_of(path) -> list:
@@ -77,7 +77,7 @@ def test_sink_outage_and_broker_restart_lose_and_double_nothing(make_broker, tes
     """Redis (the stream sink) is killed mid-run and the broker restarted while it is down."""
     import redis as redis_lib
 
-    from pdp.assertion_sinks import drain_stream
+    from pdp.evidence.sinks import drain_stream
     from tests.support import Client, RedisServer, wait_for
 
     server = RedisServer(tmp_path / "redis", persistent=True)

@@ -6,9 +6,9 @@ import random
 import shutil
 from pathlib import Path
 
-from pdp.engine import decide
-from pdp.policy import load_policy
-from pdp.registry import Device
+from pdp.core.engine import decide
+from pdp.policy.load import load_policy
+from pdp.registry.file import Device
 
 ROOT = Path(__file__).resolve().parent.parent
 TYPES = ["sensor", "gateway", "cam"]

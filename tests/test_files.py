@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from pdp.errors import SourceError
-from pdp.policy import load_policy
-from pdp.registry import load_registry, parse_registry
+from pdp.policy.load import load_policy
+from pdp.registry.file import load_registry, parse_registry
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,10 +6,10 @@ import random
 import shutil
 from pathlib import Path
 
-from pdp.engine import decide
-from pdp.index import PolicyIndex
-from pdp.policy import load_policy
-from pdp.registry import Device
+from pdp.core.engine import decide
+from pdp.core.index import PolicyIndex
+from pdp.policy.load import load_policy
+from pdp.registry.file import Device
 from tests.test_engine_vs_casbin import LOCATIONS, PURPOSES, TYPES, _random_policy, _request
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +23,7 @@ def test_index_equals_engine_on_many_random_policies(tmp_path: Path) -> None:
     """Pure and fast: 200 random policies x 500 requests."""
     rng = random.Random(1)
     shutil.copy(ROOT / "policies" / "model.conf", tmp_path / "model.conf")
-    from pdp.policy import parse_rules
+    from pdp.policy.load import parse_rules
 
     mismatches = []
     for _ in range(200):

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from paho.mqtt.client import topic_matches_sub
 
-from pdp.topics import (
+from pdp.core.topics import (
     TopicError,
     bind,
     covers,

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import casbin
 
-from pdp.engine import ACTIONS, EFFECTS, Rule
+from pdp.core.engine import ACTIONS, EFFECTS, Rule
 from pdp.errors import SourceError
-from pdp.reference import CasbinReference
-from pdp.topics import TopicError, level_value_problem, validate_pattern
+from pdp.policy.oracle import CasbinReference
+from pdp.core.topics import TopicError, level_value_problem, validate_pattern
 
 RULE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 POLICY_FIELDS = ("id", "type", "location", "purpose", "topic", "action", "effect")

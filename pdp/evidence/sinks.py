@@ -15,8 +15,8 @@ from pathlib import Path
 
 import redis
 
-from pdp.assertion_store import AssertionStore
-from pdp.assertions import AssertionRecord, SinkError
+from pdp.evidence.store import AssertionStore
+from pdp.evidence.records import AssertionRecord, SinkError
 
 log = logging.getLogger("mqtt_pdp.assertions")
 

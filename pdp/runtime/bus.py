@@ -14,7 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pdp.redis_link import REDIS_ERRORS, RedisLink
+from pdp.runtime.redis_link import REDIS_ERRORS, RedisLink
 
 log = logging.getLogger("mqtt_pdp.invalidation")
 

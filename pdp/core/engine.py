@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from pdp.topics import bind, covers, matches
+from pdp.core.topics import bind, covers, matches
 
 ACTIONS: tuple[str, ...] = ("publish", "subscribe", "receive")
 EFFECTS: tuple[str, ...] = ("allow", "deny")

@@ -11,8 +11,8 @@ import asyncio
 from collections import OrderedDict, deque
 from typing import Generic, TypeVar
 
-from pdp.engine import Decision, decision_for
-from pdp.redis_link import REDIS_ERRORS, RedisLink
+from pdp.core.engine import Decision, decision_for
+from pdp.runtime.redis_link import REDIS_ERRORS, RedisLink
 
 _SEP = "\x00"  # between action and topic in an L2 field; topics cannot contain NUL
 K = TypeVar("K")

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pdp.config import DEFAULT_CONFIG
+from pdp.runtime.config import DEFAULT_CONFIG
 from pdp.errors import SourceError
 
 log = logging.getLogger("mqtt_pdp.cli")
@@ -27,7 +27,7 @@ class CliError(Exception):
 def _pdp_paths(args: argparse.Namespace) -> tuple[str, str, str, dict[str, Any]]:
     """model, policy, registry and the plugin settings, from -c and the explicit overrides."""
     from broker_plugin.plugin import DeviceAuthorizationPlugin
-    from pdp.config import settings_of
+    from pdp.runtime.config import settings_of
 
     settings = settings_of(args.config)
     defaults = DeviceAuthorizationPlugin.Config()
@@ -48,8 +48,8 @@ def _add_policy_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from pdp.policy import load_policy
-    from pdp.registry import load_registry
+    from pdp.policy.load import load_policy
+    from pdp.registry.file import load_registry
 
     model, policy_path, registry_path, _ = _pdp_paths(args)
     policy = load_policy(model, policy_path)
@@ -64,10 +64,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from pdp.index import PolicyIndex
-    from pdp.policy import load_policy
-    from pdp.registry import load_registry
-    from pdp.topics import TopicError, validate_filter, validate_topic
+    from pdp.core.index import PolicyIndex
+    from pdp.policy.load import load_policy
+    from pdp.registry.file import load_registry
+    from pdp.core.topics import TopicError, validate_filter, validate_topic
 
     model, policy_path, registry_path, _ = _pdp_paths(args)
     try:
@@ -102,8 +102,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_pki(args: argparse.Namespace) -> int:
     from pdp import pki
-    from pdp.registry import load_registry
-    from pdp.topics import level_value_problem
+    from pdp.registry.file import load_registry
+    from pdp.core.topics import level_value_problem
 
     out = Path(args.out)
     device_ids: list[str] = list(args.device or [])
@@ -160,9 +160,9 @@ def cmd_broker(args: argparse.Namespace) -> int:
     from amqtt.errors import AMQTTError, BrokerError, PluginError, PluginLoadError
 
     from broker_plugin.plugin import DeviceAuthorizationPlugin
-    from pdp.config import load_broker_config, plugin_settings
-    from pdp.policy import load_policy
-    from pdp.registry import load_registry
+    from pdp.runtime.config import load_broker_config, plugin_settings
+    from pdp.policy.load import load_policy
+    from pdp.registry.file import load_registry
 
     config = load_broker_config(args.config)
     settings = plugin_settings(config)
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--action", required=True, choices=["publish", "subscribe", "receive"])
     p.set_defaults(func=cmd_explain)
 
-    from pdp import log_cli
+    from pdp.cli import log_commands as log_cli
 
     log_cli.add_arguments(sub)
     return parser
@@ -251,11 +251,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("amqtt").setLevel(logging.WARNING)
         logging.getLogger("transitions").setLevel(logging.WARNING)
     logging.getLogger("casbin").setLevel(logging.WARNING)
-    from pdp.log_cli import LogCliError
+    from pdp.cli.log_commands import LogCliError
 
     try:
         if args.command == "log":
-            from pdp import log_cli
+            from pdp.cli import log_commands as log_cli
 
             return log_cli.run(args)
         return int(args.func(args))

@@ -14,14 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from pdp.admission import Admission, AdmissionSettings, ConnectRequest, admit, device_problem
-from pdp.cache import LruCache
-from pdp.engine import Decision
+from pdp.core.admission import Admission, AdmissionSettings, ConnectRequest, admit, device_problem
+from pdp.runtime.cache import LruCache
+from pdp.core.engine import Decision
 from pdp.errors import SourceError
-from pdp.index import PolicyIndex
-from pdp.policy import Policy, load_policy
-from pdp.registry import Device, FileRegistry, load_registry
-from pdp.topics import TopicError, validate_filter, validate_topic
+from pdp.core.index import PolicyIndex
+from pdp.policy.load import Policy, load_policy
+from pdp.registry.file import Device, FileRegistry, load_registry
+from pdp.core.topics import TopicError, validate_filter, validate_topic
 
 log = logging.getLogger(__name__)
 

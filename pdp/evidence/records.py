@@ -20,8 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-from pdp.admission import Admission
-from pdp.engine import Decision
+from pdp.core.admission import Admission
+from pdp.core.engine import Decision
 
 log = logging.getLogger("mqtt_pdp.assertions")
 

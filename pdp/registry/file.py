@@ -17,8 +17,8 @@ from typing import Protocol
 import yaml
 
 from pdp.errors import SourceError
-from pdp.identity import normalize_fingerprint
-from pdp.topics import level_value_problem
+from pdp.core.identity import normalize_fingerprint
+from pdp.core.topics import level_value_problem
 
 STATUSES: tuple[str, ...] = ("provisioned", "active", "suspended", "retired")
 ATTRIBUTE_FIELDS: tuple[str, ...] = ("type", "location", "purpose", "owner")

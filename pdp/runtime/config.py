@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from pdp.errors import SourceError
-from pdp.registry import yaml_error
+from pdp.registry.file import yaml_error
 
 PLUGIN_PATH = "broker_plugin.plugin.DeviceAuthorizationPlugin"
 DEFAULT_CONFIG = "deploy/broker.yaml"

@@ -1,4 +1,4 @@
-"""The compiled policy: the same decisions as ``pdp.engine.decide``, in microseconds at any policy size.
+"""The compiled policy: the same decisions as ``pdp.core.engine.decide``, in microseconds at any policy size.
 
 Rules are bucketed by action and by their (type, location, purpose) selectors;
 each bucket is a topic trie whose edges are literal levels, ``+``, ``#`` or
@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from pdp.engine import Decision, Rule, decision_for
+from pdp.core.engine import Decision, Rule, decision_for
 
 NO_MATCH_DECISION = decision_for(False, None)
 
@@ -56,7 +56,7 @@ def _bind(parts: tuple[str, ...], attributes: Mapping[str, str]) -> str:
 def _walk(node: _Node, levels: list[str], i: int, attrs: Mapping[str, str], dollar: bool, subscribe: bool,
           out: list[int]) -> None:
     """Collect the rules whose bound pattern matches the topic name (publish, receive) or covers the
-    filter (subscribe, see ``pdp.topics.covers``); only the branches the request's levels select are visited."""
+    filter (subscribe, see ``pdp.core.topics.covers``); only the branches the request's levels select are visited."""
     if node.hash_rules and not (i == 0 and dollar):
         out.extend(node.hash_rules)
     if i == len(levels):

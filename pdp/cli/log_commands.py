@@ -11,8 +11,8 @@ import time
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
-from pdp.assertion_store import AssertionStore, QueryFilters
-from pdp.assertions import FIELD_NAMES, AssertionRecord
+from pdp.evidence.store import AssertionStore, QueryFilters
+from pdp.evidence.records import FIELD_NAMES, AssertionRecord
 
 DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -95,7 +95,7 @@ def add_arguments(sub: Any) -> None:
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    from pdp.config import settings_of
+    from pdp.runtime.config import settings_of
 
     return settings_of(args.config)
 
@@ -144,7 +144,7 @@ def _emit(records: list[AssertionRecord], fmt: str, out: TextIO, header: bool) -
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from pdp.topics import TopicError, validate_filter
+    from pdp.core.topics import TopicError, validate_filter
 
     if args.topic is not None:
         try:
@@ -233,7 +233,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_drain(args: argparse.Namespace) -> int:
     import redis
 
-    from pdp.assertion_sinks import drain_stream
+    from pdp.evidence.sinks import drain_stream
 
     settings = _settings(args)
     url = args.redis or settings.get("redis_url")

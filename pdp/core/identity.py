@@ -14,7 +14,7 @@ from typing import Literal
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from pdp.topics import level_value_problem
+from pdp.core.topics import level_value_problem
 
 IdentitySource = Literal["uri-san", "cn"]
 SPIFFE_SCHEME = "spiffe://"

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pdp.assertions import FIELD_NAMES, GENESIS, AssertionRecord, record_hash
-from pdp.topics import covers, matches
+from pdp.evidence.records import FIELD_NAMES, GENESIS, AssertionRecord, record_hash
+from pdp.core.topics import covers, matches
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (

@@ -9,10 +9,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from pdp.engine import Decision
-from pdp.identity import CertificateInfo, DeviceIdentity, IdentityRefused, IdentitySettings, identity_from_der
-from pdp.registry import Device, Registry
-from pdp.topics import TopicError, level_value_problem, validate_topic
+from pdp.core.engine import Decision
+from pdp.core.identity import CertificateInfo, DeviceIdentity, IdentityRefused, IdentitySettings, identity_from_der
+from pdp.registry.file import Device, Registry
+from pdp.core.topics import TopicError, level_value_problem, validate_topic
 
 ADMITTED = "identity verified"
 Decider = Callable[[Device, str, str], Decision]

@@ -3,7 +3,7 @@
 Casbin's deny-override effect reports the deciding rule only for denials, so a
 second enforcer over the same files with an allow-override effect names the
 first applicable allow. Together they give the decision and deciding rule that
-``pdp.engine.decide`` must reproduce.
+``pdp.core.engine.decide`` must reproduce.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import casbin
 from casbin.persist.adapters import FileAdapter
 
-from pdp.engine import Decision, decision_for, topic_applies
-from pdp.registry import Device
+from pdp.core.engine import Decision, decision_for, topic_applies
+from pdp.registry.file import Device
 
 FIRST_ALLOW_EFFECT = "some(where (p.eft == allow))"
 

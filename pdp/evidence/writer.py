@@ -6,7 +6,7 @@ broker ships compact rows over a pipe and waits for an acknowledgement per
 batch, so a batch is never lost: if this process dies, the broker starts a new
 one and sends the batch again (stores ignore records they already have).
 
-Run by the broker as ``python -m pdp.assertion_writer SETTINGS_JSON``; frames on
+Run by the broker as ``python -m pdp.evidence.writer SETTINGS_JSON``; frames on
 stdin/stdout are a 4-byte length and a pickle.
 """
 
@@ -24,8 +24,8 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
-from pdp.assertion_sinks import RedisStreamSink, SpoolingSink, SqliteSink
-from pdp.assertions import ChainWriter, Row, SessionFields, SinkError
+from pdp.evidence.sinks import RedisStreamSink, SpoolingSink, SqliteSink
+from pdp.evidence.records import ChainWriter, Row, SessionFields, SinkError
 
 log = logging.getLogger("mqtt_pdp.assertions")
 _LEN = struct.Struct("!I")
@@ -109,7 +109,7 @@ class WriterProcess:
     def _start(self) -> None:
         root = Path(__file__).resolve().parent.parent
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-        self.proc = subprocess.Popen([sys.executable, "-m", "pdp.assertion_writer", json.dumps(self.settings)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "pdp.evidence.writer", json.dumps(self.settings)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         assert self.proc.stdout is not None
         readable, _, _ = select.select([self.proc.stdout], [], [], self.start_timeout)

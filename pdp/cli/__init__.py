@@ -1,0 +1,1 @@
+"""The mqtt-pdp command."""

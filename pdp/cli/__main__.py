@@ -1,0 +1,5 @@
+import sys
+
+from pdp.cli.main import main
+
+sys.exit(main())

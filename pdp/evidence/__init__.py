@@ -1,0 +1,1 @@
+"""The identity assertion log: records, hash chain, recorder, writer process, sinks and store."""

@@ -1,0 +1,1 @@
+"""Devices and their attributes: the registry interface and its sources."""

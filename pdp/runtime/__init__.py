@@ -1,0 +1,1 @@
+"""The PDP as a running service: snapshots, reloads, caches, Redis, retention."""
