@@ -1,8 +1,12 @@
 """The broker we ship: amqtt 0.12.1 with its authorization holes closed.
 
 Each override names the hole it closes (see README, "amqtt bypasses closed").
-Private methods of ``amqtt.broker.Broker`` are overridden, so amqtt is pinned
-exactly in pyproject.toml and ``check_amqtt_version`` refuses any other version.
+It is glue: amqtt's calls become events of the enforcement core
+(``pdp.core.enforcement``, through the plugin's service), and the actions that
+come back become amqtt calls. Private methods of ``amqtt.broker.Broker`` are
+overridden, so amqtt is pinned exactly, every amqtt name comes through
+``broker_plugin.amqtt_compat``, and ``check_amqtt`` refuses an amqtt whose
+internals are not the ones patched here.
 """
 
 from __future__ import annotations
@@ -12,39 +16,52 @@ import contextlib
 import logging
 import ssl
 from collections import deque
-from importlib.metadata import version
+from dataclasses import dataclass
 from typing import Any
 
-from amqtt.adapters import ReaderAdapter, WriterAdapter
-from amqtt.broker import Broker
-from amqtt.contexts import Action, ListenerConfig
-from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
-from amqtt.events import BrokerEvents
-from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
-from amqtt.mqtt.constants import QOS_1, QOS_2
-from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
-from amqtt.session import OutgoingApplicationMessage, Session
-from amqtt.utils import format_client_message, gen_client_id
-from transitions import MachineError
-
-from broker_plugin.plugin import PEER_KEY, SESSION_KEY, DeviceAuthorizationPlugin, session_admission
+from broker_plugin.amqtt_compat import (
+    NOT_AUTHORIZED,
+    QOS_1,
+    QOS_2,
+    AMQTTError,
+    Action,
+    BaseAuthPlugin,
+    BaseTopicPlugin,
+    Broker,
+    BrokerError,
+    BrokerEvents,
+    BrokerProtocolHandler,
+    ConnackPacket,
+    ListenerConfig,
+    MachineError,
+    MQTTError,
+    NoDataError,
+    OutgoingApplicationMessage,
+    ReaderAdapter,
+    Session,
+    WriterAdapter,
+    check_amqtt,
+    format_client_message,
+    gen_client_id,
+)
+from broker_plugin.plugin import CONN_KEY, DeviceAuthorizationPlugin, connection_of
 from broker_plugin.subscriptions import FilterIndex
+from pdp.core.enforcement import ConnId, Disconnect, DropSession
+from pdp.core.topics import matches
 
 log = logging.getLogger("mqtt_pdp.broker")
-AMQTT_VERSION = "0.12.1"
 STOP_HANDLER_TIMEOUT = 2.0
 
 
-def check_amqtt_version() -> None:
-    installed = version("amqtt")
-    if installed != AMQTT_VERSION:
-        raise BrokerError(f"HardenedBroker patches amqtt {AMQTT_VERSION}, but amqtt {installed} is installed")
+@dataclass
+class _Connection:
+    session: Session
+    handler: BrokerProtocolHandler
 
 
 class HardenedBroker(Broker):
     def __init__(self, config: Any = None, **kwargs: Any) -> None:
-        check_amqtt_version()
+        check_amqtt()
         super().__init__(config, **kwargs)
         authz = [p for p in self.plugins_manager.plugins if isinstance(p, DeviceAuthorizationPlugin)]
         others = [
@@ -56,7 +73,9 @@ class HardenedBroker(Broker):
         if others:
             raise BrokerError(f"HardenedBroker decides all access itself; remove these auth/topic plugins: {', '.join(others)}")
         self.authz: DeviceAuthorizationPlugin = authz[0]
-        self.authz.set_revoker(self.revoke_session)
+        self.authz.set_closer(self._carry_out)
+        self.authz.broker_reports_closes = True
+        self._connections: dict[ConnId, _Connection] = {}  # every admitted connection with a running handler
         self._filter_index = FilterIndex()
         self._session_filters: dict[str, set[str]] = {}  # client id -> its filters
 
@@ -84,12 +103,14 @@ class HardenedBroker(Broker):
                 await writer.close()
             raise
 
-        admission = self.authz.admit_session(incoming)
+        admission, superseded = self.authz.admit_session(incoming, persistent=not incoming.clean_session)
         if not admission.allowed:
             with contextlib.suppress(OSError, asyncio.TimeoutError):
                 await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
                 await writer.close()
             raise AMQTTError(f"{where}: connection refused: {admission.reason}")
+        for disconnect in superseded:  # [MQTT-3.1.4-2]: the previous connection of this client id goes first
+            await self._close_connection(disconnect.conn)
 
         session = incoming
         if incoming.clean_session:
@@ -104,8 +125,7 @@ class HardenedBroker(Broker):
             for name in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive",
                          "username", "password", "remote_address", "remote_port", "ssl_object"):
                 setattr(session, name, getattr(incoming, name))
-            session.attributes[SESSION_KEY] = admission
-            session.attributes[PEER_KEY] = incoming.attributes.get(PEER_KEY)
+            session.attributes[CONN_KEY] = incoming.attributes[CONN_KEY]
             session.parent = 1
         else:
             incoming.parent = 0
@@ -116,8 +136,8 @@ class HardenedBroker(Broker):
         return handler, session
 
     async def _authenticate(self, session: Session, _: ListenerConfig) -> bool:
-        admission = session_admission(session)
-        return admission is not None and admission.allowed
+        conn = connection_of(session)
+        return conn is not None and self.authz.service.enforcer.revoked(conn) is None
 
     async def _handle_client_session(
         self,
@@ -145,17 +165,24 @@ class HardenedBroker(Broker):
                     break
                 await asyncio.sleep(1)
 
+        conn = connection_of(client_session)
+        assert conn is not None
         handler.attach(client_session, reader, writer)
         self._sessions[client_session.client_id] = (client_session, handler)  # type: ignore[index]
-        await handler.mqtt_connack_authorize(True)
-        await self.plugins_manager.fire_event(
-            BrokerEvents.CLIENT_CONNECTED, client_id=client_session.client_id, client_session=client_session
-        )
-        await handler.start()
-        await self._publish_session_retained_messages(client_session)
-        for subscription in self._own_filters(client_session):
-            await self._publish_retained_messages_for_subscription(subscription, client_session)
-        await self._client_message_loop(client_session, handler)
+        self._connections[conn] = _Connection(client_session, handler)
+        try:
+            await handler.mqtt_connack_authorize(True)
+            await self.plugins_manager.fire_event(
+                BrokerEvents.CLIENT_CONNECTED, client_id=client_session.client_id, client_session=client_session
+            )
+            await handler.start()
+            await self._publish_session_retained_messages(client_session)
+            for subscription in self._own_filters(client_session):
+                await self._publish_retained_messages_for_subscription(subscription, client_session)
+            await self._client_message_loop(client_session, handler)
+        finally:
+            self._connections.pop(conn, None)
+            self.authz.service.closed(conn)
 
     async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
         """amqtt's loop without ``logger.debug(repr(self._subscriptions))`` after every SUBSCRIBE: that
@@ -217,7 +244,7 @@ class HardenedBroker(Broker):
         tasks = [
             asyncio.ensure_future(handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True))
             for topic, retained in list(self._retained_messages.items())
-            if self._matches(topic, topic_filter) and self.authz.allows(session, "receive", topic)
+            if matches(topic_filter, topic) and self.authz.allows(session, "receive", topic, "retained")
         ]
         if tasks:
             await asyncio.wait(tasks)
@@ -230,7 +257,7 @@ class HardenedBroker(Broker):
         tasks = []
         while not session.retained_messages.empty():
             queued = session.retained_messages.get_nowait()
-            if self.authz.allows(session, "receive", queued.topic):
+            if self.authz.allows(session, "receive", queued.topic, "queued"):
                 tasks.append(asyncio.ensure_future(handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=True)))
         if tasks:
             await asyncio.wait(tasks)
@@ -238,8 +265,15 @@ class HardenedBroker(Broker):
     # -- will: checked again when it would be published (hole 2) ----------------------------
 
     async def _handle_disconnect(self, client_session: Session, handler: BrokerProtocolHandler, disconnect_waiter: Any) -> None:
+        conn = next((c for c, live in self._connections.items() if live.handler is handler), None)
+        if conn is not None and self.authz.service.enforcer.connection_of(client_session.client_id or "") != conn:
+            # A superseded connection of a resumed session: the session, its will and its state now belong to
+            # the new connection, so this one only stops (amqtt would publish the new will and mark the
+            # session disconnected under the new connection).
+            await self._stop_handler(handler)
+            return
         if client_session.will_flag and not (
-            client_session.will_topic and self.authz.allows(client_session, "publish", client_session.will_topic)
+            client_session.will_topic and self.authz.allows(client_session, "will", client_session.will_topic)
         ):
             log.warning("will of %s on %r suppressed: not permitted", client_session.client_id, client_session.will_topic)
             client_session.will_flag = False
@@ -321,13 +355,25 @@ class HardenedBroker(Broker):
         log.warning("a client handler did not stop; abandoning it")
         stopping.cancel()
 
-    # -- revocation on reload -----------------------------------------------------------
+    # -- carrying out the core's disconnects ----------------------------------------------------
 
-    async def revoke_session(self, client_id: str, reason: str) -> None:
-        """End a session the policy no longer admits: no will, no kept subscriptions or queue."""
-        session, _ = self._sessions.get(client_id, (None, None))
-        if session is None:
+    async def _close_connection(self, conn: ConnId) -> None:
+        """Close one connection's socket; the core already denies it everything."""
+        live = self._connections.get(conn)
+        if live is not None:
+            await self._stop_handler(live.handler)
+
+    async def _carry_out(self, action: Disconnect | DropSession) -> None:
+        """End what the policy no longer admits: no will, no kept subscriptions or queue."""
+        if isinstance(action, DropSession):
+            session, _ = self._sessions.get(action.client_id, (None, None))
+            if session is not None and session.transitions.state != "connected":
+                await self._cleanup_session(action.client_id)
             return
-        session.will_flag = False
-        session.attributes[SESSION_KEY] = None
-        await self._cleanup_session(client_id)
+        live = self._connections.get(action.conn)
+        if live is not None:
+            live.session.will_flag = False
+        session, _ = self._sessions.get(action.client_id, (None, None))
+        if session is not None and connection_of(session) == action.conn:
+            await self._cleanup_session(action.client_id)
+        await self._close_connection(action.conn)

@@ -101,7 +101,7 @@ def make_broker(test_pki: TestPki, policy_dir: Path) -> Iterator[Callable[..., B
         plugin = thread.plugin
         thread.stop()
         # Casbin's enforce gave the same decision and deciding rule as the PDP on every request.
-        assert plugin.pdp.casbin_mismatches == 0
+        assert plugin.service.pdp.casbin_mismatches == 0
 
 
 @pytest.fixture

@@ -135,8 +135,8 @@ class BrokerThread:
     def wait_reload(self, after: int, timeout: float = WAIT) -> None:
         """Wait until the plugin has made a reload attempt beyond ``after``."""
         plugin = self.plugin
-        with plugin.reload_condition:
-            if not plugin.reload_condition.wait_for(lambda: plugin.reload_attempts > after, timeout):
+        with plugin.service.reload_condition:
+            if not plugin.service.reload_condition.wait_for(lambda: plugin.service.reload_attempts > after, timeout):
                 raise AssertionError("no reload attempt within the bound")
 
     def stop(self) -> None:

@@ -25,8 +25,8 @@ def test_every_decision_of_a_scripted_session_is_recorded(broker, connect, test_
     sensor.publish("sites/plant-a/sensor-1/nope", b"n")
     sensor.publish("sites/plant-a/sensor-1/telemetry", b"t")  # delivered, so the denied one was handled before
     assert dashboard.next_message().payload == b"t"
-    revision = broker.plugin.pdp.snapshot.revision
-    node = broker.plugin.node_id
+    revision = broker.plugin.service.pdp.snapshot.revision
+    node = broker.plugin.service.node_id
     broker.stop()  # graceful: everything captured is flushed
     records = records_of(policy_dir.parent / "assertions.db")
 
@@ -135,7 +135,7 @@ def test_killed_writer_process_is_restarted_without_loss(broker, connect, policy
     for i in range(10):
         sensor.publish("sites/plant-a/sensor-1/telemetry", f"a{i}".encode(), qos=1)
     assert len([dashboard.next_message() for _ in range(10)]) == 10
-    writer = broker.plugin.recorder.writer
+    writer = broker.plugin.service.recorder.writer
     writer.proc.kill()  # the assertion writer process crashes
     for i in range(10):
         sensor.publish("sites/plant-a/sensor-1/telemetry", f"b{i}".encode(), qos=1)

@@ -55,7 +55,7 @@ def test_2_will_no_longer_permitted_is_neither_delivered_nor_retained(broker, co
     root = connect("root-1")
     assert root.subscribe("sites/#") == 0
     sensor = connect("sensor-1", will=("sites/plant-a/sensor-1/status", b"offline", 1, True))
-    attempts = broker.plugin.reload_attempts
+    attempts = broker.plugin.service.reload_attempts
     policy = policy_dir / "policy.csv"
     policy.write_text(policy.read_text().replace("p, sensor-will,", "# p, sensor-will,"))
     broker.wait_reload(attempts)
@@ -231,7 +231,7 @@ def test_queued_message_not_delivered_after_receive_is_revoked(broker, connect, 
     root.publish("a/x", b"queued, then denied", qos=1)
     root.publish("a/y", b"queued, still allowed", qos=1)
     _wait_until(broker, lambda: sessions["lab-1"][0].retained_messages.qsize() == 2, "both queued")
-    attempts = broker.plugin.reload_attempts
+    attempts = broker.plugin.service.reload_attempts
     policy = policy_dir / "policy.csv"
     policy.write_text(policy.read_text() + "p, no-a-x, *, *, *, a/x, receive, deny\n")
     broker.wait_reload(attempts)

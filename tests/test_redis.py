@@ -32,7 +32,7 @@ def test_l2_is_shared_by_brokers_on_one_redis(make_broker, test_pki, shared_redi
     # The second broker warms its L1 from L2 when the device connects there, before any decision.
     client = Client(second.port, "sensor-1", test_pki.device("sensor-1"), test_pki.ca_file)
     assert client.connect() == 0
-    l1 = second.plugin.pdp.snapshot.l1
+    l1 = second.plugin.service.pdp.snapshot.l1
     wait_for(lambda: second.run(lambda: len(l1)) >= 2, "second broker's L1 warmed from L2")
     client.close()
 
@@ -83,7 +83,7 @@ def broker_settings(own_redis):
 def test_decisions_survive_redis_outage_and_broker_reconnects(broker, connect, own_redis, caplog):
     caplog.set_level(logging.INFO, logger="mqtt_pdp.redis")
     plugin = broker.plugin
-    wait_for(lambda: broker.run(plugin.bus.subscribed.is_set), "bus subscribed")
+    wait_for(lambda: broker.run(plugin.service.bus.subscribed.is_set), "bus subscribed")
     dashboard = connect("dash-1")
     assert dashboard.subscribe("sites/plant-a/#") == 0
     sensor = connect("sensor-1")
@@ -99,10 +99,10 @@ def test_decisions_survive_redis_outage_and_broker_reconnects(broker, connect, o
     assert dashboard.subscribe("sites/plant-b/#") == 0x80
     late = connect("sensor-2")  # connects need no Redis either
     assert late.subscribe("sites/plant-b/sensor-2/cmd") == 0
-    wait_for(lambda: not broker.run(lambda: plugin.redis.available), "outage noticed")
+    wait_for(lambda: not broker.run(lambda: plugin.service.redis.available), "outage noticed")
 
     own_redis.start()
-    wait_for(lambda: broker.run(lambda: plugin.redis.available and plugin.bus.subscribed.is_set()), "reconnected")
+    wait_for(lambda: broker.run(lambda: plugin.service.redis.available and plugin.service.bus.subscribed.is_set()), "reconnected")
     sensor.publish("sites/plant-a/sensor-1/after", b"x")  # a fresh decision, written to L2 once Redis is back
     server = redis.Redis(port=own_redis.port)
     wait_for(lambda: any(b"publish\x00sites/plant-a/sensor-1/after" in server.hgetall(k) for k in server.scan_iter("fault:l2:*")),

@@ -8,7 +8,7 @@ from tests.conftest import DEVICES, registry_yaml
 
 
 def edit(broker, path, new_text: str) -> None:
-    attempts = broker.plugin.reload_attempts
+    attempts = broker.plugin.service.reload_attempts
     path.write_text(new_text)
     broker.wait_reload(attempts)
 
@@ -20,7 +20,7 @@ def test_policy_edit_applies_without_restart(broker, connect, policy_dir):
     sensor.publish("sites/plant-a/sensor-1/debug", b"before: denied")
     policy = policy_dir / "policy.csv"
     edit(broker, policy, policy.read_text() + "p, sensor-debug, sensor, *, *, sites/{location}/{device_id}/debug, publish, allow\n")
-    assert broker.plugin.pdp.last_error is None
+    assert broker.plugin.service.pdp.last_error is None
     sensor.publish("sites/plant-a/sensor-1/debug", b"after: allowed")
     assert [m.payload for m in dashboard.messages_until("sites/plant-a/sensor-1/debug")] == [b"after: allowed"]
 
@@ -42,10 +42,10 @@ def test_broken_policy_rejected_old_policy_stays(broker, connect, policy_dir, ba
     policy = policy_dir / "policy.csv"
     good = policy.read_text()
     assert len(good.splitlines()) == 20
-    revision = broker.plugin.pdp.snapshot.revision
+    revision = broker.plugin.service.pdp.snapshot.revision
     edit(broker, policy, good + bad_line + "\n")
-    assert message in (broker.plugin.pdp.last_error or "")
-    assert broker.plugin.pdp.snapshot.revision == revision
+    assert message in (broker.plugin.service.pdp.last_error or "")
+    assert broker.plugin.service.pdp.snapshot.revision == revision
     sensor.publish("sites/plant-a/sensor-1/telemetry", b"old policy in force")
     assert dashboard.next_message().payload == b"old policy in force"
 
@@ -53,7 +53,7 @@ def test_broken_policy_rejected_old_policy_stays(broker, connect, policy_dir, ba
 def test_broken_registry_rejected_with_line(broker, connect, policy_dir):
     registry = policy_dir / "devices.yaml"
     edit(broker, registry, registry.read_text().replace("status: active", "status: enabled", 1))
-    assert "devices.yaml:7: status 'enabled' is not one of provisioned, active, suspended, retired" in broker.plugin.pdp.last_error
+    assert "devices.yaml:7: status 'enabled' is not one of provisioned, active, suspended, retired" in broker.plugin.service.pdp.last_error
     connect("sensor-1", expect=0)
 
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,11 +24,11 @@ class CliError(Exception):
 
 def _pdp_paths(args: argparse.Namespace) -> tuple[str, str, str, dict[str, Any]]:
     """model, policy, registry and the plugin settings, from -c and the explicit overrides."""
-    from broker_plugin.plugin import DeviceAuthorizationPlugin
     from pdp.runtime.config import settings_of
+    from pdp.runtime.settings import ServiceSettings
 
     settings = settings_of(args.config)
-    defaults = DeviceAuthorizationPlugin.Config()
+    defaults = ServiceSettings()
     model = args.model or settings.get("model", defaults.model)
     policy = args.policy or settings.get("policy", defaults.policy)
     registry = args.registry or settings.get("registry", defaults.registry)
@@ -139,45 +137,26 @@ def cmd_pki(args: argparse.Namespace) -> int:
 # -- broker ---------------------------------------------------------------------------------
 
 
-async def _run_broker(config: dict[str, Any]) -> None:
-    from broker_plugin.broker import HardenedBroker
-
-    broker = HardenedBroker(config)
-    await broker.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    for name, server in broker._servers.items():
-        for sock in getattr(server.instance, "sockets", []) or []:
-            log.info("listener %s on %s", name, sock.getsockname()[:2])
-    await stop.wait()
-    log.info("shutting down")
-    await broker.shutdown()
-
-
 def cmd_broker(args: argparse.Namespace) -> int:
-    from amqtt.errors import AMQTTError, BrokerError, PluginError, PluginLoadError
-
-    from broker_plugin.plugin import DeviceAuthorizationPlugin
+    from broker_plugin.run import BrokerFailed, run_broker
+    from pdp.runtime.settings import ServiceSettings
     from pdp.runtime.config import load_broker_config, plugin_settings
     from pdp.policy.load import load_policy
     from pdp.registry.file import load_registry
 
     config = load_broker_config(args.config)
     settings = plugin_settings(config)
-    unknown = set(settings) - set(DeviceAuthorizationPlugin.Config.__dataclass_fields__)
+    unknown = set(settings) - set(ServiceSettings.__dataclass_fields__)
     if unknown:
         raise CliError(f"{args.config}: unknown plugin settings: {', '.join(sorted(unknown))}")
-    defaults = DeviceAuthorizationPlugin.Config()
+    defaults = ServiceSettings()
     load_policy(settings.get("model", defaults.model), settings.get("policy", defaults.policy))
     load_registry(settings.get("registry", defaults.registry))
     _check_tls_files(args.config, config)
     try:
-        asyncio.run(_run_broker(config))
-    except (AMQTTError, BrokerError, PluginError, PluginLoadError, OSError, ValueError) as exc:
-        cause = exc.__cause__ or exc
-        raise CliError(f"broker failed: {cause}") from None
+        run_broker(config)
+    except BrokerFailed as exc:
+        raise CliError(f"broker failed: {exc}") from None
     return 0
 
 

@@ -82,6 +82,7 @@ class DecisionPoint:
         self.casbin_mismatches = 0
         self.last_error: str | None = None
         self.recorder: Recorder | None = None
+        self._load_seconds = 0.0
 
     def admit(self, request: ConnectRequest, now: datetime | None = None) -> Admission:
         snap = self.snapshot
@@ -133,8 +134,15 @@ class DecisionPoint:
             return "device attributes changed"
         return None
 
-    def reload_if_changed(self) -> bool | None:
-        """Reload when a file changed: True when swapped, False when rejected, None when unchanged."""
+    @property
+    def revision(self) -> str:
+        return self.snapshot.revision
+
+    def load_if_changed(self) -> Snapshot | bool | None:
+        """A new snapshot when a file changed (not yet in force), False when it was rejected, None when unchanged.
+
+        Safe to run in a worker thread: it reads files and builds, and swaps nothing.
+        """
         signature = _signature(self._paths)
         if signature == self._signature:
             return None
@@ -146,8 +154,12 @@ class DecisionPoint:
             self.last_error = str(exc)
             log.error("policy reload rejected, previous version stays in force: %s", exc)
             return False
+        self._load_seconds = time.perf_counter() - started
+        return snapshot
+
+    def swap(self, snapshot: Snapshot) -> None:
+        """Put a loaded snapshot in force; the caller re-judges live sessions in the same synchronous step."""
         self.snapshot = snapshot
         self.last_error = None
         log.info("policy reloaded: revision %s (%d rules, %d devices) in %.3f s", snapshot.revision,
-                 len(snapshot.policy.rules), len(snapshot.registry), time.perf_counter() - started)
-        return True
+                 len(snapshot.policy.rules), len(snapshot.registry), self._load_seconds)

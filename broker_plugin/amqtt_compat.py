@@ -1,0 +1,115 @@
+"""Every use of amqtt, in one place, with a start-up check that amqtt still has the shape we patch.
+
+The hardened broker overrides private methods of ``amqtt.broker.Broker`` and
+reads private state (sessions, subscriptions, retained messages). A new amqtt
+could rename or reshape any of them without a crash, silently removing a
+security property; ``check_amqtt`` refuses to start the broker unless the
+version is the pinned one *and* every private member we touch exists with the
+parameters we expect. Nothing outside ``broker_plugin`` imports amqtt.
+"""
+
+from __future__ import annotations
+
+import inspect
+from importlib.metadata import version
+
+from amqtt.adapters import ReaderAdapter, WriterAdapter
+from amqtt.broker import Broker, RetainedApplicationMessage
+from amqtt.contexts import Action, ListenerConfig
+from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError, PluginError, PluginLoadError
+from amqtt.events import BrokerEvents
+from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.constants import QOS_1, QOS_2
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.session import OutgoingApplicationMessage, Session
+from amqtt.utils import format_client_message, gen_client_id
+from transitions import MachineError
+
+__all__ = [
+    "AMQTT_VERSION", "AMQTTError", "Action", "BaseAuthPlugin", "BaseTopicPlugin", "Broker", "BrokerError",
+    "BrokerEvents", "BrokerProtocolHandler", "ConnackPacket", "ListenerConfig", "MQTTError", "MachineError",
+    "NOT_AUTHORIZED", "NoDataError", "OutgoingApplicationMessage", "PluginError", "PluginLoadError", "QOS_1",
+    "QOS_2", "ReaderAdapter", "RetainedApplicationMessage", "Session", "WriterAdapter", "check_amqtt",
+    "format_client_message", "gen_client_id", "BROKER_ERRORS",
+]
+
+AMQTT_VERSION = "0.12.1"
+# What `mqtt-pdp broker` reports as one line instead of a traceback.
+BROKER_ERRORS = (AMQTTError, BrokerError, PluginError, PluginLoadError)
+
+# Private methods of Broker we override or call, with the parameter names our code relies on.
+BROKER_METHODS: dict[str, tuple[str, ...]] = {
+    "_create_ssl_context": ("listener",),
+    "_initialize_client_session": ("self", "reader", "writer", "remote_address", "remote_port"),
+    "_handle_client_session": ("self", "reader", "writer", "client_session", "handler", "server", "listener_name"),
+    "_client_message_loop": ("self", "client_session", "handler"),
+    "_authenticate": ("self", "session", "_"),
+    "_topic_filtering": ("self", "session", "topic", "action"),
+    "_handle_disconnect": ("self", "client_session", "handler", "disconnect_waiter"),
+    "_handle_subscription": ("self", "client_session", "handler", "subscribe_waiter"),
+    "_handle_unsubscription": ("self", "client_session", "handler", "unsubscribe_waiter"),
+    "_handle_message_delivery": ("self", "client_session", "handler", "wait_deliver"),
+    "_publish_retained_messages_for_subscription": ("self", "subscription", "session"),
+    "_publish_session_retained_messages": ("self", "session"),
+    "add_subscription": ("self", "subscription", "session"),
+    "_del_subscription": ("self", "a_filter", "session"),
+    "_del_all_subscriptions": ("self", "session"),
+    "_run_broadcast": ("self", "running_tasks"),
+    "_retain_broadcast_message": ("self", "broadcast", "qos", "target_session"),
+    "_stop_handler": ("self", "handler"),
+    "_cleanup_session": ("self", "client_id"),
+    "_delete_session": ("self", "client_id"),
+    "_get_handler": ("self", "session"),
+    "_matches": ("self", "topic", "a_filter"),
+    "retain_message": ("self", "source_session", "topic_name", "data", "qos"),
+}
+# Private state of a Broker instance we read or change.
+BROKER_STATE = ("_sessions", "_subscriptions", "_retained_messages", "_broadcast_queue", "_servers",
+                "plugins_manager", "listeners_config", "config")
+HANDLER_METHODS = ("init_from_connect", "attach", "mqtt_connack_authorize", "start", "stop", "mqtt_publish",
+                   "handle_connection_closed", "wait_disconnect", "get_next_pending_subscription",
+                   "get_next_pending_unsubscription", "mqtt_deliver_next_message")
+SESSION_FIELDS = ("client_id", "clean_session", "will_flag", "will_message", "will_topic", "will_qos",
+                  "will_retain", "keep_alive", "username", "password", "remote_address", "remote_port",
+                  "ssl_object", "attributes", "retained_messages", "transitions", "parent", "is_anonymous")
+RETAINED_FIELDS = ("source_session", "topic", "data", "qos")
+
+
+def amqtt_shape_problems(installed_version: str | None = None) -> list[str]:
+    """Every way the installed amqtt differs from what the hardened broker patches; empty when it matches."""
+    problems = []
+    installed = installed_version or version("amqtt")
+    if installed != AMQTT_VERSION:
+        problems.append(f"amqtt {installed} is installed, the hardened broker patches amqtt {AMQTT_VERSION}")
+    for name, expected in BROKER_METHODS.items():
+        member = getattr(Broker, name, None)
+        if member is None or not callable(member):
+            problems.append(f"Broker.{name} is missing")
+            continue
+        params = tuple(inspect.signature(member).parameters)
+        if params != expected:
+            problems.append(f"Broker.{name} takes {params}, expected {expected}")
+    init_source = inspect.getsource(Broker.__init__)
+    for name in BROKER_STATE:
+        if f"self.{name}" not in init_source and not hasattr(Broker, name):
+            problems.append(f"Broker no longer sets {name}")
+    for name in HANDLER_METHODS:
+        if not callable(getattr(BrokerProtocolHandler, name, None)):
+            problems.append(f"BrokerProtocolHandler.{name} is missing")
+    session = Session()
+    for name in SESSION_FIELDS:
+        if not hasattr(session, name):
+            problems.append(f"Session has no {name}")
+    retained = RetainedApplicationMessage(None, "t", b"x", 0)
+    for name in RETAINED_FIELDS:
+        if not hasattr(retained, name):
+            problems.append(f"RetainedApplicationMessage has no {name}")
+    return problems
+
+
+def check_amqtt() -> None:
+    """Refuse to run the hardened broker on an amqtt whose internals are not the ones we patch."""
+    problems = amqtt_shape_problems()
+    if problems:
+        raise BrokerError("HardenedBroker cannot run on this amqtt: " + "; ".join(problems))

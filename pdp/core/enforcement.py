@@ -1,0 +1,311 @@
+"""When a check happens, and what follows from it: the enforcement core, in the sans-I/O style of h11.
+
+A broker turns what happens on its sockets into events (a connection asks to be
+admitted, a subscription is requested, a message is about to be delivered, the
+policy snapshot was swapped, the clock moved) and feeds them to ``Enforcer.handle``,
+which returns actions (admit, refuse, a verdict on one request, disconnect a
+connection, drop an offline session). The core does no I/O and never awaits, so
+every rule about *when* a check happens is decided here, synchronously, and can
+be tested in microseconds without a broker:
+
+* connect: identity, registry and will are judged before any session is touched
+  (amqtt hole 3); one connection per client id: a new admitted connection
+  supersedes the previous one, which is denied everything from that moment.
+* subscribe, publish, every delivery (live, retained and queued), and the will
+  when it would be published (holes 1, 2, 4, 5): each is a verdict of the
+  current snapshot for the connection's own admission.
+* snapshot swapped: in the same synchronous step, every connection and offline
+  session the new snapshot no longer admits is marked revoked, so no decision
+  after the swap uses stale attributes; disconnection follows as actions.
+* clock: a connection whose certificate's notAfter has passed is revoked.
+
+What the snapshot says (admission, decisions, why an admission lapsed) comes
+from an ``Authority``; the core decides when to ask it and what follows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal, Protocol
+
+from pdp.core.admission import Admission, ConnectRequest
+from pdp.core.engine import Decision
+from pdp.registry.file import Device
+
+ConnId = int
+Origin = Literal["live", "retained", "queued"]
+SESSION_TIER = "session"  # verdicts given by the core itself, without asking the policy
+
+
+class Authority(Protocol):
+    """The current policy and registry snapshot, as the core needs it (``pdp.runtime.decision_point``)."""
+
+    def admit(self, request: ConnectRequest, now: datetime | None = None) -> Admission: ...
+
+    def lookup(self, device: Device, action: str, topic: str) -> tuple[Decision, str, str]:
+        """The decision, the tier that answered it and the snapshot revision."""
+        ...
+
+    def revocation_reason(self, admission: Admission) -> str | None: ...
+
+    @property
+    def revision(self) -> str: ...
+
+
+# -- events ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectRequested:
+    conn: ConnId
+    request: ConnectRequest
+    now: datetime
+    persistent: bool = False  # clean_session = 0: the session outlives the connection
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeRequested:
+    conn: ConnId
+    topic_filter: str
+
+
+@dataclass(frozen=True, slots=True)
+class PublishReceived:
+    conn: ConnId
+    topic: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryDue:
+    conn: ConnId
+    topic: str
+    origin: Origin = "live"
+
+
+@dataclass(frozen=True, slots=True)
+class WillDue:
+    conn: ConnId
+    topic: str
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotSwapped:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ClockTick:
+    now: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    conn: ConnId
+
+
+Event = (ConnectRequested | SubscribeRequested | PublishReceived | DeliveryDue | WillDue | SnapshotSwapped
+         | ClockTick | ConnectionClosed)
+
+# -- actions --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    conn: ConnId
+    admission: Admission
+    revision: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    conn: ConnId
+    admission: Admission
+    revision: str
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The answer to one publish, subscribe, receive or will: carry it out (``allowed``) or drop it."""
+
+    conn: ConnId
+    action: str
+    topic: str
+    decision: Decision
+    tier: str
+    revision: str
+
+    @property
+    def allowed(self) -> bool:
+        return self.decision.allowed
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """Close this connection now; it has already been denied everything since the event that caused this."""
+
+    conn: ConnId
+    client_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class DropSession:
+    """Delete the offline persistent session of this client id: subscriptions and queued messages included."""
+
+    client_id: str
+    reason: str
+
+
+Action = Admitted | Refused | Verdict | Disconnect | DropSession
+
+# -- state ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Connection:
+    client_id: str
+    admission: Admission
+    persistent: bool
+    revoked: str | None = None  # why this connection may do nothing any more
+    online: bool = True  # False: the socket closed, the persistent session waits (messages are queued for it)
+
+
+@dataclass
+class Enforcer:
+    """One broker's connections and offline sessions, and the rules for when each is checked."""
+
+    authority: Authority
+    _connections: dict[ConnId, _Connection] = field(default_factory=dict)
+    _live: dict[str, ConnId] = field(default_factory=dict)  # client id -> its one admitted connection
+    _offline: dict[str, ConnId] = field(default_factory=dict)  # client id -> the last connection of its offline session
+
+    def handle(self, event: Event) -> list[Action]:
+        handler = _HANDLERS[type(event)]
+        return handler(self, event)
+
+    # -- queries (for the shell's bookkeeping and for tests) ---------------------------------
+
+    def admission_of(self, conn: ConnId) -> Admission | None:
+        state = self._connections.get(conn)
+        return state.admission if state is not None else None
+
+    def revoked(self, conn: ConnId) -> str | None:
+        """Why the connection may do nothing (revoked, superseded, unknown), or None while it is admitted."""
+        state = self._connections.get(conn)
+        if state is None:
+            return "connection not admitted"
+        return state.revoked
+
+    def connection_of(self, client_id: str) -> ConnId | None:
+        return self._live.get(client_id)
+
+    def connections(self) -> Iterable[ConnId]:
+        return tuple(self._connections)
+
+    def offline_sessions(self) -> Iterable[str]:
+        return tuple(self._offline)
+
+    def is_online(self, conn: ConnId) -> bool:
+        state = self._connections.get(conn)
+        return state is not None and state.online
+
+    # -- the fast path: one verdict ------------------------------------------------------------
+
+    def verdict(self, conn: ConnId, action: str, topic: str) -> Verdict:
+        """A verdict for an admitted connection's request; anything not admitted now is refused."""
+        state = self._connections.get(conn)
+        if state is None or state.revoked is not None or state.admission.device is None:
+            reason = state.revoked if state is not None and state.revoked else "connection not admitted"
+            return Verdict(conn, action, topic, Decision(False, None, reason), SESSION_TIER, self.authority.revision)
+        decision, tier, revision = self.authority.lookup(state.admission.device, action, topic)
+        return Verdict(conn, action, topic, decision, tier, revision)
+
+    # -- event handlers --------------------------------------------------------------------------
+
+    def _connect(self, event: ConnectRequested) -> list[Action]:
+        admission = self.authority.admit(event.request, event.now)
+        revision = self.authority.revision
+        if not admission.allowed:
+            return [Refused(event.conn, admission, revision)]
+        client_id = event.request.client_id
+        actions: list[Action] = []
+        previous = self._live.get(client_id)
+        if previous is not None and previous != event.conn:
+            # [MQTT-3.1.4-2]: the existing connection of this client id goes first, and may do nothing from now on.
+            self._connections[previous].revoked = "superseded by a new connection of the same client id"
+            actions.append(Disconnect(previous, client_id, "superseded by a new connection of the same client id"))
+        offline = self._offline.pop(client_id, None)
+        if offline is not None:
+            del self._connections[offline]  # the session continues (or is replaced) under the new connection
+        self._connections[event.conn] = _Connection(client_id, admission, event.persistent)
+        self._live[client_id] = event.conn
+        actions.append(Admitted(event.conn, admission, revision))
+        return actions
+
+    def _subscribe(self, event: SubscribeRequested) -> list[Action]:
+        return [self.verdict(event.conn, "subscribe", event.topic_filter)]
+
+    def _publish(self, event: PublishReceived) -> list[Action]:
+        return [self.verdict(event.conn, "publish", event.topic)]
+
+    def _deliver(self, event: DeliveryDue) -> list[Action]:
+        # Live, retained and queued messages alike are receives of the current snapshot (holes 1, 4).
+        return [self.verdict(event.conn, "receive", event.topic)]
+
+    def _will(self, event: WillDue) -> list[Action]:
+        # Checked when published, not only at connect: the policy may have changed meanwhile (hole 2).
+        return [self.verdict(event.conn, "publish", event.topic)]
+
+    def _swapped(self, _: SnapshotSwapped) -> list[Action]:
+        actions: list[Action] = []
+        reason_for = self.authority.revocation_reason
+        for conn, state in list(self._connections.items()):
+            if state.revoked is not None:
+                continue
+            reason = reason_for(state.admission)
+            if reason is None:
+                continue
+            state.revoked = reason  # before any await of the shell: no decision uses stale attributes
+            if state.online:
+                actions.append(Disconnect(conn, state.client_id, reason))
+            else:
+                del self._connections[conn]
+                del self._offline[state.client_id]
+                actions.append(DropSession(state.client_id, reason))
+        return actions
+
+    def _tick(self, event: ClockTick) -> list[Action]:
+        actions: list[Action] = []
+        for conn, state in self._connections.items():
+            identity = state.admission.identity
+            if state.online and state.revoked is None and identity is not None and identity.certificate.not_after <= event.now:
+                state.revoked = "certificate expired"
+                actions.append(Disconnect(conn, state.client_id, "certificate expired"))
+        return actions
+
+    def _closed(self, event: ConnectionClosed) -> list[Action]:
+        state = self._connections.get(event.conn)
+        if state is None or not state.online:
+            return []
+        if self._live.get(state.client_id) == event.conn:
+            del self._live[state.client_id]
+            if state.persistent and state.revoked is None:
+                state.online = False  # still judged: messages are queued for the session by its admission
+                self._offline[state.client_id] = event.conn
+                return []
+        del self._connections[event.conn]
+        return []
+
+
+_HANDLERS = {
+    ConnectRequested: Enforcer._connect,
+    SubscribeRequested: Enforcer._subscribe,
+    PublishReceived: Enforcer._publish,
+    DeliveryDue: Enforcer._deliver,
+    WillDue: Enforcer._will,
+    SnapshotSwapped: Enforcer._swapped,
+    ClockTick: Enforcer._tick,
+    ConnectionClosed: Enforcer._closed,
+}

@@ -1,0 +1,256 @@
+"""The authorization service a broker runs: the enforcement core wired to snapshots, caches, Redis and evidence.
+
+The broker glue (``broker_plugin``) turns amqtt's calls into the calls below and
+carries out what comes back (close a connection, drop an offline session).
+Everything here is independent of amqtt, so the same service could sit in
+another broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime, timezone
+from time import perf_counter_ns
+from typing import Any
+
+from pdp.core.admission import Admission, ConnectRequest
+from pdp.core.enforcement import (
+    ClockTick,
+    ConnectionClosed,
+    ConnectRequested,
+    ConnId,
+    DeliveryDue,
+    Disconnect,
+    DropSession,
+    Enforcer,
+    Event,
+    Origin,
+    PublishReceived,
+    SnapshotSwapped,
+    SubscribeRequested,
+    Verdict,
+    WillDue,
+)
+from pdp.evidence.records import AssertionRecorder
+from pdp.evidence.writer import WriterProcess
+from pdp.registry.file import Device
+from pdp.runtime.bus import InvalidationBus
+from pdp.runtime.cache import RedisDecisionCache
+from pdp.runtime.decision_point import DecisionPoint, Snapshot
+from pdp.runtime.redis_link import RedisLink
+from pdp.runtime.retention import prune_forever
+from pdp.runtime.settings import ServiceSettings
+
+log = logging.getLogger("mqtt_pdp.service")
+
+# Carries out a Disconnect or DropSession in the broker; without one, revoked connections stay open but
+# are denied everything (the plugin under stock amqtt).
+Closer = Callable[[Disconnect | DropSession], Awaitable[None]]
+
+
+def _event(conn: ConnId, action: str, topic: str, origin: Origin) -> Event:
+    if action == "publish":
+        return PublishReceived(conn, topic)
+    if action == "subscribe":
+        return SubscribeRequested(conn, topic)
+    if action == "receive":
+        return DeliveryDue(conn, topic, origin)
+    if action == "will":
+        return WillDue(conn, topic)
+    raise ValueError(f"unknown action {action!r}")
+
+
+class AuthorizationService:
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self.pdp = DecisionPoint(settings.pdp_settings())
+        self.enforcer = Enforcer(self.pdp)
+        self.closer: Closer | None = None
+        self._conn_ids = itertools.count(1)
+        self._peers: dict[ConnId, tuple[str | None, str | None]] = {}  # client id and peer, for the records
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reload_lock = asyncio.Lock()
+        self.node_id = settings.node_id or socket.gethostname()
+        self.instance_id = f"{self.node_id}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.redis: RedisLink | None = None
+        self.l2: RedisDecisionCache | None = None
+        self.bus: InvalidationBus | None = None
+        if settings.redis_url:  # built now, so a bad URL or TTL stops the broker at start with one line
+            self.redis = RedisLink(settings.redis_url)
+            self.l2 = RedisDecisionCache(self.redis, settings.redis_prefix, settings.l2_ttl)
+            self.bus = InvalidationBus(self.redis, settings.redis_prefix, self.instance_id, self._on_event)
+        self.recorder: AssertionRecorder | None = None
+        if settings.assertions:  # last: it starts the writer process, so every other setting is checked first
+            self.recorder = self._make_recorder(settings)
+        # Lets tests and tools wait for a reload attempt instead of sleeping.
+        self.reload_attempts = 0
+        self.remote_reloads = 0
+        self.reload_condition = threading.Condition()
+
+    def _make_recorder(self, cfg: ServiceSettings) -> AssertionRecorder:
+        if cfg.assertion_stream and not cfg.redis_url:
+            raise ValueError("assertion_stream needs redis_url")
+        writer = WriterProcess({
+            "node": self.node_id, "spool_dir": cfg.spool_dir, "assertion_db": cfg.assertion_db,
+            "stream_url": cfg.redis_url if cfg.assertion_stream else "", "stream_prefix": cfg.redis_prefix,
+        })
+        return AssertionRecorder(writer)
+
+    # -- connections ------------------------------------------------------------------------
+
+    def new_connection(self) -> ConnId:
+        return next(self._conn_ids)
+
+    def connect(self, conn: ConnId, request: ConnectRequest, peer: str | None,
+                persistent: bool = False) -> tuple[Admission, list[Disconnect]]:
+        """Admit or refuse; the Disconnects returned (a previous connection of this client id) go first."""
+        actions = self.enforcer.handle(ConnectRequested(conn, request, datetime.now(timezone.utc), persistent))
+        outcome = actions[-1]
+        admission: Admission = outcome.admission  # type: ignore[union-attr]
+        self._peers[conn] = (request.client_id, peer)
+        if self.recorder is not None:
+            self.recorder.connect(admission, request.client_id, peer, self.pdp.revision)
+        if admission.allowed and admission.device is not None and self.l2 is not None:
+            self._spawn(self._warm(admission.device))
+        cert = admission.identity.certificate if admission.identity else admission.certificate
+        device_id = admission.identity.device_id if admission.identity else (
+            admission.device.device_id if admission.device else None)
+        fingerprint = cert.fingerprint_sha256 if cert else None
+        if admission.allowed:
+            log.info("connect accepted: client=%s device=%s fingerprint=%s peer=%s",
+                     request.client_id, device_id, fingerprint, peer)
+        else:
+            self._peers.pop(conn, None)
+            log.warning("connect refused: client=%s device=%s fingerprint=%s peer=%s reason=%s",
+                        request.client_id, device_id, fingerprint, peer, admission.reason)
+        superseded = [a for a in actions if isinstance(a, Disconnect)]
+        for action in superseded:
+            log.info("client %s reconnected: closing its previous connection", action.client_id)
+        return admission, superseded
+
+    def closed(self, conn: ConnId) -> None:
+        self.enforcer.handle(ConnectionClosed(conn))
+        self._peers.pop(conn, None)
+
+    def allows(self, conn: ConnId, action: str, topic: str, origin: Origin = "live") -> bool:
+        """One synchronous verdict, recorded; a connection that is not admitted now gets nothing."""
+        start = perf_counter_ns()
+        verdict: Verdict = self.enforcer.handle(_event(conn, action, topic, origin))[0]  # type: ignore[assignment]
+        if self.recorder is not None:
+            client_id, peer = self._peers.get(conn, (None, None))
+            self.recorder.decision(self.enforcer.admission_of(conn), client_id, peer, verdict.action, topic,
+                                   verdict.decision, verdict.tier, perf_counter_ns() - start, verdict.revision)
+        if not verdict.allowed and action != "receive":
+            log.info("%s %s %s denied: %s", self._peers.get(conn, (None,))[0], verdict.action, topic,
+                     verdict.decision.reason)
+        elif log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s %s %s: %s", self._peers.get(conn, (None,))[0], verdict.action, topic,
+                      "allowed" if verdict.allowed else "denied", verdict.decision.reason)
+        return verdict.allowed
+
+    # -- background: reloads, clock, Redis, retention ---------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def start(self) -> None:
+        cfg = self.settings
+        self._spawn(self._watch())
+        if self.recorder is not None:
+            self.recorder.start()
+        if self.recorder is not None and cfg.retention_days > 0 and cfg.assertion_db:
+            self._spawn(prune_forever(cfg.assertion_db, cfg.retention_days))
+        if self.l2 is not None and self.bus is not None:
+            l2 = self.l2
+            self.pdp.recorder = lambda rev, device, action, topic, decision: l2.record(
+                rev, device.revision, action, topic, decision)
+            self._spawn(self.l2.run())
+            self._spawn(self.bus.run())
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reload_interval)
+            await self.reload(announce=True)
+            await self._carry_out(self.enforcer.handle(ClockTick(datetime.now(timezone.utc))))
+
+    async def reload(self, announce: bool) -> bool | None:
+        """Reload changed files, end what the new snapshot no longer admits, and tell the other brokers."""
+        async with self._reload_lock:
+            try:
+                loaded = await asyncio.to_thread(self.pdp.load_if_changed)
+                result = loaded if loaded is None or loaded is False else True
+                if isinstance(loaded, Snapshot):
+                    # Swap and revoke in one synchronous step: no decision after the swap sees stale attributes.
+                    self.pdp.swap(loaded)
+                    revocations = self.enforcer.handle(SnapshotSwapped())
+                    await self._carry_out(revocations)
+                    if announce and self.bus is not None:
+                        await self.bus.publish({"type": "reload", "revision": self.pdp.revision})
+            except Exception:  # the watcher must outlive any single bad reload
+                log.exception("policy reload failed")
+                result = False
+        if result is not None:
+            with self.reload_condition:
+                self.reload_attempts += 1
+                self.reload_condition.notify_all()
+        return result
+
+    async def _carry_out(self, actions: Sequence[Any]) -> None:
+        for action in actions:
+            if isinstance(action, Disconnect):
+                admission = self.enforcer.admission_of(action.conn)
+                log.warning("session revoked: client=%s device=%s reason=%s", action.client_id,
+                            admission.device.device_id if admission and admission.device else None, action.reason)
+            elif isinstance(action, DropSession):
+                log.warning("offline session dropped: client=%s reason=%s", action.client_id, action.reason)
+            else:
+                continue
+            if self.closer is not None:
+                await self.closer(action)
+
+    async def _on_event(self, event: dict[str, Any]) -> None:
+        result = await self.reload(announce=False)
+        if result:
+            self.remote_reloads += 1
+        revision = event.get("revision")
+        if result is None and revision and revision != self.pdp.revision:
+            log.warning("node %s announced revision %s but this node's files give %s; do the brokers share "
+                        "the policy files?", event.get("node"), revision, self.pdp.revision)
+
+    async def _warm(self, device: Device) -> None:
+        """Fill L1 with what any broker already decided for this device under the current policy."""
+        assert self.l2 is not None
+        snapshot = self.pdp.snapshot
+        self.pdp.warm(snapshot, device, await self.l2.fetch(snapshot.policy.revision, device.revision))
+
+    async def close(self) -> None:
+        if self.recorder is not None:
+            await self.recorder.close()
+        # Bounded: redis-py's asyncio clients can swallow a cancellation while closing a socket
+        # (seen at shutdown, Python 3.11), and a broker must still stop.
+        await finish(list(self._tasks), "background task")
+        if self.redis is not None:
+            closing = asyncio.ensure_future(self.redis.close())
+            if not (await asyncio.wait({closing}, timeout=2.0))[0]:
+                await finish([closing], "Redis connection close")
+
+
+async def finish(tasks: list[asyncio.Future[Any]], what: str, timeout: float = 2.0) -> None:
+    """Cancel ``tasks`` and wait for them, cancelling again if a cancellation was lost; give up after a bound."""
+    pending = {task for task in tasks if not task.done()}
+    for _ in range(3):
+        if not pending:
+            return
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=timeout)
+    log.warning("%d %s(s) did not stop at shutdown; abandoned", len(pending), what)

@@ -1,0 +1,53 @@
+"""The settings of the authorization service, as written under the plugin's section of the broker config.
+
+One dataclass is the schema: amqtt fills it from the ``plugins:`` section, the CLI
+checks a config file against its fields, and the service is built from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdp.core.admission import AdmissionSettings
+from pdp.core.identity import IdentitySettings
+from pdp.runtime.decision_point import PdpSettings
+
+
+@dataclass
+class ServiceSettings:
+    model: str = "policies/model.conf"
+    policy: str = "policies/policy.csv"
+    registry: str = "policies/devices.yaml"
+    trust_domain: str = "example.org"
+    identity_source: str = "uri-san"
+    client_id: str = "{device_id}"
+    require_client_certificate: bool = True
+    allow_plain_tcp: bool = False
+    reload_interval: float = 0.5
+    verify_with_casbin: bool = False
+    l1_size: int = 100_000
+    redis_url: str = ""
+    redis_prefix: str = "mqtt-pdp"
+    l2_ttl: int = 3600
+    node_id: str = ""  # names this broker in assertion records and their hash chain; default: host name
+    assertions: bool = True
+    assertion_db: str = "var/assertions.db"  # "" for none
+    assertion_stream: bool = False  # also append to a Redis Stream (needs redis_url)
+    spool_dir: str = "var/spool"
+    retention_days: float = 0  # prune the SQLite store of records older than this; 0 keeps everything
+
+    def pdp_settings(self) -> PdpSettings:
+        if self.reload_interval <= 0:
+            raise ValueError(f"reload_interval must be positive, got {self.reload_interval}")
+        return PdpSettings(
+            model_path=self.model,
+            policy_path=self.policy,
+            registry_path=self.registry,
+            admission=AdmissionSettings(
+                identity=IdentitySettings(trust_domain=self.trust_domain, source=self.identity_source),  # type: ignore[arg-type]
+                client_id_pattern=self.client_id,
+                allow_plain_tcp=self.allow_plain_tcp,
+            ),
+            verify_with_casbin=self.verify_with_casbin,
+            l1_size=self.l1_size,
+        )
