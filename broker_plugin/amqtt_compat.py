@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 from importlib.metadata import version
 
-from amqtt.adapters import ReaderAdapter, WriterAdapter
+from amqtt.adapters import ReaderAdapter, StreamWriterAdapter, WriterAdapter
 from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.contexts import Action, ListenerConfig
 from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError, PluginError, PluginLoadError
@@ -30,7 +30,7 @@ __all__ = [
     "AMQTT_VERSION", "AMQTTError", "Action", "BaseAuthPlugin", "BaseTopicPlugin", "Broker", "BrokerError",
     "BrokerEvents", "BrokerProtocolHandler", "ConnackPacket", "ListenerConfig", "MQTTError", "MachineError",
     "NOT_AUTHORIZED", "NoDataError", "OutgoingApplicationMessage", "PluginError", "PluginLoadError", "QOS_1",
-    "QOS_2", "ReaderAdapter", "RetainedApplicationMessage", "Session", "WriterAdapter", "check_amqtt",
+    "QOS_2", "ReaderAdapter", "abort_connection", "RetainedApplicationMessage", "Session", "WriterAdapter", "check_amqtt",
     "format_client_message", "gen_client_id", "BROKER_ERRORS",
 ]
 
@@ -97,6 +97,8 @@ def amqtt_shape_problems(installed_version: str | None = None) -> list[str]:
     for name in HANDLER_METHODS:
         if not callable(getattr(BrokerProtocolHandler, name, None)):
             problems.append(f"BrokerProtocolHandler.{name} is missing")
+    if "self._writer" not in inspect.getsource(StreamWriterAdapter.__init__):
+        problems.append("StreamWriterAdapter no longer keeps the asyncio writer as _writer")
     session = Session()
     for name in SESSION_FIELDS:
         if not hasattr(session, name):
@@ -106,6 +108,24 @@ def amqtt_shape_problems(installed_version: str | None = None) -> list[str]:
         if not hasattr(retained, name):
             problems.append(f"RetainedApplicationMessage has no {name}")
     return problems
+
+
+def abort_connection(handler: BrokerProtocolHandler) -> bool:
+    """Drop a handler's connection at once: no drain, no TLS close_notify, nothing left to await.
+
+    amqtt's own close drains first (a peer that does not read blocks it) and its
+    handler stop waits for a reader task whose cancellation Python 3.11 can lose
+    under traffic; a revoked connection must end regardless. False when the
+    transport is not a TCP stream (then the caller falls back to amqtt's stop).
+    """
+    writer = getattr(handler, "writer", None)
+    stream = getattr(writer, "_writer", None) if isinstance(writer, StreamWriterAdapter) else None
+    transport = getattr(stream, "transport", None)
+    if transport is None:
+        return False
+    writer.is_closed = True  # type: ignore[union-attr]
+    transport.abort()
+    return True
 
 
 def check_amqtt() -> None:

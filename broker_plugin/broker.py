@@ -40,6 +40,7 @@ from broker_plugin.amqtt_compat import (
     ReaderAdapter,
     Session,
     WriterAdapter,
+    abort_connection,
     check_amqtt,
     format_client_message,
     gen_client_id,
@@ -361,6 +362,7 @@ class HardenedBroker(Broker):
         """Close one connection's socket; the core already denies it everything."""
         live = self._connections.get(conn)
         if live is not None:
+            abort_connection(live.handler)
             await self._stop_handler(live.handler)
 
     async def _carry_out(self, action: Disconnect | DropSession) -> None:
@@ -373,6 +375,7 @@ class HardenedBroker(Broker):
         live = self._connections.get(action.conn)
         if live is not None:
             live.session.will_flag = False
+            abort_connection(live.handler)
         session, _ = self._sessions.get(action.client_id, (None, None))
         if session is not None and connection_of(session) == action.conn:
             await self._cleanup_session(action.client_id)

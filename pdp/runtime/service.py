@@ -205,17 +205,23 @@ class AuthorizationService:
         return result
 
     async def _carry_out(self, actions: Sequence[Any]) -> None:
+        """Close what the core revoked, all at once: each is already denied everything, so order does not matter."""
+        ending: list[Disconnect | DropSession] = []
         for action in actions:
             if isinstance(action, Disconnect):
                 admission = self.enforcer.admission_of(action.conn)
                 log.warning("session revoked: client=%s device=%s reason=%s", action.client_id,
                             admission.device.device_id if admission and admission.device else None, action.reason)
+                ending.append(action)
             elif isinstance(action, DropSession):
                 log.warning("offline session dropped: client=%s reason=%s", action.client_id, action.reason)
-            else:
-                continue
-            if self.closer is not None:
-                await self.closer(action)
+                ending.append(action)
+        if self.closer is not None and ending:
+            closer = self.closer
+            results = await asyncio.gather(*(closer(action) for action in ending), return_exceptions=True)
+            for action, result in zip(ending, results):
+                if isinstance(result, BaseException):
+                    log.error("could not close %s (%s): %r", action.client_id, action.reason, result)
 
     async def _on_event(self, event: dict[str, Any]) -> None:
         result = await self.reload(announce=False)

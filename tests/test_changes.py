@@ -1,0 +1,92 @@
+"""Moments of change, attacked with real clients: a superseded connection, revocation racing traffic."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from pdp.evidence.store import AssertionStore, QueryFilters
+from tests.conftest import DEVICES, registry_yaml
+from tests.rawmqtt import RawClient
+from tests.support import TestPki, wait_for
+
+
+def _live_connections(broker, client_id: str) -> int:
+    return broker.run(lambda: sum(1 for c in broker.broker._connections.values() if c.session.client_id == client_id))
+
+
+def test_superseded_connection_is_closed_and_gets_nothing_through(broker, connect, test_pki: TestPki) -> None:
+    dashboard = connect("dash-1")
+    assert dashboard.subscribe("sites/plant-a/#") == 0
+    old = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+    assert old.connect("sensor-1", clean=True) == 0
+    assert old.publish("sites/plant-a/sensor-1/telemetry", b"old before")
+    assert dashboard.next_message().payload == b"old before"  # positive control: the raw client works
+
+    new = connect("sensor-1")  # clean session, while the old connection is still open
+    assert old.closed_by_peer(), "the previous connection of the client id stayed open"
+    old.publish("sites/plant-a/sensor-1/telemetry", b"old after")  # whatever still arrives must not pass
+    new.publish("sites/plant-a/sensor-1/telemetry", b"new")
+    assert [m.payload for m in dashboard.messages_until("sites/plant-a/sensor-1/telemetry")] == [b"new"]
+    assert _live_connections(broker, "sensor-1") == 1
+    old.close()
+
+
+def test_suspension_leaves_no_connection_of_the_device(broker, connect, policy_dir: Path, test_pki: TestPki) -> None:
+    first = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+    assert first.connect("sensor-1") == 0
+    second = connect("sensor-1")
+    assert first.closed_by_peer()
+    attempts = broker.plugin.service.reload_attempts
+    devices = [(d, t, loc, "suspended" if d == "sensor-1" else s) for d, t, loc, s in DEVICES]
+    (policy_dir / "devices.yaml").write_text(registry_yaml(devices))
+    broker.wait_reload(attempts)
+    assert second.wait_disconnected(), "the suspended device's connection stayed open"
+    wait_for(lambda: _live_connections(broker, "sensor-1") == 0, "no connection of sensor-1 left")
+    first.close()
+
+
+def test_no_decision_after_revocation_uses_the_old_attributes(make_broker, policy_dir: Path, test_pki: TestPki) -> None:
+    """Twenty devices keep publishing while the registry suspends them: every publish judged
+    under the new revision is a denial (before, the swap came first and revocation some awaits later)."""
+    sensors = [(f"burst-{i}", "sensor", "plant-a", "active") for i in range(20)]
+    (policy_dir / "devices.yaml").write_text(registry_yaml(DEVICES + sensors))
+    broker = make_broker()
+    clients = []
+    for device_id, *_ in sensors:
+        client = RawClient(broker.port, test_pki.device(device_id), test_pki.ca_file)
+        assert client.connect(device_id) == 0
+        clients.append(client)
+    stop = threading.Event()
+
+    def flood(client: RawClient, device_id: str) -> None:
+        # Paced a little: the broker runs in this process, and twenty tight loops would starve it of the GIL.
+        while not stop.is_set() and client.publish(f"sites/plant-a/{device_id}/telemetry", b"x" * 16):
+            stop.wait(0.002)
+
+    threads = [threading.Thread(target=flood, args=(c, d), daemon=True) for c, (d, *_) in zip(clients, sensors)]
+    for thread in threads:
+        thread.start()
+    store_path = policy_dir.parent / "assertions.db"
+    attempts = broker.plugin.service.reload_attempts
+    suspended = [(d, t, loc, "suspended") for d, t, loc, _ in sensors]
+    (policy_dir / "devices.yaml").write_text(registry_yaml(DEVICES + suspended))
+    broker.wait_reload(attempts)
+    new_revision = broker.plugin.service.pdp.revision
+    try:
+        for client in clients:
+            assert client.closed_by_peer(), "a suspended device's connection stayed open"
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    broker.stop()  # flushes the assertion log
+
+    store = AssertionStore(store_path, readonly=True)
+    records = [r for _, r in store.query(QueryFilters(action="publish"))]
+    store.close()
+    burst = {d for d, *_ in sensors}
+    before = [r for r in records if r.device_id in burst and r.policy_revision != new_revision]
+    after = [r for r in records if r.device_id in burst and r.policy_revision == new_revision]
+    assert before and all(r.decision == "allow" for r in before)  # the flood ran before the change
+    assert [r for r in after if r.decision == "allow"] == []
