@@ -159,7 +159,7 @@ class FlakySink:
         self.up = False
         self.records: list = []
 
-    def write(self, records) -> None:
+    def write(self, records, batch_id=None) -> None:
         if not self.up:
             raise SinkError("down")
         self.records.extend(records)
@@ -188,15 +188,21 @@ def test_spool_keeps_order_and_says_so_loudly_when_it_cannot_be_written(tmp_path
         return records
 
     recorder_records = asyncio.run(make(6))
-    sink.write(recorder_records[:2])
-    assert sink.spool_failures >= 1 and inner.records == []
-    assert any(r.levelno == logging.CRITICAL and "cannot write the spool" in r.getMessage() for r in caplog.records)
+    # Neither the sink nor the spool takes the batch: the caller (the broker) must keep it, so it is told.
+    with pytest.raises(SinkError, match="flaky and its spool .* are both unavailable"):
+        sink.write(recorder_records[:2], "b1")
+    assert sink.spool_failures == 1 and inner.records == []
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL] == [
+        f"flaky: cannot write the spool {tmp_path / 'spool' / 'flaky.jsonl'} ([Errno 21] Is a directory: "
+        f"'{tmp_path / 'spool' / 'flaky.jsonl'}'); batch b1 (2 records) stays with the broker, which sends it again"]
     (tmp_path / "spool" / "flaky.jsonl").rmdir()
-    sink.write(recorder_records[2:4])  # now spooled, behind the two held in memory
-    assert sink.backlog and inner.records == []
+    sink.write(recorder_records[:2], "b1")  # the broker sends the batch again; now it is spooled
+    sink.write(recorder_records[2:4], "b2")  # behind it
+    assert sink.backlog and inner.records == [] and sink.spooled == 4
     inner.up = True
-    sink.write(recorder_records[4:])
+    sink.write(recorder_records[4:], "b3")
     assert [r.topic for r in inner.records] == [f"t/{i}" for i in range(6)]
+    assert inner.records == recorder_records
     assert not sink.backlog
 
 
