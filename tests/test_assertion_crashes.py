@@ -255,3 +255,115 @@ def test_store_written_before_batch_ids_existed_still_gives_the_head(tmp_path: P
     again.write(*rows(3, 1), None)
     again.close()
     assert_exact_log(tmp_path, topics(0, 4))
+
+
+class GroupBroker:
+    """``mqtt-pdp broker`` in a process group of its own (with its writer), so both can be killed at once."""
+
+    def __init__(self, config: Path) -> None:
+        import os
+        import queue
+        import re
+        import subprocess
+        import sys
+        import threading
+
+        from tests.support import WAIT
+
+        root = Path(__file__).resolve().parent.parent
+        self.proc = subprocess.Popen([sys.executable, "-m", "pdp.cli", "broker", "-c", str(config)], cwd=config.parent,
+                                     stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                     env={**os.environ, "PYTHONPATH": str(root)})
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in self.proc.stderr], daemon=True).start()  # type: ignore[union-attr]
+        while True:
+            line = lines.get(timeout=WAIT * 2)
+            if match := re.search(r"listener default on \('[0-9.]+', (\d+)\)", line):
+                self.port = int(match.group(1))
+                return
+
+    def kill_group(self) -> None:
+        import os
+        import signal
+
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        from tests.support import wait_for
+
+        def gone(pid: str) -> bool:
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+            except FileNotFoundError:
+                return True
+
+        wait_for(lambda: all(gone(pid) for pid in children), "the writer process gone")
+
+    def stop(self) -> int:
+        import signal
+
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+
+def test_broker_and_writer_killed_together_chain_continues(test_pki, policy_dir, tmp_path: Path) -> None:
+    from tests.support import Client, wait_for, write_cli_config
+
+    config = write_cli_config(tmp_path / "crashy.yaml", test_pki, policy_dir)
+    db = tmp_path / "assertions.db"
+
+    def count() -> int:
+        if not db.exists():
+            return 0
+        store = AssertionStore(db, readonly=True)
+        try:
+            return store.count()
+        finally:
+            store.close()
+
+    def clients(port: int) -> tuple[Client, Client]:
+        dashboard = Client(port, "dash-1", test_pki.device("dash-1"), test_pki.ca_file)
+        sensor = Client(port, "sensor-1", test_pki.device("sensor-1"), test_pki.ca_file)
+        assert dashboard.connect() == 0 and sensor.connect() == 0
+        assert dashboard.subscribe("sites/plant-a/#", qos=1) == 1
+        return dashboard, sensor
+
+    def traffic(dashboard: Client, sensor: Client, label: str, n: int) -> None:
+        payloads = [f"{label}-{i}".encode() for i in range(n)]
+        for payload in payloads:
+            sensor.publish("sites/plant-a/sensor-1/telemetry", payload, qos=1)
+        assert [dashboard.next_message().payload for _ in range(n)] == payloads
+
+    first = GroupBroker(config)
+    dashboard, sensor = clients(first.port)
+    try:
+        traffic(dashboard, sensor, "a", 20)
+        wait_for(lambda: count() == 3 + 2 * 20, "the first run's records stored")
+        traffic(dashboard, sensor, "b", 20)  # still being shipped when the kill comes
+        first.kill_group()
+    finally:
+        dashboard.drop()
+        sensor.drop()
+    survived = count()
+
+    second = GroupBroker(config)
+    dashboard, sensor = clients(second.port)
+    try:
+        traffic(dashboard, sensor, "c", 5)
+    finally:
+        dashboard.close()
+        sensor.close()
+    assert second.stop() == 0
+
+    store = AssertionStore(db, readonly=True)
+    records = [r for _, r in store.query(QueryFilters())]
+    assert [r.seq for r in records] == list(range(1, len(records) + 1))  # the chain continues, nothing reused
+    assert len({(r.ts, r.action, r.client_id) for r in records}) == len(records)
+    assert [(r.problem, r.checked) for r in store.verify()] == [(None, len(records))]
+    assert store.db.execute("SELECT count(*) FROM conflicts").fetchone()[0] == 0
+    assert 3 + 2 * 20 <= survived <= len(records) - 13 <= 3 + 2 * 40
+    restarted = records[-13:]  # every decision of the restarted broker, after whatever survived the kill
+    assert sorted((r.action, r.client_id) for r in restarted if r.action in ("connect", "subscribe")) == [
+        ("connect", "dash-1"), ("connect", "sensor-1"), ("subscribe", "dash-1")]
+    assert [r.action for r in restarted].count("publish") == [r.action for r in restarted].count("receive") == 5
+    assert restarted[0].ts > records[-14].ts
