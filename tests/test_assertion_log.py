@@ -15,8 +15,9 @@ import pytest
 
 from pdp.core.admission import Admission
 from pdp.evidence.sinks import SpoolingSink, SqliteSink
+from pdp.cli.log_commands import TABLE_COLUMNS
 from pdp.evidence.store import AssertionStore, QueryFilters
-from pdp.evidence.records import AssertionRecorder, ChainWriter, SinkError
+from pdp.evidence.records import FIELD_NAMES, AssertionRecorder, ChainWriter, SinkError
 from pdp.core.engine import decision_for
 from pdp.core.identity import CertificateInfo
 from pdp.registry.file import Device
@@ -159,7 +160,7 @@ class FlakySink:
         self.up = False
         self.records: list = []
 
-    def write(self, records) -> None:
+    def write(self, records, batch_id=None) -> None:
         if not self.up:
             raise SinkError("down")
         self.records.extend(records)
@@ -188,15 +189,21 @@ def test_spool_keeps_order_and_says_so_loudly_when_it_cannot_be_written(tmp_path
         return records
 
     recorder_records = asyncio.run(make(6))
-    sink.write(recorder_records[:2])
-    assert sink.spool_failures >= 1 and inner.records == []
-    assert any(r.levelno == logging.CRITICAL and "cannot write the spool" in r.getMessage() for r in caplog.records)
+    # Neither the sink nor the spool takes the batch: the caller (the broker) must keep it, so it is told.
+    with pytest.raises(SinkError, match="flaky and its spool .* are both unavailable"):
+        sink.write(recorder_records[:2], "b1")
+    assert sink.spool_failures == 1 and inner.records == []
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL] == [
+        f"flaky: cannot write the spool {tmp_path / 'spool' / 'flaky.jsonl'} ([Errno 21] Is a directory: "
+        f"'{tmp_path / 'spool' / 'flaky.jsonl'}'); batch b1 (2 records) stays with the broker, which sends it again"]
     (tmp_path / "spool" / "flaky.jsonl").rmdir()
-    sink.write(recorder_records[2:4])  # now spooled, behind the two held in memory
-    assert sink.backlog and inner.records == []
+    sink.write(recorder_records[:2], "b1")  # the broker sends the batch again; now it is spooled
+    sink.write(recorder_records[2:4], "b2")  # behind it
+    assert sink.backlog and inner.records == [] and sink.spooled == 4
     inner.up = True
-    sink.write(recorder_records[4:])
+    sink.write(recorder_records[4:], "b3")
     assert [r.topic for r in inner.records] == [f"t/{i}" for i in range(6)]
+    assert inner.records == recorder_records
     assert not sink.backlog
 
 
@@ -210,17 +217,36 @@ def test_log_cli_query_formats_stats_and_verify(log_db: Path, tmp_path: Path) ->
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["seq"] for line in lines] == [3, 4, 7, 8]
-    assert lines[0]["timestamp"].endswith("Z") and lines[0]["fingerprint"]
+    assert lines[0]["timestamp"].endswith("Z") and lines[0]["fingerprint"] == f"{'s1':0>64}"
     result = run_cli("log", "query", "--db", str(log_db), "--device", "d1", "--format", "csv")
-    assert result.stdout.splitlines()[0].startswith("timestamp,record_id,node,seq")
-    assert len(result.stdout.splitlines()) == 4
+    import csv
+    import io
+
+    table = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert list(table[0]) == ["timestamp", *FIELD_NAMES]
+    assert [(row["seq"], row["device_id"], row["topic"], row["decision"]) for row in table] == [
+        ("6", "d1", "sites/plant-a/s1/telemetry", "allow"), ("7", "d1", "sites/plant-a/secret/k", "deny"),
+        ("8", "d1", "$SYS/broker/uptime", "deny")]
     result = run_cli("log", "query", "--db", str(log_db), "--topic", "sites/+/secret/#")
-    assert result.returncode == 0 and "secrets" in result.stdout and len(result.stdout.splitlines()) == 2
+    assert result.returncode == 0
+    header, row = result.stdout.splitlines()
+    assert header.split() == [c.upper() for c in TABLE_COLUMNS]
+    assert row.split()[1:] == ["d1", "d1-client", "receive", "sites/plant-a/secret/k", "deny", "secrets", "denied",
+                               "by", "rule", "secrets", "index"]
     result = run_cli("log", "query", "--db", str(log_db), "--since", "1h", "--limit", "2")
     lines = result.stdout.splitlines()  # a header, then the two newest records, oldest first
-    assert len(lines) == 3 and "sites/plant-a/secret/k" in lines[1] and "$SYS/broker/uptime" in lines[2]
+    assert [line.split()[4] for line in lines[1:]] == ["sites/plant-a/secret/k", "$SYS/broker/uptime"]
+    assert len(lines) == 3
     stats = run_cli("log", "stats", "--db", str(log_db), "--since", "30d")
-    assert "receive    deny" in stats.stdout and "d1" in stats.stdout
+    assert stats.returncode == 0, stats.stderr
+    out = [line.split() for line in stats.stdout.splitlines()[1:]]
+    assert out == [
+        ["connect", "allow", "1"], ["publish", "allow", "1"], ["publish", "deny", "1"], ["receive", "allow", "1"],
+        ["receive", "deny", "2"], ["subscribe", "allow", "1"], ["subscribe", "deny", "1"],
+        ["top", "denied", "devices:"], ["d1", "2"], ["s1", "1"], ["s2", "1"],
+        ["top", "denied", "topics:"], ["$SYS/broker/uptime", "1"], ["sites/plant-a/#", "1"],
+        ["sites/plant-a/s2/telemetry", "1"], ["sites/plant-a/secret/k", "1"],
+        ["refused", "connects:"], ["none"]]
     ok = run_cli("log", "verify", "--db", str(log_db))
     assert ok.returncode == 0 and "ok: node n1: 8 records, chain intact" in ok.stdout
     with sqlite3.connect(log_db) as db:

@@ -44,6 +44,7 @@ def test_every_decision_of_a_scripted_session_is_recorded(broker, connect, test_
     assert [r.seq for r in records] == list(range(1, len(records) + 1))
     assert all(r.node == node and r.record_id == f"{node}:{r.seq}" for r in records)
     assert all(started <= r.ts <= time.time() for r in records)
+    assert [r.ts for r in records] == sorted(r.ts for r in records)
     assert all(r.policy_revision == revision for r in records)
     assert all(r.peer and r.peer.startswith("127.0.0.1:") for r in records)
     sensor_cert = test_pki.device("sensor-1")
@@ -64,13 +65,14 @@ def test_cache_tier_distinguishes_hits(broker, connect, policy_dir):
     dashboard = connect("dash-1")
     assert dashboard.subscribe("sites/plant-a/#") == 0
     sensor = connect("sensor-1")
-    for _ in range(3):
-        sensor.publish("sites/plant-a/sensor-1/telemetry", b"t")
-    for _ in range(3):
-        dashboard.next_message()
+    for i in range(3):
+        sensor.publish("sites/plant-a/sensor-1/telemetry", b"t%d" % i)
+    assert [(m.topic, m.payload) for m in (dashboard.next_message() for _ in range(3))] == [
+        ("sites/plant-a/sensor-1/telemetry", b"t%d" % i) for i in range(3)]
     broker.stop()
-    tiers = [r.cache_tier for r in records_of(policy_dir.parent / "assertions.db") if r.action == "publish"]
-    assert tiers == ["index", "l1", "l1"]
+    records = records_of(policy_dir.parent / "assertions.db")
+    assert [r.cache_tier for r in records if r.action == "publish"] == ["index", "l1", "l1"]
+    assert [r.cache_tier for r in records if r.action == "receive"] == ["index", "l1", "l1"]
 
 
 def test_sink_outage_and_broker_restart_lose_and_double_nothing(make_broker, test_pki, policy_dir, tmp_path):
@@ -129,21 +131,38 @@ def test_sink_outage_and_broker_restart_lose_and_double_nothing(make_broker, tes
 
 
 def test_killed_writer_process_is_restarted_without_loss(broker, connect, policy_dir):
+    """kill -9 of the writer, 12 times mid-traffic: every decision stored exactly once (issue A)."""
+    from tests.support import wait_for
+
     dashboard = connect("dash-1")
     assert dashboard.subscribe("sites/plant-a/#", qos=1) == 1
     sensor = connect("sensor-1")
-    for i in range(10):
-        sensor.publish("sites/plant-a/sensor-1/telemetry", f"a{i}".encode(), qos=1)
-    assert len([dashboard.next_message() for _ in range(10)]) == 10
     writer = broker.plugin.service.recorder.writer
-    writer.proc.kill()  # the assertion writer process crashes
-    for i in range(10):
-        sensor.publish("sites/plant-a/sensor-1/telemetry", f"b{i}".encode(), qos=1)
-    assert len([dashboard.next_message() for _ in range(10)]) == 10
+    rounds, per_round = 12, 5  # a writer restart costs about a second (imports)
+    for k in range(rounds):
+        restarts = writer.restarts
+        payloads = [f"{k}-{i}".encode() for i in range(per_round)]
+        for payload in payloads:
+            sensor.publish("sites/plant-a/sensor-1/telemetry", payload, qos=1)
+        writer.proc.kill()  # the assertion writer process crashes, wherever it was in its batch
+        assert [dashboard.next_message().payload for _ in range(per_round)] == payloads
+        if k < rounds - 1:
+            sensor.publish("sites/plant-a/sensor-1/telemetry", b"probe-%d" % k, qos=1)  # makes a batch that needs it
+            assert dashboard.next_message().payload == b"probe-%d" % k
+            wait_for(lambda: writer.restarts > restarts, "the writer restarted by the broker")
     broker.stop()
-    assert writer.restarts >= 1
+    assert writer.restarts >= rounds - 1
     store = AssertionStore(policy_dir.parent / "assertions.db", readonly=True)
     records = [r for _, r in store.query(QueryFilters())]
+    publishes = rounds * per_round + rounds - 1  # the payloads and the probes
     assert [r.seq for r in records] == list(range(1, len(records) + 1))
-    assert len([r for r in records if r.action == "receive"]) == 20
-    assert [r.problem for r in store.verify()] == [None]
+    assert len({(r.ts, r.action, r.client_id) for r in records}) == len(records)  # no batch stored twice
+    assert sorted((r.action, r.client_id, r.decision) for r in records if r.action in ("connect", "subscribe")) == [
+        ("connect", "dash-1", "allow"), ("connect", "sensor-1", "allow"), ("subscribe", "dash-1", "allow")]
+    assert [(r.client_id, r.topic, r.decision) for r in records if r.action == "publish"] == [
+        ("sensor-1", "sites/plant-a/sensor-1/telemetry", "allow")] * publishes
+    assert [(r.client_id, r.topic, r.decision) for r in records if r.action == "receive"] == [
+        ("dash-1", "sites/plant-a/sensor-1/telemetry", "allow")] * publishes
+    assert len(records) == 3 + 2 * publishes
+    assert [(r.problem, r.checked) for r in store.verify()] == [(None, len(records))]
+    assert store.db.execute("SELECT count(*) FROM conflicts").fetchone()[0] == 0

@@ -51,7 +51,7 @@ def add_arguments(sub: Any) -> None:
     store_args(q)
     q.add_argument("--device", help="device id")
     q.add_argument("--client", help="MQTT client id")
-    q.add_argument("--fingerprint", help="certificate SHA-256 fingerprint (hex)")
+    q.add_argument("--fingerprint", help="certificate SHA-256 fingerprint: hex, with or without colons or a sha256: prefix")
     q.add_argument("--action", choices=["connect", "publish", "subscribe", "receive"])
     q.add_argument("--decision", choices=["allow", "deny"])
     q.add_argument("--topic", help="MQTT filter: records whose topic it matches, e.g. 'sites/+/secret/#'")
@@ -153,8 +153,16 @@ def cmd_query(args: argparse.Namespace) -> int:
             raise LogCliError(str(exc)) from None
     if args.limit is not None and args.limit < 1:
         raise LogCliError("--limit must be at least 1")
+    fingerprint = None
+    if args.fingerprint is not None:
+        from pdp.core.identity import normalize_fingerprint
+
+        try:  # as the registry reads them: 'sha256:' prefix, colons and upper case all allowed
+            fingerprint = normalize_fingerprint(args.fingerprint)
+        except ValueError as exc:
+            raise LogCliError(f"--fingerprint: {exc}") from None
     filters = QueryFilters(
-        device=args.device, client_id=args.client, fingerprint=args.fingerprint and args.fingerprint.lower().replace(":", ""),
+        device=args.device, client_id=args.client, fingerprint=fingerprint,
         action=args.action, decision=args.decision, topic=args.topic, rule_id=args.rule,
         policy_revision=args.revision, node=args.node,
         since=parse_time(args.since) if args.since else None, until=parse_time(args.until) if args.until else None,

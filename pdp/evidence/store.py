@@ -1,7 +1,11 @@
 """The assertion store: SQLite with the indexes security teams' questions need, plus verify and prune.
 
 Inserts are idempotent on (node, seq), so a batch delivered twice (a spool
-replayed after a partial write, a stream drained again) is stored once.
+replayed after a partial write, a stream drained again) is stored once. A
+record whose (node, seq) is already stored with a *different* hash is not an
+exact duplicate but a conflict (a reused sequence number, two brokers with one
+node id): it is kept in the ``conflicts`` table, logged CRITICAL and reported
+by ``verify``, never dropped silently.
 
 Client ids and certificate fingerprints are not indexed on the records (a
 64-hex fingerprint index doubled the cost of an insert): the small
@@ -12,13 +16,14 @@ device id is stored there as ''.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pdp.evidence.records import FIELD_NAMES, GENESIS, AssertionRecord, record_hash
+from pdp.evidence.records import FIELD_NAMES, GENESIS, AssertionRecord, Head, record_hash
 from pdp.core.topics import covers, matches
 
 SCHEMA = """
@@ -42,10 +47,25 @@ CREATE INDEX IF NOT EXISTS records_rule ON records (rule_id, ts);
 CREATE INDEX IF NOT EXISTS records_topic ON records (topic);
 CREATE TABLE IF NOT EXISTS checkpoints (node TEXT PRIMARY KEY, seq INTEGER NOT NULL, hash TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS conflicts (
+    record_id TEXT NOT NULL, node TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL,
+    client_id TEXT, device_id TEXT, fingerprint TEXT, serial TEXT, issuer TEXT,
+    type TEXT, location TEXT, purpose TEXT, owner TEXT, status TEXT,
+    action TEXT NOT NULL, topic TEXT, decision TEXT NOT NULL, rule_id TEXT, reason TEXT NOT NULL,
+    policy_revision TEXT, cache_tier TEXT, latency_us REAL, peer TEXT, prev_hash TEXT NOT NULL, hash TEXT NOT NULL,
+    UNIQUE (node, seq, hash)
+);
 """
 
 _COLUMNS = ", ".join(FIELD_NAMES)
 _INSERT = f"INSERT OR IGNORE INTO records ({_COLUMNS}) VALUES ({', '.join('?' for _ in FIELD_NAMES)})"
+_INSERT_CONFLICT = f"INSERT OR IGNORE INTO conflicts ({_COLUMNS}) VALUES ({', '.join('?' for _ in FIELD_NAMES)})"
+log = logging.getLogger("mqtt_pdp.assertions")
+
+
+def head_key(node: str) -> str:
+    """The meta key of a node's chain head: 'seq hash batch_id', stored with the records that end there."""
+    return f"head:{node}"
 
 
 @dataclass(frozen=True)
@@ -106,9 +126,48 @@ class AssertionStore:
         before = self.db.total_changes
         self.db.executemany(_INSERT, records)
         inserted = self.db.total_changes - before
+        if inserted < len(records):  # some were stored already: exact duplicates are fine, others are not
+            self._keep_conflicts(records)
         identities = {(r.device_id or "", r.client_id or "", r.fingerprint or "") for r in records}
         self.db.executemany("INSERT OR IGNORE INTO identities VALUES (?, ?, ?)", identities)
         return inserted
+
+    def _keep_conflicts(self, records: Sequence[AssertionRecord]) -> None:
+        conflicting = []
+        for record in records:
+            row = self.db.execute("SELECT hash FROM records WHERE node = ? AND seq = ?",
+                                  (record.node, record.seq)).fetchone()
+            if row is not None and row[0] != record.hash:
+                conflicting.append(record)
+        if conflicting:
+            self.db.executemany(_INSERT_CONFLICT, conflicting)
+            log.critical("%s: %d records have the node and sequence number of stored records but other content "
+                         "(first %s); kept in the conflicts table, not dropped", self.path, len(conflicting),
+                         conflicting[0].record_id)
+
+    def insert_chain(self, records: Sequence[AssertionRecord], batch_id: str | None) -> int:
+        """A writer's batch, with the chain head it ends at and its batch id, in one transaction."""
+        if not records:
+            return 0
+        last = records[-1]
+        return self.insert_with_meta(records, head_key(last.node), f"{last.seq} {last.hash} {batch_id or ''}".rstrip())
+
+    def head(self, node: str) -> Head | None:
+        """Where ``node``'s chain ends in this store: its newest record, a prune checkpoint, or the stored head."""
+        found: Head | None = None
+        row = self.db.execute("SELECT seq, hash FROM records WHERE node = ? ORDER BY seq DESC LIMIT 1",
+                              (node,)).fetchone()
+        if row is None:
+            row = self.db.execute("SELECT seq, hash FROM checkpoints WHERE node = ?", (node,)).fetchone()
+        if row is not None:
+            found = Head(int(row[0]), row[1], None, f"store {self.path}")
+        meta = self.get_meta(head_key(node))
+        if meta:
+            seq, _, rest = meta.partition(" ")
+            digest, _, batch_id = rest.partition(" ")
+            if found is None or int(seq) >= found.seq:
+                found = Head(int(seq), digest, batch_id or None, f"store {self.path}")
+        return found
 
     def insert(self, records: Sequence[AssertionRecord]) -> int:
         with self.db:
@@ -226,8 +285,18 @@ class AssertionStore:
                     break
                 prev_seq, prev_hash = record.seq, record.hash
                 checked += 1
+            if problem is None and self._has_conflicts_table():
+                row = self.db.execute("SELECT count(*), min(seq) FROM conflicts WHERE node = ?", (name,)).fetchone()
+                if row[0]:
+                    where = f"{name}:{row[1]}"
+                    problem = (f"{row[0]} record(s) conflict with stored ones (same node and sequence number, other "
+                               f"content), first {where}; kept in the conflicts table")
             reports.append(ChainReport(name, checked, problem, where))
         return reports
+
+    def _has_conflicts_table(self) -> bool:
+        """Databases written before the conflicts table existed, opened read-only, lack it."""
+        return self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'conflicts'").fetchone() is not None
 
     def prune(self, before: float) -> int:
         """Delete records older than ``before``; each node's chain then starts from a checkpoint of its last deleted record."""

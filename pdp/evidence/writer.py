@@ -4,7 +4,10 @@ Hashing and SQLite inserts cost tens of microseconds per record; in the broker's
 process they would compete for its interpreter lock with message delivery. The
 broker ships compact rows over a pipe and waits for an acknowledgement per
 batch, so a batch is never lost: if this process dies, the broker starts a new
-one and sends the batch again (stores ignore records they already have).
+one and sends the batch again, under the same batch id. The new process takes
+the chain head from the store (and spools), where the batch id of the last
+applied batch is stored with its records, so a batch that was applied before
+the crash is acknowledged and not stored a second time.
 
 Run by the broker as ``python -m pdp.evidence.writer SETTINGS_JSON``; frames on
 stdin/stdout are a 4-byte length and a pickle.
@@ -24,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
-from pdp.evidence.sinks import RedisStreamSink, SpoolingSink, SqliteSink
+from pdp.evidence.sinks import JsonLinesSink, RedisStreamSink, SpoolingSink, SqliteSink
 from pdp.evidence.records import ChainWriter, Row, SessionFields, SinkError
 
 log = logging.getLogger("mqtt_pdp.assertions")
@@ -49,14 +52,20 @@ def receive(stream: IO[bytes]) -> Any:
 
 
 def build_writer(settings: dict[str, Any]) -> ChainWriter:
+    """The sinks in write order: the SQLite store, which holds the chain head and batch ids, goes last.
+
+    ``assertion_db: ""`` means no SQLite store. Without a store and without a stream the
+    records still go somewhere durable: a JSON Lines file in the spool directory.
+    """
     spool = Path(settings["spool_dir"])
-    sinks = []
-    if settings.get("assertion_db"):
-        sinks.append(SpoolingSink(SqliteSink(settings["assertion_db"]), spool))
+    sinks: list[Any] = []
     if settings.get("stream_url"):
         sinks.append(SpoolingSink(RedisStreamSink(settings["stream_url"], settings["stream_prefix"]), spool))
+    if settings.get("assertion_db"):
+        sinks.append(SpoolingSink(SqliteSink(settings["assertion_db"]), spool))
     if not sinks:
-        raise SinkError("no assertion sink configured (assertion_db or assertion_stream)")
+        sinks.append(JsonLinesSink(spool, settings["node"]))
+        log.warning("no assertion_db and no assertion_stream: assertion records go to %s only", sinks[0].path)
     return ChainWriter(settings["node"], sinks, spool)
 
 
@@ -84,7 +93,14 @@ def main() -> int:
             except EOFError:
                 return 0  # the broker is gone; the finally below flushes what we have
             if message[0] == "batch":
-                send(out, ("ack", writer.write(message[1], message[2])))
+                batch_id = message[3] if len(message) > 3 else None
+                try:
+                    count = writer.write(message[1], message[2], batch_id)
+                except Exception as exc:  # neither stored nor spooled: the broker keeps the batch and retries
+                    log.exception("batch %s was not written", batch_id)
+                    send(out, ("failed", str(exc)))
+                else:
+                    send(out, ("ack", count))
             elif message[0] == "close":
                 writer.close()
                 send(out, ("closed",))
@@ -129,9 +145,9 @@ class WriterProcess:
         send(self.proc.stdin, message)
         return receive(self.proc.stdout)
 
-    def write(self, rows: list[Row], sessions: dict[int, SessionFields]) -> int:
+    def write(self, rows: list[Row], sessions: dict[int, SessionFields], batch_id: str | None = None) -> int:
         try:
-            return int(self._exchange(("batch", rows, sessions))[1])
+            reply = self._exchange(("batch", rows, sessions, batch_id))
         except (EOFError, BrokenPipeError, OSError) as exc:
             log.error("assertion writer died (%s); restarting it and sending the batch again", exc)
             self.restarts += 1
@@ -139,7 +155,10 @@ class WriterProcess:
                 self.proc.kill()
                 self.proc.wait()
             self._start()
-            return int(self._exchange(("batch", rows, sessions))[1])
+            reply = self._exchange(("batch", rows, sessions, batch_id))
+        if reply[0] != "ack":
+            raise SinkError(f"the assertion writer could not store or spool batch {batch_id}: {reply[1]}")
+        return int(reply[1])
 
     def idle(self) -> None:
         """The process delivers its spool on its own when idle."""
