@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+
+import pytest
 from pathlib import Path
 
 from pdp.evidence.store import AssertionStore, QueryFilters
@@ -90,3 +92,41 @@ def test_no_decision_after_revocation_uses_the_old_attributes(make_broker, polic
     after = [r for r in records if r.device_id in burst and r.policy_revision == new_revision]
     assert before and all(r.decision == "allow" for r in before)  # the flood ran before the change
     assert [r for r in after if r.decision == "allow"] == []
+
+
+# -- client ids map to exactly one device -------------------------------------------------------------
+
+
+def test_client_id_overlap_is_found_for_star_patterns_only() -> None:
+    from pdp.core.admission import client_id_overlap
+
+    assert client_id_overlap("{device_id}-*", ["valve-1", "valve-2", "valve-1-b"]) == ("valve-1", "valve-1-b")
+    assert client_id_overlap("{device_id}-*", ["valve-1", "valve-2", "valve-10"]) is None  # '-' ends each prefix
+    assert client_id_overlap("{device_id}*", ["valve-1", "valve-10"]) == ("valve-1", "valve-10")
+    assert client_id_overlap("{device_id}", ["valve-1", "valve-1-b"]) is None  # exact: no sharing possible
+    assert client_id_overlap("pre/{device_id}/*", ["a", "b"]) is None
+
+
+def test_ambiguous_client_id_pattern_is_refused_with_the_line(make_broker, connect, policy_dir: Path) -> None:
+    devices = DEVICES + [("valve-1", "sensor", "plant-a", "active"), ("valve-1-b", "sensor", "plant-a", "active")]
+    (policy_dir / "devices.yaml").write_text(registry_yaml(devices))
+    with pytest.raises(Exception) as failed:
+        make_broker(client_id="{device_id}-*")
+    refused = failed.value.__cause__
+    line = 1 + 6 * len(DEVICES) + 6 + 1  # 'devices:', six lines per device, then valve-1-b's first line
+    assert str(refused) == (
+        f"{policy_dir / 'devices.yaml'}:{line}: client id pattern '{{device_id}}-*' lets device 'valve-1' use the "
+        "client ids of device 'valve-1-b' (e.g. 'valve-1-b-x') and take over its session; rename one of them or "
+        "use a pattern without '*'")
+
+
+def test_unambiguous_star_pattern_admits_suffixes(make_broker, test_pki: TestPki) -> None:
+    from tests.support import Client
+
+    broker = make_broker(client_id="{device_id}-*")
+    good = Client(broker.port, "sensor-1-main", test_pki.device("sensor-1"), test_pki.ca_file)
+    assert good.connect() == 0
+    other = Client(broker.port, "sensor-2-main", test_pki.device("sensor-1"), test_pki.ca_file)
+    assert other.connect() == 5  # another device's prefix
+    good.close()
+    other.close()

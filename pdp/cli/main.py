@@ -47,11 +47,15 @@ def _add_policy_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from pdp.policy.load import load_policy
+    from pdp.runtime.settings import ServiceSettings
     from pdp.registry.file import load_registry
 
-    model, policy_path, registry_path, _ = _pdp_paths(args)
+    from pdp.runtime.decision_point import check_client_ids
+
+    model, policy_path, registry_path, settings = _pdp_paths(args)
     policy = load_policy(model, policy_path)
     registry = load_registry(registry_path)
+    check_client_ids(settings.get("client_id", ServiceSettings().client_id), registry)
     by_status: dict[str, int] = {}
     for device in registry.devices.values():
         by_status[device.status] = by_status.get(device.status, 0) + 1

@@ -5,7 +5,7 @@ Pure: the caller passes the certificate bytes, the registry, the rules and the t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -66,6 +66,27 @@ def client_id_permitted(pattern: str, device_id: str, client_id: str) -> bool:
     if expected.endswith("*"):
         return client_id.startswith(expected[:-1])
     return client_id == expected
+
+
+def client_id_prefix(pattern: str, device_id: str) -> str | None:
+    """What every client id of the device starts with under a ``*`` pattern; None for an exact pattern."""
+    expected = pattern.replace("{device_id}", device_id)
+    return expected[:-1] if expected.endswith("*") else None
+
+
+def client_id_overlap(pattern: str, device_ids: Iterable[str]) -> tuple[str, str] | None:
+    """Two devices whose client ids the pattern lets collide (the first could claim the second's), or None.
+
+    With ``{device_id}-*``, device ``valve-1`` may use ``valve-1-b-main``, which is also a client id
+    of ``valve-1-b``: it could take over that device's session. A collision exists exactly when one
+    device's prefix is a prefix of another's; after sorting, such a pair is adjacent to a witness.
+    """
+    prefixes = sorted((prefix, device_id) for device_id in device_ids
+                      if (prefix := client_id_prefix(pattern, device_id)) is not None)
+    for (shorter, first), (longer, second) in zip(prefixes, prefixes[1:]):
+        if longer.startswith(shorter):
+            return first, second
+    return None
 
 
 def device_problem(device: Device | None, identity: DeviceIdentity | None) -> str | None:

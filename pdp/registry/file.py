@@ -70,6 +70,7 @@ class FileRegistry:
     devices: Mapping[str, Device]
     revision: str
     path: str = ""
+    lines: Mapping[str, int] = field(default_factory=dict)  # device id -> its line, for messages
 
     def lookup(self, device_id: str) -> Device | None:
         return self.devices.get(device_id)
@@ -172,7 +173,7 @@ def parse_registry(text: str, path: str) -> FileRegistry:
         devices[device.device_id] = device
         first_line[device.device_id] = line
     revision = hashlib.sha256(text.encode()).hexdigest()[:12]
-    return FileRegistry(devices=devices, revision=revision, path=path)
+    return FileRegistry(devices=devices, revision=revision, path=path, lines=first_line)
 
 
 def load_registry(path: str | Path) -> FileRegistry:

@@ -14,7 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from pdp.core.admission import Admission, AdmissionSettings, ConnectRequest, admit, device_problem
+from pdp.core.admission import (
+    Admission,
+    AdmissionSettings,
+    ConnectRequest,
+    admit,
+    client_id_overlap,
+    device_problem,
+)
 from pdp.runtime.cache import LruCache
 from pdp.core.engine import Decision
 from pdp.errors import SourceError
@@ -59,7 +66,20 @@ def load_snapshot(settings: PdpSettings) -> Snapshot:
     """Both files or neither: SourceError names the first problem."""
     policy = load_policy(settings.model_path, settings.policy_path)
     registry = load_registry(settings.registry_path)
+    check_client_ids(settings.admission.client_id_pattern, registry)
     return Snapshot(policy, registry, PolicyIndex(policy.rules), LruCache(settings.l1_size))
+
+
+def check_client_ids(pattern: str, registry: FileRegistry) -> None:
+    """Refuse a registry in which the client id pattern would let one device claim another's client ids."""
+    overlap = client_id_overlap(pattern, registry.devices)
+    if overlap is not None:
+        first, second = overlap
+        example = pattern.replace("{device_id}", second).replace("*", "x")
+        raise SourceError(registry.path, registry.lines.get(second),
+                          f"client id pattern {pattern!r} lets device {first!r} use the client ids of device "
+                          f"{second!r} (e.g. {example!r}) and take over its session; rename one of them or use "
+                          "a pattern without '*'")
 
 
 def _signature(paths: tuple[str, ...]) -> FileSignature:
