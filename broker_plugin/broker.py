@@ -77,6 +77,7 @@ class HardenedBroker(Broker):
         self.authz.set_closer(self._carry_out)
         self.authz.broker_reports_closes = True
         self._connections: dict[ConnId, _Connection] = {}  # every admitted connection with a running handler
+        self._retained_publishers: dict[str, str] = {}  # retained topic -> the device that published it
         self._filter_index = FilterIndex()
         self._session_filters: dict[str, set[str]] = {}  # client id -> its filters
 
@@ -237,18 +238,36 @@ class HardenedBroker(Broker):
     # -- retained messages: on subscribe and on reconnect (holes 1 and 4) ----------------
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Session) -> None:
-        """Retained messages for a filter the session holds, each checked as a receive (hole 1)."""
+        """Retained messages for a filter the session holds, each checked as a receive (hole 1) and against
+        its publisher's current rights."""
         topic_filter, qos = subscription
         handler = self._get_handler(session)
         if handler is None:
             return
+        publishers = self._retained_publishers
         tasks = [
             asyncio.ensure_future(handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True))
             for topic, retained in list(self._retained_messages.items())
-            if matches(topic_filter, topic) and self.authz.allows(session, "receive", topic, "retained")
+            if matches(topic_filter, topic)
+            and self.authz.allows(session, "receive", topic, "retained", publishers.get(topic))
         ]
         if tasks:
             await asyncio.wait(tasks)
+
+    async def retain_message(self, source_session: Session | None, topic_name: str | None,
+                             data: bytes | bytearray | None, qos: int | None = None) -> None:
+        """amqtt's, remembering which device published what it retains: served only while that device may."""
+        await super().retain_message(source_session, topic_name, data, qos)
+        if topic_name is None:
+            return
+        if topic_name in self._retained_messages:
+            publisher = self.authz.device_id(source_session)
+            if publisher is not None:
+                self._retained_publishers[topic_name] = publisher
+            else:
+                self._retained_publishers.pop(topic_name, None)
+        else:
+            self._retained_publishers.pop(topic_name, None)
 
     async def _publish_session_retained_messages(self, session: Session) -> None:
         """Messages queued while offline are checked again: the policy may have changed meanwhile."""

@@ -130,3 +130,24 @@ def test_unambiguous_star_pattern_admits_suffixes(make_broker, test_pki: TestPki
     assert other.connect() == 5  # another device's prefix
     good.close()
     other.close()
+
+
+# -- retained messages carry their publisher's rights --------------------------------------------------
+
+
+def test_retained_command_is_not_served_after_its_publisher_is_suspended(broker, connect, policy_dir: Path) -> None:
+    root = connect("root-1")
+    root.publish("a/valve/cmd", b"open", qos=1, retain=True)
+    first = connect("watcher-1")
+    assert first.subscribe("a/#") == 0
+    assert first.next_message().payload == b"open"  # positive control: served while root-1 may publish it
+    first.close()
+    attempts = broker.plugin.service.reload_attempts
+    devices = [(d, t, loc, "suspended" if d == "root-1" else s) for d, t, loc, s in DEVICES]
+    (policy_dir / "devices.yaml").write_text(registry_yaml(devices))
+    broker.wait_reload(attempts)
+    assert root.wait_disconnected()
+    later = connect("watcher-1")
+    assert later.subscribe("a/#") == 0
+    connect("root-2").publish("a/sentinel", b"after", qos=1)
+    assert [m.payload for m in later.messages_until("a/sentinel")] == [b"after"]

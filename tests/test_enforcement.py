@@ -244,3 +244,18 @@ def test_refused_connect_registers_nothing(world: World) -> None:
     assert world.core.connections() == ()
     assert not world.verdict(PublishReceived(conn, "sites/plant-a/suspended-1/telemetry")).allowed
 
+
+
+def test_retained_message_is_served_only_while_its_publisher_may_publish_it(world: World) -> None:
+    watcher = world.admitted("watcher-1")
+    retained = DeliveryDue(watcher, "a/cmd", "retained", publisher="root-1")
+    assert world.verdict(retained).decision.rule_id == "watcher-recv"
+    assert world.verdict(DeliveryDue(watcher, "a/cmd", "retained")).allowed  # the broker's own: no publisher
+    world.swap(policy=TEST_POLICY.replace("p, root-pub,", "# p, root-pub,"))
+    lost = world.verdict(retained)
+    assert (lost.allowed, lost.tier, lost.decision.reason) == (
+        False, "publisher", "retained message of 'root-1', which may no longer publish it (no matching rule)")
+    world.swap(policy=TEST_POLICY, devices=_with_status("root-1", "suspended"))
+    assert world.verdict(retained).decision.reason == "retained message of 'root-1', which is suspended"
+    gone = DeliveryDue(watcher, "a/cmd", "retained", publisher="nobody")
+    assert world.verdict(gone).decision.reason == "retained message of 'nobody', which is unknown"

@@ -18,6 +18,9 @@ be tested in microseconds without a broker:
   session the new snapshot no longer admits is marked revoked, so no decision
   after the swap uses stale attributes; disconnection follows as actions.
 * clock: a connection whose certificate's notAfter has passed is revoked.
+* retained messages carry their publisher's rights (as Mosquitto's
+  ``check_retain_source``): one is served only while its publisher is still
+  registered, active and allowed to publish to that topic.
 
 What the snapshot says (admission, decisions, why an admission lapsed) comes
 from an ``Authority``; the core decides when to ask it and what follows.
@@ -37,6 +40,7 @@ from pdp.registry.file import Device
 ConnId = int
 Origin = Literal["live", "retained", "queued"]
 SESSION_TIER = "session"  # verdicts given by the core itself, without asking the policy
+PUBLISHER_TIER = "publisher"  # a retained message refused because its publisher lost the right to it
 
 
 class Authority(Protocol):
@@ -49,6 +53,10 @@ class Authority(Protocol):
         ...
 
     def revocation_reason(self, admission: Admission) -> str | None: ...
+
+    def registered(self, device_id: str) -> Device | None:
+        """The device as the current registry has it."""
+        ...
 
     @property
     def revision(self) -> str: ...
@@ -82,6 +90,7 @@ class DeliveryDue:
     conn: ConnId
     topic: str
     origin: Origin = "live"
+    publisher: str | None = None  # device id that published a retained message; None: the broker itself
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +261,22 @@ class Enforcer:
 
     def _deliver(self, event: DeliveryDue) -> list[Action]:
         # Live, retained and queued messages alike are receives of the current snapshot (holes 1, 4).
+        if event.origin == "retained" and event.publisher is not None:
+            refusal = self._retained_source_problem(event.publisher, event.topic)
+            if refusal is not None:
+                return [Verdict(event.conn, "receive", event.topic, Decision(False, None, refusal), PUBLISHER_TIER,
+                                self.authority.revision)]
         return [self.verdict(event.conn, "receive", event.topic)]
+
+    def _retained_source_problem(self, publisher_id: str, topic: str) -> str | None:
+        publisher = self.authority.registered(publisher_id)
+        if publisher is None or publisher.status != "active":
+            state = "unknown" if publisher is None else publisher.status
+            return f"retained message of {publisher_id!r}, which is {state}"
+        decision, _, _ = self.authority.lookup(publisher, "publish", topic)
+        if not decision.allowed:
+            return f"retained message of {publisher_id!r}, which may no longer publish it ({decision.reason})"
+        return None
 
     def _will(self, event: WillDue) -> list[Action]:
         # Checked when published, not only at connect: the policy may have changed meanwhile (hole 2).

@@ -57,6 +57,9 @@ class Snapshot:
     index: PolicyIndex
     l1: LruCache[tuple[str, str, str], Decision]
 
+    def registered(self, device_id: str) -> Device | None:
+        return self.snapshot.registry.lookup(device_id)
+
     @property
     def revision(self) -> str:
         return f"{self.policy.revision}.{self.registry.revision}"
@@ -153,6 +156,9 @@ class DecisionPoint:
         if current != device:
             return "device attributes changed"
         return None
+
+    def registered(self, device_id: str) -> Device | None:
+        return self.snapshot.registry.lookup(device_id)
 
     @property
     def revision(self) -> str:

@@ -55,13 +55,13 @@ log = logging.getLogger("mqtt_pdp.service")
 Closer = Callable[[Disconnect | DropSession], Awaitable[None]]
 
 
-def _event(conn: ConnId, action: str, topic: str, origin: Origin) -> Event:
+def _event(conn: ConnId, action: str, topic: str, origin: Origin, publisher: str | None) -> Event:
     if action == "publish":
         return PublishReceived(conn, topic)
     if action == "subscribe":
         return SubscribeRequested(conn, topic)
     if action == "receive":
-        return DeliveryDue(conn, topic, origin)
+        return DeliveryDue(conn, topic, origin, publisher)
     if action == "will":
         return WillDue(conn, topic)
     raise ValueError(f"unknown action {action!r}")
@@ -139,10 +139,11 @@ class AuthorizationService:
         self.enforcer.handle(ConnectionClosed(conn))
         self._peers.pop(conn, None)
 
-    def allows(self, conn: ConnId, action: str, topic: str, origin: Origin = "live") -> bool:
+    def allows(self, conn: ConnId, action: str, topic: str, origin: Origin = "live",
+               publisher: str | None = None) -> bool:
         """One synchronous verdict, recorded; a connection that is not admitted now gets nothing."""
         start = perf_counter_ns()
-        verdict: Verdict = self.enforcer.handle(_event(conn, action, topic, origin))[0]  # type: ignore[assignment]
+        verdict: Verdict = self.enforcer.handle(_event(conn, action, topic, origin, publisher))[0]  # type: ignore[assignment]
         if self.recorder is not None:
             client_id, peer = self._peers.get(conn, (None, None))
             self.recorder.decision(self.enforcer.admission_of(conn), client_id, peer, verdict.action, topic,
