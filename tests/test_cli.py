@@ -82,14 +82,30 @@ def test_explain() -> None:
     assert_one_line_error(run("explain", "--device", "sensor-001", "--topic", "a/#", "--action", "publish"), "wildcard")
 
 
+def _sha256(out: Path, device: str) -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    cert = x509.load_pem_x509_certificate((out / "devices" / f"{device}.pem").read_bytes())
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
 def test_pki_creates_and_reuses_ca(tmp_path: Path) -> None:
     out = tmp_path / "pki"
     result = run("pki", "--out", str(out), "--device", "dev-1", "--trust-domain", "t.example")
     assert result.returncode == 0, result.stderr
     ca = (out / "ca.pem").read_bytes()
     assert (out / "devices" / "dev-1.pem").exists() and (out / "server-key.pem").stat().st_mode & 0o077 == 0
+    assert result.stdout.splitlines() == [
+        f"created CA {out / 'ca.pem'} and broker certificate {out / 'server.pem'}",
+        f"device dev-1: {out / 'devices' / 'dev-1.pem'} (spiffe://t.example/device/dev-1, sha256 {_sha256(out, 'dev-1')})",
+    ]
     result = run("pki", "--out", str(out), "--device", "dev-2")
     assert result.returncode == 0 and (out / "ca.pem").read_bytes() == ca
+    assert result.stdout.splitlines() == [
+        f"using CA {out / 'ca.pem'}",
+        f"device dev-2: {out / 'devices' / 'dev-2.pem'} (spiffe://example.org/device/dev-2, sha256 {_sha256(out, 'dev-2')})",
+    ]
     assert_one_line_error(run("pki", "--out", str(out), "--device", "a/b"), "device id 'a/b' contains '/'")
     (out / "ca.pem").write_text("garbage")
     assert_one_line_error(run("pki", "--out", str(out), "--device", "dev-3"), "cannot use existing CA")
