@@ -19,7 +19,14 @@ import pytest
 from pdp import pki
 from pdp.evidence.store import AssertionStore, QueryFilters
 from tests.conftest import DEVICES, registry_yaml
-from tests.support import TRUST_DOMAIN, WAIT, BrokerProcess, Client, wait_for, write_cli_config
+from tests.support import (
+    TRUST_DOMAIN,
+    WAIT,
+    BrokerProcess,
+    Client,
+    wait_for,
+    write_cli_config,
+)
 
 
 def edit(broker, path: Path, text: str) -> None:
@@ -184,9 +191,9 @@ def client_context(test_pki, maximum: ssl.TLSVersion) -> ssl.SSLContext:
 
 
 def handshake(context: ssl.SSLContext, port: int) -> str:
-    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as raw:
-        with context.wrap_socket(raw, server_hostname="localhost") as tls:
-            return str(tls.version())
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as tls:
+        return str(tls.version())
 
 
 def client_can_negotiate(test_pki, version: ssl.TLSVersion) -> str | None:

@@ -6,6 +6,8 @@ are being changed elsewhere and are not tested here.)
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import subprocess
@@ -18,14 +20,13 @@ import pytest
 import redis
 
 from pdp import pki
-from pdp.evidence.store import AssertionStore, QueryFilters
 from tests.support import TRUST_DOMAIN, Client, write_cli_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pdp.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pdp.cli", *args], cwd=ROOT, capture_output=True, text=True, check=False,
                           timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
@@ -158,9 +159,6 @@ def test_log_query_table_and_csv_are_exact(session_log):
         ["sensor-1", "sensor-1-b", "publish", DEBUG, "deny", "-", "no", "matching", "rule", "index"],
     ]
     csv_out = cli("log", "query", "--db", str(db), "--rule", "sensor-debug", "--format", "csv")
-    import csv
-    import io
-
     rows = list(csv.DictReader(io.StringIO(csv_out.stdout)))
     assert [(r["record_id"], r["client_id"], r["topic"], r["decision"], r["fingerprint"]) for r in rows] == [
         (session_log["records"][8]["record_id"], "sensor-1-b", DEBUG, "allow", session_log["fp_b"])]
