@@ -182,15 +182,19 @@ class Client:
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self.connack: queue.Queue[int] = queue.Queue()
         self.subacks: dict[int, list[int]] = {}
+        self.unsubacks: set[int] = set()
+        self.session_present: bool | None = None
         self._suback_cond = threading.Condition()
         self.disconnected = threading.Event()
         self.client.on_connect = self._on_connect
         self.client.on_message = lambda c, u, m: self.messages.put(m)
         self.client.on_subscribe = self._on_subscribe
+        self.client.on_unsubscribe = self._on_unsubscribe
         self.client.on_disconnect = lambda c, u, f, rc, p: self.disconnected.set()
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         # paho 2 reports MQTT 3.1.1 CONNACK codes as MQTT 5 reason codes; map them back.
+        self.session_present = bool(flags.session_present)
         self.connack.put(V5_TO_V311_CONNACK.get(reason.value, reason.value))
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, codes: list[Any], props: Any) -> None:
@@ -221,6 +225,18 @@ class Client:
         with self._suback_cond:
             assert self._suback_cond.wait_for(lambda: mid in self.subacks, WAIT), "no SUBACK"
             return self.subacks[mid][0]
+
+    def _on_unsubscribe(self, client: Any, userdata: Any, mid: int, codes: Any, props: Any) -> None:
+        with self._suback_cond:
+            self.unsubacks.add(mid)
+            self._suback_cond.notify_all()
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        """UNSUBSCRIBE one filter and wait for its UNSUBACK."""
+        result, mid = self.client.unsubscribe(topic_filter)
+        assert result == mqtt.MQTT_ERR_SUCCESS
+        with self._suback_cond:
+            assert self._suback_cond.wait_for(lambda: mid in self.unsubacks, WAIT), "no UNSUBACK"
 
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
         info = self.client.publish(topic, payload, qos, retain)

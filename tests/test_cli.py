@@ -30,17 +30,24 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], fragment: st
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("command", [[], ["broker"], ["pki"], ["check"], ["explain"]])
+@pytest.mark.parametrize("command", [[], ["broker"], ["pki"], ["check"], ["explain"], ["log"], ["log", "query"],
+                                     ["log", "stats"], ["log", "verify"], ["log", "prune"], ["log", "drain"]])
 def test_help(command: list[str]) -> None:
     result = run(*command, "--help")
-    assert result.returncode == 0 and "usage: mqtt-pdp" in result.stdout
+    assert (result.returncode, result.stderr) == (0, "")
+    usage = " ".join(["usage: mqtt-pdp", *command]) + " "
+    assert result.stdout.startswith(usage + "[-h]"), result.stdout.splitlines()[0]
 
 
 def test_check_example_policy() -> None:
     result = run("check", "--model", "policies/model.conf", "--policy", "policies/policy.csv",
                  "--registry", "policies/devices.yaml")
     assert result.returncode == 0, result.stderr
-    assert re.search(r"ok: .*policy.csv: \d+ rules", result.stdout)
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2, result.stdout
+    assert re.fullmatch(r"ok: policies/policy\.csv: 11 rules \(revision [0-9a-f]{12}\)", lines[0])
+    assert re.fullmatch(r"ok: policies/devices\.yaml: 6 devices \(4 active, 1 retired, 1 suspended\) "
+                        r"\(revision [0-9a-f]{12}\)", lines[1])
 
 
 def test_check_reports_bad_files(tmp_path: Path) -> None:
@@ -56,10 +63,31 @@ def test_check_reports_bad_files(tmp_path: Path) -> None:
 def test_explain() -> None:
     result = run("explain", "--device", "dashboard-001", "--topic", "sites/plant-a/secret/key", "--action", "receive")
     assert result.returncode == 0, result.stderr
-    assert "decision: deny" in result.stdout and "secrets-never" in result.stdout
-    assert "casbin:   deny (secrets-never)" in result.stdout
+    assert result.stdout.splitlines() == [
+        "decision: deny",
+        f"rule:     secrets-never ({ROOT / 'policies' / 'policy.csv'}:15)",
+        "reason:   denied by rule secrets-never",
+        "device:   device_id=dashboard-001 type=dashboard location=plant-a purpose=monitoring owner=ops-team status=active",
+        "casbin:   deny (secrets-never)",
+    ]
+    allowed = run("explain", "--device", "sensor-001", "--topic", "sites/plant-a/sensor-001/telemetry", "--action", "publish")
+    assert allowed.returncode == 0, allowed.stderr
+    assert allowed.stdout.splitlines()[:3] == [
+        "decision: allow",
+        f"rule:     sensor-telemetry ({ROOT / 'policies' / 'policy.csv'}:5)",
+        "reason:   allowed by rule sensor-telemetry",
+    ]
+    assert allowed.stdout.splitlines()[4] == "casbin:   allow (sensor-telemetry)"
     assert_one_line_error(run("explain", "--device", "ghost", "--topic", "a", "--action", "publish"), "unknown device 'ghost'")
     assert_one_line_error(run("explain", "--device", "sensor-001", "--topic", "a/#", "--action", "publish"), "wildcard")
+
+
+def _sha256(out: Path, device: str) -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    cert = x509.load_pem_x509_certificate((out / "devices" / f"{device}.pem").read_bytes())
+    return cert.fingerprint(hashes.SHA256()).hex()
 
 
 def test_pki_creates_and_reuses_ca(tmp_path: Path) -> None:
@@ -68,8 +96,16 @@ def test_pki_creates_and_reuses_ca(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     ca = (out / "ca.pem").read_bytes()
     assert (out / "devices" / "dev-1.pem").exists() and (out / "server-key.pem").stat().st_mode & 0o077 == 0
+    assert result.stdout.splitlines() == [
+        f"created CA {out / 'ca.pem'} and broker certificate {out / 'server.pem'}",
+        f"device dev-1: {out / 'devices' / 'dev-1.pem'} (spiffe://t.example/device/dev-1, sha256 {_sha256(out, 'dev-1')})",
+    ]
     result = run("pki", "--out", str(out), "--device", "dev-2")
     assert result.returncode == 0 and (out / "ca.pem").read_bytes() == ca
+    assert result.stdout.splitlines() == [
+        f"using CA {out / 'ca.pem'}",
+        f"device dev-2: {out / 'devices' / 'dev-2.pem'} (spiffe://example.org/device/dev-2, sha256 {_sha256(out, 'dev-2')})",
+    ]
     assert_one_line_error(run("pki", "--out", str(out), "--device", "a/b"), "device id 'a/b' contains '/'")
     (out / "ca.pem").write_text("garbage")
     assert_one_line_error(run("pki", "--out", str(out), "--device", "dev-3"), "cannot use existing CA")

@@ -90,4 +90,7 @@ def test_registry_fingerprints_normalized() -> None:
 
 def test_example_registry_loads() -> None:
     registry = load_registry(ROOT / "policies" / "devices.yaml")
-    assert len(registry) >= 4
+    assert len(registry) == 6
+    statuses = {d: registry.lookup(d).status for d in ("sensor-001", "sensor-900", "dashboard-001")}  # type: ignore[union-attr]
+    assert statuses == {"sensor-001": "active", "sensor-900": "suspended", "dashboard-001": "active"}
+    assert registry.lookup("nobody") is None

@@ -11,6 +11,15 @@ from pdp import pki
 from tests.support import TRUST_DOMAIN, Client, broker_config
 
 
+def assert_exchange(connect, client, device: str = "sensor-1") -> None:
+    """Positive control: an admitted sensor of plant-a subscribes to its command topic and gets a command through."""
+    assert client.subscribe(f"sites/plant-a/{device}/cmd") == 0
+    dashboard = connect("dash-1")
+    dashboard.publish(f"sites/plant-a/{device}/cmd", b"control")
+    message = client.next_message()
+    assert (message.topic, message.payload) == (f"sites/plant-a/{device}/cmd", b"control")
+
+
 @pytest.fixture
 def refused_reason(caplog):
     caplog.set_level(logging.WARNING, logger="mqtt_pdp.plugin")
@@ -29,6 +38,7 @@ def test_no_certificate_refused_at_tls_handshake(broker, connect):
     client = connect("sensor-1", creds=None, expect=None)  # expect=None: no CONNACK at all
     assert client.connack.empty()
     assert broker.run(lambda: "sensor-1" not in broker.broker._sessions)
+    assert_exchange(connect, connect("sensor-1"))  # the same client set-up with a certificate gets in
 
 
 def test_no_certificate_refused_at_connect_when_handshake_allows_it(make_broker, test_pki, refused_reason):
@@ -39,6 +49,12 @@ def test_no_certificate_refused_at_connect_when_handshake_allows_it(make_broker,
     finally:
         client.close()
     assert refused_reason("sensor-1") == "no client certificate"
+    control = Client(broker.port, "sensor-1", test_pki.device("sensor-1"), test_pki.ca_file)
+    try:
+        assert control.connect() == 0
+        assert control.subscribe("sites/plant-a/sensor-1/cmd") == 0
+    finally:
+        control.close()
 
 
 def test_expired_and_not_yet_valid_certificates_refused(connect, test_pki):
@@ -49,10 +65,12 @@ def test_expired_and_not_yet_valid_certificates_refused(connect, test_pki):
         test_pki.ca, "sensor-1", TRUST_DOMAIN, not_before=now + timedelta(days=1), not_after=now + timedelta(days=10)))
     connect("sensor-1", creds=expired, expect=None)
     connect("sensor-1", creds=future, expect=None)
-    connect("sensor-1", expect=0)
+    valid = test_pki.save("valid-now", pki.issue_device(
+        test_pki.ca, "sensor-1", TRUST_DOMAIN, not_before=now - timedelta(days=1), not_after=now + timedelta(days=10)))
+    assert_exchange(connect, connect("sensor-1", creds=valid, expect=0))  # same issuance, valid now
 
 
-def test_certificate_from_another_ca_refused(connect, tmp_path):
+def test_certificate_from_another_ca_refused(connect, test_pki, tmp_path):
     rogue_ca = pki.make_ca("rogue CA")
     rogue = pki.issue_device(rogue_ca, "sensor-1", TRUST_DOMAIN)
     from tests.support import Credentials
@@ -60,12 +78,19 @@ def test_certificate_from_another_ca_refused(connect, tmp_path):
     creds = Credentials(tmp_path / "rogue.pem", tmp_path / "rogue-key.pem", pki.fingerprint(rogue))
     rogue.write(creds.cert, creds.key)
     connect("sensor-1", creds=creds, expect=None)
+    # Control: the same writing and loading of a certificate, issued by the broker's CA, is admitted.
+    good = pki.issue_device(test_pki.ca, "sensor-1", TRUST_DOMAIN)
+    good_creds = Credentials(tmp_path / "good.pem", tmp_path / "good-key.pem", pki.fingerprint(good))
+    good.write(good_creds.cert, good_creds.key)
+    assert_exchange(connect, connect("sensor-1", creds=good_creds, expect=0))
 
 
 def test_foreign_trust_domain_refused(connect, test_pki, refused_reason):
     creds = test_pki.save("foreign", pki.issue_device(test_pki.ca, "sensor-1", "other.example"))
     connect("sensor-1", creds=creds, expect=5)
     assert refused_reason("sensor-1") == "foreign trust domain other.example"
+    own = test_pki.save("own-domain", pki.issue_device(test_pki.ca, "sensor-1", TRUST_DOMAIN))
+    assert_exchange(connect, connect("sensor-1", creds=own, expect=0))
 
 
 @pytest.mark.parametrize(
@@ -80,6 +105,7 @@ def test_foreign_trust_domain_refused(connect, test_pki, refused_reason):
 def test_unregistered_or_inactive_devices_refused(connect, refused_reason, device, reason):
     connect(device, expect=5)
     assert refused_reason(device) == reason
+    assert_exchange(connect, connect("sensor-1"))  # an active device with a certificate issued the same way
 
 
 def test_client_id_must_be_the_device_id(connect, refused_reason):
@@ -87,6 +113,7 @@ def test_client_id_must_be_the_device_id(connect, refused_reason):
     assert refused_reason("sensor-2") == "client id mismatch"
     connect("sensor-1", client_id="sensor-1-extra", expect=5)
     connect("sensor-1", client_id="", expect=5)
+    assert_exchange(connect, connect("sensor-1", client_id="sensor-1"))
 
 
 def test_client_id_prefix_pattern(make_broker, test_pki):
@@ -116,6 +143,10 @@ def test_injection_device_ids_refused(connect, test_pki, refused_reason, uri, wh
     client_id = device_id or "empty"
     connect("x", client_id=client_id, creds=creds, expect=5)
     assert refused_reason(client_id).endswith(why)
+    # Control: the same issuance with a safe device id is admitted.
+    good = test_pki.save("inject-control", pki.issue_device(
+        test_pki.ca, "x", uris=[f"spiffe://{TRUST_DOMAIN}/device/sensor-1"], common_name="x"))
+    assert_exchange(connect, connect("x", client_id="sensor-1", creds=good, expect=0))
 
 
 def test_several_identities_in_one_certificate_refused(connect, test_pki, refused_reason):
@@ -123,10 +154,12 @@ def test_several_identities_in_one_certificate_refused(connect, test_pki, refuse
     creds = test_pki.save("double", pki.issue_device(test_pki.ca, "sensor-1", uris=uris))
     connect("sensor-1", creds=creds, expect=5)
     assert refused_reason("sensor-1") == "several device identities in certificate"
+    single = test_pki.save("single", pki.issue_device(test_pki.ca, "sensor-1", uris=uris[:1]))
+    assert_exchange(connect, connect("sensor-1", creds=single, expect=0))
 
 
 def test_certificate_not_bound_to_device_refused(connect, test_pki, refused_reason):
-    connect("bound-1", expect=0)  # the certificate whose fingerprint the registry binds
+    assert_exchange(connect, connect("bound-1", expect=0), "bound-1")  # the certificate the registry binds
     other = test_pki.save("bound-1-other", pki.issue_device(test_pki.ca, "bound-1", TRUST_DOMAIN))
     connect("bound-1", creds=other, expect=5)
     assert refused_reason("bound-1") == "certificate not bound to device"
@@ -161,6 +194,13 @@ def test_plain_tcp_listener_gets_no_access_unless_opted_in(make_broker, test_pki
     finally:
         client.close()
     assert refused_reason("sensor-1") == "plain TCP not allowed"
+    # Control: the same broker's TLS listener admits the device.
+    control = Client(broker.ports["tls"], "sensor-1", test_pki.device("sensor-1"), test_pki.ca_file)
+    try:
+        assert control.connect() == 0
+        assert control.subscribe("sites/plant-a/sensor-1/cmd") == 0
+    finally:
+        control.close()
 
 
 def test_plain_tcp_opt_in_still_uses_the_registry(make_broker, test_pki, policy_dir):

@@ -26,14 +26,16 @@ def test_l2_is_shared_by_brokers_on_one_redis(make_broker, test_pki, shared_redi
     client.close()
     wait_for(lambda: sum(len(f) for f in l2_fields(shared_redis_url, redis_prefix).values()) >= 2, "L2 written")
     (key, fields), = l2_fields(shared_redis_url, redis_prefix).items()
-    assert fields[b"subscribe\x00sites/plant-a/sensor-1/cmd"] == b"Asensor-sub-cmd"
-    assert fields[b"subscribe\x00sites/plant-a/#"] == b"D"
+    assert fields == {b"subscribe\x00sites/plant-a/sensor-1/cmd": b"Asensor-sub-cmd", b"subscribe\x00sites/plant-a/#": b"D"}
     assert 0 < redis.Redis.from_url(shared_redis_url).ttl(key) <= 3600
     # The second broker warms its L1 from L2 when the device connects there, before any decision.
     client = Client(second.port, "sensor-1", test_pki.device("sensor-1"), test_pki.ca_file)
     assert client.connect() == 0
     l1 = second.plugin.service.pdp.snapshot.l1
     wait_for(lambda: second.run(lambda: len(l1)) >= 2, "second broker's L1 warmed from L2")
+    assert second.run(lambda: (len(l1), l1.misses)) == (2, 0)  # exactly the two L2 entries, no decision taken yet
+    assert client.subscribe("sites/plant-a/sensor-1/cmd") == 0
+    assert second.run(lambda: (l1.hits, l1.misses)) == (1, 0)  # answered from the warmed entry
     client.close()
 
 

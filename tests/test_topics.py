@@ -92,9 +92,19 @@ def test_bind_is_level_by_level_and_refuses_unsafe_values() -> None:
     assert bind("sites/{owner}", {"device_id": "x"}) is None
 
 
-@pytest.mark.parametrize("value", ["a/b", "a+", "#", "\x00", "$x", "", "x" * 129, " a", "a\n"])
-def test_level_value_problem_rejects_injection(value: str) -> None:
-    assert level_value_problem(value) is not None
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [("a/b", "contains '/'"), ("a+", "contains '+'"), ("#", "contains '#'"), ("\x00", "contains a control character"),
+     ("$x", "starts with '$'"), ("", "is empty"), ("x" * 129, "is longer than 128 characters"),
+     (" a", "has leading or trailing whitespace"), ("a\n", "contains a control character")],
+)
+def test_level_value_problem_rejects_injection(value: str, problem: str) -> None:
+    assert level_value_problem(value) == problem
+
+
+@pytest.mark.parametrize("value", ["sensor-001", "plant-a", "a.b_c:d", "x" * 128, "a$"])
+def test_level_value_problem_accepts_safe_values(value: str) -> None:
+    assert level_value_problem(value) is None
 
 
 @pytest.mark.parametrize("bad", ["", "a/#/b", "a#", "a/b+", "a\x00"])
