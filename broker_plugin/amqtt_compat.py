@@ -19,6 +19,7 @@ from amqtt.contexts import Action, ListenerConfig
 from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError, PluginError, PluginLoadError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
@@ -28,7 +29,7 @@ from transitions import MachineError
 
 __all__ = [
     "AMQTT_VERSION", "AMQTTError", "Action", "BaseAuthPlugin", "BaseTopicPlugin", "Broker", "BrokerError",
-    "BrokerEvents", "BrokerProtocolHandler", "ConnackPacket", "ListenerConfig", "MQTTError", "MachineError",
+    "BrokerEvents", "BrokerProtocolHandler", "ConnackPacket", "DisconnectPacket", "ListenerConfig", "MQTTError", "MachineError",
     "NOT_AUTHORIZED", "NoDataError", "OutgoingApplicationMessage", "PluginError", "PluginLoadError", "QOS_1",
     "QOS_2", "ReaderAdapter", "abort_connection", "RetainedApplicationMessage", "Session", "WriterAdapter", "check_amqtt",
     "format_client_message", "gen_client_id", "BROKER_ERRORS",

@@ -32,6 +32,7 @@ from broker_plugin.amqtt_compat import (
     BrokerEvents,
     BrokerProtocolHandler,
     ConnackPacket,
+    DisconnectPacket,
     ListenerConfig,
     MachineError,
     MQTTError,
@@ -292,7 +293,8 @@ class HardenedBroker(Broker):
             # session disconnected under the new connection).
             await self._stop_handler(handler)
             return
-        if client_session.will_flag and not (
+        graceful = isinstance(disconnect_waiter.result(), DisconnectPacket)  # amqtt publishes no will then
+        if client_session.will_flag and not graceful and not (
             client_session.will_topic and self.authz.allows(client_session, "will", client_session.will_topic)
         ):
             log.warning("will of %s on %r suppressed: not permitted", client_session.client_id, client_session.will_topic)

@@ -30,10 +30,10 @@ from tests.support import (
 
 
 def edit(broker, path: Path, text: str) -> None:
-    attempts = broker.plugin.reload_attempts
+    attempts = broker.plugin.service.reload_attempts
     path.write_text(text)
     broker.wait_reload(attempts)
-    assert broker.plugin.pdp.last_error is None
+    assert broker.plugin.service.pdp.last_error is None
 
 
 def records_of(path: Path, **filters) -> list:
@@ -158,10 +158,6 @@ def test_resumed_session_takes_the_new_certificate_and_will(broker, connect, tes
     ]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "HardenedBroker._handle_disconnect checks the will through plugin.allows() before amqtt looks at how the client "
-    "left, so a graceful DISCONNECT (no will published) still leaves a 'publish ... allow' assertion record for the "
-    "will topic"))
 def test_graceful_disconnect_leaves_no_will_publish_record(broker, connect, policy_dir):
     status = "sites/plant-a/sensor-1/status"
     root = connect("root-1")
@@ -324,7 +320,7 @@ def test_small_l1_stays_bounded_and_decisions_stay_right(make_broker, test_pki, 
         sensor.publish("sites/plant-a/sensor-1/sentinel", b"denied too")
         sensor.publish("sites/plant-a/sensor-1/telemetry", b"last")
         assert dashboard.next_message().payload == b"last"  # no x{i} or sentinel delivered in between
-        l1 = broker.plugin.pdp.snapshot.l1
+        l1 = broker.plugin.service.pdp.snapshot.l1
         assert broker.run(lambda: (l1.capacity, len(l1))) == (l1_size, min(l1_size, 19))  # 19 distinct keys: 1 subscribe, 17 publish, 1 receive
     finally:
         for client in clients:
@@ -404,7 +400,7 @@ def test_retention_days_prunes_old_records_when_the_broker_starts(make_broker, t
         assert client.connect() == 0
     finally:
         client.close()
-    node = broker.plugin.node_id
+    node = broker.plugin.service.node_id
     broker.stop()
     store = AssertionStore(db, readonly=True)
     try:
