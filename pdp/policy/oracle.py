@@ -1,5 +1,16 @@
 """Casbin, loaded from the model and policy files, as the reference decision maker.
 
+Casbin decides selectors, action, effect and rule order from the model. Its
+``topicMatch`` is written here again, from the MQTT 3.1.1 specification
+(sections 1.5.3, 4.7), and shares no code with ``pdp.core.topics``,
+``pdp.core.engine`` or ``pdp.core.index``: a reference that called our own
+topic code would agree with every bug in it. It is deliberately plain and
+slow: placeholders are bound by string substitution, and the bound pattern is
+compiled into a regular expression over the requested topic name (publish,
+receive) or over the requested filter's text, its wildcards read as symbols
+(subscribe). It also refuses invalid topics and filters by itself, so that the
+PDP's invalid-topic denials are checked too.
+
 Casbin's deny-override effect reports the deciding rule only for denials, so a
 second enforcer over the same files with an allow-override effect names the
 first applicable allow. Together they give the decision and deciding rule that
@@ -8,17 +19,115 @@ first applicable allow. Together they give the decision and deciding rule that
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
+from functools import lru_cache
+
 import casbin
 from casbin.persist.adapters import FileAdapter
 
-from pdp.core.engine import Decision, decision_for, topic_applies
+from pdp.core.engine import Decision, decision_for
 from pdp.registry.file import Device
 
 FIRST_ALLOW_EFFECT = "some(where (p.eft == allow))"
 
+# MQTT 3.1.1, 1.5.3: a UTF-8 string is at most 65535 bytes and never contains U+0000.
+_MAX_BYTES = 65535
+# 4.7.1.2 / 4.7.1.3: '#' only as the whole last level, '+' only as a whole level; other levels hold neither.
+_VALID_FILTER = re.compile(r"(?:(?:[^/+#]*|\+)/)*(?:[^/+#]*|\+|#)", re.DOTALL)
+# 4.7.1.1: wildcards are for filters; a topic name holds neither.
+_VALID_TOPIC_NAME = re.compile(r"[^+#]+", re.DOTALL)
+# Our own rule for a value bound into a pattern: one non-empty level of at most 128 characters, no
+# separator, wildcard or control character, not a '$' topic's first level, no surrounding whitespace;
+# anything else makes the rule bind to nothing.
+_SAFE_VALUE = re.compile(r"(?!\$)(?!\s)[^/+#\x00-\x1f\x7f]{1,128}(?<!\s)")
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+def _utf8_ok(text: str) -> bool:
+    return text != "" and "\x00" not in text and len(text.encode("utf-8", "surrogatepass")) <= _MAX_BYTES
+
+
+def valid_topic_name(topic: str) -> bool:
+    return _utf8_ok(topic) and _VALID_TOPIC_NAME.fullmatch(topic) is not None
+
+
+def valid_filter(topic_filter: str) -> bool:
+    return _utf8_ok(topic_filter) and _VALID_FILTER.fullmatch(topic_filter) is not None
+
+
+def bind(pattern: str, attributes: Mapping[str, str]) -> str | None:
+    """The pattern with each ``{name}`` replaced by the device's value; None when a value is missing or unsafe.
+
+    One pass, so a value that happens to contain ``{owner}`` is not substituted again.
+    """
+    failed = False
+
+    def value(match: re.Match[str]) -> str:
+        nonlocal failed
+        found = attributes.get(match.group(1))
+        if found is None or _SAFE_VALUE.fullmatch(found) is None:
+            failed = True
+            return ""
+        return found
+
+    bound = _PLACEHOLDER.sub(value, pattern)
+    return None if failed else bound
+
+
+@lru_cache(maxsize=8192)
+def _name_regex(pattern: str) -> re.Pattern[str]:
+    """The topic names the filter ``pattern`` selects (4.7.1, 4.7.2)."""
+    levels = pattern.split("/")
+    # 4.7.2: a filter starting with a wildcard does not match a topic name starting with '$'.
+    head = r"(?!\$)" if levels[0] in ("+", "#") else ""
+    if levels == ["#"]:
+        return re.compile(head + r".*", re.DOTALL)
+    tail = ""
+    if levels[-1] == "#":
+        levels = levels[:-1]
+        tail = r"(?:/.*)?"  # 4.7.1.2: '#' also matches the parent ('sport/#' matches 'sport')
+    body = "/".join(r"[^/]*" if level == "+" else re.escape(level) for level in levels)
+    return re.compile(head + body + tail, re.DOTALL)
+
+
+@lru_cache(maxsize=8192)
+def _filter_regex(pattern: str) -> re.Pattern[str]:
+    """The filters, as text, all of whose topics ``pattern`` selects.
+
+    Read a filter's '+' and '#' as symbols: a pattern's literal level takes only the
+    same literal; its '+' takes any literal level or '+', never '#' (that also selects
+    the parent and deeper levels); its final '#' takes whatever follows, '#' included.
+    """
+    levels = pattern.split("/")
+    head = r"(?!\$)" if levels[0] in ("+", "#") else ""
+    if levels == ["#"]:
+        return re.compile(head + r".*", re.DOTALL)
+    tail = ""
+    if levels[-1] == "#":
+        levels = levels[:-1]
+        tail = r"(?:/.*)?"
+    body = "/".join(r"(?:[^/+#]*|\+)" if level == "+" else re.escape(level) for level in levels)
+    return re.compile(head + body + tail, re.DOTALL)
+
+
+def topic_match(action: str, topic: str, pattern: str, attributes: Mapping[str, str]) -> bool:
+    """Casbin's ``topicMatch``: does the rule's pattern, bound to the device, select the request?"""
+    bound = bind(pattern, attributes)
+    if bound is None:
+        return False
+    if action == "subscribe":
+        if not valid_filter(topic):
+            return False
+        # A filter of just '#' selects every non-'$' topic of one level or more, exactly as '+/#' does.
+        return _filter_regex(bound).fullmatch("+/#" if topic == "#" else topic) is not None
+    if not valid_topic_name(topic):
+        return False
+    return _name_regex(bound).fullmatch(topic) is not None
+
 
 def _topic_match(action: str, topic: str, pattern: str, device: Device) -> bool:
-    return topic_applies(action, topic, pattern, device.attributes())
+    return topic_match(action, topic, pattern, device.attrs)
 
 
 class CasbinReference:

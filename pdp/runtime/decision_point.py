@@ -106,6 +106,8 @@ class DecisionPoint:
         self.last_error: str | None = None
         self.recorder: Recorder | None = None
         self._load_seconds = 0.0
+        if settings.verify_with_casbin:
+            self.lookup = self._verified_lookup  # type: ignore[method-assign]
 
     def admit(self, request: ConnectRequest, now: datetime | None = None) -> Admission:
         snap = self.snapshot
@@ -131,12 +133,25 @@ class DecisionPoint:
         snap.l1.put(key, decision)
         if self.recorder is not None:
             self.recorder(snap.policy.revision, device, action, topic, decision)
-        if self.settings.verify_with_casbin:
-            reference = snap.policy.reference.decide(device, action, topic)
-            if (reference.allowed, reference.rule_id) != (decision.allowed, decision.rule_id):
-                self.casbin_mismatches += 1
-                log.error("Casbin disagrees on %s %s %s: casbin=%s pdp=%s", device.device_id, action, topic, reference, decision)
         return decision, "index", snap.revision
+
+    def _verified_lookup(self, device: Device, action: str, topic: str) -> tuple[Decision, str, str]:
+        """``lookup``, then Casbin on whatever it returned: index decisions, L1 hits (warmed ones too) and
+        invalid-topic denials, since each of them is what the broker acts on.
+
+        Installed in place of ``lookup`` only when verifying, so the ordinary path pays nothing for it.
+        """
+        before = self.snapshot
+        decision, tier, revision = DecisionPoint.lookup(self, device, action, topic)
+        snap = before if before.revision == revision else self.snapshot
+        if snap.revision != revision:  # reloaded twice meanwhile: the deciding policy is gone
+            return decision, tier, revision
+        reference = snap.policy.reference.decide(device, action, topic)
+        if (reference.allowed, reference.rule_id) != (decision.allowed, decision.rule_id):
+            self.casbin_mismatches += 1
+            log.error("Casbin disagrees on %s %s %s (%s): casbin=%s pdp=%s", device.device_id, action, topic, tier,
+                      reference, decision)
+        return decision, tier, revision
 
     def warm(self, snapshot: Snapshot, device: Device, entries: dict[tuple[str, str], Decision]) -> None:
         """Put decisions taken elsewhere (L2) into L1, if ``snapshot`` is still the current one."""
