@@ -122,3 +122,19 @@ def load_issued(cert_path: Path, key_path: Path) -> Issued:
 
 def fingerprint(issued: Issued) -> str:
     return issued.cert.fingerprint(hashes.SHA256()).hex()
+
+
+def make_crl(ca: Issued, revoked_serials: list[int], days: int = 7) -> x509.CertificateRevocationList:
+    """A CRL of ``ca`` revoking the given serial numbers (development and tests)."""
+    now = datetime.now(timezone.utc)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(now - timedelta(minutes=5))
+        .next_update(now + timedelta(days=days))
+    )
+    for serial in revoked_serials:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now - timedelta(minutes=1)).build()
+        )
+    return builder.sign(ca.key, hashes.SHA256())

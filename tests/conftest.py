@@ -140,6 +140,24 @@ def connect(broker: BrokerThread, test_pki: TestPki) -> Iterator[Callable[..., C
         client.close()
 
 
+@pytest.fixture
+def connect_to(test_pki: TestPki) -> Iterator[Callable[..., Client]]:
+    """Connect a device to a broker the test made itself (``make_broker``); closed afterwards."""
+    clients: list[Client] = []
+
+    def make(broker: BrokerThread, device: str, client_id: str | None = None, *, expect: int | None = 0,
+             **kwargs: Any) -> Client:
+        client = Client(broker.port, client_id or device, test_pki.device(device), test_pki.ca_file, **kwargs)
+        clients.append(client)
+        rc = client.connect()
+        assert rc == expect, f"{device}: CONNACK {rc}, expected {expect}"
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
 @pytest.fixture(scope="session")
 def shared_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The machine's Redis if one answers (MQTT_PDP_TEST_REDIS or 127.0.0.1:6379), else one of our own."""

@@ -182,6 +182,38 @@ def _check_tls_files(config_path: str, config: dict[str, Any]) -> None:
             raise CliError(f"{config_path}: listener {name!r}: cannot load its CA, certificate or key: {exc}") from None
 
 
+# -- apply ----------------------------------------------------------------------------------------
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    """Validate new versions of the policy and/or registry together, then replace them together."""
+    from pdp.policy.load import read_text, parse_policy
+    from pdp.registry.file import parse_registry
+    from pdp.runtime.decision_point import check_client_ids
+    from pdp.runtime.settings import ServiceSettings
+    from pdp.runtime.sources import write_together
+
+    if not args.new_policy and not args.new_registry:
+        raise CliError("nothing to apply: give --new-policy and/or --new-registry")
+    model, policy_path, registry_path, settings = _pdp_paths(args)
+    new_policy = read_text(args.new_policy or policy_path, "policy")
+    new_registry = read_text(args.new_registry or registry_path, "registry")
+    # Validated as the broker will see them: under their target names, against each other.
+    policy = parse_policy(read_text(model, "model"), new_policy, model, policy_path)
+    registry = parse_registry(new_registry, registry_path)
+    check_client_ids(settings.get("client_id", ServiceSettings().client_id), registry)
+    targets = {}
+    if args.new_policy:
+        targets[policy_path] = new_policy.encode()
+    if args.new_registry:
+        targets[registry_path] = new_registry.encode()
+    write_together(targets)
+    for path in targets:
+        print(f"applied: {path}")
+    print(f"revision {policy.revision}.{registry.revision}: {len(policy.rules)} rules, {len(registry)} devices")
+    return 0
+
+
 # -- main -------------------------------------------------------------------------------------
 
 
@@ -217,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topic", required=True, help="topic name (publish, receive) or filter (subscribe)")
     p.add_argument("--action", required=True, choices=["publish", "subscribe", "receive"])
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("apply", help="validate and replace policy and/or registry together, atomically",
+                       description="Validate new versions of the policy and/or registry against each other, then "
+                                   "replace the configured files so that a running broker applies both or neither.")
+    _add_policy_args(p)
+    p.add_argument("--new-policy", metavar="FILE", help="new rules to put in place of the configured policy file")
+    p.add_argument("--new-registry", metavar="FILE", help="new registry to put in place of the configured registry file")
+    p.set_defaults(func=cmd_apply)
 
     from pdp.cli import log_commands as log_cli
 

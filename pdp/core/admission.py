@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from pdp.core.crl import NO_REVOCATIONS, RevocationList
 from pdp.core.engine import Decision
 from pdp.core.identity import CertificateInfo, DeviceIdentity, IdentityRefused, IdentitySettings, identity_from_der
 from pdp.registry.file import Device, Registry
@@ -106,6 +107,7 @@ def admit(
     registry: Registry,
     decide: Decider,
     now: datetime,
+    revocations: RevocationList = NO_REVOCATIONS,
 ) -> Admission:
     identity: DeviceIdentity | None = None
     if request.certificate_der is None and not request.tls:
@@ -120,6 +122,9 @@ def admit(
             identity = identity_from_der(request.certificate_der, settings.identity, now)
         except IdentityRefused as refused:
             return Admission(False, refused.reason, certificate=refused.certificate)
+        revoked = revocations.reason(identity.certificate)
+        if revoked is not None:
+            return Admission(False, revoked, identity, registry.lookup(identity.device_id))
         device_id = identity.device_id
 
     device = registry.lookup(device_id)

@@ -47,7 +47,7 @@ class Policy:
     reference: CasbinReference = field(compare=False, repr=False)
 
 
-def _read_text(path: str, what: str) -> str:
+def read_text(path: str, what: str) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
     except OSError as exc:
@@ -64,14 +64,15 @@ def _model_shape(model: casbin.model.Model) -> dict[str, list[str] | str]:
     return shape
 
 
-def check_model(path: str) -> None:
+def check_model(path: str, text: str | None = None) -> None:
     """Refuse a model whose semantics differ from the ones the PDP implements."""
-    _read_text(path, "model")
+    if text is None:
+        text = read_text(path, "model")
     canonical = casbin.model.Model()
     canonical.load_model_from_text(CANONICAL_MODEL)
     model = casbin.model.Model()
     try:
-        model.load_model(path)
+        model.load_model_from_text(text)
     except Exception as exc:  # Casbin raises bare exceptions of several kinds for a bad model.
         raise SourceError(path, None, f"Casbin cannot load the model: {exc}") from None
     if _model_shape(model) != _model_shape(canonical):
@@ -123,14 +124,29 @@ def parse_rules(text: str, path: str) -> list[Rule]:
     return rules
 
 
-def load_policy(model_path: str | Path, policy_path: str | Path) -> Policy:
-    """Validate and load both files; SourceError on the first problem."""
-    model_path, policy_path = str(model_path), str(policy_path)
-    check_model(model_path)
-    text = _read_text(policy_path, "policy")
-    checked = parse_rules(text, policy_path)
+def decode(data: bytes, path: str, what: str) -> str:
     try:
-        reference = CasbinReference(model_path, policy_path)
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SourceError(path, None, f"{what} is not UTF-8 text") from None
+
+
+def parse_policy(model_text: str, policy_text: str, model_path: str, policy_path: str) -> Policy:
+    """Validate both texts and load them into Casbin; SourceError on the first problem.
+
+    Works on texts, not paths, so that what is validated, what Casbin loads and what is hashed
+    into the revision are one and the same version of each file.
+    """
+    check_model(model_path, model_text)
+    if not policy_text.strip():
+        raise SourceError(policy_path, None, "policy file is empty (an empty policy would deny everything; "
+                                             "a file being written is read again at the next poll)")
+    checked = parse_rules(policy_text, policy_path)
+    if not checked:
+        raise SourceError(policy_path, None, "policy has no rules (to deny everything on purpose, write one deny "
+                                             "rule, e.g. 'p, deny-all, *, *, *, #, publish, deny')")
+    try:
+        reference = CasbinReference(model_text, policy_text)
     except Exception as exc:  # Casbin raises bare exceptions for malformed lines.
         raise SourceError(policy_path, None, f"Casbin cannot load the policy: {exc}") from None
     loaded = reference.policy_lines()
@@ -138,5 +154,11 @@ def load_policy(model_path: str | Path, policy_path: str | Path) -> Policy:
         raise SourceError(policy_path, None, "Casbin read the rules differently (brackets or parentheses in a field?)")
     lines = {rule.rule_id: rule.line for rule in checked}
     rules = tuple(Rule(*values, line=lines[values[0]]) for values in loaded)  # type: ignore[arg-type]
-    digest = hashlib.sha256(_read_text(model_path, "model").encode() + b"\0" + text.encode()).hexdigest()[:12]
+    digest = hashlib.sha256(model_text.encode() + b"\0" + policy_text.encode()).hexdigest()[:12]
     return Policy(rules=rules, revision=digest, model_path=model_path, policy_path=policy_path, reference=reference)
+
+
+def load_policy(model_path: str | Path, policy_path: str | Path) -> Policy:
+    """Read and validate both files; SourceError on the first problem."""
+    model_path, policy_path = str(model_path), str(policy_path)
+    return parse_policy(read_text(model_path, "model"), read_text(policy_path, "policy"), model_path, policy_path)

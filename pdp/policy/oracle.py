@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 
 import casbin
-from casbin.persist.adapters import FileAdapter
+from casbin.persist import Adapter, load_policy_line
 
 from pdp.core.engine import Decision, decision_for
 from pdp.registry.file import Device
@@ -130,11 +130,25 @@ def _topic_match(action: str, topic: str, pattern: str, device: Device) -> bool:
     return topic_match(action, topic, pattern, device.attrs)
 
 
+class TextAdapter(Adapter):
+    """Rules from a text already read and validated, so Casbin never reads a file a second time."""
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+
+    def load_policy(self, model: casbin.model.Model) -> None:
+        for line in self._text.splitlines():
+            if line.strip() and not line.strip().startswith("#"):
+                load_policy_line(line.strip(), model)
+
+
 class CasbinReference:
-    def __init__(self, model_path: str, policy_path: str) -> None:
-        self._model_path = model_path
-        self._policy_path = policy_path
-        self.enforcer = casbin.Enforcer(model_path, policy_path)
+    def __init__(self, model_text: str, policy_text: str) -> None:
+        self._model_text = model_text
+        self._policy_text = policy_text
+        model = casbin.model.Model()
+        model.load_model_from_text(model_text)
+        self.enforcer = casbin.Enforcer(model, TextAdapter(policy_text))
         self.enforcer.add_function("topicMatch", _topic_match)
         self._first_allow_enforcer: casbin.Enforcer | None = None
 
@@ -142,9 +156,10 @@ class CasbinReference:
     def _first_allow(self) -> casbin.Enforcer:
         """Built on first use: only explanations and verification need the allowing rule's id."""
         if self._first_allow_enforcer is None:
-            allow_model = casbin.Enforcer.new_model(self._model_path)
+            allow_model = casbin.model.Model()
+            allow_model.load_model_from_text(self._model_text)
             allow_model.add_def("e", "e", FIRST_ALLOW_EFFECT)
-            enforcer = casbin.Enforcer(allow_model, FileAdapter(self._policy_path))
+            enforcer = casbin.Enforcer(allow_model, TextAdapter(self._policy_text))
             enforcer.add_function("topicMatch", _topic_match)
             self._first_allow_enforcer = enforcer
         return self._first_allow_enforcer

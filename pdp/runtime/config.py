@@ -13,10 +13,12 @@ from pdp.registry.file import yaml_error
 PLUGIN_PATH = "broker_plugin.plugin.DeviceAuthorizationPlugin"
 DEFAULT_CONFIG = "deploy/broker.yaml"
 LISTENER_PATH_KEYS = ("cafile", "capath", "certfile", "keyfile")
-PLUGIN_PATH_KEYS = ("model", "policy", "registry", "assertion_db", "spool_dir")
+PLUGIN_PATH_KEYS = ("model", "policy", "registry", "assertion_db", "spool_dir", "crl")
 
 
 def _resolve(base: Path, value: Any) -> Any:
+    if isinstance(value, list):
+        return [_resolve(base, item) for item in value]
     if isinstance(value, str) and value and not Path(value).is_absolute():
         return str((base / value).resolve())
     return value

@@ -1,18 +1,20 @@
-"""The PDP as the broker sees it: the current policy and registry, swapped whole on reload.
+"""The PDP as the broker sees it: the current policy, registry and CRLs, swapped whole on reload.
 
 The files are the source of truth; a snapshot of them is immutable, so a
-decision never sees half of an edit. A file that fails to load leaves the last
-good snapshot in force.
+decision never sees half of an edit. Each source (policy, registry, CRLs) keeps
+its own last good version: a file that fails to load leaves that source's
+previous version in force and never blocks a change of another source. Files
+are read only when complete (``pdp.runtime.sources``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Any
 
 from pdp.core.admission import (
     Admission,
@@ -26,15 +28,17 @@ from pdp.runtime.cache import LruCache
 from pdp.core.engine import Decision
 from pdp.errors import SourceError
 from pdp.core.index import PolicyIndex
-from pdp.policy.load import Policy, load_policy
-from pdp.registry.file import Device, FileRegistry, load_registry
+from pdp.core.crl import NO_REVOCATIONS, RevocationList, parse_crls
+from pdp.policy.load import Policy, decode, parse_policy
+from pdp.registry.file import Device, FileRegistry, parse_registry
+from pdp.runtime.sources import FileSignature, read_stable, signature
 from pdp.core.topics import TopicError, validate_filter, validate_topic
 
 log = logging.getLogger(__name__)
 
-FileSignature = tuple[tuple[str, int, int, int], ...]
 # Told about each decision the compiled index computed (not L1 hits): policy revision, device, action, topic, decision.
 Recorder = Callable[[str, Device, str, str, Decision], None]
+START_READ_ATTEMPTS = 40  # at start, wait this many settle intervals for files being written
 
 
 @dataclass(frozen=True)
@@ -46,31 +50,30 @@ class PdpSettings:
     # Ask Casbin for every decision too and count disagreements (tests and audits; slow).
     verify_with_casbin: bool = False
     l1_size: int = 100_000
+    crl_paths: tuple[str, ...] = ()
+    settle: float = 0.05  # a file must hold still this long (two equal reads) before it is applied
+
+    def sources(self) -> dict[str, tuple[str, ...]]:
+        out = {"policy": (self.model_path, self.policy_path), "registry": (self.registry_path,)}
+        if self.crl_paths:
+            out["crl"] = tuple(self.crl_paths)
+        return out
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """One consistent version of policy and registry, with its compiled index and its own L1 cache."""
+    """One consistent version of policy, registry and CRLs, with its compiled index and its own L1 cache."""
 
     policy: Policy
     registry: FileRegistry
     index: PolicyIndex
     l1: LruCache[tuple[str, str, str], Decision]
-
-    def registered(self, device_id: str) -> Device | None:
-        return self.snapshot.registry.lookup(device_id)
+    crl: RevocationList = NO_REVOCATIONS
 
     @property
     def revision(self) -> str:
-        return f"{self.policy.revision}.{self.registry.revision}"
-
-
-def load_snapshot(settings: PdpSettings) -> Snapshot:
-    """Both files or neither: SourceError names the first problem."""
-    policy = load_policy(settings.model_path, settings.policy_path)
-    registry = load_registry(settings.registry_path)
-    check_client_ids(settings.admission.client_id_pattern, registry)
-    return Snapshot(policy, registry, PolicyIndex(policy.rules), LruCache(settings.l1_size))
+        base = f"{self.policy.revision}.{self.registry.revision}"
+        return f"{base}.{self.crl.revision}" if self.crl.revision else base
 
 
 def check_client_ids(pattern: str, registry: FileRegistry) -> None:
@@ -85,25 +88,47 @@ def check_client_ids(pattern: str, registry: FileRegistry) -> None:
                           "a pattern without '*'")
 
 
-def _signature(paths: tuple[str, ...]) -> FileSignature:
-    out = []
-    for path in paths:
-        try:
-            st = os.stat(path)
-            out.append((path, st.st_mtime_ns, st.st_size, st.st_ino))
-        except OSError:
-            out.append((path, -1, -1, -1))
-    return tuple(out)
+def _bytes(contents: dict[str, bytes | OSError], path: str, what: str) -> bytes:
+    data = contents[path]
+    if isinstance(data, OSError):
+        raise SourceError(path, None, f"cannot read {what}: {data.strerror or data}")
+    return data
+
+
+def parse_source(settings: PdpSettings, name: str, contents: dict[str, bytes | OSError]) -> Any:
+    """One source's new version from the bytes read; SourceError (with file:line) if it cannot be used."""
+    if name == "policy":
+        model, policy = settings.model_path, settings.policy_path
+        return parse_policy(decode(_bytes(contents, model, "model"), model, "model"),
+                            decode(_bytes(contents, policy, "policy"), policy, "policy"), model, policy)
+    if name == "registry":
+        path = settings.registry_path
+        registry = parse_registry(decode(_bytes(contents, path, "registry"), path, "registry"), path)
+        check_client_ids(settings.admission.client_id_pattern, registry)
+        return registry
+    return parse_crls([(path, _bytes(contents, path, "CRL")) for path in settings.crl_paths])
+
+
+def _read_for_start(paths: tuple[str, ...], settle: float) -> tuple[FileSignature, dict[str, bytes | OSError]]:
+    for _ in range(START_READ_ATTEMPTS):
+        stable = read_stable(paths, settle)
+        if stable is not None:
+            return stable
+    raise SourceError(paths[0], None, "files kept changing while the broker started; try again")
 
 
 class DecisionPoint:
     def __init__(self, settings: PdpSettings) -> None:
         self.settings = settings
-        self._paths = (settings.model_path, settings.policy_path, settings.registry_path)
-        self._signature = _signature(self._paths)
-        self.snapshot = load_snapshot(settings)
+        self._sources = settings.sources()
+        self._paths = tuple(path for paths in self._sources.values() for path in paths)
+        self._signature, contents = _read_for_start(self._paths, settings.settle)
+        parts = {name: parse_source(settings, name, contents) for name in self._sources}
+        policy = parts["policy"]
+        self.snapshot = Snapshot(policy, parts["registry"], PolicyIndex(policy.rules), LruCache(settings.l1_size),
+                                 parts.get("crl", NO_REVOCATIONS))
         self.casbin_mismatches = 0
-        self.last_error: str | None = None
+        self.errors: dict[str, str] = {}  # source -> why its newest version was rejected
         self.recorder: Recorder | None = None
         self._load_seconds = 0.0
         if settings.verify_with_casbin:
@@ -111,7 +136,8 @@ class DecisionPoint:
 
     def admit(self, request: ConnectRequest, now: datetime | None = None) -> Admission:
         snap = self.snapshot
-        return admit(request, self.settings.admission, snap.registry, self.decide, now or datetime.now(timezone.utc))
+        return admit(request, self.settings.admission, snap.registry, self.decide, now or datetime.now(timezone.utc),
+                     snap.crl)
 
     def decide(self, device: Device, action: str, topic: str) -> Decision:
         return self.lookup(device, action, topic)[0]
@@ -164,6 +190,10 @@ class DecisionPoint:
         device = admission.device
         if device is None:
             return "unknown device"
+        if admission.identity is not None:
+            revoked = self.snapshot.crl.reason(admission.identity.certificate)
+            if revoked is not None:
+                return revoked
         current = self.snapshot.registry.lookup(device.device_id)
         problem = device_problem(current, admission.identity)
         if problem is not None:
@@ -179,28 +209,55 @@ class DecisionPoint:
     def revision(self) -> str:
         return self.snapshot.revision
 
-    def load_if_changed(self) -> Snapshot | bool | None:
-        """A new snapshot when a file changed (not yet in force), False when it was rejected, None when unchanged.
+    @property
+    def last_error(self) -> str | None:
+        return "; ".join(self.errors.values()) or None
 
-        Safe to run in a worker thread: it reads files and builds, and swaps nothing.
+    def load_if_changed(self) -> Snapshot | bool | None:
+        """A new snapshot when a source changed (not yet in force), False when every change was rejected,
+        None when nothing changed (or a file is still being written: it is read again at the next poll).
+
+        Safe to run in a worker thread: it reads files and builds, and swaps nothing. All files are read in
+        one stable read, so sources changed together (``mqtt-pdp apply``) are applied together.
         """
-        signature = _signature(self._paths)
-        if signature == self._signature:
+        if signature(self._paths) == self._signature:
             return None
-        self._signature = signature
+        stable = read_stable(self._paths, self.settings.settle)
+        if stable is None:
+            return None
+        new_signature, contents = stable
+        old = {entry[0]: entry for entry in self._signature}
         started = time.perf_counter()
-        try:
-            snapshot = load_snapshot(self.settings)
-        except SourceError as exc:
-            self.last_error = str(exc)
-            log.error("policy reload rejected, previous version stays in force: %s", exc)
-            return False
+        current = self.snapshot
+        parts: dict[str, Any] = {}
+        rejected = False
+        for name, paths in self._sources.items():
+            if all(old.get(p) == entry for p, entry in zip(paths, _entries(new_signature, paths))):
+                continue
+            try:
+                parts[name] = parse_source(self.settings, name, contents)
+            except SourceError as exc:
+                rejected = True
+                self.errors[name] = str(exc)
+                log.error("%s reload rejected, its previous version stays in force: %s", name, exc)
+            else:
+                self.errors.pop(name, None)
+        self._signature = new_signature
+        if not parts:
+            return False if rejected else None
+        policy = parts.get("policy", current.policy)
+        index = PolicyIndex(policy.rules) if "policy" in parts else current.index
         self._load_seconds = time.perf_counter() - started
-        return snapshot
+        return Snapshot(policy, parts.get("registry", current.registry), index, LruCache(self.settings.l1_size),
+                        parts.get("crl", current.crl))
 
     def swap(self, snapshot: Snapshot) -> None:
         """Put a loaded snapshot in force; the caller re-judges live sessions in the same synchronous step."""
         self.snapshot = snapshot
-        self.last_error = None
         log.info("policy reloaded: revision %s (%d rules, %d devices) in %.3f s", snapshot.revision,
                  len(snapshot.policy.rules), len(snapshot.registry), self._load_seconds)
+
+
+def _entries(sig: FileSignature, paths: tuple[str, ...]) -> list[tuple[str, int, int, int]]:
+    by_path = {entry[0]: entry for entry in sig}
+    return [by_path[p] for p in paths]

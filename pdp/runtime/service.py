@@ -21,6 +21,7 @@ from time import perf_counter_ns
 from typing import Any
 
 from pdp.core.admission import Admission, ConnectRequest
+from pdp.core.engine import Decision
 from pdp.core.enforcement import (
     ClockTick,
     ConnectionClosed,
@@ -133,7 +134,15 @@ class AuthorizationService:
         superseded = [a for a in actions if isinstance(a, Disconnect)]
         for action in superseded:
             log.info("client %s reconnected: closing its previous connection", action.client_id)
+            self._record_end(action)
         return admission, superseded
+
+    def _record_end(self, action: Disconnect) -> None:
+        """Every session the broker ends (revocation, expiry, CRL, takeover) is evidence, with its reason."""
+        if self.recorder is not None:
+            peer = self._peers.get(action.conn, (None, None))[1]
+            self.recorder.decision(self.enforcer.admission_of(action.conn), action.client_id, peer, "disconnect",
+                                   None, Decision(False, None, action.reason), None, 0, self.pdp.revision)
 
     def closed(self, conn: ConnId) -> None:
         self.enforcer.handle(ConnectionClosed(conn))
@@ -213,6 +222,7 @@ class AuthorizationService:
                 admission = self.enforcer.admission_of(action.conn)
                 log.warning("session revoked: client=%s device=%s reason=%s", action.client_id,
                             admission.device.device_id if admission and admission.device else None, action.reason)
+                self._record_end(action)
                 ending.append(action)
             elif isinstance(action, DropSession):
                 log.warning("offline session dropped: client=%s reason=%s", action.client_id, action.reason)

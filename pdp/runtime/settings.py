@@ -6,7 +6,7 @@ checks a config file against its fields, and the service is built from it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pdp.core.admission import AdmissionSettings
 from pdp.core.identity import IdentitySettings
@@ -24,6 +24,8 @@ class ServiceSettings:
     require_client_certificate: bool = True
     allow_plain_tcp: bool = False
     reload_interval: float = 0.5
+    settle_interval: float = 0.05  # a changed file must hold still this long (two equal reads) to be applied
+    crl: list[str] = field(default_factory=list)  # PEM or DER CRL files of the device CA; reloaded on change
     verify_with_casbin: bool = False
     l1_size: int = 100_000
     redis_url: str = ""
@@ -39,6 +41,8 @@ class ServiceSettings:
     def pdp_settings(self) -> PdpSettings:
         if self.reload_interval <= 0:
             raise ValueError(f"reload_interval must be positive, got {self.reload_interval}")
+        if not 0 <= self.settle_interval <= 5:
+            raise ValueError(f"settle_interval must be between 0 and 5 seconds, got {self.settle_interval}")
         return PdpSettings(
             model_path=self.model,
             policy_path=self.policy,
@@ -50,4 +54,6 @@ class ServiceSettings:
             ),
             verify_with_casbin=self.verify_with_casbin,
             l1_size=self.l1_size,
+            crl_paths=tuple([self.crl] if isinstance(self.crl, str) and self.crl else self.crl or ()),
+            settle=self.settle_interval,
         )

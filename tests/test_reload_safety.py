@@ -1,0 +1,195 @@
+"""Changes land safely: per-source last good versions, only complete files, policy and registry together,
+CRLs and certificate expiry. Real broker, real TLS, real paho clients."""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import sys
+import threading
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from pdp import pki
+from pdp.policy.load import parse_policy
+from pdp.registry.file import parse_registry
+from pdp.runtime.sources import write_together
+from pdp.evidence.store import AssertionStore, QueryFilters
+from tests.conftest import DEVICES, ROOT, TEST_POLICY, registry_yaml
+from tests.support import TRUST_DOMAIN, Client, TestPki, wait_for, write_cli_config
+
+RELOADED = re.compile(r"policy reloaded: revision (\S+) \((\d+) rules, (\d+) devices\)")
+
+
+def _reloads(caplog: pytest.LogCaptureFixture) -> list[tuple[str, int, int]]:
+    return [(m.group(1), int(m.group(2)), int(m.group(3)))
+            for r in caplog.records if (m := RELOADED.search(r.getMessage()))]
+
+
+def _with_status(device_id: str, status: str) -> list:
+    return [(d, t, loc, status if d == device_id else s) for d, t, loc, s in DEVICES]
+
+
+def test_broken_policy_does_not_block_a_suspension(broker, connect, policy_dir: Path) -> None:
+    sensor = connect("sensor-1")
+    attempts = broker.plugin.service.reload_attempts
+    (policy_dir / "policy.csv").write_text(TEST_POLICY + "p, broken, sensor, *, *, a/#, publish\n")
+    (policy_dir / "devices.yaml").write_text(registry_yaml(_with_status("sensor-1", "suspended")))
+    broker.wait_reload(attempts)
+    wait_for(lambda: "registry" not in broker.plugin.service.pdp.errors and sensor.disconnected.is_set(),
+             "the suspension applied although the policy is broken")
+    assert broker.plugin.service.pdp.errors["policy"].startswith(f"{policy_dir / 'policy.csv'}:21: expected 7 fields")
+    connect("sensor-1", expect=5)  # still suspended at connect
+    connect("sensor-2", expect=0)  # the old policy stays in force for everyone else
+
+
+def test_empty_policy_is_rejected_not_applied(broker, connect, policy_dir: Path) -> None:
+    dashboard = connect("dash-1")
+    assert dashboard.subscribe("sites/plant-a/#") == 0
+    attempts = broker.plugin.service.reload_attempts
+    (policy_dir / "policy.csv").write_text("")
+    broker.wait_reload(attempts)
+    assert broker.plugin.service.pdp.errors["policy"] == (
+        f"{policy_dir / 'policy.csv'}: policy file is empty (an empty policy would deny everything; "
+        "a file being written is read again at the next poll)")
+    connect("sensor-1").publish("sites/plant-a/sensor-1/telemetry", b"still allowed")
+    assert dashboard.next_message().payload == b"still allowed"
+
+
+def test_policy_written_slowly_while_traffic_runs_is_applied_only_whole(
+        make_broker, connect_to, policy_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pdp.runtime.decision_point")
+    broker = make_broker(settle_interval=0.25)
+    sensor, dashboard = connect_to(broker, "sensor-1"), connect_to(broker, "dash-1")
+    assert dashboard.subscribe("sites/plant-a/#") == 0
+    extra = [f"p, extra-{i}, lab, *, *, lab/{i}/#, publish, allow" for i in range(30)]
+    final = TEST_POLICY + "\n".join(extra) + "\n"
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            sensor.publish("sites/plant-a/sensor-1/telemetry", b"t")
+            stop.wait(0.01)
+
+    runner = threading.Thread(target=traffic, daemon=True)
+    runner.start()
+    try:
+        with open(policy_dir / "policy.csv", "w") as handle:  # an editor saving line by line, pausing < settle
+            for line in final.splitlines(keepends=True):
+                handle.write(line)
+                handle.flush()
+                stop.wait(0.02)
+        wait_for(lambda: any(rules == 49 for _, rules, _ in _reloads(caplog)), "the final policy applied")
+    finally:
+        stop.set()
+        runner.join(10)
+    assert [rules for _, rules, _ in _reloads(caplog)] == [49]
+    assert broker.plugin.service.pdp.errors == {}
+
+
+def _pair(n: int) -> tuple[str, str]:
+    """Policy and registry versions that only make sense together: each policy names its own devices' type."""
+    policy = TEST_POLICY + f"p, pair-{n}, pairtype{n}, *, *, pair/{n}/#, publish, allow\n"
+    registry = registry_yaml(DEVICES + [(f"pair-device-{n}", f"pairtype{n}", "lab", "active")])
+    return policy, registry
+
+
+def test_policy_and_registry_written_together_are_never_applied_mixed(
+        make_broker, policy_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pdp.runtime.decision_point")
+    broker = make_broker(reload_interval=0.01, settle_interval=0.01)
+    model = (policy_dir / "model.conf").read_text()
+    intended = set()
+    for n in range(12):
+        policy, registry = _pair(n % 2)
+        pair = (parse_policy(model, policy, "m", "p").revision, parse_registry(registry, "r").revision)
+        intended.add(".".join(pair))
+        write_together({str(policy_dir / "policy.csv"): policy.encode(),
+                        str(policy_dir / "devices.yaml"): registry.encode()}, pause_between_renames=0.1)
+        wait_for(lambda: broker.plugin.service.pdp.revision == ".".join(pair), f"pair {n} applied")
+    applied = {revision for revision, _, _ in _reloads(caplog)}
+    assert applied <= intended and len(applied) == 2
+
+
+def test_apply_command_validates_then_replaces_both(make_broker, test_pki: TestPki, policy_dir: Path,
+                                                    tmp_path: Path) -> None:
+    broker = make_broker()
+    config = write_cli_config(tmp_path / "apply.yaml", test_pki, policy_dir)
+    policy, registry = _pair(7)
+    (tmp_path / "new.csv").write_text(policy)
+    (tmp_path / "new.yaml").write_text(registry)
+    (tmp_path / "bad.yaml").write_text(registry + "  - id: pair-device-7\n")
+
+    def apply(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pdp.cli", "apply", "-c", str(config), *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+
+    refused = apply("--new-policy", str(tmp_path / "new.csv"), "--new-registry", str(tmp_path / "bad.yaml"))
+    assert refused.returncode == 2
+    assert refused.stderr.startswith(f"mqtt-pdp: error: {policy_dir / 'devices.yaml'}:")
+    assert (policy_dir / "policy.csv").read_text() == TEST_POLICY  # nothing replaced
+    done = apply("--new-policy", str(tmp_path / "new.csv"), "--new-registry", str(tmp_path / "new.yaml"))
+    assert done.returncode == 0, done.stderr
+    revision = parse_policy((policy_dir / "model.conf").read_text(), policy, "m", "p").revision
+    assert done.stdout.splitlines() == [
+        f"applied: {policy_dir / 'policy.csv'}", f"applied: {policy_dir / 'devices.yaml'}",
+        f"revision {revision}.{parse_registry(registry, 'r').revision}: 20 rules, 12 devices"]
+    wait_for(lambda: broker.plugin.service.pdp.revision.startswith(revision), "the applied pair in force")
+
+
+# -- certificate revocation lists and expiry --------------------------------------------------------------
+
+
+def test_crl_refuses_a_revoked_certificate_and_cuts_its_live_session(make_broker, connect_to, test_pki: TestPki,
+                                                                    policy_dir: Path) -> None:
+    crl_path = policy_dir / "ca.crl"
+    crl_path.write_bytes(pki.make_crl(test_pki.ca, []).public_bytes(Encoding.PEM))
+    broker = make_broker(crl=[str(crl_path)])
+    sensor, other = connect_to(broker, "sensor-1"), connect_to(broker, "sensor-2")
+    serial = int(pki.load_issued(test_pki.device("sensor-1").cert, test_pki.device("sensor-1").key).cert.serial_number)
+    attempts = broker.plugin.service.reload_attempts
+    crl_path.write_bytes(pki.make_crl(test_pki.ca, [serial]).public_bytes(Encoding.DER))  # DER works as well
+    broker.wait_reload(attempts)
+    assert sensor.wait_disconnected(), "the revoked certificate's session stayed connected"
+    assert not other.disconnected.is_set()
+    connect_to(broker, "sensor-1", expect=5)
+    broker.stop()
+    store = AssertionStore(policy_dir.parent / "assertions.db", readonly=True)
+    ends = [(r.action, r.decision, r.reason) for _, r in store.query(QueryFilters(device="sensor-1"))
+            if r.action != "publish"]
+    store.close()
+    assert ends == [("connect", "allow", "identity verified"), ("disconnect", "deny", "certificate revoked (CRL)"),
+                    ("connect", "deny", "certificate revoked (CRL)")]
+
+
+def test_broken_crl_is_rejected_and_the_previous_one_stays(make_broker, connect_to, test_pki: TestPki,
+                                                          policy_dir: Path) -> None:
+    crl_path = policy_dir / "ca.crl"
+    serial = int(pki.load_issued(test_pki.device("sensor-2").cert, test_pki.device("sensor-2").key).cert.serial_number)
+    crl_path.write_bytes(pki.make_crl(test_pki.ca, [serial]).public_bytes(Encoding.PEM))
+    broker = make_broker(crl=[str(crl_path)])
+    connect_to(broker, "sensor-2", expect=5)
+    attempts = broker.plugin.service.reload_attempts
+    crl_path.write_bytes(b"not a crl")
+    broker.wait_reload(attempts)
+    assert broker.plugin.service.pdp.errors["crl"].startswith(f"{crl_path}: not a PEM or DER CRL")
+    connect_to(broker, "sensor-2", expect=5)
+    connect_to(broker, "sensor-1", expect=0)
+
+
+def test_session_is_cut_when_its_certificate_expires(make_broker, connect_to, test_pki: TestPki,
+                                                     policy_dir: Path) -> None:
+    broker = make_broker()
+    expires = datetime.now(timezone.utc) + timedelta(seconds=3)
+    creds = test_pki.save("sensor-1-short", pki.issue_device(test_pki.ca, "sensor-1", TRUST_DOMAIN, not_after=expires))
+    short = Client(broker.port, "sensor-1", creds, test_pki.ca_file)
+    assert short.connect() == 0
+    lasting = connect_to(broker, "sensor-2")
+    assert short.wait_disconnected(15), "the session outlived its certificate"
+    assert datetime.now(timezone.utc) >= expires.replace(microsecond=0)  # notAfter has whole seconds
+    assert not lasting.disconnected.is_set()
+    short.close()
