@@ -48,7 +48,7 @@ from broker_plugin.amqtt_compat import (
 )
 from broker_plugin.plugin import CONN_KEY, DeviceAuthorizationPlugin, connection_of
 from broker_plugin.subscriptions import FilterIndex
-from pdp.core.enforcement import ConnId, Disconnect, DropSession
+from pdp.core.enforcement import ConnId, Disconnect, DropSession, DropSubscription
 from pdp.core.topics import matches
 
 log = logging.getLogger("mqtt_pdp.broker")
@@ -312,6 +312,7 @@ class HardenedBroker(Broker):
 
     def _del_subscription(self, a_filter: str, session: Session) -> int:
         deleted = super()._del_subscription(a_filter, session)
+        self.authz.unsubscribed(session, a_filter)
         self._session_filters.get(session.client_id or "", set()).discard(a_filter)
         return deleted
 
@@ -386,8 +387,13 @@ class HardenedBroker(Broker):
             abort_connection(live.handler)
             await self._stop_handler(live.handler)
 
-    async def _carry_out(self, action: Disconnect | DropSession) -> None:
+    async def _carry_out(self, action: Disconnect | DropSession | DropSubscription) -> None:
         """End what the policy no longer admits: no will, no kept subscriptions or queue."""
+        if isinstance(action, DropSubscription):
+            session, _ = self._sessions.get(action.client_id, (None, None))
+            if session is not None and connection_of(session) == action.conn:
+                self._del_subscription(action.topic_filter, session)
+            return
         if isinstance(action, DropSession):
             session, _ = self._sessions.get(action.client_id, (None, None))
             if session is not None and session.transitions.state != "connected":

@@ -66,6 +66,11 @@ class DeviceAuthorizationPlugin(BaseAuthPlugin, BaseTopicPlugin):
     async def authenticate(self, *, session: Session) -> bool:
         return self.admit_session(session, persistent=not session.clean_session)[0].allowed
 
+    def unsubscribed(self, session: Session, topic_filter: str) -> None:
+        conn = connection_of(session)
+        if conn is not None:
+            self.service.unsubscribed(conn, topic_filter)
+
     def connection_closed(self, session: Session) -> None:
         conn = connection_of(session)
         if conn is not None:

@@ -151,3 +151,25 @@ def test_retained_command_is_not_served_after_its_publisher_is_suspended(broker,
     assert later.subscribe("a/#") == 0
     connect("root-2").publish("a/sentinel", b"after", qos=1)
     assert [m.payload for m in later.messages_until("a/sentinel")] == [b"after"]
+
+
+# -- subscriptions are judged again on reload ----------------------------------------------------------
+
+
+def test_subscription_no_longer_granted_is_dropped_on_reload(broker, connect, policy_dir: Path) -> None:
+    watcher = connect("watcher-1")
+    assert watcher.subscribe("a/#") == 0
+    assert watcher.subscribe("a/sentinel/+") == 0
+    root = connect("root-1")
+    root.publish("a/x", b"before")
+    assert watcher.next_message().payload == b"before"
+    attempts = broker.plugin.service.reload_attempts
+    policy = (policy_dir / "policy.csv").read_text()
+    (policy_dir / "policy.csv").write_text(policy.replace("p, watcher-sub, watcher, *, *, a/#,",
+                                                          "p, watcher-sub, watcher, *, *, a/sentinel/#,"))
+    broker.wait_reload(attempts)
+    # watcher-recv still allows receiving a/x: only the dropped subscription stops the delivery.
+    root.publish("a/x", b"after")
+    root.publish("a/sentinel/1", b"sentinel")
+    assert [m.payload for m in watcher.messages_until("a/sentinel/1")] == [b"sentinel"]
+    assert not watcher.disconnected.is_set()

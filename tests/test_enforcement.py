@@ -24,11 +24,13 @@ from pdp.core.enforcement import (
     DeliveryDue,
     Disconnect,
     DropSession,
+    DropSubscription,
     Enforcer,
     PublishReceived,
     Refused,
     SnapshotSwapped,
     SubscribeRequested,
+    Unsubscribed,
     Verdict,
     WillDue,
 )
@@ -259,3 +261,20 @@ def test_retained_message_is_served_only_while_its_publisher_may_publish_it(worl
     assert world.verdict(retained).decision.reason == "retained message of 'root-1', which is suspended"
     gone = DeliveryDue(watcher, "a/cmd", "retained", publisher="nobody")
     assert world.verdict(gone).decision.reason == "retained message of 'nobody', which is unknown"
+
+
+def test_swap_drops_subscriptions_the_new_policy_no_longer_grants(world: World) -> None:
+    watcher, lab = world.admitted("watcher-1"), world.admitted("lab-1", persistent=True)
+    assert world.verdict(SubscribeRequested(watcher, "a/#")).allowed
+    assert world.verdict(SubscribeRequested(watcher, "a/x")).allowed
+    assert not world.verdict(SubscribeRequested(watcher, "b/#")).allowed  # refused: never held
+    assert world.verdict(SubscribeRequested(lab, "a/+")).allowed
+    world.core.handle(Unsubscribed(watcher, "a/x"))
+    world.core.handle(ConnectionClosed(lab))  # offline persistent session: its filters are judged too
+    narrower = TEST_POLICY.replace("p, watcher-sub, watcher, *, *, a/#,", "p, watcher-sub, watcher, *, *, a/+,")
+    narrower = narrower.replace("p, lab-sub,", "# p, lab-sub,")
+    assert world.swap(policy=narrower) == [
+        DropSubscription(watcher, "watcher-1", "a/#", "no longer granted (no matching rule)"),
+        DropSubscription(lab, "lab-1", "a/+", "no longer granted (no matching rule)"),
+    ]
+    assert world.swap(policy=TEST_POLICY) == []  # what was dropped stays dropped

@@ -17,6 +17,9 @@ be tested in microseconds without a broker:
 * snapshot swapped: in the same synchronous step, every connection and offline
   session the new snapshot no longer admits is marked revoked, so no decision
   after the swap uses stale attributes; disconnection follows as actions.
+* snapshot swapped, subscriptions: every filter a connection (or offline
+  session) holds is judged again; one the new snapshot no longer grants is
+  dropped (MQTT 3.1.1 cannot tell the client; deliveries on it simply end).
 * clock: a connection whose certificate's notAfter has passed is revoked.
 * retained messages carry their publisher's rights (as Mosquitto's
   ``check_retain_source``): one is served only while its publisher is still
@@ -100,6 +103,12 @@ class WillDue:
 
 
 @dataclass(frozen=True, slots=True)
+class Unsubscribed:
+    conn: ConnId
+    topic_filter: str
+
+
+@dataclass(frozen=True, slots=True)
 class SnapshotSwapped:
     pass
 
@@ -114,8 +123,8 @@ class ConnectionClosed:
     conn: ConnId
 
 
-Event = (ConnectRequested | SubscribeRequested | PublishReceived | DeliveryDue | WillDue | SnapshotSwapped
-         | ClockTick | ConnectionClosed)
+Event = (ConnectRequested | SubscribeRequested | Unsubscribed | PublishReceived | DeliveryDue | WillDue
+         | SnapshotSwapped | ClockTick | ConnectionClosed)
 
 # -- actions --------------------------------------------------------------------------
 
@@ -167,7 +176,17 @@ class DropSession:
     reason: str
 
 
-Action = Admitted | Refused | Verdict | Disconnect | DropSession
+@dataclass(frozen=True, slots=True)
+class DropSubscription:
+    """Remove a filter the current snapshot no longer grants from this client id's session."""
+
+    conn: ConnId
+    client_id: str
+    topic_filter: str
+    reason: str
+
+
+Action = Admitted | Refused | Verdict | Disconnect | DropSession | DropSubscription
 
 # -- state ----------------------------------------------------------------------------
 
@@ -179,6 +198,7 @@ class _Connection:
     persistent: bool
     revoked: str | None = None  # why this connection may do nothing any more
     online: bool = True  # False: the socket closed, the persistent session waits (messages are queued for it)
+    filters: set[str] = field(default_factory=set)  # subscriptions granted to this session, judged again on swaps
 
 
 @dataclass
@@ -246,15 +266,29 @@ class Enforcer:
             self._connections[previous].revoked = "superseded by a new connection of the same client id"
             actions.append(Disconnect(previous, client_id, "superseded by a new connection of the same client id"))
         offline = self._offline.pop(client_id, None)
+        state = _Connection(client_id, admission, event.persistent)
         if offline is not None:
-            del self._connections[offline]  # the session continues (or is replaced) under the new connection
-        self._connections[event.conn] = _Connection(client_id, admission, event.persistent)
+            resumed = self._connections.pop(offline)  # the session continues (or is replaced) under the new connection
+            if event.persistent:
+                state.filters = resumed.filters
+        elif previous is not None and event.persistent and previous in self._connections:
+            state.filters = set(self._connections[previous].filters)
+        self._connections[event.conn] = state
         self._live[client_id] = event.conn
         actions.append(Admitted(event.conn, admission, revision))
         return actions
 
     def _subscribe(self, event: SubscribeRequested) -> list[Action]:
-        return [self.verdict(event.conn, "subscribe", event.topic_filter)]
+        verdict = self.verdict(event.conn, "subscribe", event.topic_filter)
+        if verdict.allowed:
+            self._connections[event.conn].filters.add(event.topic_filter)
+        return [verdict]
+
+    def _unsubscribe(self, event: Unsubscribed) -> list[Action]:
+        state = self._connections.get(event.conn)
+        if state is not None:
+            state.filters.discard(event.topic_filter)
+        return []
 
     def _publish(self, event: PublishReceived) -> list[Action]:
         return [self.verdict(event.conn, "publish", event.topic)]
@@ -290,6 +324,7 @@ class Enforcer:
                 continue
             reason = reason_for(state.admission)
             if reason is None:
+                actions.extend(self._recheck_filters(conn, state))
                 continue
             state.revoked = reason  # before any await of the shell: no decision uses stale attributes
             if state.online:
@@ -299,6 +334,16 @@ class Enforcer:
                 del self._offline[state.client_id]
                 actions.append(DropSession(state.client_id, reason))
         return actions
+
+    def _recheck_filters(self, conn: ConnId, state: _Connection) -> list[Action]:
+        dropped: list[Action] = []
+        for topic_filter in sorted(state.filters):
+            verdict = self.verdict(conn, "subscribe", topic_filter)
+            if not verdict.allowed:
+                state.filters.discard(topic_filter)
+                dropped.append(DropSubscription(conn, state.client_id, topic_filter,
+                                                f"no longer granted ({verdict.decision.reason})"))
+        return dropped
 
     def _tick(self, event: ClockTick) -> list[Action]:
         actions: list[Action] = []
@@ -326,6 +371,7 @@ class Enforcer:
 _HANDLERS = {
     ConnectRequested: Enforcer._connect,
     SubscribeRequested: Enforcer._subscribe,
+    Unsubscribed: Enforcer._unsubscribe,
     PublishReceived: Enforcer._publish,
     DeliveryDue: Enforcer._deliver,
     WillDue: Enforcer._will,

@@ -30,12 +30,14 @@ from pdp.core.enforcement import (
     DeliveryDue,
     Disconnect,
     DropSession,
+    DropSubscription,
     Enforcer,
     Event,
     Origin,
     PublishReceived,
     SnapshotSwapped,
     SubscribeRequested,
+    Unsubscribed,
     Verdict,
     WillDue,
 )
@@ -53,7 +55,7 @@ log = logging.getLogger("mqtt_pdp.service")
 
 # Carries out a Disconnect or DropSession in the broker; without one, revoked connections stay open but
 # are denied everything (the plugin under stock amqtt).
-Closer = Callable[[Disconnect | DropSession], Awaitable[None]]
+Closer = Callable[[Disconnect | DropSession | DropSubscription], Awaitable[None]]
 
 
 def _event(conn: ConnId, action: str, topic: str, origin: Origin, publisher: str | None) -> Event:
@@ -144,6 +146,9 @@ class AuthorizationService:
             self.recorder.decision(self.enforcer.admission_of(action.conn), action.client_id, peer, "disconnect",
                                    None, Decision(False, None, action.reason), None, 0, self.pdp.revision)
 
+    def unsubscribed(self, conn: ConnId, topic_filter: str) -> None:
+        self.enforcer.handle(Unsubscribed(conn, topic_filter))
+
     def closed(self, conn: ConnId) -> None:
         self.enforcer.handle(ConnectionClosed(conn))
         self._peers.pop(conn, None)
@@ -216,7 +221,7 @@ class AuthorizationService:
 
     async def _carry_out(self, actions: Sequence[Any]) -> None:
         """Close what the core revoked, all at once: each is already denied everything, so order does not matter."""
-        ending: list[Disconnect | DropSession] = []
+        ending: list[Disconnect | DropSession | DropSubscription] = []
         for action in actions:
             if isinstance(action, Disconnect):
                 admission = self.enforcer.admission_of(action.conn)
@@ -226,6 +231,15 @@ class AuthorizationService:
                 ending.append(action)
             elif isinstance(action, DropSession):
                 log.warning("offline session dropped: client=%s reason=%s", action.client_id, action.reason)
+                ending.append(action)
+            elif isinstance(action, DropSubscription):
+                log.warning("subscription dropped: client=%s filter=%s reason=%s", action.client_id,
+                            action.topic_filter, action.reason)
+                if self.recorder is not None:
+                    peer = self._peers.get(action.conn, (None, None))[1]
+                    self.recorder.decision(self.enforcer.admission_of(action.conn), action.client_id, peer,
+                                           "unsubscribe", action.topic_filter, Decision(False, None, action.reason),
+                                           None, 0, self.pdp.revision)
                 ending.append(action)
         if self.closer is not None and ending:
             closer = self.closer
