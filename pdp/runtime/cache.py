@@ -24,8 +24,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from pdp.core.engine import ACTIONS, Decision, Rule, decide, decision_for
-from pdp.core.topics import TopicError, validate_filter, validate_topic
+from pdp.core.engine import ACTIONS, Decision, Rule, decision_for
+from pdp.core.topics import TopicError, bind, covers, matches, validate_filter, validate_topic
 from pdp.runtime.redis_link import REDIS_ERRORS, RedisLink
 
 log = logging.getLogger("mqtt_pdp.l2")
@@ -90,12 +90,9 @@ def load_l2_key(path: str) -> bytes:
 
 
 def _mac_input(key: str, action: str, topic: str, allowed: bool, rule_id: str) -> bytes:
-    """Length-prefixed parts, so no two different entries give the same input whatever their characters."""
-    out = bytearray()
-    for part in (L2_VERSION, key, action, topic, "A" if allowed else "D", rule_id):
-        data = part.encode()
-        out += len(data).to_bytes(4, "big") + data
-    return bytes(out)
+    """One unambiguous string: the key and topic are length-prefixed, the action is one of ACTIONS (checked
+    before an entry is opened), the tag is one character and the rule id is the rest."""
+    return f"{L2_VERSION}|{len(key)}:{key}|{action}|{len(topic)}:{topic}|{'A' if allowed else 'D'}|{rule_id}".encode()
 
 
 class EntrySealer:
@@ -139,20 +136,29 @@ def _topic_problem(action: str, topic: str) -> str | None:
 
 
 def _policy_problem(rules: Mapping[str, Rule], attributes: Mapping[str, str], action: str, topic: str,
-                    allowed: bool, rule_id: str) -> str | None:
+                    allowed: bool, rule_id: str, bound: dict[str, str | None]) -> str | None:
     """Why an authenticated entry still cannot be used under the current policy, if it cannot.
 
-    The named rule must exist, be of this action and effect, select this device and cover this topic:
-    one rule evaluated, not the whole policy, so warming stays cheap. A deny by no rule needs nothing.
+    The named rule must exist, be of this action and effect, select this device (the engine's selector
+    semantics) and cover this topic: one rule evaluated, not the whole policy. ``bound`` memoizes each
+    rule's pattern bound to this device for one fetch, since binding costs more than matching.
+    A deny by no rule needs nothing: it can only refuse.
     """
     if not allowed and not rule_id:
         return None
     rule = rules.get(rule_id)
     if rule is None:
         return "rule not in policy"
-    decision = decide((rule,), attributes, action, topic)
-    if (decision.allowed, decision.rule_id) != (allowed, rule_id):
-        return "rule does not decide it"
+    if rule.action != action or (rule.effect == "allow") != allowed:
+        return "rule of another action or effect"
+    for selector, value in ((rule.type, "type"), (rule.location, "location"), (rule.purpose, "purpose")):
+        if selector != "*" and selector != attributes[value]:
+            return "rule does not select the device"
+    if rule_id not in bound:
+        bound[rule_id] = bind(rule.topic, attributes)
+    pattern = bound[rule_id]
+    if pattern is None or not (covers if action == "subscribe" else matches)(pattern, topic):
+        return "rule does not cover the topic"
     return None
 
 
@@ -212,6 +218,7 @@ class RedisDecisionCache:
         by_id = self._rules_by_id(rules)
         out: dict[tuple[str, str], Decision] = {}
         problems: dict[str, int] = {}
+        bound: dict[str, str | None] = {}
         for field, value in raw.items():
             problem = None
             try:
@@ -227,7 +234,7 @@ class RedisDecisionCache:
                     problem = "bad MAC, version or format"
                 else:
                     allowed, rule_id = opened
-                    problem = _policy_problem(by_id, attributes, action, topic, allowed, rule_id)
+                    problem = _policy_problem(by_id, attributes, action, topic, allowed, rule_id, bound)
             if problem is not None:
                 problems[problem] = problems.get(problem, 0) + 1
                 continue
