@@ -242,3 +242,18 @@ def test_broker_command_reports_bad_key_file_in_one_line(tmp_path, test_pki, pol
     lines = [line for line in result.stderr.strip().splitlines() if line.startswith("mqtt-pdp: error: ")]
     assert len(lines) == 1 and f"l2_key_file {tmp_path / 'keys' / 'l2.key'}: only 5 bytes" in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_l2_key_command_writes_an_owner_only_key_once(tmp_path):
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pdp.cli", "l2-key", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    path = tmp_path / "deploy" / "l2.key"
+    assert run("--out", str(path)).returncode == 0
+    key = load_l2_key(str(path))
+    assert len(key) == 32 and path.stat().st_mode & 0o077 == 0
+    again = run("--out", str(path))
+    assert again.returncode == 2 and again.stderr.startswith("mqtt-pdp: error: ") and "exists" in again.stderr
+    assert path.read_bytes() == key
+    assert run("--out", str(path), "--force").returncode == 0 and path.read_bytes() != key

@@ -85,7 +85,7 @@ def load_l2_key(path: str) -> bytes:
         raise ValueError(f"l2_key_file {path}: cannot read: {exc.strerror or exc}") from None
     if len(key) < MIN_KEY_BYTES:
         raise ValueError(f"l2_key_file {path}: {'empty' if not key else f'only {len(key)} bytes'}; at least "
-                         f"{MIN_KEY_BYTES} random bytes are needed (e.g. head -c 32 /dev/urandom > {path})")
+                         f"{MIN_KEY_BYTES} random bytes are needed (mqtt-pdp l2-key --out {path})")
     return key
 
 

@@ -91,8 +91,8 @@ class AuthorizationService:
             else:
                 log.warning("redis_url is set but l2_key_file is not: the shared L2 decision cache is off (Redis "
                             "is not trusted with decisions without a key to authenticate them); decisions and "
-                            "reload announcements are unaffected. To share decisions, give every broker the same "
-                            "key file: head -c 32 /dev/urandom > l2.key, then l2_key_file: l2.key")
+                            "reload announcements are unaffected. To share decisions, create a key (mqtt-pdp l2-key) "
+                            "and give every broker the same file as l2_key_file")
             self.bus = InvalidationBus(self.redis, settings.redis_prefix, self.instance_id, self._on_event)
         self.recorder: AssertionRecorder | None = None
         if settings.assertions:  # last: it starts the writer process, so every other setting is checked first
