@@ -73,7 +73,7 @@ def wait_warmed(broker: BrokerThread, fetches: int) -> None:
 def test_forged_l2_entries_grant_nothing(make_broker, test_pki, shared_redis_url, redis_prefix, tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="mqtt_pdp.l2")
     key = key_file(tmp_path, "l2.key")
-    common: dict[str, Any] = dict(redis_url=shared_redis_url, redis_prefix=redis_prefix, l2_key_file=str(key))
+    common: dict[str, Any] = {"redis_url": shared_redis_url, "redis_prefix": redis_prefix, "l2_key_file": str(key)}
     writer, reader = make_broker(**common), make_broker(**common)
     clients: list[Client] = []
     try:
@@ -164,7 +164,7 @@ def test_forged_l2_entries_grant_nothing(make_broker, test_pki, shared_redis_url
 
 
 def test_brokers_with_different_keys_ignore_each_other(make_broker, test_pki, shared_redis_url, redis_prefix, tmp_path):
-    common: dict[str, Any] = dict(redis_url=shared_redis_url, redis_prefix=redis_prefix)
+    common: dict[str, Any] = {"redis_url": shared_redis_url, "redis_prefix": redis_prefix}
     first = make_broker(l2_key_file=str(key_file(tmp_path, "a.key")), **common)
     second = make_broker(l2_key_file=str(key_file(tmp_path, "b.key")), **common)
     clients: list[Client] = []
@@ -190,7 +190,7 @@ def test_brokers_with_different_keys_ignore_each_other(make_broker, test_pki, sh
 def test_without_key_file_l2_is_off_and_announcements_still_work(make_broker, test_pki, policy_dir, shared_redis_url,
                                                                 redis_prefix, caplog):
     caplog.set_level(logging.WARNING, logger="mqtt_pdp.service")
-    common: dict[str, Any] = dict(redis_url=shared_redis_url, redis_prefix=redis_prefix)
+    common: dict[str, Any] = {"redis_url": shared_redis_url, "redis_prefix": redis_prefix}
     first = make_broker(**common)
     warnings = [r.getMessage() for r in caplog.records if r.name == "mqtt_pdp.service" and r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "l2_key_file" in warnings[0], warnings
@@ -203,7 +203,8 @@ def test_without_key_file_l2_is_off_and_announcements_still_work(make_broker, te
         assert sensor.subscribe("sites/plant-a/#") == 0x80
         assert l2_field_count(shared_redis_url, redis_prefix) == 0  # nothing written, nothing read
         for broker in (first, second):
-            wait_for(lambda: broker.run(broker.plugin.service.bus.subscribed.is_set), "bus subscribed")
+            bus = broker.plugin.service.bus
+            wait_for(lambda b=broker, bus=bus: b.run(bus.subscribed.is_set), "bus subscribed")
         policy = policy_dir / "policy.csv"
         policy.write_text(policy.read_text() + "p, debug, sensor, *, *, sites/{location}/{device_id}/debug, subscribe, allow\n")
         wait_for(lambda: second.run(lambda: second.plugin.service.remote_reloads) >= 1, "announcement reached the second broker")
@@ -237,7 +238,8 @@ def test_broker_command_reports_bad_key_file_in_one_line(tmp_path, test_pki, pol
                               l2_key_file="keys/l2.key")
     assert yaml.safe_load(config.read_text())["plugins"]["broker_plugin.plugin.DeviceAuthorizationPlugin"]["l2_key_file"] == "keys/l2.key"
     result = subprocess.run([sys.executable, "-m", "pdp.cli", "broker", "-c", str(config)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            check=False)
     assert result.returncode == 2, result
     lines = [line for line in result.stderr.strip().splitlines() if line.startswith("mqtt-pdp: error: ")]
     assert len(lines) == 1 and f"l2_key_file {tmp_path / 'keys' / 'l2.key'}: only 5 bytes" in lines[0], result.stderr
@@ -247,7 +249,7 @@ def test_broker_command_reports_bad_key_file_in_one_line(tmp_path, test_pki, pol
 def test_l2_key_command_writes_an_owner_only_key_once(tmp_path):
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "pdp.cli", "l2-key", *args], cwd=ROOT, capture_output=True,
-                              text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                              text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
 
     path = tmp_path / "deploy" / "l2.key"
     assert run("--out", str(path)).returncode == 0

@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from pdp.core.engine import ACTIONS, Decision, Rule, decision_for
-from pdp.core.topics import TopicError, bind, covers, matches, validate_filter, validate_topic
+from pdp.core.topics import (
+    TopicError,
+    bind,
+    covers,
+    matches,
+    validate_filter,
+    validate_topic,
+)
 from pdp.runtime.redis_link import REDIS_ERRORS, RedisLink
 
 log = logging.getLogger("mqtt_pdp.l2")
