@@ -196,7 +196,9 @@ class RedisDecisionCache:
         self.rejected = 0  # entries ignored: bad MAC, unknown version, malformed, invalid topic, rule check
 
     def key(self, policy_revision: str, device_revision: str) -> str:
-        return f"{self.prefix}:l2:{policy_revision}:{device_revision}"
+        """The format version is in the key too, so brokers of another format (a rolling upgrade) neither
+        read these entries as their own (an older broker would take each for a deny) nor leave theirs here."""
+        return f"{self.prefix}:l2:{L2_VERSION}:{policy_revision}:{device_revision}"
 
     def record(self, policy_revision: str, device_revision: str, action: str, topic: str, decision: Decision) -> None:
         """O(1) and never blocks; under a long Redis outage the oldest unwritten entries are let go (it is a cache)."""
