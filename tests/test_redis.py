@@ -4,6 +4,8 @@ and decisions that keep coming out right while Redis is down."""
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 import pytest
 import redis
@@ -16,9 +18,17 @@ def l2_fields(url: str, prefix: str) -> dict[str, dict[bytes, bytes]]:
     return {key.decode(): client.hgetall(key) for key in client.scan_iter(f"{prefix}:l2:*")}
 
 
-def test_l2_is_shared_by_brokers_on_one_redis(make_broker, test_pki, shared_redis_url, redis_prefix):
-    first = make_broker(redis_url=shared_redis_url, redis_prefix=redis_prefix)
-    second = make_broker(redis_url=shared_redis_url, redis_prefix=redis_prefix)
+def l2_key_file(directory: Path, name: str = "l2.key") -> str:
+    """A fresh L2 key, as an operator makes one (head -c 32 /dev/urandom)."""
+    path = directory / name
+    path.write_bytes(os.urandom(32))
+    return str(path)
+
+
+def test_l2_is_shared_by_brokers_on_one_redis(make_broker, test_pki, shared_redis_url, redis_prefix, tmp_path):
+    key = l2_key_file(tmp_path)
+    first = make_broker(redis_url=shared_redis_url, redis_prefix=redis_prefix, l2_key_file=key)
+    second = make_broker(redis_url=shared_redis_url, redis_prefix=redis_prefix, l2_key_file=key)
     client = Client(first.port, "sensor-1", test_pki.device("sensor-1"), test_pki.ca_file)
     assert client.connect() == 0
     assert client.subscribe("sites/plant-a/sensor-1/cmd") == 0
@@ -26,7 +36,9 @@ def test_l2_is_shared_by_brokers_on_one_redis(make_broker, test_pki, shared_redi
     client.close()
     wait_for(lambda: sum(len(f) for f in l2_fields(shared_redis_url, redis_prefix).values()) >= 2, "L2 written")
     (key, fields), = l2_fields(shared_redis_url, redis_prefix).items()
-    assert fields == {b"subscribe\x00sites/plant-a/sensor-1/cmd": b"Asensor-sub-cmd", b"subscribe\x00sites/plant-a/#": b"D"}
+    assert sorted(fields) == [b"subscribe\x00sites/plant-a/#", b"subscribe\x00sites/plant-a/sensor-1/cmd"]
+    assert fields[b"subscribe\x00sites/plant-a/sensor-1/cmd"].startswith(b"v1|A|sensor-sub-cmd|")
+    assert fields[b"subscribe\x00sites/plant-a/#"].startswith(b"v1|D||")
     assert 0 < redis.Redis.from_url(shared_redis_url).ttl(key) <= 3600
     # The second broker warms its L1 from L2 when the device connects there, before any decision.
     client = Client(second.port, "sensor-1", test_pki.device("sensor-1"), test_pki.ca_file)
@@ -34,6 +46,7 @@ def test_l2_is_shared_by_brokers_on_one_redis(make_broker, test_pki, shared_redi
     l1 = second.plugin.service.pdp.snapshot.l1
     wait_for(lambda: second.run(lambda: len(l1)) >= 2, "second broker's L1 warmed from L2")
     assert second.run(lambda: (len(l1), l1.misses)) == (2, 0)  # exactly the two L2 entries, no decision taken yet
+    assert second.run(lambda: second.plugin.service.l2.rejected) == 0
     assert client.subscribe("sites/plant-a/sensor-1/cmd") == 0
     assert second.run(lambda: (l1.hits, l1.misses)) == (1, 0)  # answered from the warmed entry
     client.close()
@@ -77,9 +90,9 @@ def test_policy_reload_reaches_another_broker_process(tmp_path, test_pki, policy
 
 
 @pytest.fixture
-def broker_settings(own_redis):
+def broker_settings(own_redis, tmp_path):
     """The `broker` fixture of this module talks to a redis-server the test may stop."""
-    return {"redis_url": own_redis.url, "redis_prefix": "fault"}
+    return {"redis_url": own_redis.url, "redis_prefix": "fault", "l2_key_file": l2_key_file(tmp_path)}
 
 
 def test_decisions_survive_redis_outage_and_broker_reconnects(broker, connect, own_redis, caplog):

@@ -138,6 +138,23 @@ def cmd_pki(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_l2_key(args: argparse.Namespace) -> int:
+    """Write the secret that authenticates L2 entries; owner-only, since whoever holds it can forge decisions."""
+    import os
+    import secrets
+
+    path = Path(args.out)
+    if path.exists() and not args.force:
+        raise CliError(f"{path} exists; every broker sharing the Redis needs the same key (use --force to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(secrets.token_bytes(32))
+    os.chmod(path, 0o600)  # a replaced file keeps its old mode otherwise
+    print(f"wrote {path} (32 random bytes); copy it to every broker sharing the Redis and set l2_key_file")
+    return 0
+
+
 # -- broker ---------------------------------------------------------------------------------
 
 
@@ -237,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int, default=30, help="device certificate lifetime in days (default: 30)")
     p.add_argument("--force", action="store_true", help="replace an existing CA and broker certificate")
     p.set_defaults(func=cmd_pki)
+
+    p = sub.add_parser("l2-key", help="create the key that authenticates shared (Redis L2) decisions",
+                       description="Write 32 random bytes for l2_key_file (mode 0600). Brokers sharing a Redis need the same file.")
+    p.add_argument("--out", default="deploy/l2.key", help="key file to write (default: deploy/l2.key)")
+    p.add_argument("--force", action="store_true", help="replace an existing key (brokers still using the old one ignore the new entries)")
+    p.set_defaults(func=cmd_l2_key)
 
     p = sub.add_parser("check", help="validate the model, policy and registry", description="Validate model, policy and registry files.")
     _add_policy_args(p)

@@ -45,7 +45,7 @@ from pdp.evidence.records import AssertionRecorder
 from pdp.evidence.writer import WriterProcess
 from pdp.registry.file import Device
 from pdp.runtime.bus import InvalidationBus
-from pdp.runtime.cache import RedisDecisionCache
+from pdp.runtime.cache import RedisDecisionCache, load_l2_key
 from pdp.runtime.decision_point import DecisionPoint, Snapshot
 from pdp.runtime.redis_link import RedisLink
 from pdp.runtime.retention import prune_forever
@@ -85,9 +85,17 @@ class AuthorizationService:
         self.redis: RedisLink | None = None
         self.l2: RedisDecisionCache | None = None
         self.bus: InvalidationBus | None = None
-        if settings.redis_url:  # built now, so a bad URL or TTL stops the broker at start with one line
+        # Built now, so a bad URL, TTL or key file stops the broker at start with one line.
+        l2_key = load_l2_key(settings.l2_key_file) if settings.l2_key_file else None
+        if settings.redis_url:
             self.redis = RedisLink(settings.redis_url)
-            self.l2 = RedisDecisionCache(self.redis, settings.redis_prefix, settings.l2_ttl)
+            if l2_key is not None:
+                self.l2 = RedisDecisionCache(self.redis, settings.redis_prefix, settings.l2_ttl, l2_key)
+            else:
+                log.warning("redis_url is set but l2_key_file is not: the shared L2 decision cache is off (Redis "
+                            "is not trusted with decisions without a key to authenticate them); decisions and "
+                            "reload announcements are unaffected. To share decisions, create a key (mqtt-pdp l2-key) "
+                            "and give every broker the same file as l2_key_file")
             self.bus = InvalidationBus(self.redis, settings.redis_prefix, self.instance_id, self._on_event)
         self.recorder: AssertionRecorder | None = None
         if settings.assertions:  # last: it starts the writer process, so every other setting is checked first
@@ -184,11 +192,12 @@ class AuthorizationService:
             self.recorder.start()
         if self.recorder is not None and cfg.retention_days > 0 and cfg.assertion_db:
             self._spawn(prune_forever(cfg.assertion_db, cfg.retention_days))
-        if self.l2 is not None and self.bus is not None:
+        if self.l2 is not None:
             l2 = self.l2
             self.pdp.recorder = lambda rev, device, action, topic, decision: l2.record(
                 rev, device.revision, action, topic, decision)
             self._spawn(self.l2.run())
+        if self.bus is not None:
             self._spawn(self.bus.run())
 
     async def _watch(self) -> None:
@@ -261,7 +270,8 @@ class AuthorizationService:
         """Fill L1 with what any broker already decided for this device under the current policy."""
         assert self.l2 is not None
         snapshot = self.pdp.snapshot
-        self.pdp.warm(snapshot, device, await self.l2.fetch(snapshot.policy.revision, device.revision))
+        entries = await self.l2.fetch(snapshot.policy.revision, snapshot.policy.rules, device.revision, device.attrs)
+        self.pdp.warm(snapshot, device, entries)
 
     async def close(self) -> None:
         if self.recorder is not None:

@@ -31,6 +31,9 @@ class ServiceSettings:
     redis_url: str = ""
     redis_prefix: str = "mqtt-pdp"
     l2_ttl: int = 3600
+    # File holding the secret that authenticates L2 entries (>= 16 bytes; same file on every broker sharing
+    # the Redis). Without it, L2 is off (decisions and reload announcements still work): Redis is not trusted.
+    l2_key_file: str = ""
     node_id: str = ""  # names this broker in assertion records and their hash chain; default: host name
     assertions: bool = True
     assertion_db: str = "var/assertions.db"  # "" for none
