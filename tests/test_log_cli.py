@@ -120,6 +120,11 @@ def test_log_query_filters_return_exactly_the_matching_records(session_log):
     assert short(query(db, "--rule", "sensor-debug")) == pick(8)
     assert short(query(db, "--revision", session_log["rev1"])) == pick(0, 1, 2, 3, 4, 5, 6, 7)
     assert short(query(db, "--revision", session_log["rev2"])) == pick(8, 9)
+    # the parts mqtt-pdp check prints select too: the policy revision changed, the registry's did not
+    policy1, registry1 = session_log["rev1"].split(".")
+    assert short(query(db, "--revision", policy1)) == pick(0, 1, 2, 3, 4, 5, 6, 7)
+    assert short(query(db, "--revision", registry1)) == pick(0, 1, 2, 3, 4, 5, 6, 7, 8, 9)
+    assert short(query(db, "--revision", registry1[:6])) == []  # whole parts only
     assert short(query(db, "--node", session_log["node"])) == SESSION
     assert query(db, "--node", "some-other-node") == []
     assert short(query(db, "--decision", "deny")) == pick(4, 7)

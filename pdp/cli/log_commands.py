@@ -52,11 +52,14 @@ def add_arguments(sub: Any) -> None:
     q.add_argument("--device", help="device id")
     q.add_argument("--client", help="MQTT client id")
     q.add_argument("--fingerprint", help="certificate SHA-256 fingerprint: hex, with or without colons or a sha256: prefix")
-    q.add_argument("--action", choices=["connect", "publish", "subscribe", "receive"])
+    q.add_argument("--action", choices=["connect", "publish", "subscribe", "receive", "disconnect", "unsubscribe"],
+                   help="disconnect: sessions the broker ended (revocation, expiry, CRL, takeover); "
+                        "unsubscribe: subscriptions a reload dropped")
     q.add_argument("--decision", choices=["allow", "deny"])
     q.add_argument("--topic", help="MQTT filter: records whose topic it matches, e.g. 'sites/+/secret/#'")
     q.add_argument("--rule", help="deciding rule id")
-    q.add_argument("--revision", help="policy revision (as in the records)")
+    q.add_argument("--revision", help="snapshot revision as in the records (<policy>.<registry>[.<crl>]), or just "
+                                      "the policy or registry revision that mqtt-pdp check prints")
     q.add_argument("--node", help="broker node")
     q.add_argument("--since", help="start: 30m, 1h, 7d ago or an ISO time")
     q.add_argument("--until", help="end (exclusive): 30m, 1h, 7d ago or an ISO time")

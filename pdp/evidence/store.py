@@ -198,11 +198,16 @@ class AssertionStore:
                 params += [value, value, value]
         for column, value in (
             ("device_id", filters.device), ("action", filters.action), ("decision", filters.decision), ("rule_id", filters.rule_id),
-            ("policy_revision", filters.policy_revision), ("node", filters.node),
+            ("node", filters.node),
         ):
             if value is not None:
                 clauses.append(f"{column} = ?")
                 params.append(value)
+        if filters.policy_revision is not None:
+            # Records carry the snapshot revision '<policy>.<registry>[.<crl>]'; any part, or the whole, selects.
+            revision = filters.policy_revision
+            clauses.append("(policy_revision = ? OR instr('.' || policy_revision || '.', '.' || ? || '.') > 0)")
+            params += [revision, revision]
         if filters.since is not None:
             clauses.append("ts >= ?")
             params.append(filters.since)
