@@ -193,21 +193,38 @@ class CliBroker:
     """``python -m pdp.cli broker -c CONFIG``, as an operator runs it; stopped with SIGTERM (graceful)."""
 
     def __init__(self, config: Path, cwd: Path, timeout: float = 30.0) -> None:
+        # The log goes to a file, not a pipe: 1,000 'session revoked' lines would fill a pipe and the broker
+        # would then wait on this (busy) process to read them, which is not what an operator's broker does.
+        self.log_path = cwd / "broker.log"
+        self._log_file = self.log_path.open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pdp.cli", "broker", "-c", str(config)], cwd=cwd,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log_file,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
         self.lines: list[str] = []
         self._new: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True, name="broker-log").start()
+        self._stopped = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True, name="broker-log")
+        self._reader.start()
         line = self.wait_line(r"listener default on \('[0-9.]+', (\d+)\)", timeout)
         self.port = int(re.search(r", (\d+)\)", line).group(1))  # type: ignore[union-attr]
 
     def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self._new.put(line)
+        """Follow the log file until the broker has exited and everything it wrote was read."""
+        with self.log_path.open() as handle:
+            partial = ""
+            while True:
+                chunk = handle.readline()
+                if chunk:
+                    partial += chunk
+                    if partial.endswith("\n"):
+                        self._new.put(partial)
+                        partial = ""
+                    continue
+                if self._stopped.is_set():
+                    return
+                time.sleep(0.01)
 
     def wait_line(self, pattern: str, timeout: float) -> str:
         """The next line matching ``pattern`` (lines before it are kept in ``lines``)."""
@@ -225,6 +242,12 @@ class CliBroker:
             if re.search(pattern, line):
                 return line
 
+    def cpu(self) -> float:
+        """The broker's user + system CPU seconds so far."""
+        with open(f"/proc/{self.proc.pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def drain(self) -> None:
         while True:
             try:
@@ -241,7 +264,9 @@ class CliBroker:
                 log.error("broker did not stop within %.0f s of SIGTERM; killed", timeout)
                 self.proc.kill()
                 self.proc.wait(10)
-        time.sleep(0.1)  # let the reader thread take the last lines
+        self._stopped.set()
+        self._reader.join(10)
+        self._log_file.close()
         self.drain()
         return self.proc.returncode
 
@@ -317,6 +342,15 @@ async def _command_loop(dashboard: Device, targets: list[str], rate: float, stop
     return sent
 
 
+async def _loop_lag(samples: list[tuple[float, float]], stop: asyncio.Event, period: float = 0.005) -> None:
+    """How late this (client) event loop wakes up: a close it sees late may have happened earlier."""
+    while not stop.is_set():
+        before = time.monotonic()
+        await asyncio.sleep(period)
+        after = time.monotonic()
+        samples.append((after, after - before - period))
+
+
 async def _scenario(env: BenchEnv, broker: CliBroker, revoked_ids: list[str], control_ids: list[str],
                     share: float, rate: float, command_rate: float, warmup: float, close_timeout: float,
                     seed: int) -> dict[str, Any]:
@@ -337,7 +371,11 @@ async def _scenario(env: BenchEnv, broker: CliBroker, revoked_ids: list[str], co
         for device in revoked:
             device.start(1.0 / rate if device.device_id in publishing else None, rng)
         commands = asyncio.ensure_future(_command_loop(dashboard, control_ids + revoked_ids, command_rate, stop_commands))
+        lag: list[tuple[float, float]] = []
+        lag_task = asyncio.ensure_future(_loop_lag(lag, stop_commands))
+        cpu0, t0 = broker.cpu(), time.monotonic()
         await asyncio.sleep(warmup)
+        broker_cpu = (broker.cpu() - cpu0) / (time.monotonic() - t0)
         received_before = sum(d.received for d in revoked)
         published_before = sum(d.published for d in revoked)
         early = [d.device_id for d in revoked if d.closed_at is not None]
@@ -359,10 +397,15 @@ async def _scenario(env: BenchEnv, broker: CliBroker, revoked_ids: list[str], co
         await asyncio.sleep(1.0)  # the control group goes on under the new revision
         stop_commands.set()
         commands_sent = await asyncio.wait_for(commands, 5)
+        await asyncio.wait_for(lag_task, 5)
+        last_close = max((d.closed_at for d in revoked if d.closed_at is not None), default=write_mono)
+        window = [late for at, late in lag if write_mono <= at <= last_close + 0.01]
         control_closed = [d.device_id for d in control if d.closed_at is not None]
         closes = sorted(d.closed_at - write_mono for d in revoked if d.closed_at is not None)
         return {
-            "connect_s": round(connect_s, 2), "write_wall": write_wall, "write_call_s": round(write_done_s, 4),
+            "client_loop_lag_max_s": round(max(window, default=0.0), 3),
+            "connect_s": round(connect_s, 2), "broker_cpu_share_before": round(broker_cpu, 2),
+            "write_wall": write_wall, "write_call_s": round(write_done_s, 4),
             "closes": closes, "still_open": still_open, "control_closed": control_closed,
             "publishing_devices": len(publishing), "published_before_change": published_before,
             "commands_received_before_change": received_before, "commands_sent": commands_sent,
@@ -436,6 +479,7 @@ def run(workdir: Path, devices: int = 1000, share: float = 1.0, rate: float = 1.
     new_revision = re.search(r"revision (\S+) ", reload_line).group(1)  # type: ignore[union-attr]
     reload_at = log_time(reload_line)
     rebuild = re.search(r"in ([0-9.]+) s", reload_line)
+    revoked_lines = [t for t in (log_time(line) for line in broker.lines if "session revoked:" in line) if t is not None]
     counts = _store_counts(work / "assertions.db", set(revoked_ids), set(control_ids), new_revision)
     closes = outcome.pop("closes")
     write_wall = outcome.pop("write_wall")
@@ -445,6 +489,8 @@ def run(workdir: Path, devices: int = 1000, share: float = 1.0, rate: float = 1.
         "new_revision": new_revision,
         "reload_logged_s": round(reload_at - write_wall, 3) if reload_at is not None else None,
         "rebuild_s": float(rebuild.group(1)) if rebuild else None,
+        "revoked_logged_first_s": round(min(revoked_lines) - write_wall, 3) if revoked_lines else None,
+        "revoked_logged_last_s": round(max(revoked_lines) - write_wall, 3) if revoked_lines else None,
         "disconnected": len(closes),
         "last_close_s": round(closes[-1], 3) if closes else None,
         "first_close_s": round(closes[0], 3) if closes else None,
@@ -469,9 +515,12 @@ def table(result: dict[str, Any]) -> str:
     rows = [
         ("write -> 'policy reloaded' logged", f"(poll {result['reload_interval_s']} s)", seconds(result["reload_logged_s"])),
         ("  of which snapshot rebuild", "", seconds(result["rebuild_s"])),
+        ("write -> 'session revoked' logged, first/last", "",
+         f"{seconds(result['revoked_logged_first_s'])} / {seconds(result['revoked_logged_last_s'])}"),
         (f"write -> last of {n} closed (client)", f"<= {TARGET_CLOSE_S:.3f} s", seconds(result["last_close_s"])),
         ("  per-client close p50 / p99", "", f"{seconds(result['close_p50_s'])} / {seconds(result['close_p99_s'])}"),
         ("  first close", "", seconds(result["first_close_s"])),
+        ("  client loop lag, worst (bench side)", "", seconds(result["client_loop_lag_max_s"])),
         ("revoked devices disconnected", f"{n}", f"{result['disconnected']}"),
         ("allowed pub/recv, new revision, revoked", "0", f"{result['stale_allows']}"),
         ("denied pub/recv, new revision, revoked", "", f"{result['denied_after']}"),
@@ -485,5 +534,6 @@ def table(result: dict[str, Any]) -> str:
     lines += [f"{name:{width}}  {target:>12}  {measured:>17}" for name, target, measured in rows]
     lines.append(f"{n} devices ({result['publishing_devices']} publishing {result['publish_rate_per_device']:g} msg/s "
                  f"each, commands {result['command_rate']:g} msg/s), {result['control_devices']} control devices; "
-                 f"connected in {result['connect_s']:.1f} s; {'OK' if result['ok'] else 'CLAIM NOT MET'}")
+                 f"connected in {result['connect_s']:.1f} s; broker CPU before the change "
+                 f"{result['broker_cpu_share_before']:.0%} of a core; {'OK' if result['ok'] else 'CLAIM NOT MET'}")
     return "\n".join(lines)
