@@ -14,7 +14,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import assertion_log, connect, fleet, latency, propagation, revocation, throughput
+from bench import (
+    assertion_log,
+    connect,
+    fleet,
+    latency,
+    propagation,
+    revocation,
+    throughput,
+)
 
 ALL = ("throughput", "latency", "propagation", "assertions", "connect", "fleet", "revocation")
 
