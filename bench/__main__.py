@@ -1,6 +1,6 @@
 """Run the benchmarks side by side and print tables; the JSON goes to bench/results/.
 
-    python -m bench [--quick] [--only throughput,latency,propagation,assertions,connect,fleet] [--redis URL] [--out FILE]
+    python -m bench [--quick] [--only throughput,latency,propagation,assertions,connect,fleet,revocation] [--redis URL] [--out FILE]
 """
 
 from __future__ import annotations
@@ -14,9 +14,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import assertion_log, connect, fleet, latency, propagation, throughput
+from bench import (
+    assertion_log,
+    connect,
+    fleet,
+    latency,
+    propagation,
+    revocation,
+    throughput,
+)
 
-ALL = ("throughput", "latency", "propagation", "assertions", "connect", "fleet")
+ALL = ("throughput", "latency", "propagation", "assertions", "connect", "fleet", "revocation")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
             print("\n== Fleet growth: N devices each subscribed to its own command topic; one publisher")
             print(fleet.table(result), flush=True)
             results["fleet"] = result
+        if "revocation" in chosen:
+            size = 200 if args.quick else 1000
+            result = revocation.run(work, devices=size)
+            print(f"\n== Revocation: one registry write suspends {size} connected, publishing devices")
+            print(revocation.table(result), flush=True)
+            results["revocation"] = result
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
