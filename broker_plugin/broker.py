@@ -75,7 +75,7 @@ class HardenedBroker(Broker):
         if others:
             raise BrokerError(f"HardenedBroker decides all access itself; remove these auth/topic plugins: {', '.join(others)}")
         self.authz: DeviceAuthorizationPlugin = authz[0]
-        self.authz.set_closer(self._carry_out)
+        self.authz.set_closer(self._carry_out, self._abort_now)
         self.authz.broker_reports_closes = True
         self._connections: dict[ConnId, _Connection] = {}  # every admitted connection with a running handler
         self._retained_publishers: dict[str, str] = {}  # retained topic -> the device that published it
@@ -379,6 +379,11 @@ class HardenedBroker(Broker):
         stopping.cancel()
 
     # -- carrying out the core's disconnects ----------------------------------------------------
+
+    def _abort_now(self, conn: ConnId) -> None:
+        live = self._connections.get(conn)
+        if live is not None:
+            abort_connection(live.handler)
 
     async def _close_connection(self, conn: ConnId) -> None:
         """Close one connection's socket; the core already denies it everything."""

@@ -14,7 +14,7 @@ from typing import Any
 from broker_plugin.amqtt_compat import Action, BaseAuthPlugin, BaseTopicPlugin, Session
 from pdp.core.admission import Admission, ConnectRequest
 from pdp.core.enforcement import ConnId, Origin
-from pdp.runtime.service import AuthorizationService, Closer
+from pdp.runtime.service import Aborter, AuthorizationService, Closer
 from pdp.runtime.settings import ServiceSettings
 
 CONN_KEY = "mqtt_pdp.conn"
@@ -100,9 +100,10 @@ class DeviceAuthorizationPlugin(BaseAuthPlugin, BaseTopicPlugin):
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def set_closer(self, closer: Closer) -> None:
-        """The broker's way to carry out a disconnect or a dropped session."""
+    def set_closer(self, closer: Closer, aborter: Aborter | None = None) -> None:
+        """The broker's way to carry out a disconnect or a dropped session (and to drop a socket at once)."""
         self.service.closer = closer
+        self.service.aborter = aborter
 
     async def on_broker_post_start(self) -> None:
         self.service.start()

@@ -56,6 +56,8 @@ log = logging.getLogger("mqtt_pdp.service")
 # Carries out a Disconnect or DropSession in the broker; without one, revoked connections stay open but
 # are denied everything (the plugin under stock amqtt).
 Closer = Callable[[Disconnect | DropSession | DropSubscription], Awaitable[None]]
+# Drops a connection's transport at once, without awaiting: called in the same step as the swap that revoked it.
+Aborter = Callable[[ConnId], None]
 
 
 def _event(conn: ConnId, action: str, topic: str, origin: Origin, publisher: str | None) -> Event:
@@ -76,6 +78,7 @@ class AuthorizationService:
         self.pdp = DecisionPoint(settings.pdp_settings())
         self.enforcer = Enforcer(self.pdp)
         self.closer: Closer | None = None
+        self.aborter: Aborter | None = None
         self._conn_ids = itertools.count(1)
         self._peers: dict[ConnId, tuple[str | None, str | None]] = {}  # client id and peer, for the records
         self._tasks: set[asyncio.Task[None]] = set()
@@ -233,6 +236,8 @@ class AuthorizationService:
         ending: list[Disconnect | DropSession | DropSubscription] = []
         for action in actions:
             if isinstance(action, Disconnect):
+                if self.aborter is not None:
+                    self.aborter(action.conn)  # before any await: no backlog of other work delays the close
                 admission = self.enforcer.admission_of(action.conn)
                 log.warning("session revoked: client=%s device=%s reason=%s", action.client_id,
                             admission.device.device_id if admission and admission.device else None, action.reason)
