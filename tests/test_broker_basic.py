@@ -87,3 +87,19 @@ def test_invalid_filters_are_refused_whatever_the_rules(connect):
     root = connect("root-1")  # may subscribe to '#', which covers nearly everything
     assert root.subscribe("a/\x00b") == 0x80
     assert root.subscribe("a/b") == 0
+
+
+def test_denied_publish_and_subscribe_are_logged_at_info(broker, connect, caplog) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="mqtt_pdp.service")
+    sensor = connect("sensor-1")
+    dashboard = connect("dash-1")
+    assert dashboard.subscribe("sites/plant-a/#") == 0
+    sensor.publish("sites/plant-a/sensor-2/telemetry", b"not mine")
+    assert sensor.subscribe("sites/#") == 0x80
+    sensor.publish("sites/plant-a/sensor-1/telemetry", b"mine")
+    assert dashboard.next_message().payload == b"mine"
+    denied = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "denied" in r.getMessage()]
+    assert denied == ["sensor-1 publish sites/plant-a/sensor-2/telemetry denied: no matching rule",
+                      "sensor-1 subscribe sites/# denied: no matching rule"]
