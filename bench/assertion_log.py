@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from pdp.core.admission import Admission
-from pdp.evidence.store import AssertionStore, QueryFilters
-from pdp.evidence.writer import WriterProcess
-from pdp.evidence.records import AssertionRecorder
 from pdp.core.engine import decision_for
 from pdp.core.identity import CertificateInfo
+from pdp.evidence.recorder import AssertionRecorder
+from pdp.evidence.store import AssertionStore, QueryFilters
+from pdp.evidence.writer import WriterProcess
 from pdp.registry.file import Device
 
 
@@ -55,7 +55,7 @@ def record_rate(workdir: Path, records: int = 200_000) -> dict[str, Any]:
 
 def query_time(workdir: Path, records: int = 1_000_000, devices: int = 10_000) -> dict[str, Any]:
     """Fill a store with ``records`` records over ``devices`` devices, then time queries by device."""
-    from pdp.evidence.records import AssertionRecord
+    from pdp.evidence.record import AssertionRecord
 
     db = workdir / "query.db"
     store = AssertionStore(db)

@@ -16,11 +16,18 @@ from importlib.metadata import version
 from amqtt.adapters import ReaderAdapter, StreamWriterAdapter, WriterAdapter
 from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.contexts import Action, ListenerConfig
-from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError, PluginError, PluginLoadError
+from amqtt.errors import (
+    AMQTTError,
+    BrokerError,
+    MQTTError,
+    NoDataError,
+    PluginError,
+    PluginLoadError,
+)
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
-from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.constants import QOS_1, QOS_2
+from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import OutgoingApplicationMessage, Session

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from pdp.evidence.records import GENESIS, AssertionRecord, ChainWriter, Row, SessionFields, chain_hash, record_hash
+from pdp.evidence.chain import ChainWriter
+from pdp.evidence.record import (
+    GENESIS,
+    AssertionRecord,
+    Row,
+    SessionFields,
+    chain_hash,
+    record_hash,
+)
 from pdp.evidence.sinks import SpoolingSink, SqliteSink, batch_to_line
 from pdp.evidence.store import AssertionStore, QueryFilters
 from pdp.evidence.writer import build_writer

@@ -13,13 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from pdp.core.admission import Admission
-from pdp.evidence.sinks import SpoolingSink, SqliteSink
 from pdp.cli.log_commands import TABLE_COLUMNS
-from pdp.evidence.store import AssertionStore, QueryFilters
-from pdp.evidence.records import FIELD_NAMES, AssertionRecorder, ChainWriter, SinkError
+from pdp.core.admission import Admission
 from pdp.core.engine import decision_for
 from pdp.core.identity import CertificateInfo
+from pdp.evidence.chain import ChainWriter
+from pdp.evidence.record import FIELD_NAMES, SinkError
+from pdp.evidence.recorder import AssertionRecorder
+from pdp.evidence.sinks import SpoolingSink, SqliteSink
+from pdp.evidence.store import AssertionStore, QueryFilters
 from pdp.registry.file import Device
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,7 +126,7 @@ def test_verify_catches_modified_deleted_and_reordered_records(tmp_path: Path, l
                     "UPDATE records SET seq = 4 WHERE seq = -1;") == [
         ("n1:3 does not follow the previous record (removed, reordered or replaced)", "n1:3")]
     # A record rewritten with a recomputed hash still breaks the link to its successor.
-    from pdp.evidence.records import record_hash
+    from pdp.evidence.record import record_hash
 
     store = AssertionStore(log_db, readonly=True)
     (_, original), = list(store.query(QueryFilters(action="connect")))

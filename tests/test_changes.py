@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
-from pathlib import Path
 
 from pdp.evidence.store import AssertionStore, QueryFilters
 from tests.conftest import DEVICES, registry_yaml

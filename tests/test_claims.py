@@ -372,7 +372,7 @@ def test_sigint_stops_the_broker_command_and_flushes_the_log(tmp_path, test_pki,
 
 def write_aged_records(db: Path, state_dir: Path, node: str, ages_s: list[float]) -> None:
     """Records of another node with the given ages, through the real chain writer and SQLite sink."""
-    from pdp.evidence.records import ChainWriter
+    from pdp.evidence.chain import ChainWriter
     from pdp.evidence.sinks import SqliteSink
 
     now = time.time()

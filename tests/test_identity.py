@@ -8,7 +8,13 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from pdp import pki
-from pdp.core.identity import IdentityRefused, IdentitySettings, derive_identity, identity_from_der, read_certificate
+from pdp.core.identity import (
+    IdentityRefused,
+    IdentitySettings,
+    derive_identity,
+    identity_from_der,
+    read_certificate,
+)
 
 NOW = datetime.now(timezone.utc)
 CA = pki.make_ca("unit CA")

@@ -176,7 +176,7 @@ DAY = 86400.0
 
 
 def aged_db(tmp_path: Path, ages_s: list[float], node: str = "n1") -> Path:
-    from pdp.evidence.records import ChainWriter
+    from pdp.evidence.chain import ChainWriter
     from pdp.evidence.sinks import SqliteSink
 
     db = tmp_path / "aged.db"

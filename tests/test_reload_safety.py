@@ -15,10 +15,10 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from pdp import pki
+from pdp.evidence.store import AssertionStore, QueryFilters
 from pdp.policy.load import parse_policy
 from pdp.registry.file import parse_registry
 from pdp.runtime.sources import write_together
-from pdp.evidence.store import AssertionStore, QueryFilters
 from tests.conftest import DEVICES, ROOT, TEST_POLICY, registry_yaml
 from tests.support import TRUST_DOMAIN, Client, TestPki, wait_for, write_cli_config
 

@@ -11,8 +11,8 @@ import time
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
+from pdp.evidence.record import FIELD_NAMES, AssertionRecord
 from pdp.evidence.store import AssertionStore, QueryFilters
-from pdp.evidence.records import FIELD_NAMES, AssertionRecord
 
 DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pdp.runtime.config import DEFAULT_CONFIG
 from pdp.errors import SourceError
+from pdp.runtime.config import DEFAULT_CONFIG
 
 log = logging.getLogger("mqtt_pdp.cli")
 
@@ -47,10 +47,9 @@ def _add_policy_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from pdp.policy.load import load_policy
-    from pdp.runtime.settings import ServiceSettings
     from pdp.registry.file import load_registry
-
     from pdp.runtime.decision_point import check_client_ids
+    from pdp.runtime.settings import ServiceSettings
 
     model, policy_path, registry_path, settings = _pdp_paths(args)
     policy = load_policy(model, policy_path)
@@ -67,9 +66,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from pdp.core.index import PolicyIndex
+    from pdp.core.topics import TopicError, validate_filter, validate_topic
     from pdp.policy.load import load_policy
     from pdp.registry.file import load_registry
-    from pdp.core.topics import TopicError, validate_filter, validate_topic
 
     model, policy_path, registry_path, _ = _pdp_paths(args)
     try:
@@ -104,8 +103,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_pki(args: argparse.Namespace) -> int:
     from pdp import pki
-    from pdp.registry.file import load_registry
     from pdp.core.topics import level_value_problem
+    from pdp.registry.file import load_registry
 
     out = Path(args.out)
     device_ids: list[str] = list(args.device or [])
@@ -160,10 +159,10 @@ def cmd_l2_key(args: argparse.Namespace) -> int:
 
 def cmd_broker(args: argparse.Namespace) -> int:
     from broker_plugin.run import BrokerFailed, run_broker
-    from pdp.runtime.settings import ServiceSettings
-    from pdp.runtime.config import load_broker_config, plugin_settings
     from pdp.policy.load import load_policy
     from pdp.registry.file import load_registry
+    from pdp.runtime.config import load_broker_config, plugin_settings
+    from pdp.runtime.settings import ServiceSettings
 
     config = load_broker_config(args.config)
     settings = plugin_settings(config)
@@ -204,7 +203,7 @@ def _check_tls_files(config_path: str, config: dict[str, Any]) -> None:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     """Validate new versions of the policy and/or registry together, then replace them together."""
-    from pdp.policy.load import read_text, parse_policy
+    from pdp.policy.load import parse_policy, read_text
     from pdp.registry.file import parse_registry
     from pdp.runtime.decision_point import check_client_ids
     from pdp.runtime.settings import ServiceSettings

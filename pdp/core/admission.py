@@ -11,9 +11,15 @@ from datetime import datetime
 
 from pdp.core.crl import NO_REVOCATIONS, RevocationList
 from pdp.core.engine import Decision
-from pdp.core.identity import CertificateInfo, DeviceIdentity, IdentityRefused, IdentitySettings, identity_from_der
-from pdp.registry.file import Device, Registry
+from pdp.core.identity import (
+    CertificateInfo,
+    DeviceIdentity,
+    IdentityRefused,
+    IdentitySettings,
+    identity_from_der,
+)
 from pdp.core.topics import TopicError, level_value_problem, validate_topic
+from pdp.registry.file import Device, Registry
 
 ADMITTED = "identity verified"
 Decider = Callable[[Device, str, str], Decision]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import redis
 
+from pdp.evidence.record import AssertionRecord, Head, SinkError
 from pdp.evidence.store import AssertionStore
-from pdp.evidence.records import AssertionRecord, Head, SinkError
 
 log = logging.getLogger("mqtt_pdp.assertions")
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pdp.evidence.records import FIELD_NAMES, GENESIS, AssertionRecord, Head, record_hash
 from pdp.core.topics import covers, matches
+from pdp.evidence.record import FIELD_NAMES, GENESIS, AssertionRecord, Head, record_hash
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (

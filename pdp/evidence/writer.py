@@ -27,8 +27,9 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
+from pdp.evidence.chain import ChainWriter
+from pdp.evidence.record import Row, SessionFields, SinkError
 from pdp.evidence.sinks import JsonLinesSink, RedisStreamSink, SpoolingSink, SqliteSink
-from pdp.evidence.records import ChainWriter, Row, SessionFields, SinkError
 
 log = logging.getLogger("mqtt_pdp.assertions")
 _LEN = struct.Struct("!I")

@@ -21,7 +21,6 @@ from time import perf_counter_ns
 from typing import Any
 
 from pdp.core.admission import Admission, ConnectRequest
-from pdp.core.engine import Decision
 from pdp.core.enforcement import (
     ClockTick,
     ConnectionClosed,
@@ -41,7 +40,8 @@ from pdp.core.enforcement import (
     Verdict,
     WillDue,
 )
-from pdp.evidence.records import AssertionRecorder
+from pdp.core.engine import Decision
+from pdp.evidence.recorder import AssertionRecorder
 from pdp.evidence.writer import WriterProcess
 from pdp.registry.file import Device
 from pdp.runtime.bus import InvalidationBus

@@ -1,0 +1,205 @@
+"""The writer process's side of the log: extending one node's hash chain, exactly once per batch.
+
+Runs in the writer process (``pdp.evidence.writer``), never on the broker's event loop.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+
+from pdp.evidence.record import (
+    GENESIS,
+    AssertionRecord,
+    Head,
+    Row,
+    SessionFields,
+    Sink,
+    SinkError,
+    _canonical,
+    _digest,
+)
+
+log = logging.getLogger("mqtt_pdp.assertions")
+
+class ChainState:
+    """This node's chain head file, its lock, and the batch in flight.
+
+    The head file is a hint and a cross-check, not the truth: it is saved after the sinks,
+    so a crash in between leaves it behind them; ``ChainWriter`` takes the newest head of
+    the file and the sinks. The in-flight file holds the batch being written, so that a
+    batch whose records may already be in a sink is finished by the next writer even when
+    the broker that sent it died too (otherwise its sequence numbers would be reused).
+
+    The lock file is held: two brokers with the same node id and spool directory would fork the chain.
+    """
+
+    def __init__(self, directory: Path, node: str) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in node)
+        self.path = directory / f"{safe}.chain"
+        self.inflight_path = directory / f"{safe}.inflight"
+        self._lock = open(directory / f"{safe}.lock", "a")  # noqa: SIM115 - held for the broker's lifetime
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            raise SinkError(f"another broker already records as node {node!r} in {directory}") from None
+        self.seq, self.hash, self.batch_id = 0, GENESIS, None
+        if self.path.exists():
+            seq, _, rest = self.path.read_text().strip().partition(" ")
+            digest, _, batch = rest.partition(" ")
+            self.seq, self.hash, self.batch_id = int(seq), digest, batch or None
+
+    @property
+    def head(self) -> Head:
+        return Head(self.seq, self.hash, self.batch_id, "head file")
+
+    def save(self, seq: int, digest: str, batch_id: str | None = None) -> None:
+        """Advance the head; the file is only a hint, so failing to write it is a warning, not a lost batch."""
+        self.seq, self.hash, self.batch_id = seq, digest, batch_id
+        tmp = self.path.with_suffix(".tmp")
+        try:
+            tmp.write_text(f"{seq} {digest}" + (f" {batch_id}" if batch_id else "") + "\n")
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.warning("cannot save the chain head file %s (%s); the stores still hold the head", self.path, exc)
+
+    def save_inflight(self, start: Head, batch_id: str, rows: list[Row], sessions: dict[int, SessionFields]) -> None:
+        """Atomically (rename): a crash leaves the previous batch or this one, never half of one."""
+        tmp = self.inflight_path.with_suffix(".inflight-tmp")
+        try:
+            tmp.write_bytes(pickle.dumps((start.seq, start.hash, batch_id, rows, sessions), pickle.HIGHEST_PROTOCOL))
+            os.replace(tmp, self.inflight_path)
+        except OSError as exc:  # an older in-flight file starts below the head, so it is never applied again
+            log.warning("cannot save the in-flight batch file %s (%s)", self.inflight_path, exc)
+
+    def load_inflight(self) -> tuple[int, str, str, list[Row], dict[int, SessionFields]] | None:
+        try:
+            data = self.inflight_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return pickle.loads(data)  # type: ignore[no-any-return]  # noqa: S301 - written by this class
+        except Exception:  # a damaged file: the batch it held is re-sent by a live broker or was lost with it
+            log.critical("unreadable in-flight batch file %s; set aside as %s.corrupt", self.inflight_path,
+                         self.inflight_path.name)
+            os.replace(self.inflight_path, self.inflight_path.with_name(self.inflight_path.name + ".corrupt"))
+            return None
+
+    def close(self) -> None:
+        self._lock.close()
+
+
+class ChainWriter:
+    """Extends one node's hash chain and hands the records to the sinks (in the writer process).
+
+    Exactly once per batch: the sinks that can (SQLite) store the batch id and the chain
+    head in the transaction of its records; a restarted writer continues from the newest
+    head any sink or spool holds, and a batch it has already applied (the broker re-sends
+    the batch it got no acknowledgement for) is acknowledged without being written again.
+    Sinks are written in the given order; the one that holds the truth goes last, so a
+    crash before it leaves at most exact duplicates (same sequence numbers, same hashes)
+    in the sinks before it, which stores ignore.
+    """
+
+    def __init__(self, node: str, sinks: Sequence[Sink], state_dir: Path) -> None:
+        self.node = node
+        self.sinks = list(sinks)
+        self.chain = ChainState(state_dir, node)
+        self.recorded = 0
+        self.duplicates = 0  # batches acknowledged without writing: they had been applied before a crash
+        try:
+            self._recover()
+        except BaseException:
+            self.chain.close()
+            raise
+
+    def _recover(self) -> None:
+        heads = [self.chain.head]
+        for sink in self.sinks:
+            head_of = getattr(sink, "head", None)
+            if head_of is not None:
+                found = head_of(self.node)
+                if found is not None:
+                    heads.append(found)
+        best = max(heads, key=lambda h: h.seq)
+        for other in heads:
+            if other.seq == best.seq and other.hash != best.hash:
+                log.critical("node %s: %s and %s disagree on record %d (hash %s vs %s); continuing from %s",
+                             self.node, best.source, other.source, best.seq, best.hash[:12], other.hash[:12],
+                             best.source)
+        if best.source != "head file" and (best.seq, best.hash) != (self.chain.seq, self.chain.hash):
+            log.warning("node %s: the chain head file says %d, the %s holds %d; continuing after %d",
+                        self.node, self.chain.seq, best.source, best.seq, best.seq)
+        self.chain.seq, self.chain.hash, self.chain.batch_id = best.seq, best.hash, best.batch_id
+        inflight = self.chain.load_inflight()
+        if inflight is not None:
+            start_seq, start_hash, batch_id, rows, sessions = inflight
+            if batch_id != best.batch_id and (start_seq, start_hash) == (best.seq, best.hash):
+                log.warning("node %s: finishing batch %s (%d records) that a crashed writer had started",
+                            self.node, batch_id, len(rows))
+                self.write(rows, sessions, batch_id)
+
+    def materialize(self, rows: list[Row], sessions: dict[int, SessionFields]) -> list[AssertionRecord]:
+        """Chained records; the text hashed here equals ``chain_hash`` of each record, as verify recomputes it.
+
+        Deterministic: the same rows from the same head give the same records, so a batch written
+        again after a crash duplicates records exactly or not at all.
+        """
+        texts = {key: "\x1f".join(map(_canonical, values)) for key, values in sessions.items()}
+        records = []
+        seq, prev = self.chain.seq, self.chain.hash
+        node = self.node
+        make = AssertionRecord._make
+        canon = _canonical
+        for ts, key, client_id, peer, action, topic, allowed, rule_id, reason, tier, latency_ns, revision in rows:
+            seq += 1
+            record_id = f"{node}:{seq}"
+            verdict = "allow" if allowed else "deny"
+            latency = round(latency_ns / 1000, 3) if tier else None
+            text = "\x1f".join((
+                record_id, node, str(seq), repr(ts), canon(client_id), texts[key], action, canon(topic), verdict,
+                canon(rule_id), reason, canon(revision), canon(tier), canon(latency), canon(peer), prev,
+            ))
+            digest = _digest(text)
+            records.append(make((record_id, node, seq, ts, client_id, *sessions[key], action, topic, verdict,
+                                 rule_id, reason, revision, tier, latency, peer, prev, digest)))
+            prev = digest
+        return records
+
+    def write(self, rows: list[Row], sessions: dict[int, SessionFields], batch_id: str | None = None) -> int:
+        """Store (or spool) the batch, or raise to have it re-sent; returns the number of records it holds."""
+        if batch_id is not None and batch_id == self.chain.batch_id:
+            self.duplicates += 1
+            log.info("node %s: batch %s was applied before the writer restarted; acknowledged, not written again",
+                     self.node, batch_id)
+            return len(rows)
+        if not rows:
+            return 0
+        if batch_id is not None:
+            self.chain.save_inflight(self.chain.head, batch_id, rows, sessions)
+        records = self.materialize(rows, sessions)
+        for sink in self.sinks:
+            sink.write(records, batch_id)  # spooling sinks raise only when neither backend nor spool took the batch
+        last = records[-1]
+        self.chain.save(last.seq, last.hash, batch_id)
+        self.recorded += len(records)
+        return len(records)
+
+    def idle(self) -> None:
+        """Deliver spooled records even when no new ones arrive."""
+        for sink in self.sinks:
+            if getattr(sink, "backlog", False):
+                sink.replay()  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.chain.close()
+
+

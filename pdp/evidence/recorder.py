@@ -1,0 +1,132 @@
+"""The broker's side of the log: capture each decision in O(1) and ship batches, in order, to the writer.
+
+The per-message path only appends a tuple to a queue; a background task turns
+the tuples into rows and hands them to a ``BatchWriter`` (the writer process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+from pdp.core.admission import Admission
+from pdp.core.engine import Decision
+from pdp.evidence.record import Captured, Peer, Row, SessionFields, session_fields
+
+log = logging.getLogger("mqtt_pdp.assertions")
+
+class BatchWriter(Protocol):
+    """Takes batches in order; ``write`` returns once the batch is stored or spooled, or raises to be retried."""
+
+    def write(self, rows: list[Row], sessions: dict[int, SessionFields], batch_id: str | None = None) -> int: ...
+
+    def idle(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class AssertionRecorder:
+    """The broker's side: captures decisions in O(1) and ships them, in order, to a ``BatchWriter``."""
+
+    def __init__(self, writer: BatchWriter, flush_interval: float = 0.05, batch_size: int = 5000) -> None:
+        self.writer = writer
+        self.flush_interval = flush_interval
+        self.batch_size = batch_size
+        self._queue: deque[Captured] = deque()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="assertions")
+        self._sessions: dict[int, tuple[Admission | None, SessionFields]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        # Batch ids: this recorder's own prefix and a counter. A batch that failed is re-sent
+        # unchanged under the same id, so the writer can recognise one it already applied.
+        self.instance = uuid.uuid4().hex[:16]
+        self._batches = 0
+        self._unacked: tuple[str, list[Row], dict[int, SessionFields], int] | None = None
+        self.shipped = 0
+
+    # -- per message: O(1), no I/O ---------------------------------------------------------
+
+    def decision(self, admission: Admission | None, client_id: str | None, peer: Peer, action: str,
+                 topic: str | None, decision: Decision, tier: str | None, latency_ns: int,
+                 policy_revision: str | None) -> None:
+        self._queue.append((time.time(), admission, client_id, peer, action, topic, decision, tier, latency_ns,
+                            policy_revision))
+
+    def connect(self, admission: Admission, client_id: str | None, peer: Peer, policy_revision: str) -> None:
+        decision = Decision(admission.allowed, admission.rule_id, admission.reason)
+        self.decision(admission, client_id, peer, "connect", None, decision, None, 0, policy_revision)
+
+    # -- background --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="mqtt-pdp-assertions")
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.flush_interval)
+            except TimeoutError:
+                pass
+            if self._queue:
+                await self._drain()
+            else:
+                await loop.run_in_executor(self._executor, self.writer.idle)
+
+    def _rows(self, batch: list[Captured]) -> tuple[list[Row], dict[int, SessionFields]]:
+        sessions: dict[int, SessionFields] = {}
+        known = self._sessions
+        rows: list[Row] = []
+        for ts, admission, client_id, peer, action, topic, decision, tier, latency_ns, revision in batch:
+            key = id(admission)
+            if key not in sessions:
+                entry = known.get(key)
+                if entry is None or entry[0] is not admission:
+                    if len(known) > 50_000:
+                        known.clear()
+                    entry = known[key] = (admission, session_fields(admission))
+                sessions[key] = entry[1]
+            rows.append((ts, key, client_id, peer, action, topic, decision.allowed, decision.rule_id, decision.reason,
+                         tier, latency_ns, revision))
+        return rows, sessions
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._queue or self._unacked is not None:
+            if self._unacked is None:
+                batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.batch_size))]
+                self._batches += 1
+                self._unacked = (f"{self.instance}:{self._batches}", *self._rows(batch), len(batch))
+            batch_id, rows, sessions, size = self._unacked
+            try:
+                await loop.run_in_executor(self._executor, self.writer.write, rows, sessions, batch_id)
+            except Exception:  # evidence is never dropped: keep the batch, as it is, and retry
+                log.exception("writing assertion records failed; batch %s (%d records) kept in memory for retry",
+                              batch_id, size)
+                await asyncio.sleep(1.0)
+                if self._stopping.is_set():
+                    return
+            else:
+                self._unacked = None
+                self.shipped += size
+
+    @property
+    def pending(self) -> int:
+        """Captured decisions not yet acknowledged by the writer."""
+        return len(self._queue) + (self._unacked[3] if self._unacked is not None else 0)
+
+    async def close(self) -> None:
+        """Graceful shutdown: everything captured is written (or spooled) before this returns."""
+        self._stopping.set()
+        if self._task is not None:
+            await self._task
+        await self._drain()
+        if self.pending:
+            log.critical("%d assertion records could not be written at shutdown", self.pending)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.writer.close)
+        self._executor.shutdown(wait=True)
