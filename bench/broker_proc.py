@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 
-from amqtt.broker import Broker
+from broker_plugin.amqtt_compat import Broker
 
 from broker_plugin.broker import HardenedBroker
 

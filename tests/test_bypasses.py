@@ -8,7 +8,7 @@ shows the test can tell the difference.
 from __future__ import annotations
 
 import pytest
-from amqtt.broker import Broker
+from broker_plugin.amqtt_compat import Broker
 
 from tests.support import wait_for
 
