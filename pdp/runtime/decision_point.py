@@ -221,6 +221,10 @@ class DecisionPoint:
     def last_error(self) -> str | None:
         return "; ".join(self.errors.values()) or None
 
+    def may_have_changed(self) -> bool:
+        """A cheap stat of the files: False means ``load_if_changed`` would find nothing to do."""
+        return signature(self._paths) != self._signature
+
     def load_if_changed(self) -> Snapshot | bool | None:
         """A new snapshot when a source changed (not yet in force), False when every change was rejected,
         None when nothing changed (or a file is still being written: it is read again at the next poll).

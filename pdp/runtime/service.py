@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import socket
+import sys
 import threading
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -50,6 +51,7 @@ from pdp.runtime.retention import prune_forever
 from pdp.runtime.settings import ServiceSettings
 
 log = logging.getLogger("mqtt_pdp.service")
+RELOAD_SWITCH_INTERVAL = 0.0005  # seconds; see AuthorizationService._load_yielding
 
 # Carries out a Disconnect or DropSession in the broker; without one, revoked connections stay open but
 # are denied everything (the plugin under stock amqtt).
@@ -196,7 +198,7 @@ class AuthorizationService:
         """Reload changed files, end what the new snapshot no longer admits, and tell the other brokers."""
         async with self._reload_lock:
             try:
-                loaded = await asyncio.to_thread(self.pdp.load_if_changed)
+                loaded = await asyncio.to_thread(self._load_yielding)
                 result = loaded if loaded is None or loaded is False else True
                 if isinstance(loaded, Snapshot):
                     # Swap and revoke in one synchronous step: no decision after the swap sees stale attributes.
@@ -213,6 +215,22 @@ class AuthorizationService:
                 self.reload_attempts += 1
                 self.reload_condition.notify_all()
         return result
+
+    def _load_yielding(self) -> Snapshot | bool | None:
+        """``load_if_changed`` with the GIL handed back to the event loop quickly while it runs.
+
+        A load is pure Python and holds the GIL; with the default 5 ms switch interval every message the
+        loop handles meanwhile waits up to 5 ms at each of its GIL hand-overs. Only while a changed file is
+        being loaded, the interval is shortened so the loop waits well under a millisecond.
+        """
+        if not self.pdp.may_have_changed():
+            return None
+        previous = sys.getswitchinterval()
+        sys.setswitchinterval(RELOAD_SWITCH_INTERVAL)
+        try:
+            return self.pdp.load_if_changed()
+        finally:
+            sys.setswitchinterval(previous)
 
     async def _carry_out(self, actions: Sequence[Any]) -> None:
         """Close what the core revoked, all at once: each is already denied everything, so order does not matter."""
