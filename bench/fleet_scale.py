@@ -289,7 +289,7 @@ def run(workdir: Path, rules: int = 10_000, devices: int = 100_000, policy_edits
             policy_lines[target] = policy_lines[target].replace(", allow\n", ", deny\n") \
                 if policy_lines[target].endswith(", allow\n") else policy_lines[target].replace(", deny\n", ", allow\n")
             text = "".join(policy_lines)
-            reloads.append({"kind": "policy", **_edit_and_wait(broker, lambda: _replace(files["policy"], text),
+            reloads.append({"kind": "policy", **_edit_and_wait(broker, lambda text=text: _replace(files["policy"], text),
                                                                timeout)})
             time.sleep(1.0)
         for n in range(registry_edits):
@@ -300,7 +300,7 @@ def run(workdir: Path, rules: int = 10_000, devices: int = 100_000, policy_edits
             registry_text = (registry_text[:start] + match.group(1) + "plant-moved" + str(n) + "\n"
                              + registry_text[start + len(match.group(0)):])
             text = registry_text
-            reloads.append({"kind": "registry", **_edit_and_wait(broker, lambda: _replace(files["registry"], text),
+            reloads.append({"kind": "registry", **_edit_and_wait(broker, lambda text=text: _replace(files["registry"], text),
                                                                  timeout)})
             time.sleep(1.0)
         probe.stop()
