@@ -20,6 +20,7 @@ GOOD = [
     "devices:\n" + DEVICE + f"    fingerprints:\n      - \"{FP}\"\n      - {FP[7:]}\n",
     "devices:\n" + DEVICE + f"    fingerprints:\n    - '{FP}'\n",
     "devices:\n" + DEVICE + "    fingerprints: []\n",
+    "devices:\n" + DEVICE + f"    fingerprints: [\"{FP}\"]\n" + DEVICE.replace("s1", "s2") + f"    fingerprints: [\"{FP[7:].upper()}\"]\n",
     "devices:\n  - id: \"quoted id\"\n    type: 'x.y'\n    location: null\n    purpose: '123'\n    owner: 0x1F  # hex? no: text\n    status: active\n",
     "devices:\n  - {id: s1, type: a, location: b, purpose: c, owner: d, status: retired, fingerprints: [" + f"'{FP}'" + "],}\n",
     "devices:\n" + DEVICE + "  # a comment between devices\n" + DEVICE.replace("s1", "s2"),
@@ -32,6 +33,9 @@ BAD = [
     "devices:\n" + DEVICE + "    color: red\n",  # unknown field
     "devices:\n" + DEVICE + "    type: again\n",  # given twice
     "devices:\n" + DEVICE.replace("status: active", "status: gone"),
+    "devices:\n" + DEVICE.replace("status: active", "status: Active"),
+    "devices:\n" + DEVICE + f"    fingerprints: [\"{FP[:-2]}\"]\n",
+    "devices:\n" + DEVICE.replace("id: s1", "id: " + "x" * 129),
     "devices:\n" + DEVICE.replace("location: a", "location: 'a/b'"),
     "devices:\n" + DEVICE.replace("id: s1", "id: '$sys'"),
     "devices:\n" + DEVICE.replace("id: s1", "id: ' s1'"),

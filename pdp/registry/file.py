@@ -12,7 +12,7 @@ import logging
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from types import MappingProxyType
 from typing import Protocol
@@ -324,6 +324,20 @@ def _chunk_entries(chunk: str, indent: int, first: int, memo: dict[str, LinePars
     return entries
 
 
+_SAFE_PLAIN = r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,127}"  # a plain value level_value_problem accepts
+_FP_TEXT = r"(?:sha256:)?[0-9a-fA-F]{64}"
+
+
+@lru_cache(maxsize=8)
+def _canonical(indent: int) -> re.Pattern[str]:
+    """An item exactly as tools write it (the README's field order, plain values, one fingerprint or
+    none): matched in one step, without the line-by-line reader. Anything else takes the general path."""
+    pad = "\n" + " " * (indent + 2)
+    fields = "".join(f"{pad}{name}: ({_SAFE_PLAIN})" for name in ("type", "location", "purpose", "owner"))
+    return re.compile(rf"id: ({_SAFE_PLAIN}){fields}{pad}status: ([a-z]+)"
+                      rf"(?:{pad}fingerprints: \[\"({_FP_TEXT})\"\])?\n?")
+
+
 def _parse_simple(text: str, path: str, previous: Mapping[tuple[int, str], Device]) -> FileRegistry:
     """The fast reader; raises _NotSimple when the file is outside its subset."""
     if _OUTSIDE_SUBSET.search(text) or not text.endswith("\n"):
@@ -339,11 +353,20 @@ def _parse_simple(text: str, path: str, previous: Mapping[tuple[int, str], Devic
     chunks: dict[tuple[int, str], Device] = {}
     intern: dict[str, str] = {}
     memo: dict[str, LineParse] = {}
+    canonical = _canonical(indent).fullmatch
+    shared = intern.setdefault
     for chunk in items:
         key = (indent, chunk)
         device = previous.get(key)
         if device is None:
-            device = _build_device(_chunk_entries(chunk, indent, line, memo), line, path, intern)
+            match = canonical(chunk)
+            if match is not None and match.group(6) in _STATUS:
+                device_id, dtype, location, purpose, owner, status, fingerprint = match.groups()
+                device = Device(device_id, shared(dtype, dtype), shared(location, location),
+                                shared(purpose, purpose), shared(owner, owner), _STATUS[status],
+                                frozenset((normalize_fingerprint(fingerprint),)) if fingerprint else _NO_FINGERPRINTS)
+            else:
+                device = _build_device(_chunk_entries(chunk, indent, line, memo), line, path, intern)
         chunks[key] = device
         if device.device_id in devices:
             raise SourceError(path, line, f"device {device.device_id!r} already defined at line {first_line[device.device_id]}")
