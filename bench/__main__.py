@@ -1,6 +1,7 @@
 """Run the benchmarks side by side and print tables; the JSON goes to bench/results/.
 
     python -m bench [--quick] [--only throughput,latency,propagation,assertions,connect,fleet,revocation] [--redis URL] [--out FILE]
+    python -m bench --only scale [--quick] [--code-root DIR]   (10,000 rules, 100,000 devices; not in the default set)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from bench import (
     assertion_log,
     connect,
     fleet,
+    fleet_scale,
     latency,
     propagation,
     revocation,
@@ -25,17 +27,20 @@ from bench import (
 )
 
 ALL = ("throughput", "latency", "propagation", "assertions", "connect", "fleet", "revocation")
+EXTRA = ("scale",)  # minutes at full size: only when asked for
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and smaller fleets (a smoke run)")
-    parser.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    parser.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL + EXTRA)}")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis for the L2 latency row ('' to skip)")
     parser.add_argument("--out", default="bench/results/latest.json", help="where to write the JSON results")
+    parser.add_argument("--code-root", default=None,
+                        help="scale: run check/explain/broker from this checkout (e.g. a previous version)")
     args = parser.parse_args(argv)
     chosen = [name.strip() for name in args.only.split(",") if name.strip()]
-    unknown = sorted(set(chosen) - set(ALL))
+    unknown = sorted(set(chosen) - set(ALL) - set(EXTRA))
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(unknown)}")
     logging.basicConfig(level=logging.WARNING)
@@ -84,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n== Revocation: one registry write suspends {size} connected, publishing devices")
             print(revocation.table(result), flush=True)
             results["revocation"] = result
+        if "scale" in chosen:
+            sizes = {"rules": 1000, "devices": 10_000, "policy_edits": 1, "registry_edits": 1} if args.quick else {}
+            result = fleet_scale.run(work / "scale", code_root=Path(args.code_root) if args.code_root else None,
+                                     **sizes)  # type: ignore[arg-type]
+            print("\n== Fleet scale: check, explain, broker start, edits applied, latency during reloads")
+            print(fleet_scale.table(result), flush=True)
+            results["scale"] = result
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

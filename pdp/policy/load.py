@@ -10,9 +10,12 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from types import SimpleNamespace
 
 import casbin
+from casbin.persist import load_policy_line
 
 from pdp.core.engine import ACTIONS, EFFECTS, Rule
 from pdp.errors import SourceError
@@ -44,7 +47,14 @@ class Policy:
     revision: str
     model_path: str
     policy_path: str
-    reference: CasbinReference = field(compare=False, repr=False)
+    model_text: str = field(default="", compare=False, repr=False)
+    policy_text: str = field(default="", compare=False, repr=False)
+
+    @cached_property
+    def reference(self) -> CasbinReference:
+        """Casbin over the same texts, built on first use: only ``explain`` and ``verify_with_casbin`` ask it,
+        and at 10,000 rules it costs more than the rest of a reload (the load-time cross-check does not need it)."""
+        return CasbinReference(self.model_text, self.policy_text)
 
 
 def read_text(path: str, what: str) -> str:
@@ -135,8 +145,14 @@ def parse_policy(model_text: str, policy_text: str, model_path: str, policy_path
     """Validate both texts and load them into Casbin; SourceError on the first problem.
 
     Works on texts, not paths, so that what is validated, what Casbin loads and what is hashed
-    into the revision are one and the same version of each file.
+    into the revision are one and the same version of each file. The same texts at the same paths
+    give the same (immutable) policy without checking them again: ``mqtt-pdp broker`` validates the
+    files before the broker starts and the plugin then loads them.
     """
+    global _last
+    last = _last
+    if last is not None and last[:4] == (model_path, policy_path, model_text, policy_text):
+        return last[4]
     check_model(model_path, model_text)
     if not policy_text.strip():
         raise SourceError(policy_path, None, "policy file is empty (an empty policy would deny everything; "
@@ -145,17 +161,38 @@ def parse_policy(model_text: str, policy_text: str, model_path: str, policy_path
     if not checked:
         raise SourceError(policy_path, None, "policy has no rules (to deny everything on purpose, write one deny "
                                              "rule, e.g. 'p, deny-all, *, *, *, #, publish, deny')")
-    try:
-        reference = CasbinReference(model_text, policy_text)
-    except Exception as exc:  # Casbin raises bare exceptions for malformed lines.
-        raise SourceError(policy_path, None, f"Casbin cannot load the policy: {exc}") from None
-    loaded = reference.policy_lines()
-    if loaded != [rule.as_casbin() for rule in checked]:
-        raise SourceError(policy_path, None, "Casbin read the rules differently (brackets or parentheses in a field?)")
-    lines = {rule.rule_id: rule.line for rule in checked}
-    rules = tuple(Rule(*values, line=lines[values[0]]) for values in loaded)  # type: ignore[arg-type]
+    casbin_check(policy_text, policy_path, checked)
     digest = hashlib.sha256(model_text.encode() + b"\0" + policy_text.encode()).hexdigest()[:12]
-    return Policy(rules=rules, revision=digest, model_path=model_path, policy_path=policy_path, reference=reference)
+    policy = Policy(rules=tuple(checked), revision=digest, model_path=model_path, policy_path=policy_path,
+                    model_text=model_text, policy_text=policy_text)
+    _last = (model_path, policy_path, model_text, policy_text, policy)
+    return policy
+
+
+_last: tuple[str, str, str, str, Policy] | None = None  # see parse_policy: the same texts are checked once
+
+
+def casbin_check(policy_text: str, policy_path: str, checked: list[Rule]) -> None:
+    """Casbin must read the rules exactly as we did, without building its enforcer.
+
+    Casbin's adapter splits a line at commas outside brackets and parentheses, then strips each
+    field; on a line with no bracket or parenthesis that is our own ``split(",")`` and ``strip()``,
+    so only the lines holding one are given to Casbin's own line reader to compare.
+    """
+    if not any(ch in policy_text for ch in "[]()"):
+        return
+    by_line = {rule.line: rule for rule in checked}
+    for number, raw in enumerate(policy_text.splitlines(), start=1):
+        line = raw.strip()
+        if number not in by_line or not any(ch in line for ch in "[]()"):
+            continue
+        sink = SimpleNamespace(policy=[])
+        try:
+            load_policy_line(line, SimpleNamespace(model={"p": {"p": sink}}))
+        except Exception as exc:  # Casbin raises bare exceptions for malformed lines.
+            raise SourceError(policy_path, None, f"Casbin cannot load the policy: {exc}") from None
+        if sink.policy != [by_line[number].as_casbin()]:
+            raise SourceError(policy_path, None, "Casbin read the rules differently (brackets or parentheses in a field?)")
 
 
 def load_policy(model_path: str | Path, policy_path: str | Path) -> Policy:

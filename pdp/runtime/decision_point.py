@@ -95,15 +95,23 @@ def _bytes(contents: dict[str, bytes | OSError], path: str, what: str) -> bytes:
     return data
 
 
-def parse_source(settings: PdpSettings, name: str, contents: dict[str, bytes | OSError]) -> Any:
-    """One source's new version from the bytes read; SourceError (with file:line) if it cannot be used."""
+def parse_source(settings: PdpSettings, name: str, contents: dict[str, bytes | OSError],
+                 current: Snapshot | None = None) -> Any:
+    """One source's new version from the bytes read; SourceError (with file:line) if it cannot be used.
+
+    ``current`` (the snapshot in force) lets the registry reader re-read only the devices that changed.
+    """
     if name == "policy":
-        model, policy = settings.model_path, settings.policy_path
-        return parse_policy(decode(_bytes(contents, model, "model"), model, "model"),
-                            decode(_bytes(contents, policy, "policy"), policy, "policy"), model, policy)
+        model, policy_path = settings.model_path, settings.policy_path
+        policy = parse_policy(decode(_bytes(contents, model, "model"), model, "model"),
+                              decode(_bytes(contents, policy_path, "policy"), policy_path, "policy"), model, policy_path)
+        if settings.verify_with_casbin:
+            _ = policy.reference  # built here, in the loading thread, not by the first decision verified
+        return policy
     if name == "registry":
         path = settings.registry_path
-        registry = parse_registry(decode(_bytes(contents, path, "registry"), path, "registry"), path)
+        registry = parse_registry(decode(_bytes(contents, path, "registry"), path, "registry"), path,
+                                  current.registry if current is not None else None)
         check_client_ids(settings.admission.client_id_pattern, registry)
         return registry
     return parse_crls([(path, _bytes(contents, path, "CRL")) for path in settings.crl_paths])
@@ -213,6 +221,10 @@ class DecisionPoint:
     def last_error(self) -> str | None:
         return "; ".join(self.errors.values()) or None
 
+    def may_have_changed(self) -> bool:
+        """A cheap stat of the files: False means ``load_if_changed`` would find nothing to do."""
+        return signature(self._paths) != self._signature
+
     def load_if_changed(self) -> Snapshot | bool | None:
         """A new snapshot when a source changed (not yet in force), False when every change was rejected,
         None when nothing changed (or a file is still being written: it is read again at the next poll).
@@ -235,7 +247,7 @@ class DecisionPoint:
             if all(old.get(p) == entry for p, entry in zip(paths, _entries(new_signature, paths))):
                 continue
             try:
-                parts[name] = parse_source(self.settings, name, contents)
+                parts[name] = parse_source(self.settings, name, contents, current)
             except SourceError as exc:
                 rejected = True
                 self.errors[name] = str(exc)
