@@ -6,11 +6,13 @@ template levels holding placeholders, bound to the device while walking. A
 request visits at most the eight buckets its device can select and only the
 trie paths its topic can follow, so the cost does not grow with unrelated rules.
 
-Subscribe denies live in tries of their own, walked for *overlap* with the
-filter (``pdp.core.topics.overlaps``) rather than for coverage: a filter ``+``
-meets every pattern level, a filter ``#`` meets the whole subtree below it. They
-are walked first, and an applicable deny ends the decision without walking the
-allows. Publish, receive and subscribe-allow walks are unchanged.
+A subscribe deny applies when its pattern *overlaps* the filter
+(``pdp.core.topics.overlaps``), an allow when it covers it. For a filter without
+wildcards the two relations and plain matching coincide (it selects exactly one
+topic name), so such a subscribe walks the same tries as before. A filter with
+``+`` or ``#`` first walks tries holding only the subscribe denies, for overlap:
+a filter ``+`` meets every pattern level, a filter ``#`` the whole subtree below;
+an applicable deny decides at once, otherwise the usual walk finds the allows.
 
 Immutable once built; the broker swaps whole indexes on reload.
 """
@@ -159,19 +161,22 @@ class PolicyIndex:
         self._deny = tuple(rule.effect == "deny" for rule in self._rules)
         self._buckets: dict[tuple[str, str, str, str], _Node] = {}
         for order, rule in enumerate(self._rules):
-            kind = _SUBSCRIBE_DENY if rule.action == "subscribe" and rule.effect == "deny" else rule.action
-            key = (kind, rule.type, rule.location, rule.purpose)
-            node = self._buckets.get(key)
-            if node is None:
-                node = self._buckets[key] = _Node()
-            levels = rule.topic.split("/")
-            for level in levels[:-1]:
-                node = node.child(level)
-            if levels[-1] == "#":
-                node.hash_rules.append(order)
-            else:
-                node.child(levels[-1]).end_rules.append(order)
+            self._insert((rule.action, rule.type, rule.location, rule.purpose), rule.topic, order)
+            if rule.action == "subscribe" and rule.effect == "deny":
+                self._insert((_SUBSCRIBE_DENY, rule.type, rule.location, rule.purpose), rule.topic, order)
         self._roots: dict[tuple[str, str, str, str], tuple[_Node, ...]] = {}
+
+    def _insert(self, key: tuple[str, str, str, str], pattern: str, order: int) -> None:
+        node = self._buckets.get(key)
+        if node is None:
+            node = self._buckets[key] = _Node()
+        levels = pattern.split("/")
+        for level in levels[:-1]:
+            node = node.child(level)
+        if levels[-1] == "#":
+            node.hash_rules.append(order)
+        else:
+            node.child(levels[-1]).end_rules.append(order)
 
     def __len__(self) -> int:
         return len(self._rules)
@@ -191,32 +196,27 @@ class PolicyIndex:
             self._roots[key] = roots  # a memo of a pure function; safe to race on
         return roots
 
-    def _decide_subscribe(self, attributes: Mapping[str, str], topic_filter: str) -> Decision:
-        """Denies by overlap first (any one decides, so the allows need no walk), then allows by coverage."""
-        levels = topic_filter.split("/")
-        dollar = topic_filter.startswith("$")
-        denies: list[int] = []
-        for root in self._roots_for(_SUBSCRIBE_DENY, attributes):
-            _overlap(root, levels, 0, attributes, dollar, denies)
-        if denies:
-            return decision_for(False, self._rules[min(denies)].rule_id)
-        allows: list[int] = []
-        for root in self._roots_for("subscribe", attributes):
-            _walk(root, levels, 0, attributes, dollar, True, allows)
-        if not allows:
-            return NO_MATCH_DECISION
-        return decision_for(True, self._rules[min(allows)].rule_id)
-
     def decide(self, attributes: Mapping[str, str], action: str, topic: str) -> Decision:
-        if action == "subscribe":
-            return self._decide_subscribe(attributes, topic)
+        subscribe = action == "subscribe"
+        if subscribe and ("+" in topic or "#" in topic):
+            # Subscribe denies by overlap first; none overlapping means none covers the filter,
+            # so the walk below then finds only allows.
+            deny_roots = self._roots_for(_SUBSCRIBE_DENY, attributes)
+            if deny_roots:
+                denies: list[int] = []
+                levels = topic.split("/")
+                dollar = topic.startswith("$")
+                for root in deny_roots:
+                    _overlap(root, levels, 0, attributes, dollar, denies)
+                if denies:
+                    return decision_for(False, self._rules[min(denies)].rule_id)
         matched: list[int] = []
         roots = self._roots_for(action, attributes)
         if roots:
             levels = topic.split("/")
             dollar = topic.startswith("$")
             for root in roots:
-                _walk(root, levels, 0, attributes, dollar, False, matched)
+                _walk(root, levels, 0, attributes, dollar, subscribe, matched)
         if not matched:
             return NO_MATCH_DECISION
         deny = self._deny
