@@ -78,6 +78,7 @@ def test_covers_is_exactly_set_containment(pattern: str, topic_filter: str) -> N
         ("#", "#", True),
         ("a/+/#", "a/#", False),
         ("+/#", "a/#", True),
+        ("+/+/#", "/#", False),  # '/#' selects the empty level by the parent rule; coverage counts it
     ],
 )
 def test_covers_examples(pattern: str, topic_filter: str, expected: bool) -> None:
