@@ -21,6 +21,7 @@ from pathlib import Path
 from pdp.core.engine import ACTIONS, Decision, Rule, decide
 from pdp.core.topics import TopicError, validate_filter, validate_topic
 from pdp.policy.load import load_policy
+from pdp.policy.oracle import topic_match
 from pdp.registry.file import Device
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +37,7 @@ DOLLAR = ["$SYS", "$x"]
 TEMPLATES = ["{%s}", "{%s}", "dev-{%s}", "{%s}-x", "{%s}.{%s}"]
 
 Decider = Callable[[Device, str, str], Decision]
+OVERLAP_ONLY = "subscribe deny overlapping, not covering"
 
 
 def _device(rng: random.Random) -> Device:
@@ -98,7 +100,11 @@ def _topic_from(rng: random.Random, bound: str, device: Device) -> list[str]:
 
 
 def _filter_from(rng: random.Random, bound: str, device: Device) -> list[str]:
-    """A filter near the bound pattern: wildcards kept, narrowed or widened ('a/+' becomes 'a/#')."""
+    """A filter near the bound pattern: wildcards kept, narrowed or widened ('a/+' becomes 'a/#').
+
+    Sometimes cut short and ended with '#' ('a/secret/#' becomes 'a/#' or '#'): a filter
+    wider than a subscribe deny, which the deny must refuse though it does not cover it.
+    """
     levels: list[str] = []
     for level in bound.split("/"):
         roll = rng.random()
@@ -118,6 +124,8 @@ def _filter_from(rng: random.Random, bound: str, device: Device) -> list[str]:
             levels.append("+" if roll < 0.1 else level)
     if rng.random() < 0.1:
         levels.append("#")
+    if levels and rng.random() < 0.12:
+        levels = levels[:rng.randrange(len(levels))] + ["#"]
     return levels
 
 
@@ -228,6 +236,8 @@ class Stats:
             return
         rule = rules[reference.rule_id]
         self.decided[f"{action} {rule.effect}"] += 1
+        if action == "subscribe" and rule.effect == "deny" and not topic_match(action, topic, rule.topic, device.attrs):
+            self.decided[OVERLAP_ONLY] += 1  # the deny overlaps the filter without covering it (the oracle's covers)
         for level in rule.topic.split("/"):
             for name in PLACEHOLDERS:
                 if "{" + name + "}" in level:
@@ -245,7 +255,7 @@ class Stats:
         share = {key: f"{count / self.decisions:.1%}" for key, count in sorted(self.decided.items())}
         return (f"{self.decisions} decisions, {len(self.mismatches)} mismatches, "
                 f"no matching rule {self.no_match / self.decisions:.1%} (invalid ones aside), invalid {self.invalid}, "
-                f"'$' requests {self.dollar}; decided by: {share}")
+                f"'$' requests {self.dollar}; {OVERLAP_ONLY}: {self.decided[OVERLAP_ONLY]}; decided by: {share}")
 
     def assert_exercised(self) -> None:
         """Fail when the generators stop reaching the semantics they are meant to test."""
@@ -258,7 +268,7 @@ class Stats:
         for action in ACTIONS:
             for effect in ("allow", "deny"):
                 assert self.decided[f"{action} {effect}"] >= floor, (action, effect, self.report())
-        for key in ("'$' pattern", "'#' pattern", "'+' pattern"):
+        for key in ("'$' pattern", "'#' pattern", "'+' pattern", OVERLAP_ONLY):
             assert self.decided[key] >= floor / 4, (key, self.report())
         assert self.no_match < 0.4 * self.decisions, self.report()
 

@@ -10,10 +10,17 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
 from pdp.core.engine import Rule, decide
 from pdp.core.index import PolicyIndex
+from pdp.core.topics import bind, overlaps
 from pdp.policy.load import parse_rules
 from tests.test_engine_vs_casbin import Decider, casbin_builder, differential, pdp_decide
+from tests.test_topics import filters
+
+ATTRS = {"device_id": "a", "type": "t", "location": "l", "purpose": "p", "owner": "o"}
 
 
 def index_candidate(rules: Sequence[Rule]) -> Decider:
@@ -42,3 +49,25 @@ def test_index_equals_casbin_on_twenty_thousand_requests(tmp_path: Path) -> None
     assert stats.mismatches == [], stats.mismatches[:10]
     assert stats.invalid > 0, stats.report()
     stats.assert_exercised()
+
+
+@st.composite
+def deny_patterns(draw: st.DrawFn) -> str:
+    """Filters whose 'a' levels may be written as placeholders binding to 'a' (whole or inside a level)."""
+    levels = draw(filters()).split("/")
+    return "/".join(draw(st.sampled_from([level, "{device_id}"])) if level == "a" else level for level in levels)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(deny_patterns(), filters())
+def test_index_subscribe_deny_is_exactly_overlap(pattern: str, topic_filter: str) -> None:
+    """With one subscribe deny and an allow of everything, the index refuses exactly the overlapping filters."""
+    assume(pattern != "" and topic_filter != "")
+    rules = [Rule("no", "*", "*", "*", pattern, "subscribe", "deny"), Rule("yes", "*", "*", "*", "#", "subscribe", "allow"),
+             Rule("yes-dollar", "*", "*", "*", "$SYS/#", "subscribe", "allow"),
+             Rule("yes-x", "*", "*", "*", "$x/#", "subscribe", "allow")]
+    decision = PolicyIndex(rules).decide(ATTRS, "subscribe", topic_filter)
+    bound = bind(pattern, ATTRS)
+    assert bound is not None
+    assert (decision.rule_id == "no") is overlaps(bound, topic_filter)
+    assert decision == decide(rules, ATTRS, "subscribe", topic_filter)

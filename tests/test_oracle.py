@@ -2,7 +2,8 @@
 
 ``pdp.policy.oracle.topic_match`` is checked against hand-written MQTT 3.1.1 cases; then
 ``pdp.core`` is broken on purpose (the subscribe-widening hole ``a/+`` granting ``a/#``,
-``#`` reaching ``$SYS``) and the differentials must report it. The decision point's
+``#`` reaching ``$SYS``, a subscribe deny of ``a/secret/#`` letting ``a/#`` through) and
+the differentials must report it. The decision point's
 verification must see every decision it hands out: L1 hits, warmed entries, invalid-topic denials.
 """
 
@@ -30,7 +31,7 @@ from pdp.policy.oracle import topic_match, valid_filter, valid_topic_name
 from pdp.runtime.decision_point import DecisionPoint, PdpSettings
 from tests.test_engine_vs_casbin import ROOT, Stats, casbin_builder, differential, engine_candidate
 from tests.test_index import index_candidate
-from tests.test_topics import _universe, filters, topic_names
+from tests.test_topics import _universe, common_topics, filters, topic_names
 
 ATTRS = {"device_id": "s-1", "type": "sensor", "location": "plant-a", "purpose": "telemetry", "owner": "ops"}
 
@@ -129,6 +130,10 @@ def test_oracle_topic_names(pattern: str, topic: str, expected: bool) -> None:
         ("+", "#", False),
         ("+/+/#", "#", False),
         ("+/+", "+/#", False),
+        # '/#' selects the single empty level by the parent rule; coverage counts it, refusing the grant.
+        ("+/+/#", "/#", False),
+        ("/+/#", "/#", False),
+        ("+/#", "/#", True),
         # '$' topics: only a pattern starting with the same literal reaches them.
         ("#", "$SYS/#", False),
         ("#", "$SYS", False),
@@ -167,11 +172,50 @@ def test_oracle_matching_agrees_with_paho(pattern: str, topic: str) -> None:
 @settings(max_examples=400, deadline=None)
 @given(filters(), filters())
 def test_oracle_covers_is_exactly_set_containment(pattern: str, topic_filter: str) -> None:
-    """The symbolic regex over the filter's text equals containment of the selected topic sets (paho as matcher)."""
+    """The symbolic regex over the filter's text equals containment of the selected topic sets (paho as matcher).
+
+    The empty level counts as a topic here, as in ``tests/test_topics.py``: '/#' selects it by the
+    parent rule, so '+/+/#' does not cover '/#'. Coverage grants, so this errs towards refusing.
+    """
     assume(pattern != "" and topic_filter != "")
     universe = _universe(pattern, topic_filter)
-    contained = all(topic_matches_sub(pattern, t) for t in universe if t and topic_matches_sub(topic_filter, t))
+    contained = all(topic_matches_sub(pattern, t) for t in universe if topic_matches_sub(topic_filter, t))
     assert topic_match("subscribe", topic_filter, pattern, ATTRS) == contained
+
+
+@pytest.mark.parametrize(
+    ("pattern", "topic_filter", "expected"),
+    [
+        # The issue: a subscribe deny refuses every filter that could select one of its topics.
+        ("a/secret/#", "a/#", True),
+        ("a/secret/#", "+/secret", True),
+        ("a/secret/#", "#", True),
+        ("a/secret/#", "a/secret", True),
+        ("a/secret/#", "a/public/#", False),
+        ("a/secret", "a/secret/+", False),
+        ("#", "$SYS/#", False),
+        ("$SYS/#", "+/x", False),
+        ("+", "/#", False),
+        ("/#", "+", False),
+        ("/#", "#", True),
+        ("sites/{location}/secret/#", "sites/+/#", True),
+        ("sites/{location}/secret/#", "sites/plant-b/#", False),
+        ("dev-{device_id}/#", "+/x", True),
+        ("a/secret/#", "a/#/b", False),  # an invalid filter is refused whatever the rule
+    ],
+)
+def test_oracle_subscribe_deny_overlaps(pattern: str, topic_filter: str, expected: bool) -> None:
+    assert topic_match("subscribe", topic_filter, pattern, ATTRS, "deny") is expected
+
+
+@settings(max_examples=800, deadline=None)
+@given(filters(), filters())
+def test_oracle_overlap_is_exactly_a_common_topic(pattern: str, topic_filter: str) -> None:
+    """One witness per length decides overlap exactly as brute force over a complete universe does."""
+    assume(pattern != "" and topic_filter != "")
+    common = bool(common_topics(pattern, topic_filter))
+    assert oracle.overlap(pattern, topic_filter) == common
+    assert topic_match("subscribe", topic_filter, pattern, ATTRS, "deny") == common
 
 
 @pytest.mark.parametrize("value", ["a/b", "+", "#", "a+b", "$x", "", "x" * 129, " a", "a\n", "a\x00b", "a\x7f"])
@@ -246,6 +290,28 @@ def test_broken_covers_in_the_index_is_caught(tmp_path: Path, monkeypatch: pytes
     print(stats.report())
     assert any(_widened(action, topic, ours.allowed) and not ref.allowed
                for action, topic, _, ours, ref in stats.mismatches), stats.mismatches[:5]
+
+
+def _bypass(action: str, topic: str, ours_allowed: bool, reference_allowed: bool) -> bool:
+    return action == "subscribe" and ours_allowed and not reference_allowed
+
+
+def test_subscribe_deny_by_coverage_in_the_engine_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The issue's hole put back: a deny that only refuses filters it covers lets 'a/#' past 'a/secret/#'."""
+    monkeypatch.setattr(engine_module, "overlaps", engine_module.covers)
+    stats = _against_casbin(tmp_path, engine_candidate)
+    print(stats.report())
+    assert any(_bypass(action, topic, ours.allowed, ref.allowed) for action, topic, _, ours, ref in stats.mismatches)
+
+
+def test_subscribe_deny_by_coverage_in_the_index_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def covering(node, levels, i, attrs, dollar, out):  # type: ignore[no-untyped-def]
+        index_module._walk(node, levels, i, attrs, dollar, True, out)
+
+    monkeypatch.setattr(index_module, "_overlap", covering)
+    stats = _against_casbin(tmp_path, index_candidate)
+    print(stats.report())
+    assert any(_bypass(action, topic, ours.allowed, ref.allowed) for action, topic, _, ours, ref in stats.mismatches)
 
 
 def test_broken_dollar_rule_in_the_engine_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.client import topic_matches_sub
 
@@ -15,6 +15,7 @@ from pdp.core.topics import (
     covers,
     level_value_problem,
     matches,
+    overlaps,
     validate_filter,
     validate_pattern,
     validate_topic,
@@ -77,10 +78,88 @@ def test_covers_is_exactly_set_containment(pattern: str, topic_filter: str) -> N
         ("#", "#", True),
         ("a/+/#", "a/#", False),
         ("+/#", "a/#", True),
+        ("+/+/#", "/#", False),  # '/#' selects the empty level by the parent rule; coverage counts it
     ],
 )
 def test_covers_examples(pattern: str, topic_filter: str, expected: bool) -> None:
     assert covers(pattern, topic_filter) is expected
+
+
+def common_topics(a: str, b: str) -> list[str]:
+    """Every topic name of a finite universe that both filters select (paho as the matcher).
+
+    The universe: topics of 1 to max(levels of a, levels of b) levels over both filters'
+    literal levels, 'fresh', the empty level and, first only, '$fresh'. It is complete for
+    overlap: a common topic stays common when each level that is no literal of either filter
+    becomes 'fresh' (at the first level '$fresh' if it started with '$'), and when it is cut
+    to the longer filter's length (a common topic longer than both means both end in '#',
+    whose prefixes the cut keeps).
+    """
+    levels = {level for text in (a, b) for level in text.split("/") if level not in ("+", "#")} | {"fresh", ""}
+    depth = max(len(a.split("/")), len(b.split("/")))
+    found = []
+    for n in range(1, depth + 1):
+        for first in sorted(levels | {"$fresh"}):
+            for rest in itertools.product(sorted(levels), repeat=n - 1):
+                topic = "/".join((first, *rest))
+                if topic and topic_matches_sub(a, topic) and topic_matches_sub(b, topic):
+                    found.append(topic)
+    return found
+
+
+@settings(max_examples=1500, deadline=None)
+@given(filters(), filters())
+def test_overlaps_is_exactly_a_common_topic(a: str, b: str) -> None:
+    assume(a != "" and b != "")  # '' is not a filter
+    assert overlaps(a, b) == bool(common_topics(a, b))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(filters(), filters())
+def test_overlaps_is_symmetric_and_weaker_than_covers(a: str, b: str) -> None:
+    assume(a != "" and b != "")
+    assert overlaps(a, b) == overlaps(b, a)
+    if covers(a, b):
+        assert overlaps(a, b)  # every valid filter selects some topic name
+    if matches(a, b) and "+" not in b and "#" not in b:
+        assert overlaps(a, b)  # a filter meets every topic name it selects
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        # The issue: a deny of 'a/secret/#' must meet every filter that could deliver its topics.
+        ("a/secret/#", "a/#", True),
+        ("a/secret/#", "+/secret", True),
+        ("a/secret/#", "#", True),
+        ("a/secret/#", "a/+/x", True),
+        ("a/secret/#", "a/secret", True),  # '#' selects the parent
+        ("a/secret/#", "a/public/#", False),
+        ("a/secret/#", "a/+", True),
+        ("a/secret/#", "a", False),
+        ("a/secret", "a/secret/+", False),
+        ("a/+", "+/b", True),
+        ("a/+", "a/b/c", False),
+        ("a//b", "a/+/b", True),
+        ("a//b", "a/b", False),
+        # '$' topics: a wildcard first level never meets a literal '$' first level.
+        ("#", "$SYS/#", False),
+        ("+/x", "$SYS/x", False),
+        ("$SYS/#", "$SYS/+/x", True),
+        ("$SYS/#", "$x/#", False),
+        ("x/$SYS", "x/+", True),
+        # The empty topic is no topic name: '+' and '/#' share only it.
+        ("+", "/#", False),
+        ("#", "/#", True),
+        ("+/#", "/#", True),
+        ("+", "/", False),
+        ("+/+", "/", True),
+    ],
+)
+def test_overlaps_examples(a: str, b: str, expected: bool) -> None:
+    assert overlaps(a, b) is expected
+    assert overlaps(b, a) is expected
+    assert bool(common_topics(a, b)) is expected
 
 
 def test_bind_is_level_by_level_and_refuses_unsafe_values() -> None:

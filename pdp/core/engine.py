@@ -3,9 +3,11 @@
 Semantics (the same as the Casbin model in ``policies/model.conf``):
 a rule applies when its type, location and purpose each equal the device's
 value or are ``*``, its action is the requested one, and its topic pattern,
-bound to the device's own attributes, matches the topic (publish, receive)
-or covers the filter (subscribe). Any applicable deny decides (the first one
-in file order); otherwise the first applicable allow decides; otherwise deny.
+bound to the device's own attributes, matches the topic (publish, receive),
+covers the filter (subscribe allow) or overlaps it (subscribe deny: a filter
+that could select any topic the deny selects is refused, so ``a/#`` cannot
+route around a deny of ``a/secret/#``). Any applicable deny decides (the first
+one in file order); otherwise the first applicable allow decides; otherwise deny.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from pdp.core.topics import bind, covers, matches
+from pdp.core.topics import bind, covers, matches, overlaps
 
 ACTIONS: tuple[str, ...] = ("publish", "subscribe", "receive")
 EFFECTS: tuple[str, ...] = ("allow", "deny")
@@ -49,13 +51,18 @@ def decision_for(allowed: bool, rule_id: str | None) -> Decision:
     return Decision(allowed, rule_id, f"{'allowed' if allowed else 'denied'} by rule {rule_id}")
 
 
-def topic_applies(action: str, topic: str, pattern: str, attributes: Mapping[str, str]) -> bool:
-    """Whether a rule's pattern, bound to the device, selects the requested topic or filter."""
+def topic_applies(action: str, topic: str, pattern: str, attributes: Mapping[str, str], effect: str) -> bool:
+    """Whether a rule's pattern, bound to the device, selects the requested topic or filter.
+
+    For subscribe the effect matters: an allow must cover the whole filter (``a/+``
+    never grants ``a/#``), a deny refuses any filter that could deliver one of its
+    topics (``a/secret/#`` refuses ``a/#``). Both err towards refusing.
+    """
     bound = bind(pattern, attributes)
     if bound is None:
         return False
     if action == "subscribe":
-        return covers(bound, topic)
+        return overlaps(bound, topic) if effect == "deny" else covers(bound, topic)
     return matches(bound, topic)
 
 
@@ -75,7 +82,7 @@ def decide(rules: Sequence[Rule], attributes: Mapping[str, str], action: str, to
             and _selects(rule.purpose, attributes["purpose"])
         ):
             continue
-        if not topic_applies(action, topic, rule.topic, attributes):
+        if not topic_applies(action, topic, rule.topic, attributes, rule.effect):
             continue
         if rule.effect == "deny":
             return decision_for(False, rule.rule_id)

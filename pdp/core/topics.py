@@ -8,6 +8,9 @@ Pure functions only. Three relations matter for authorization:
 * ``covers(pattern, filter)``: every topic the filter can ever select is also
   selected by the pattern. Subscriptions are granted on this relation, so
   ``a/+`` never grants ``a/#``.
+* ``overlaps(a, b)``: some valid topic name is selected by both. Subscriptions
+  are refused on this relation, so a deny of ``a/secret/#`` also refuses the
+  wider ``a/#``, ``+/secret`` and ``#``, which would otherwise deliver its topics.
 * ``bind(pattern, attributes)``: substitutes ``{device_id}``, ``{type}``, ...
   with the requesting device's own attribute values, level by level.
 """
@@ -160,3 +163,40 @@ def covers(pattern: str, topic_filter: str) -> bool:
             return False
     # A filter with more levels than a '#'-free pattern selects topics the pattern does not.
     return len(f_levels) == len(p_levels)
+
+
+def overlaps(a: str, b: str) -> bool:
+    """True when at least one valid topic name is selected by both (valid) filters ``a`` and ``b``.
+
+    Symmetric. Exactly: there is a non-empty topic name without wildcards that
+    ``matches(a, t)`` and ``matches(b, t)``. Level by level, two literals must be
+    equal, ``+`` meets any single level, and ``#`` meets everything from its level
+    on, including the parent (``a/#`` and ``a`` overlap on ``a``). A filter starting
+    with a wildcard never meets one whose first level is a literal starting with
+    ``$``. The empty topic is not a topic name, so ``+`` and ``/#`` do not overlap:
+    the only topic both select is the single empty level.
+
+    A subscribe deny applies on this relation: refusing only the filters a deny
+    covers would let ``a/#`` through a deny of ``a/secret/#`` and deliver its topics.
+    """
+    a_levels = a.split("/")
+    b_levels = b.split("/")
+    a_first, b_first = a_levels[0], b_levels[0]
+    if (a_first in ("+", "#") and b_first.startswith("$")) or (b_first in ("+", "#") and a_first.startswith("$")):
+        return False
+    for a_level, b_level in zip(a_levels, b_levels):
+        if a_level == "#" or b_level == "#":
+            # Both prefixes agree; the other side's remaining levels (a '+' as any level,
+            # a '#' as none) make a topic of at least one more level, never the empty one.
+            return True
+        if a_level != b_level and a_level != "+" and b_level != "+":
+            return False
+    shorter = min(len(a_levels), len(b_levels))
+    if len(a_levels) == len(b_levels):
+        return True
+    longer = a_levels if len(a_levels) > shorter else b_levels
+    if longer[shorter] != "#":
+        return False
+    # The shorter filter ends where the longer has '#': they meet on the parent, a topic of
+    # ``shorter`` levels; of one level that is empty ('+' against '/#') it is no topic name.
+    return not (shorter == 1 and "" in (a_first, b_first))

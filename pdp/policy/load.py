@@ -37,7 +37,7 @@ e = some(where (p.eft == allow)) && !some(where (p.eft == deny))
 
 [matchers]
 m = (p.type == "*" || p.type == r.dev.type) && (p.location == "*" || p.location == r.dev.location) \
-&& (p.purpose == "*" || p.purpose == r.dev.purpose) && p.act == r.act && topicMatch(r.act, r.topic, p.topic, r.dev)
+&& (p.purpose == "*" || p.purpose == r.dev.purpose) && p.act == r.act && topicMatch(r.act, r.topic, p.topic, r.dev, p.eft)
 """
 
 

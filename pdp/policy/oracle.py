@@ -8,8 +8,15 @@ topic code would agree with every bug in it. It is deliberately plain and
 slow: placeholders are bound by string substitution, and the bound pattern is
 compiled into a regular expression over the requested topic name (publish,
 receive) or over the requested filter's text, its wildcards read as symbols
-(subscribe). It also refuses invalid topics and filters by itself, so that the
-PDP's invalid-topic denials are checked too.
+(subscribe allow). A subscribe deny applies when the bound pattern and the
+filter select a common topic name: one witness topic per length is built from
+both texts and both topic-name expressions are tried on it (``overlap``). It also
+refuses invalid topics and filters by itself, so that the PDP's invalid-topic
+denials are checked too.
+
+The model passes the rule's effect to ``topicMatch`` because subscribe applies
+differently to allows (coverage) and denies (overlap); one function keeps the
+matcher one readable line, and the effect is the rule's own field.
 
 Casbin's deny-override effect reports the deciding rule only for denials, so a
 second enforcer over the same files with an allow-override effect names the
@@ -111,14 +118,52 @@ def _filter_regex(pattern: str) -> re.Pattern[str]:
     return re.compile(head + body + tail, re.DOTALL)
 
 
-def topic_match(action: str, topic: str, pattern: str, attributes: Mapping[str, str]) -> bool:
-    """Casbin's ``topicMatch``: does the rule's pattern, bound to the device, select the request?"""
+def _witness(first: list[str], second: list[str], length: int) -> str:
+    """The topic name of ``length`` levels taking each filter's literal level where it has one, else 'fresh'."""
+    chosen = []
+    for at in range(length):
+        literal = [levels[at] for levels in (first, second) if at < len(levels) and levels[at] not in ("+", "#")]
+        chosen.append(literal[0] if literal else "fresh")
+    return "/".join(chosen)
+
+
+def overlap(first: str, second: str) -> bool:
+    """Whether two valid filters select at least one common valid topic name.
+
+    Complete with one witness per length from 1 to the longer filter's level count:
+    (1) if some topic of n levels is selected by both, so is the witness of n levels:
+    where a filter has a literal level the topic has that very level, which the witness
+    takes; elsewhere both filters have '+' or are past a '#', which take 'fresh' as
+    well as any level, and at the first level 'fresh' is not a '$' level, which a
+    topic selected by two filters both starting with a wildcard is not either.
+    (2) a common topic longer than both filters means both end in '#' (without one a
+    filter selects only its own length), and cutting it to the longer filter's length
+    keeps it selected by both. A witness of one empty level is no topic name
+    (``valid_topic_name`` refuses it); a literal empty first level forced it, so no
+    other one-level topic was common either.
+    """
+    first_levels, second_levels = first.split("/"), second.split("/")
+    first_names, second_names = _name_regex(first), _name_regex(second)
+    for length in range(1, max(len(first_levels), len(second_levels)) + 1):
+        witness = _witness(first_levels, second_levels, length)
+        if valid_topic_name(witness) and first_names.fullmatch(witness) and second_names.fullmatch(witness):
+            return True
+    return False
+
+
+def topic_match(action: str, topic: str, pattern: str, attributes: Mapping[str, str], effect: str = "allow") -> bool:
+    """Casbin's ``topicMatch``: does the rule's pattern, bound to the device, select the request?
+
+    For subscribe, an allow must cover the requested filter and a deny need only overlap it.
+    """
     bound = bind(pattern, attributes)
     if bound is None:
         return False
     if action == "subscribe":
         if not valid_filter(topic):
             return False
+        if effect == "deny":
+            return overlap(bound, topic)
         # A filter of just '#' selects every non-'$' topic of one level or more, exactly as '+/#' does.
         return _filter_regex(bound).fullmatch("+/#" if topic == "#" else topic) is not None
     if not valid_topic_name(topic):
@@ -126,8 +171,8 @@ def topic_match(action: str, topic: str, pattern: str, attributes: Mapping[str, 
     return _name_regex(bound).fullmatch(topic) is not None
 
 
-def _topic_match(action: str, topic: str, pattern: str, device: Device) -> bool:
-    return topic_match(action, topic, pattern, device.attrs)
+def _topic_match(action: str, topic: str, pattern: str, device: Device, effect: str) -> bool:
+    return topic_match(action, topic, pattern, device.attrs, effect)
 
 
 class TextAdapter(Adapter):
