@@ -15,7 +15,7 @@ from pdp.core.identity import CertificateInfo
 from pdp.evidence.recorder import AssertionRecorder
 from pdp.evidence.store import AssertionStore, QueryFilters
 from pdp.evidence.writer import WriterProcess
-from pdp.registry.file import Device
+from pdp.registry.device import Device
 
 
 def _admissions(count: int) -> list[Admission]:

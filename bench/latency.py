@@ -13,7 +13,7 @@ from pdp.runtime.cache import LruCache
 from pdp.core.engine import Decision
 from pdp.core.index import PolicyIndex
 from pdp.policy.load import load_policy
-from pdp.registry.file import Device
+from pdp.registry.device import Device
 
 TYPES = [f"type{i}" for i in range(50)]
 LOCATIONS = [f"site{i}" for i in range(200)]
@@ -84,10 +84,10 @@ def _redis_l2(requests: list[tuple[Device, str, str]], redis_url: str | None) ->
     except redis.RedisError as exc:
         return {"skipped": f"Redis unreachable: {exc}"}
     key = "mqtt-pdp-bench:l2"
-    fields = {f"{d.revision}|{a}|{t}": "A|rule" for d, a, t in requests}
+    fields = {f"{d.attributes_revision}|{a}|{t}": "A|rule" for d, a, t in requests}
     client.hset(key, mapping=fields)
     try:
-        return _time(lambda d, a, t: client.hget(key, f"{d.revision}|{a}|{t}"), requests)
+        return _time(lambda d, a, t: client.hget(key, f"{d.attributes_revision}|{a}|{t}"), requests)
     finally:
         client.delete(key)
 
@@ -111,7 +111,7 @@ def run(workdir: Path, sizes: tuple[int, ...] = (10, 100, 1000, 10000), requests
         cache: LruCache[tuple[str, str, str], Decision] = LruCache(100_000)
 
         def cached(d: Device, a: str, t: str) -> Decision:
-            key = (d.revision, a, t)
+            key = (d.attributes_revision, a, t)
             hit = cache.get(key)
             if hit is None:
                 hit = index.decide(d.attrs, a, t)

@@ -22,7 +22,7 @@ from pdp.evidence.record import FIELD_NAMES, SinkError
 from pdp.evidence.recorder import AssertionRecorder
 from pdp.evidence.sinks import SpoolingSink, SqliteSink
 from pdp.evidence.store import AssertionStore, QueryFilters
-from pdp.registry.file import Device
+from pdp.registry.device import Device
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)

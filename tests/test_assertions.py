@@ -25,7 +25,7 @@ def test_every_decision_of_a_scripted_session_is_recorded(broker, connect, test_
     sensor.publish("sites/plant-a/sensor-1/nope", b"n")
     sensor.publish("sites/plant-a/sensor-1/telemetry", b"t")  # delivered, so the denied one was handled before
     assert dashboard.next_message().payload == b"t"
-    revision = broker.plugin.service.pdp.snapshot.revision
+    revision = broker.plugin.service.pdp.snapshot.snapshot_revision
     node = broker.plugin.service.node_id
     broker.stop()  # graceful: everything captured is flushed
     records = records_of(policy_dir.parent / "assertions.db")

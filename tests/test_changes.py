@@ -74,7 +74,7 @@ def test_no_decision_after_revocation_uses_the_old_attributes(make_broker, polic
     suspended = [(d, t, loc, "suspended") for d, t, loc, _ in sensors]
     (policy_dir / "devices.yaml").write_text(registry_yaml(DEVICES + suspended))
     broker.wait_reload(attempts)
-    new_revision = broker.plugin.service.pdp.revision
+    new_revision = broker.plugin.service.pdp.snapshot_revision
     try:
         for client in clients:
             assert client.closed_by_peer(), "a suspended device's connection stayed open"

@@ -174,7 +174,7 @@ def test_second_connection_of_a_client_id_supersedes_the_first(world: World) -> 
     old = world.admitted("sensor-1")
     new, actions = world.connect("sensor-1")
     assert actions == [Disconnect(old, "sensor-1", "superseded by a new connection of the same client id"),
-                       Admitted(new, actions[1].admission, world.pdp.revision)]
+                       Admitted(new, actions[1].admission, world.pdp.snapshot_revision)]
     stale = world.verdict(PublishReceived(old, "sites/plant-a/sensor-1/telemetry"))
     assert (stale.allowed, stale.decision.reason) == (False, "superseded by a new connection of the same client id")
     assert world.verdict(PublishReceived(new, "sites/plant-a/sensor-1/telemetry")).allowed

@@ -22,7 +22,7 @@ from pdp.core.engine import ACTIONS, Decision, Rule, decide
 from pdp.core.topics import TopicError, validate_filter, validate_topic
 from pdp.policy.load import load_policy
 from pdp.policy.oracle import topic_match
-from pdp.registry.file import Device
+from pdp.registry.device import Device
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE_IDS = ["d0", "d1", "d2", "d3"]

@@ -46,14 +46,14 @@ def l2_hash_key(broker: BrokerThread, device_id: str) -> str:
     snapshot = service.pdp.snapshot
     device = snapshot.registry.lookup(device_id)
     assert device is not None and service.l2 is not None
-    return service.l2.key(snapshot.policy.revision, device.revision)
+    return service.l2.key(snapshot.policy.revision, device.attributes_revision)
 
 
 def l1_has(broker: BrokerThread, device_id: str, action: str, topic: str) -> bool:
     snapshot = broker.plugin.service.pdp.snapshot
     device = snapshot.registry.lookup(device_id)
     assert device is not None
-    return broker.run(lambda: (device.revision, action, topic) in snapshot.l1)
+    return broker.run(lambda: (device.attributes_revision, action, topic) in snapshot.l1)
 
 
 def connect(broker: BrokerThread, test_pki: TestPki, device: str, clients: list[Client]) -> Client:

@@ -84,12 +84,12 @@ def session_log(make_broker, test_pki, policy_dir):
         a.publish(TELEMETRY, b"t")
         assert dashboard.next_message().topic == TELEMETRY
         b.publish(DEBUG, b"denied")
-        rev1 = broker.plugin.service.pdp.snapshot.revision
+        rev1 = broker.plugin.service.pdp.snapshot.snapshot_revision
         attempts = broker.plugin.service.reload_attempts
         policy = policy_dir / "policy.csv"
         policy.write_text(policy.read_text() + "p, sensor-debug, sensor, *, *, sites/{location}/{device_id}/debug, publish, allow\n")
         broker.wait_reload(attempts)
-        rev2 = broker.plugin.service.pdp.snapshot.revision
+        rev2 = broker.plugin.service.pdp.snapshot.snapshot_revision
         assert rev2 != rev1
         b.publish(DEBUG, b"allowed")
         assert dashboard.next_message().payload == b"allowed"

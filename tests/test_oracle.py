@@ -361,7 +361,7 @@ def test_verification_sees_l1_hits_and_warmed_entries(tmp_path: Path) -> None:
     point.warm(point.snapshot, device, {("publish", "other/x"): decision_for(True, "pub-sites")})  # a bad L2 entry
     assert point.lookup(device, "publish", "other/x")[1] == "l1"
     assert point.casbin_mismatches == 1
-    point.snapshot.l1.put((device.revision, "publish", "sites/a"), decision_for(False, None))  # a corrupted L1 entry
+    point.snapshot.l1.put((device.attributes_revision, "publish", "sites/a"), decision_for(False, None))  # a corrupted L1 entry
     assert point.lookup(device, "publish", "sites/a")[0].allowed is False
     assert point.casbin_mismatches == 2
 

@@ -42,10 +42,10 @@ def test_broken_policy_rejected_old_policy_stays(broker, connect, policy_dir, ba
     policy = policy_dir / "policy.csv"
     good = policy.read_text()
     assert len(good.splitlines()) == 20
-    revision = broker.plugin.service.pdp.snapshot.revision
+    revision = broker.plugin.service.pdp.snapshot.snapshot_revision
     edit(broker, policy, good + bad_line + "\n")
     assert message in (broker.plugin.service.pdp.last_error or "")
-    assert broker.plugin.service.pdp.snapshot.revision == revision
+    assert broker.plugin.service.pdp.snapshot.snapshot_revision == revision
     sensor.publish("sites/plant-a/sensor-1/telemetry", b"old policy in force")
     assert dashboard.next_message().payload == b"old policy in force"
 

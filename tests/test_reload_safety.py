@@ -110,7 +110,7 @@ def test_policy_and_registry_written_together_are_never_applied_mixed(
         intended.add(".".join(pair))
         write_together({str(policy_dir / "policy.csv"): policy.encode(),
                         str(policy_dir / "devices.yaml"): registry.encode()}, pause_between_renames=0.1)
-        wait_for(lambda: broker.plugin.service.pdp.revision == ".".join(pair), f"pair {n} applied")
+        wait_for(lambda: broker.plugin.service.pdp.snapshot_revision == ".".join(pair), f"pair {n} applied")
     applied = {revision for revision, _, _ in _reloads(caplog)}
     assert applied <= intended and len(applied) == 2
 
@@ -138,7 +138,7 @@ def test_apply_command_validates_then_replaces_both(make_broker, test_pki: TestP
     assert done.stdout.splitlines() == [
         f"applied: {policy_dir / 'policy.csv'}", f"applied: {policy_dir / 'devices.yaml'}",
         f"revision {revision}.{parse_registry(registry, 'r').revision}: 20 rules, 12 devices"]
-    wait_for(lambda: broker.plugin.service.pdp.revision.startswith(revision), "the applied pair in force")
+    wait_for(lambda: broker.plugin.service.pdp.snapshot_revision.startswith(revision), "the applied pair in force")
 
 
 # -- certificate revocation lists and expiry --------------------------------------------------------------

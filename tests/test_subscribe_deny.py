@@ -15,7 +15,7 @@ import pytest
 from pdp.core.engine import decide, decision_for
 from pdp.core.index import PolicyIndex
 from pdp.policy.load import load_policy
-from pdp.registry.file import Device
+from pdp.registry.device import Device
 from tests.support import BrokerThread, Client
 from tests.test_engine_vs_casbin import ROOT
 

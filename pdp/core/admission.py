@@ -19,7 +19,7 @@ from pdp.core.identity import (
     identity_from_der,
 )
 from pdp.core.topics import TopicError, level_value_problem, validate_topic
-from pdp.registry.file import Device, Registry
+from pdp.registry.device import Device, Registry
 
 ADMITTED = "identity verified"
 Decider = Callable[[Device, str, str], Decision]

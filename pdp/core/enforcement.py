@@ -38,7 +38,7 @@ from typing import Literal, Protocol
 
 from pdp.core.admission import Admission, ConnectRequest
 from pdp.core.engine import Decision
-from pdp.registry.file import Device
+from pdp.registry.device import Device
 
 ConnId = int
 Origin = Literal["live", "retained", "queued"]
@@ -62,7 +62,7 @@ class Authority(Protocol):
         ...
 
     @property
-    def revision(self) -> str: ...
+    def snapshot_revision(self) -> str: ...
 
 
 # -- events ---------------------------------------------------------------------------
@@ -133,14 +133,14 @@ Event = (ConnectRequested | SubscribeRequested | Unsubscribed | PublishReceived 
 class Admitted:
     conn: ConnId
     admission: Admission
-    revision: str
+    snapshot_revision: str
 
 
 @dataclass(frozen=True, slots=True)
 class Refused:
     conn: ConnId
     admission: Admission
-    revision: str
+    snapshot_revision: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +152,7 @@ class Verdict:
     topic: str
     decision: Decision
     tier: str
-    revision: str
+    snapshot_revision: str
 
     @property
     def allowed(self) -> bool:
@@ -247,7 +247,7 @@ class Enforcer:
         state = self._connections.get(conn)
         if state is None or state.revoked is not None or state.admission.device is None:
             reason = state.revoked if state is not None and state.revoked else "connection not admitted"
-            return Verdict(conn, action, topic, Decision(False, None, reason), SESSION_TIER, self.authority.revision)
+            return Verdict(conn, action, topic, Decision(False, None, reason), SESSION_TIER, self.authority.snapshot_revision)
         decision, tier, revision = self.authority.lookup(state.admission.device, action, topic)
         return Verdict(conn, action, topic, decision, tier, revision)
 
@@ -255,7 +255,7 @@ class Enforcer:
 
     def _connect(self, event: ConnectRequested) -> list[Action]:
         admission = self.authority.admit(event.request, event.now)
-        revision = self.authority.revision
+        revision = self.authority.snapshot_revision
         if not admission.allowed:
             return [Refused(event.conn, admission, revision)]
         client_id = event.request.client_id
@@ -299,7 +299,7 @@ class Enforcer:
             refusal = self._retained_source_problem(event.publisher, event.topic)
             if refusal is not None:
                 return [Verdict(event.conn, "receive", event.topic, Decision(False, None, refusal), PUBLISHER_TIER,
-                                self.authority.revision)]
+                                self.authority.snapshot_revision)]
         return [self.verdict(event.conn, "receive", event.topic)]
 
     def _retained_source_problem(self, publisher_id: str, topic: str) -> str | None:

@@ -34,7 +34,7 @@ import casbin
 from casbin.persist import Adapter, load_policy_line
 
 from pdp.core.engine import Decision, decision_for
-from pdp.registry.file import Device
+from pdp.registry.device import Device
 
 FIRST_ALLOW_EFFECT = "some(where (p.eft == allow))"
 

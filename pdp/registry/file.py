@@ -12,64 +12,21 @@ import logging
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from pathlib import Path
-from types import MappingProxyType
-from typing import Protocol
 
 import yaml
 
 from pdp.errors import SourceError
 from pdp.core.identity import normalize_fingerprint
 from pdp.core.topics import level_value_problem
+from pdp.registry.device import ATTRIBUTE_FIELDS, STATUSES, Device
 
 log = logging.getLogger(__name__)
 
-STATUSES: tuple[str, ...] = ("provisioned", "active", "suspended", "retired")
-ATTRIBUTE_FIELDS: tuple[str, ...] = ("type", "location", "purpose", "owner")
 _STATUS = {status: status for status in STATUSES}
 _NO_FINGERPRINTS: frozenset[str] = frozenset()
 _KNOWN_FIELDS = frozenset({"id", "status", "fingerprints", *ATTRIBUTE_FIELDS})
-
-
-@dataclass(frozen=True)
-class Device:
-    device_id: str
-    type: str
-    location: str
-    purpose: str
-    owner: str
-    status: str
-    fingerprints: frozenset[str] = field(default_factory=frozenset)
-
-    @cached_property
-    def attrs(self) -> Mapping[str, str]:
-        """The values placeholders bind to; computed once, decisions read it per message."""
-        return MappingProxyType({
-            "device_id": self.device_id,
-            "type": self.type,
-            "location": self.location,
-            "purpose": self.purpose,
-            "owner": self.owner,
-        })
-
-    def attributes(self) -> dict[str, str]:
-        return dict(self.attrs)
-
-    @cached_property
-    def revision(self) -> str:
-        """Changes whenever anything a decision or admission depends on changes; part of cache keys."""
-        text = "\0".join([*self.attrs.values(), self.status, *sorted(self.fingerprints)])
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-class Registry(Protocol):
-    """What the PDP needs from a registry; a Redis-backed one implements the same two members."""
-
-    @property
-    def revision(self) -> str: ...
-
-    def lookup(self, device_id: str) -> Device | None: ...
 
 
 @dataclass(frozen=True)

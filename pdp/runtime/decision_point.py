@@ -30,14 +30,15 @@ from pdp.errors import SourceError
 from pdp.core.index import PolicyIndex
 from pdp.core.crl import NO_REVOCATIONS, RevocationList, parse_crls
 from pdp.policy.load import Policy, decode, parse_policy
-from pdp.registry.file import Device, FileRegistry, parse_registry
+from pdp.registry.device import Device
+from pdp.registry.file import FileRegistry, parse_registry
 from pdp.runtime.sources import FileSignature, read_stable, signature
 from pdp.core.topics import TopicError, validate_filter, validate_topic
 
 log = logging.getLogger(__name__)
 
 # Told about each decision the compiled index computed (not L1 hits): policy revision, device, action, topic, decision.
-Recorder = Callable[[str, Device, str, str, Decision], None]
+ComputedHook = Callable[[str, Device, str, str, Decision], None]
 START_READ_ATTEMPTS = 40  # at start, wait this many settle intervals for files being written
 
 
@@ -71,7 +72,7 @@ class Snapshot:
     crl: RevocationList = NO_REVOCATIONS
 
     @property
-    def revision(self) -> str:
+    def snapshot_revision(self) -> str:
         base = f"{self.policy.revision}.{self.registry.revision}"
         return f"{base}.{self.crl.revision}" if self.crl.revision else base
 
@@ -137,7 +138,7 @@ class DecisionPoint:
                                  parts.get("crl", NO_REVOCATIONS))
         self.casbin_mismatches = 0
         self.errors: dict[str, str] = {}  # source -> why its newest version was rejected
-        self.recorder: Recorder | None = None
+        self.on_computed: ComputedHook | None = None  # e.g. L2 write-behind
         self._load_seconds = 0.0
         if settings.verify_with_casbin:
             self.lookup = self._verified_lookup  # type: ignore[method-assign]
@@ -153,21 +154,21 @@ class DecisionPoint:
     def lookup(self, device: Device, action: str, topic: str) -> tuple[Decision, str, str]:
         """The decision, the tier that answered it (``l1``: cached, ``index``: compiled policy) and the revision."""
         snap = self.snapshot
-        key = (device.revision, action, topic)
+        key = (device.attributes_revision, action, topic)
         decision = snap.l1.get(key)
         if decision is not None:
-            return decision, "l1", snap.revision
+            return decision, "l1", snap.snapshot_revision
         try:
             (validate_filter if action == "subscribe" else validate_topic)(topic)
         except TopicError as exc:  # never reaches the rules, so no pattern can grant it
             decision = Decision(False, None, f"invalid {'filter' if action == 'subscribe' else 'topic'}: {exc}")
             snap.l1.put(key, decision)
-            return decision, "index", snap.revision
+            return decision, "index", snap.snapshot_revision
         decision = snap.index.decide(device.attrs, action, topic)
         snap.l1.put(key, decision)
-        if self.recorder is not None:
-            self.recorder(snap.policy.revision, device, action, topic, decision)
-        return decision, "index", snap.revision
+        if self.on_computed is not None:
+            self.on_computed(snap.policy.revision, device, action, topic, decision)
+        return decision, "index", snap.snapshot_revision
 
     def _verified_lookup(self, device: Device, action: str, topic: str) -> tuple[Decision, str, str]:
         """``lookup``, then Casbin on whatever it returned: index decisions, L1 hits (warmed ones too) and
@@ -177,8 +178,8 @@ class DecisionPoint:
         """
         before = self.snapshot
         decision, tier, revision = DecisionPoint.lookup(self, device, action, topic)
-        snap = before if before.revision == revision else self.snapshot
-        if snap.revision != revision:  # reloaded twice meanwhile: the deciding policy is gone
+        snap = before if before.snapshot_revision == revision else self.snapshot
+        if snap.snapshot_revision != revision:  # reloaded twice meanwhile: the deciding policy is gone
             return decision, tier, revision
         reference = snap.policy.reference.decide(device, action, topic)
         if (reference.allowed, reference.rule_id) != (decision.allowed, decision.rule_id):
@@ -191,7 +192,7 @@ class DecisionPoint:
         """Put decisions taken elsewhere (L2) into L1, if ``snapshot`` is still the current one."""
         if self.snapshot is snapshot:
             for (action, topic), decision in entries.items():
-                snapshot.l1.put((device.revision, action, topic), decision)
+                snapshot.l1.put((device.attributes_revision, action, topic), decision)
 
     def revocation_reason(self, admission: Admission) -> str | None:
         """Why a session admitted earlier may no longer stay connected under the current snapshot."""
@@ -214,8 +215,8 @@ class DecisionPoint:
         return self.snapshot.registry.lookup(device_id)
 
     @property
-    def revision(self) -> str:
-        return self.snapshot.revision
+    def snapshot_revision(self) -> str:
+        return self.snapshot.snapshot_revision
 
     @property
     def last_error(self) -> str | None:
@@ -266,7 +267,7 @@ class DecisionPoint:
     def swap(self, snapshot: Snapshot) -> None:
         """Put a loaded snapshot in force; the caller re-judges live sessions in the same synchronous step."""
         self.snapshot = snapshot
-        log.info("policy reloaded: revision %s (%d rules, %d devices) in %.3f s", snapshot.revision,
+        log.info("policy reloaded: revision %s (%d rules, %d devices) in %.3f s", snapshot.snapshot_revision,
                  len(snapshot.policy.rules), len(snapshot.registry), self._load_seconds)
 
 

@@ -45,7 +45,7 @@ from pdp.core.enforcement import (
 from pdp.core.engine import Decision
 from pdp.evidence.recorder import AssertionRecorder
 from pdp.evidence.writer import WriterProcess
-from pdp.registry.file import Device
+from pdp.registry.device import Device
 from pdp.runtime.bus import InvalidationBus
 from pdp.runtime.cache import RedisDecisionCache, load_l2_key
 from pdp.runtime.decision_point import DecisionPoint, Snapshot
@@ -134,7 +134,7 @@ class AuthorizationService:
         admission: Admission = outcome.admission  # type: ignore[union-attr]
         self._peers[conn] = (request.client_id, peer)
         if self.recorder is not None:
-            self.recorder.connect(admission, request.client_id, peer, self.pdp.revision)
+            self.recorder.connect(admission, request.client_id, peer, self.pdp.snapshot_revision)
         if admission.allowed and admission.device is not None and self.l2 is not None:
             self._spawn(self._warm(admission.device))
         cert = admission.identity.certificate if admission.identity else admission.certificate
@@ -159,7 +159,7 @@ class AuthorizationService:
         if self.recorder is not None:
             peer = self._peers.get(action.conn, (None, None))[1]
             self.recorder.decision(self.enforcer.admission_of(action.conn), action.client_id, peer, "disconnect",
-                                   None, Decision(False, None, action.reason), None, 0, self.pdp.revision)
+                                   None, Decision(False, None, action.reason), None, 0, self.pdp.snapshot_revision)
 
     def unsubscribed(self, conn: ConnId, topic_filter: str) -> None:
         self.enforcer.handle(Unsubscribed(conn, topic_filter))
@@ -176,7 +176,7 @@ class AuthorizationService:
         if self.recorder is not None:
             client_id, peer = self._peers.get(conn, (None, None))
             self.recorder.decision(self.enforcer.admission_of(conn), client_id, peer, verdict.action, topic,
-                                   verdict.decision, verdict.tier, perf_counter_ns() - start, verdict.revision)
+                                   verdict.decision, verdict.tier, perf_counter_ns() - start, verdict.snapshot_revision)
         if not verdict.allowed and action != "receive":
             log.info("%s %s %s denied: %s", self._peers.get(conn, (None,))[0], verdict.action, topic,
                      verdict.decision.reason)
@@ -201,8 +201,8 @@ class AuthorizationService:
             self._spawn(prune_forever(cfg.assertion_db, cfg.retention_days))
         if self.l2 is not None:
             l2 = self.l2
-            self.pdp.recorder = lambda rev, device, action, topic, decision: l2.record(
-                rev, device.revision, action, topic, decision)
+            self.pdp.on_computed = lambda rev, device, action, topic, decision: l2.record(
+                rev, device.attributes_revision, action, topic, decision)
             self._spawn(self.l2.run())
         if self.bus is not None:
             self._spawn(self.bus.run())
@@ -226,7 +226,7 @@ class AuthorizationService:
                     revocations = self.enforcer.handle(SnapshotSwapped())
                     await self._carry_out(revocations)
                     if announce and self.bus is not None:
-                        await self.bus.publish({"type": "reload", "revision": self.pdp.revision})
+                        await self.bus.publish({"type": "reload", "revision": self.pdp.snapshot_revision})
             except Exception:  # the watcher must outlive any single bad reload
                 log.exception("policy reload failed")
                 result = False
@@ -281,7 +281,7 @@ class AuthorizationService:
                     peer = self._peers.get(action.conn, (None, None))[1]
                     self.recorder.decision(self.enforcer.admission_of(action.conn), action.client_id, peer,
                                            "unsubscribe", action.topic_filter, Decision(False, None, action.reason),
-                                           None, 0, self.pdp.revision)
+                                           None, 0, self.pdp.snapshot_revision)
                 ending.append(action)
         if self.closer is not None and ending:
             closer = self.closer
@@ -295,15 +295,15 @@ class AuthorizationService:
         if result:
             self.remote_reloads += 1
         revision = event.get("revision")
-        if result is None and revision and revision != self.pdp.revision:
+        if result is None and revision and revision != self.pdp.snapshot_revision:
             log.warning("node %s announced revision %s but this node's files give %s; do the brokers share "
-                        "the policy files?", event.get("node"), revision, self.pdp.revision)
+                        "the policy files?", event.get("node"), revision, self.pdp.snapshot_revision)
 
     async def _warm(self, device: Device) -> None:
         """Fill L1 with what any broker already decided for this device under the current policy."""
         assert self.l2 is not None
         snapshot = self.pdp.snapshot
-        entries = await self.l2.fetch(snapshot.policy.revision, snapshot.policy.rules, device.revision, device.attrs)
+        entries = await self.l2.fetch(snapshot.policy.revision, snapshot.policy.rules, device.attributes_revision, device.attrs)
         self.pdp.warm(snapshot, device, entries)
 
     async def close(self) -> None:
