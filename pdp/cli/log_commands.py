@@ -13,6 +13,7 @@ from typing import Any, TextIO
 
 from pdp.evidence.record import FIELD_NAMES, AssertionRecord
 from pdp.evidence.store import AssertionStore, QueryFilters
+from pdp.evidence.text import safe_text
 
 DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -80,12 +81,24 @@ def add_arguments(sub: Any) -> None:
                            description="Verify the hash chains. Exit status 1 if any chain is broken.")
     store_args(v)
     v.add_argument("--node", help="only this broker node")
+    v.add_argument("--anchors", help="directory of signed heads (the broker's anchor_dir): also catch rewritten "
+                                     "and recomputed chains, deleted newest or oldest records and deleted nodes")
+    v.add_argument("--public-key", help="the signing key's public half (from mqtt-pdp log keygen); needs --anchors")
     v.set_defaults(log_func=cmd_verify)
+
+    k = log_sub.add_parser("keygen", help="create the Ed25519 key pair that signs chain heads (anchor_key_file)",
+                           description="Write a new private key (mode 0600) and FILE.pub next to it. The broker signs "
+                                       "with the private key; give verifiers only the .pub file.")
+    k.add_argument("--out", required=True, help="private key file to create (never overwritten)")
+    k.set_defaults(log_func=cmd_keygen)
 
     p = log_sub.add_parser("prune", help="delete records older than a given age (retention)",
                            description="Delete records older than --older-than; the chain keeps a checkpoint so verify still works.")
     store_args(p)
     p.add_argument("--older-than", required=True, help="age, e.g. 90d")
+    p.add_argument("--key", help="sign the checkpoints (default: anchor_key_file of the broker config); without a "
+                                 "signed checkpoint, verify --anchors reports the pruned records as deleted")
+    p.add_argument("--anchors", help="where the signed checkpoints go (default: anchor_dir of the broker config)")
     p.set_defaults(log_func=cmd_prune)
 
     d = log_sub.add_parser("drain", help="move records from the shared Redis Stream into the database",
@@ -216,28 +229,82 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    anchors = None
+    if args.anchors or args.public_key:
+        if not (args.anchors and args.public_key):
+            raise LogCliError("--anchors and --public-key go together")
+        from pdp.evidence.anchor import AnchorError, load_public_key, read_anchors
+
+        try:
+            anchors = read_anchors(args.anchors, load_public_key(args.public_key))
+        except AnchorError as exc:
+            raise LogCliError(str(exc)) from None
     store = _open(args)
-    reports = store.verify(args.node)
+    reports = store.verify(args.node, anchors)
+    broken = 0
+    for problem in anchors.problems if anchors else []:
+        broken += 1
+        print(f"BROKEN: anchors: {safe_text(problem)}")
     if not reports:
         print("no records")
-        return 0
-    broken = 0
     for report in reports:
         if report.problem is None:
-            print(f"ok: node {report.node}: {report.checked} records, chain intact")
+            line = f"ok: node {safe_text(report.node)}: {report.checked} records, chain intact"
+            if anchors is not None and report.anchored_seq is not None:
+                unpinned = _after(store, report)
+                line += (f", matches {report.anchored} signed heads up to {safe_text(report.node)}:"
+                         f"{report.anchored_seq}")
+                if unpinned:
+                    line += f" ({unpinned} newer records not signed yet)"
+            print(line)
         else:
             broken += 1
-            print(f"BROKEN: node {report.node}: {report.problem} (after {report.checked} good records)")
+            for problem, _ in report.problems:
+                print(f"BROKEN: node {safe_text(report.node)}: {safe_text(problem)}")
+    if not args.node:
+        for problem in store.check_identities():
+            broken += 1
+            print(f"BROKEN: {safe_text(problem)}")
     return 1 if broken else 0
+
+
+def _after(store: AssertionStore, report: Any) -> int:
+    """Records of the node after its newest signed head: what a database writer could still cut unnoticed."""
+    return int(store.db.execute("SELECT count(*) FROM records WHERE node = ? AND seq > ?",
+                                (report.node, report.anchored_seq)).fetchone()[0])
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pdp.evidence.anchor import AnchorError, generate_key
+
+    try:
+        public = generate_key(Path(args.out))
+    except AnchorError as exc:
+        raise LogCliError(str(exc)) from None
+    print(f"wrote {args.out} (private: anchor_key_file of the broker, readable by it only) and {public} "
+          "(public: for mqtt-pdp log verify --public-key)")
+    return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     match = DURATION_RE.match(args.older_than.strip())
     if not match:
         raise LogCliError(f"--older-than {args.older_than!r}: use an age such as 90d or 12h")
+    signer = None
+    key = args.key or (_settings(args).get("anchor_key_file") if args.config else None)
+    if key:
+        from pdp.evidence.anchor import AnchorError, prune_signer
+
+        directory = args.anchors or _settings(args).get("anchor_dir") or "var/anchors"
+        try:
+            signer = prune_signer(key, directory)
+        except AnchorError as exc:
+            raise LogCliError(str(exc)) from None
     store = _open(args, readonly=False)
-    removed = store.prune(parse_time(args.older_than))
-    print(f"pruned {removed} records older than {args.older_than}")
+    removed = store.prune(parse_time(args.older_than), signer)
+    print(f"pruned {removed} records older than {args.older_than}" + (" (checkpoints signed)" if signer and removed else ""))
     return 0
 
 

@@ -27,6 +27,9 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
+import redis
+
+from pdp.evidence.anchor import Anchorer, AnchorError
 from pdp.evidence.chain import ChainWriter
 from pdp.evidence.record import Row, SessionFields, SinkError
 from pdp.evidence.sinks import JsonLinesSink, RedisStreamSink, SpoolingSink, SqliteSink
@@ -67,7 +70,20 @@ def build_writer(settings: dict[str, Any]) -> ChainWriter:
     if not sinks:
         sinks.append(JsonLinesSink(spool, settings["node"]))
         log.warning("no assertion_db and no assertion_stream: assertion records go to %s only", sinks[0].path)
-    return ChainWriter(settings["node"], sinks, spool)
+    return ChainWriter(settings["node"], sinks, spool, build_anchorer(settings))
+
+
+def build_anchorer(settings: dict[str, Any]) -> Anchorer | None:
+    """Signed heads when ``anchor_key_file`` is set: to ``anchor_dir`` and, with a stream, to ``<prefix>:anchors``."""
+    if not settings.get("anchor_key_file"):
+        return None
+    publish = None
+    if settings.get("stream_url"):
+        client = redis.Redis.from_url(settings["stream_url"], socket_timeout=2, socket_connect_timeout=1)
+        stream = f"{settings['stream_prefix']}:anchors"
+        publish = lambda line: client.xadd(stream, {"h": line})  # noqa: E731
+    return Anchorer(settings["node"], settings["anchor_key_file"], settings.get("anchor_dir") or "var/anchors",
+                    int(settings.get("anchor_every", 1000)), float(settings.get("anchor_interval", 5.0)), publish)
 
 
 def main() -> int:
@@ -79,13 +95,14 @@ def main() -> int:
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     try:
         writer = build_writer(settings)
-    except (SinkError, OSError) as exc:
+    except (SinkError, AnchorError, OSError) as exc:
         send(out, ("error", str(exc)))
         return 1
     send(out, ("ready",))
     try:
         while True:
             readable, _, _ = select.select([inp], [], [], 0.5)
+            writer.tick()
             if not readable:
                 writer.idle()
                 continue

@@ -41,6 +41,7 @@ from pdp.core.enforcement import (
     WillDue,
 )
 from pdp.core.engine import Decision
+from pdp.evidence.anchor import prune_signer
 from pdp.evidence.recorder import AssertionRecorder
 from pdp.evidence.writer import WriterProcess
 from pdp.registry.file import Device
@@ -114,6 +115,8 @@ class AuthorizationService:
         writer = WriterProcess({
             "node": self.node_id, "spool_dir": cfg.spool_dir, "assertion_db": cfg.assertion_db,
             "stream_url": cfg.redis_url if cfg.assertion_stream else "", "stream_prefix": cfg.redis_prefix,
+            "anchor_key_file": cfg.anchor_key_file, "anchor_dir": cfg.anchor_dir, "anchor_every": cfg.anchor_every,
+            "anchor_interval": cfg.anchor_interval,
         })
         return AssertionRecorder(writer)
 
@@ -194,7 +197,8 @@ class AuthorizationService:
         if self.recorder is not None:
             self.recorder.start()
         if self.recorder is not None and cfg.retention_days > 0 and cfg.assertion_db:
-            self._spawn(prune_forever(cfg.assertion_db, cfg.retention_days))
+            signer = prune_signer(cfg.anchor_key_file, cfg.anchor_dir) if cfg.anchor_key_file else None
+            self._spawn(prune_forever(cfg.assertion_db, cfg.retention_days, sign_checkpoint=signer))
         if self.l2 is not None:
             l2 = self.l2
             self.pdp.recorder = lambda rev, device, action, topic, decision: l2.record(

@@ -40,6 +40,11 @@ class ServiceSettings:
     assertion_stream: bool = False  # also append to a Redis Stream (needs redis_url)
     spool_dir: str = "var/spool"
     retention_days: float = 0  # prune the SQLite store of records older than this; 0 keeps everything
+    # Signed chain heads outside the database (mqtt-pdp log keygen; verify with --anchors and --public-key).
+    anchor_key_file: str = ""  # Ed25519 private key; "" signs nothing
+    anchor_dir: str = "var/anchors"  # <node>.heads, append-only, one signed head per line
+    anchor_every: int = 1000  # sign after this many records...
+    anchor_interval: float = 5.0  # ...or this many seconds after the first unsigned one, whichever comes first
 
     def pdp_settings(self) -> PdpSettings:
         if self.reload_interval <= 0:
