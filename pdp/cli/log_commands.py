@@ -331,11 +331,15 @@ def cmd_drain(args: argparse.Namespace) -> int:
                 moved = 0
             if moved or not args.follow:
                 print(f"drained {moved} records into {store.path}")
+            if store.forked:
+                print(f"mqtt-pdp: error: {store.forked} records fork from the chain already stored for node(s) "
+                      f"{', '.join(safe_text(n) for n in sorted(store.forked_nodes))} (two brokers recorded under one "
+                      "node id); not merged: kept in the conflicts table, which log verify reports", file=sys.stderr)
             if not args.follow:
-                return 0
+                return 1 if store.forked else 0
             time.sleep(0.5)
     except KeyboardInterrupt:
-        return 0
+        return 1 if store.forked else 0
     finally:
         store.close()
 

@@ -116,6 +116,8 @@ def _topic_prefix(topic_filter: str) -> str:
 class AssertionStore:
     def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         self.path = str(path)
+        self.forked = 0  # records a drain refused to merge into their node's chain (kept as conflicts)
+        self.forked_nodes: set[str] = set()
         if readonly:
             if not Path(self.path).exists():
                 raise FileNotFoundError(f"no assertion database at {self.path}")
@@ -142,6 +144,48 @@ class AssertionStore:
             self._keep_conflicts(records)
         identities = {(r.device_id or "", r.client_id or "", r.fingerprint or "") for r in records}
         self.db.executemany("INSERT OR IGNORE INTO identities VALUES (?, ?, ?)", identities)
+        return inserted
+
+    def _insert_linked(self, records: Sequence[AssertionRecord]) -> int:
+        accepted: list[AssertionRecord] = []
+        forked: list[AssertionRecord] = []
+        kept: dict[tuple[str, int], str] = {}  # this batch's accepted records
+        forked_hashes: set[tuple[str, str]] = set()
+        run = self.db.execute
+        for record in records:
+            node, seq = record.node, record.seq
+            same = kept.get((node, seq))
+            row = (same,) if same is not None else run("SELECT hash FROM records WHERE node = ? AND seq = ?",
+                                                       (node, seq)).fetchone()
+            if row is not None:
+                if row[0] != record.hash:
+                    forked.append(record)
+                    forked_hashes.add((node, record.hash))
+                continue  # an exact duplicate: drained before
+            if (node, record.prev_hash) in forked_hashes or run(
+                    "SELECT 1 FROM conflicts WHERE node = ? AND seq = ? AND hash = ?",
+                    (node, seq - 1, record.prev_hash)).fetchone():
+                forked.append(record)  # follows a record of the other chain
+                forked_hashes.add((node, record.hash))
+                continue
+            before = kept.get((node, seq - 1))
+            if before is None:
+                found = run("SELECT hash FROM records WHERE node = ? AND seq = ?", (node, seq - 1)).fetchone()
+                before = found[0] if found else None
+            if before is not None and before != record.prev_hash:
+                forked.append(record)
+                forked_hashes.add((node, record.hash))
+                continue
+            accepted.append(record)
+            kept[(node, seq)] = record.hash
+        inserted = self._insert(accepted)
+        if forked:
+            self.db.executemany(_INSERT_CONFLICT, forked)
+            self.forked += len(forked)
+            self.forked_nodes.update(r.node for r in forked)
+            log.critical("%s: %d records fork from the chain stored for their node (first %s): two brokers wrote "
+                         "under one node id? Not merged: kept in the conflicts table", self.path, len(forked),
+                         forked[0].record_id)
         return inserted
 
     def _keep_conflicts(self, records: Sequence[AssertionRecord]) -> None:
@@ -189,10 +233,15 @@ class AssertionStore:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
-    def insert_with_meta(self, records: Sequence[AssertionRecord], key: str, value: str) -> int:
-        """Records and a position (e.g. of a drained stream) in one transaction."""
+    def insert_with_meta(self, records: Sequence[AssertionRecord], key: str, value: str,
+                         linked: bool = False) -> int:
+        """Records and a position (e.g. of a drained stream) in one transaction.
+
+        ``linked`` (drain): a record goes in only if it extends the chain stored for its node; one that forks
+        from it (two brokers that wrote under one node id) goes to ``conflicts`` with all that follows it.
+        """
         with self.db:
-            inserted = self._insert(records)
+            inserted = self._insert_linked(records) if linked else self._insert(records)
             self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
             return inserted
 

@@ -31,6 +31,7 @@ import redis
 
 from pdp.evidence.anchor import Anchorer, AnchorError
 from pdp.evidence.chain import ChainWriter
+from pdp.evidence.node import NodeClaim, claim_token
 from pdp.evidence.record import Row, SessionFields, SinkError
 from pdp.evidence.sinks import JsonLinesSink, RedisStreamSink, SpoolingSink, SqliteSink
 
@@ -93,8 +94,17 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = json.loads(sys.argv[1])
     inp, out = sys.stdin.buffer, sys.stdout.buffer
+    claim = None
     try:
         writer = build_writer(settings)
+        if settings.get("claim_url"):  # after the chain's local lock: a second local broker gets that message
+            claim = NodeClaim(settings["claim_url"], settings["claim_prefix"], settings["node"],
+                              claim_token(settings["spool_dir"], settings["node"]))
+            try:
+                claim.acquire()
+            except SinkError:
+                writer.close()
+                raise
     except (SinkError, AnchorError, OSError) as exc:
         send(out, ("error", str(exc)))
         return 1
@@ -103,6 +113,8 @@ def main() -> int:
         while True:
             readable, _, _ = select.select([inp], [], [], 0.5)
             writer.tick()
+            if claim is not None:
+                claim.tick()
             if not readable:
                 writer.idle()
                 continue
@@ -128,6 +140,8 @@ def main() -> int:
             writer.close()
         except Exception:  # already closed, or closing after a failure: nothing more to do
             pass
+        if claim is not None:
+            claim.release()
 
 
 class WriterProcess:

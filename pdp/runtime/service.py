@@ -12,7 +12,6 @@ import asyncio
 import itertools
 import logging
 import os
-import socket
 import threading
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -42,6 +41,7 @@ from pdp.core.enforcement import (
 )
 from pdp.core.engine import Decision
 from pdp.evidence.anchor import prune_signer
+from pdp.evidence.node import default_node_id
 from pdp.evidence.recorder import AssertionRecorder
 from pdp.evidence.writer import WriterProcess
 from pdp.registry.file import Device
@@ -84,7 +84,7 @@ class AuthorizationService:
         self._peers: dict[ConnId, tuple[str | None, str | None]] = {}  # client id and peer, for the records
         self._tasks: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
-        self.node_id = settings.node_id or socket.gethostname()
+        self.node_id = settings.node_id or default_node_id(settings.spool_dir)
         self.instance_id = f"{self.node_id}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.redis: RedisLink | None = None
         self.l2: RedisDecisionCache | None = None
@@ -117,6 +117,7 @@ class AuthorizationService:
             "stream_url": cfg.redis_url if cfg.assertion_stream else "", "stream_prefix": cfg.redis_prefix,
             "anchor_key_file": cfg.anchor_key_file, "anchor_dir": cfg.anchor_dir, "anchor_every": cfg.anchor_every,
             "anchor_interval": cfg.anchor_interval,
+            "claim_url": cfg.redis_url, "claim_prefix": cfg.redis_prefix,  # one node id, one writer
         })
         return AssertionRecorder(writer)
 

@@ -34,7 +34,9 @@ class ServiceSettings:
     # File holding the secret that authenticates L2 entries (>= 16 bytes; same file on every broker sharing
     # the Redis). Without it, L2 is off (decisions and reload announcements still work): Redis is not trusted.
     l2_key_file: str = ""
-    node_id: str = ""  # names this broker in assertion records and their hash chain; default: host name
+    # Names this broker in assertion records and their hash chain; default: host name plus a random suffix kept
+    # in spool_dir/node_id. With redis_url, a node id already recording on that Redis refuses to start.
+    node_id: str = ""
     assertions: bool = True
     assertion_db: str = "var/assertions.db"  # "" for none
     assertion_stream: bool = False  # also append to a Redis Stream (needs redis_url)
