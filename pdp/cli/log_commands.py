@@ -13,10 +13,11 @@ from typing import Any, TextIO
 
 from pdp.evidence.record import FIELD_NAMES, AssertionRecord
 from pdp.evidence.store import AssertionStore, QueryFilters
-from pdp.evidence.text import safe_text
+from pdp.evidence.text import csv_cell, cut, safe_text
 
 DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+TABLE_WIDTH = 48  # the widest a table column gets; longer values are cut with a marker
 TABLE_COLUMNS = ("timestamp", "device_id", "client_id", "action", "topic", "decision", "rule_id", "reason", "cache_tier")
 
 
@@ -131,29 +132,37 @@ def _open(args: argparse.Namespace, readonly: bool = True) -> AssertionStore:
 
 
 def _write_table(records: list[AssertionRecord], out: TextIO) -> None:
+    """Device-supplied text is escaped (a newline in a topic cannot forge a row) and long values are cut with
+    a marker, so a cut value is never read as the whole one."""
     rows = [[_cell(r, c) for c in TABLE_COLUMNS] for r in records]
     widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(TABLE_COLUMNS)]
-    widths = [min(w, 48) for w in widths]
+    widths = [min(w, TABLE_WIDTH) for w in widths]
     out.write("  ".join(c.upper().ljust(w) for c, w in zip(TABLE_COLUMNS, widths)).rstrip() + "\n")
     for row in rows:
-        out.write("  ".join(v[:w].ljust(w) for v, w in zip(row, widths)).rstrip() + "\n")
+        out.write("  ".join(cut(v, w).ljust(w) for v, w in zip(row, widths)).rstrip() + "\n")
 
 
 def _cell(record: AssertionRecord, column: str) -> str:
     value = record.timestamp if column == "timestamp" else getattr(record, column)
-    return "-" if value is None else str(value)
+    return "-" if value is None else safe_text(value)
+
+
+# JSON Lines for a SIEM: what was decided, about whom and what first; the rest in record order.
+JSONL_FIRST = ("decision", "device_id", "action")
 
 
 def _emit(records: list[AssertionRecord], fmt: str, out: TextIO, header: bool) -> None:
-    if fmt == "jsonl":
+    if fmt == "jsonl":  # json escapes control characters itself
         for record in records:
-            out.write(json.dumps(record.to_json_dict(), separators=(",", ":")) + "\n")
-    elif fmt == "csv":
+            data = record.to_json_dict()
+            ordered = {**{k: data[k] for k in JSONL_FIRST}, **data}
+            out.write(json.dumps(ordered, separators=(",", ":")) + "\n")
+    elif fmt == "csv":  # quoting keeps newlines inside their cell; formulas are neutralised
         writer = csv.writer(out)
         if header:
             writer.writerow(["timestamp", *FIELD_NAMES])
         for record in records:
-            writer.writerow([record.timestamp, *(getattr(record, n) for n in FIELD_NAMES)])
+            writer.writerow([record.timestamp, *(csv_cell(getattr(record, n)) for n in FIELD_NAMES)])
     else:
         _write_table(records, out)
     out.flush()
@@ -218,13 +227,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print("  none")
     print("top denied devices:")
     for device, count in stats["top_denied_devices"] or [("none", "")]:
-        print(f"  {device:<40} {count:>10}")
+        print(f"  {safe_text(device, 40):<40} {count:>10}")
     print("top denied topics:")
     for topic, count in stats["top_denied_topics"] or [("none", "")]:
-        print(f"  {topic:<60} {count:>10}")
+        print(f"  {safe_text(topic, 60):<60} {count:>10}")
     print("refused connects:")
     for device, reason, count in stats["refused_connects"] or [("none", "", "")]:
-        print(f"  {device:<30} {reason:<40} {count:>6}")
+        print(f"  {safe_text(device, 30):<30} {safe_text(reason, 40):<40} {count:>6}")
     return 0
 
 

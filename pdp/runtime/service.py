@@ -43,6 +43,7 @@ from pdp.core.engine import Decision
 from pdp.evidence.anchor import prune_signer
 from pdp.evidence.node import default_node_id
 from pdp.evidence.recorder import AssertionRecorder
+from pdp.evidence.text import safe  # device-supplied text in log lines: escaped and bounded
 from pdp.evidence.writer import WriterProcess
 from pdp.registry.file import Device
 from pdp.runtime.bus import InvalidationBus
@@ -143,14 +144,14 @@ class AuthorizationService:
         fingerprint = cert.fingerprint_sha256 if cert else None
         if admission.allowed:
             log.info("connect accepted: client=%s device=%s fingerprint=%s peer=%s",
-                     request.client_id, device_id, fingerprint, peer)
+                     safe(request.client_id), safe(device_id), fingerprint, peer)
         else:
             self._peers.pop(conn, None)
             log.warning("connect refused: client=%s device=%s fingerprint=%s peer=%s reason=%s",
-                        request.client_id, device_id, fingerprint, peer, admission.reason)
+                        safe(request.client_id), safe(device_id), fingerprint, peer, safe(admission.reason))
         superseded = [a for a in actions if isinstance(a, Disconnect)]
         for action in superseded:
-            log.info("client %s reconnected: closing its previous connection", action.client_id)
+            log.info("client %s reconnected: closing its previous connection", safe(action.client_id))
             self._record_end(action)
         return admission, superseded
 
@@ -178,11 +179,11 @@ class AuthorizationService:
             self.recorder.decision(self.enforcer.admission_of(conn), client_id, peer, verdict.action, topic,
                                    verdict.decision, verdict.tier, perf_counter_ns() - start, verdict.revision)
         if not verdict.allowed and action != "receive":
-            log.info("%s %s %s denied: %s", self._peers.get(conn, (None,))[0], verdict.action, topic,
-                     verdict.decision.reason)
+            log.info("%s %s %s denied: %s", safe(self._peers.get(conn, (None,))[0]), verdict.action, safe(topic),
+                     safe(verdict.decision.reason))
         elif log.isEnabledFor(logging.DEBUG):
-            log.debug("%s %s %s %s: %s", self._peers.get(conn, (None,))[0], verdict.action, topic,
-                      "allowed" if verdict.allowed else "denied", verdict.decision.reason)
+            log.debug("%s %s %s %s: %s", safe(self._peers.get(conn, (None,))[0]), verdict.action, safe(topic),
+                      "allowed" if verdict.allowed else "denied", safe(verdict.decision.reason))
         return verdict.allowed
 
     # -- background: reloads, clock, Redis, retention ---------------------------------------------
@@ -244,16 +245,17 @@ class AuthorizationService:
                 if self.aborter is not None:
                     self.aborter(action.conn)  # before any await: no backlog of other work delays the close
                 admission = self.enforcer.admission_of(action.conn)
-                log.warning("session revoked: client=%s device=%s reason=%s", action.client_id,
+                log.warning("session revoked: client=%s device=%s reason=%s", safe(action.client_id),
                             admission.device.device_id if admission and admission.device else None, action.reason)
                 self._record_end(action)
                 ending.append(action)
             elif isinstance(action, DropSession):
-                log.warning("offline session dropped: client=%s reason=%s", action.client_id, action.reason)
+                log.warning("offline session dropped: client=%s reason=%s", safe(action.client_id),
+                            safe(action.reason))
                 ending.append(action)
             elif isinstance(action, DropSubscription):
-                log.warning("subscription dropped: client=%s filter=%s reason=%s", action.client_id,
-                            action.topic_filter, action.reason)
+                log.warning("subscription dropped: client=%s filter=%s reason=%s", safe(action.client_id),
+                            safe(action.topic_filter), safe(action.reason))
                 if self.recorder is not None:
                     peer = self._peers.get(action.conn, (None, None))[1]
                     self.recorder.decision(self.enforcer.admission_of(action.conn), action.client_id, peer,
