@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import socket
-from pathlib import Path
 
 import pytest
 import redis
@@ -28,7 +27,7 @@ def traffic(broker, test_pki, n: int) -> None:
 
 def test_second_broker_with_a_live_node_id_refuses_to_start(make_broker, test_pki, policy_dir, tmp_path,
                                                             shared_redis_url, redis_prefix) -> None:
-    shared = dict(node_id="plant-a-1", redis_url=shared_redis_url, redis_prefix=redis_prefix)
+    shared = {"node_id": "plant-a-1", "redis_url": shared_redis_url, "redis_prefix": redis_prefix}
     first = make_broker(**shared, spool_dir=str(tmp_path / "a" / "spool"), assertion_db=str(tmp_path / "a" / "a.db"))
     with pytest.raises(Exception) as refused:  # another host: its own spool directory and database
         make_broker(**shared, spool_dir=str(tmp_path / "b" / "spool"), assertion_db=str(tmp_path / "b" / "b.db"))
@@ -50,7 +49,7 @@ def test_second_broker_with_a_live_node_id_refuses_to_start(make_broker, test_pk
 def test_drain_refuses_to_merge_two_chains_under_one_node_id(make_broker, test_pki, policy_dir, tmp_path,
                                                             shared_redis_url, redis_prefix) -> None:
     """One after the other, so the claim does not stop them: two hosts, one node id, two chains in the stream."""
-    shared = dict(node_id="twin", redis_url=shared_redis_url, redis_prefix=redis_prefix, assertion_stream=True)
+    shared = {"node_id": "twin", "redis_url": shared_redis_url, "redis_prefix": redis_prefix, "assertion_stream": True}
     for name, n in (("a", 4), ("b", 6)):
         broker = make_broker(**shared, spool_dir=str(tmp_path / name / "spool"),
                              assertion_db=str(tmp_path / name / f"{name}.db"))

@@ -76,5 +76,5 @@ def test_hostile_client_ids_and_topics_cannot_forge_output(make_broker, test_pki
     assert max(len(m) for m in ours) < 1200
     refusals = [m for m in ours if m.startswith("connect refused")]
     assert refusals[0].startswith("connect refused: client=evil\\n2026-01-01T00:00:00.000000Z  root-1")
-    assert "client=" + "x" * 199 + "… device=sensor-1" in refusals[1]
+    assert "client=" + "x" * 511 + "… device=sensor-1" in refusals[1]
     assert any(m.startswith("sensor-1 publish sites/plant-a/sensor-1/\\x1b[2J\\r\\x07bell") for m in ours)

@@ -28,7 +28,10 @@ from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 
 log = logging.getLogger("mqtt_pdp.assertions")
 
@@ -226,7 +229,7 @@ class Anchorer:
         if self.publish is not None:
             try:
                 self.publish(head.to_line())
-            except Exception as exc:  # the file holds it; the stream copy is a second place, not the truth
+            except Exception as exc:  # noqa: BLE001 - the file holds it; the stream copy is a second place
                 log.warning("node %s: signed head %d not copied to the stream (%s)", self.node, head.n, exc)
 
     def close(self) -> None:

@@ -41,7 +41,7 @@ def safe_text(value: object, limit: int | None = None) -> str:
     return cut(text, limit) if limit is not None else text
 
 
-def safe(value: object, limit: int = 200) -> str:
+def safe(value: object, limit: int = 512) -> str:
     """For the broker's log lines: one line per event whatever a device sends, and bounded in length."""
     if value is None:
         return "None"

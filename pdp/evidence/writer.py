@@ -53,7 +53,7 @@ def receive(stream: IO[bytes]) -> Any:
     data = stream.read(size)
     if len(data) < size:
         raise EOFError("writer pipe closed mid-frame")
-    return pickle.loads(data)  # noqa: S301 - our own child process, over its own pipe
+    return pickle.loads(data)
 
 
 def build_writer(settings: dict[str, Any]) -> ChainWriter:
@@ -82,7 +82,7 @@ def build_anchorer(settings: dict[str, Any]) -> Anchorer | None:
     if settings.get("stream_url"):
         client = redis.Redis.from_url(settings["stream_url"], socket_timeout=2, socket_connect_timeout=1)
         stream = f"{settings['stream_prefix']}:anchors"
-        publish = lambda line: client.xadd(stream, {"h": line})  # noqa: E731
+        publish = lambda line: client.xadd(stream, {"h": line})
     return Anchorer(settings["node"], settings["anchor_key_file"], settings.get("anchor_dir") or "var/anchors",
                     int(settings.get("anchor_every", 1000)), float(settings.get("anchor_interval", 5.0)), publish)
 
