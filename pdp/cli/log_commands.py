@@ -13,9 +13,11 @@ from typing import Any, TextIO
 
 from pdp.evidence.record import FIELD_NAMES, AssertionRecord
 from pdp.evidence.store import AssertionStore, QueryFilters
+from pdp.evidence.text import csv_cell, cut, safe_text
 
 DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+TABLE_WIDTH = 48  # the widest a table column gets; longer values are cut with a marker
 TABLE_COLUMNS = ("timestamp", "device_id", "client_id", "action", "topic", "decision", "rule_id", "reason", "cache_tier")
 
 
@@ -80,12 +82,24 @@ def add_arguments(sub: Any) -> None:
                            description="Verify the hash chains. Exit status 1 if any chain is broken.")
     store_args(v)
     v.add_argument("--node", help="only this broker node")
+    v.add_argument("--anchors", help="directory of signed heads (the broker's anchor_dir): also catch rewritten "
+                                     "and recomputed chains, deleted newest or oldest records and deleted nodes")
+    v.add_argument("--public-key", help="the signing key's public half (from mqtt-pdp log keygen); needs --anchors")
     v.set_defaults(log_func=cmd_verify)
+
+    k = log_sub.add_parser("keygen", help="create the Ed25519 key pair that signs chain heads (anchor_key_file)",
+                           description="Write a new private key (mode 0600) and FILE.pub next to it. The broker signs "
+                                       "with the private key; give verifiers only the .pub file.")
+    k.add_argument("--out", required=True, help="private key file to create (never overwritten)")
+    k.set_defaults(log_func=cmd_keygen)
 
     p = log_sub.add_parser("prune", help="delete records older than a given age (retention)",
                            description="Delete records older than --older-than; the chain keeps a checkpoint so verify still works.")
     store_args(p)
     p.add_argument("--older-than", required=True, help="age, e.g. 90d")
+    p.add_argument("--key", help="sign the checkpoints (default: anchor_key_file of the broker config); without a "
+                                 "signed checkpoint, verify --anchors reports the pruned records as deleted")
+    p.add_argument("--anchors", help="where the signed checkpoints go (default: anchor_dir of the broker config)")
     p.set_defaults(log_func=cmd_prune)
 
     d = log_sub.add_parser("drain", help="move records from the shared Redis Stream into the database",
@@ -118,29 +132,37 @@ def _open(args: argparse.Namespace, readonly: bool = True) -> AssertionStore:
 
 
 def _write_table(records: list[AssertionRecord], out: TextIO) -> None:
+    """Device-supplied text is escaped (a newline in a topic cannot forge a row) and long values are cut with
+    a marker, so a cut value is never read as the whole one."""
     rows = [[_cell(r, c) for c in TABLE_COLUMNS] for r in records]
     widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(TABLE_COLUMNS)]
-    widths = [min(w, 48) for w in widths]
+    widths = [min(w, TABLE_WIDTH) for w in widths]
     out.write("  ".join(c.upper().ljust(w) for c, w in zip(TABLE_COLUMNS, widths)).rstrip() + "\n")
     for row in rows:
-        out.write("  ".join(v[:w].ljust(w) for v, w in zip(row, widths)).rstrip() + "\n")
+        out.write("  ".join(cut(v, w).ljust(w) for v, w in zip(row, widths)).rstrip() + "\n")
 
 
 def _cell(record: AssertionRecord, column: str) -> str:
     value = record.timestamp if column == "timestamp" else getattr(record, column)
-    return "-" if value is None else str(value)
+    return "-" if value is None else safe_text(value)
+
+
+# JSON Lines for a SIEM: what was decided, about whom and what first; the rest in record order.
+JSONL_FIRST = ("decision", "device_id", "action")
 
 
 def _emit(records: list[AssertionRecord], fmt: str, out: TextIO, header: bool) -> None:
-    if fmt == "jsonl":
+    if fmt == "jsonl":  # json escapes control characters itself
         for record in records:
-            out.write(json.dumps(record.to_json_dict(), separators=(",", ":")) + "\n")
-    elif fmt == "csv":
+            data = record.to_json_dict()
+            ordered = {**{k: data[k] for k in JSONL_FIRST}, **data}
+            out.write(json.dumps(ordered, separators=(",", ":")) + "\n")
+    elif fmt == "csv":  # quoting keeps newlines inside their cell; formulas are neutralised
         writer = csv.writer(out)
         if header:
             writer.writerow(["timestamp", *FIELD_NAMES])
         for record in records:
-            writer.writerow([record.timestamp, *(getattr(record, n) for n in FIELD_NAMES)])
+            writer.writerow([record.timestamp, *(csv_cell(getattr(record, n)) for n in FIELD_NAMES)])
     else:
         _write_table(records, out)
     out.flush()
@@ -205,39 +227,93 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print("  none")
     print("top denied devices:")
     for device, count in stats["top_denied_devices"] or [("none", "")]:
-        print(f"  {device:<40} {count:>10}")
+        print(f"  {safe_text(device, 40):<40} {count:>10}")
     print("top denied topics:")
     for topic, count in stats["top_denied_topics"] or [("none", "")]:
-        print(f"  {topic:<60} {count:>10}")
+        print(f"  {safe_text(topic, 60):<60} {count:>10}")
     print("refused connects:")
     for device, reason, count in stats["refused_connects"] or [("none", "", "")]:
-        print(f"  {device:<30} {reason:<40} {count:>6}")
+        print(f"  {safe_text(device, 30):<30} {safe_text(reason, 40):<40} {count:>6}")
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    anchors = None
+    if args.anchors or args.public_key:
+        if not (args.anchors and args.public_key):
+            raise LogCliError("--anchors and --public-key go together")
+        from pdp.evidence.anchor import AnchorError, load_public_key, read_anchors
+
+        try:
+            anchors = read_anchors(args.anchors, load_public_key(args.public_key))
+        except AnchorError as exc:
+            raise LogCliError(str(exc)) from None
     store = _open(args)
-    reports = store.verify(args.node)
+    reports = store.verify(args.node, anchors)
+    broken = 0
+    for problem in anchors.problems if anchors else []:
+        broken += 1
+        print(f"BROKEN: anchors: {safe_text(problem)}")
     if not reports:
         print("no records")
-        return 0
-    broken = 0
     for report in reports:
         if report.problem is None:
-            print(f"ok: node {report.node}: {report.checked} records, chain intact")
+            line = f"ok: node {safe_text(report.node)}: {report.checked} records, chain intact"
+            if anchors is not None and report.anchored_seq is not None:
+                unpinned = _after(store, report)
+                line += (f", matches {report.anchored} signed heads up to {safe_text(report.node)}:"
+                         f"{report.anchored_seq}")
+                if unpinned:
+                    line += f" ({unpinned} newer records not signed yet)"
+            print(line)
         else:
             broken += 1
-            print(f"BROKEN: node {report.node}: {report.problem} (after {report.checked} good records)")
+            for problem, _ in report.problems:
+                print(f"BROKEN: node {safe_text(report.node)}: {safe_text(problem)}")
+    if not args.node:
+        for problem in store.check_identities():
+            broken += 1
+            print(f"BROKEN: {safe_text(problem)}")
     return 1 if broken else 0
+
+
+def _after(store: AssertionStore, report: Any) -> int:
+    """Records of the node after its newest signed head: what a database writer could still cut unnoticed."""
+    return int(store.db.execute("SELECT count(*) FROM records WHERE node = ? AND seq > ?",
+                                (report.node, report.anchored_seq)).fetchone()[0])
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pdp.evidence.anchor import AnchorError, generate_key
+
+    try:
+        public = generate_key(Path(args.out))
+    except AnchorError as exc:
+        raise LogCliError(str(exc)) from None
+    print(f"wrote {args.out} (private: anchor_key_file of the broker, readable by it only) and {public} "
+          "(public: for mqtt-pdp log verify --public-key)")
+    return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     match = DURATION_RE.match(args.older_than.strip())
     if not match:
         raise LogCliError(f"--older-than {args.older_than!r}: use an age such as 90d or 12h")
+    signer = None
+    key = args.key or (_settings(args).get("anchor_key_file") if args.config else None)
+    if key:
+        from pdp.evidence.anchor import AnchorError, prune_signer
+
+        directory = args.anchors or _settings(args).get("anchor_dir") or "var/anchors"
+        try:
+            signer = prune_signer(key, directory)
+        except AnchorError as exc:
+            raise LogCliError(str(exc)) from None
     store = _open(args, readonly=False)
-    removed = store.prune(parse_time(args.older_than))
-    print(f"pruned {removed} records older than {args.older_than}")
+    removed = store.prune(parse_time(args.older_than), signer)
+    print(f"pruned {removed} records older than {args.older_than}" + (" (checkpoints signed)" if signer and removed else ""))
     return 0
 
 
@@ -264,11 +340,15 @@ def cmd_drain(args: argparse.Namespace) -> int:
                 moved = 0
             if moved or not args.follow:
                 print(f"drained {moved} records into {store.path}")
+            if store.forked:
+                print(f"mqtt-pdp: error: {store.forked} records fork from the chain already stored for node(s) "
+                      f"{', '.join(safe_text(n) for n in sorted(store.forked_nodes))} (two brokers recorded under one "
+                      "node id); not merged: kept in the conflicts table, which log verify reports", file=sys.stderr)
             if not args.follow:
-                return 0
+                return 1 if store.forked else 0
             time.sleep(0.5)
     except KeyboardInterrupt:
-        return 0
+        return 1 if store.forked else 0
     finally:
         store.close()
 

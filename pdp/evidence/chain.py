@@ -12,6 +12,7 @@ import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
+from pdp.evidence.anchor import Anchorer
 from pdp.evidence.record import (
     GENESIS,
     AssertionRecord,
@@ -107,9 +108,10 @@ class ChainWriter:
     in the sinks before it, which stores ignore.
     """
 
-    def __init__(self, node: str, sinks: Sequence[Sink], state_dir: Path) -> None:
+    def __init__(self, node: str, sinks: Sequence[Sink], state_dir: Path, anchorer: Anchorer | None = None) -> None:
         self.node = node
         self.sinks = list(sinks)
+        self.anchorer = anchorer  # signs the head outside the database at a cadence (pdp.evidence.anchor)
         self.chain = ChainState(state_dir, node)
         self.recorded = 0
         self.duplicates = 0  # batches acknowledged without writing: they had been applied before a crash
@@ -137,6 +139,9 @@ class ChainWriter:
             log.warning("node %s: the chain head file says %d, the %s holds %d; continuing after %d",
                         self.node, self.chain.seq, best.source, best.seq, best.seq)
         self.chain.seq, self.chain.hash, self.chain.batch_id = best.seq, best.hash, best.batch_id
+        if self.anchorer is not None and best.seq > 0:
+            # A writer that died between a commit and its signed head: sign the head it left behind.
+            self.anchorer.note(best.seq, best.hash, None, 0)
         inflight = self.chain.load_inflight()
         if inflight is not None:
             start_seq, start_hash, batch_id, rows, sessions = inflight
@@ -189,7 +194,14 @@ class ChainWriter:
         last = records[-1]
         self.chain.save(last.seq, last.hash, batch_id)
         self.recorded += len(records)
+        if self.anchorer is not None:
+            self.anchorer.note(last.seq, last.hash, last.ts, len(records))
         return len(records)
+
+    def tick(self) -> None:
+        """Cheap, called between batches and when idle: sign the head when its interval is up."""
+        if self.anchorer is not None:
+            self.anchorer.tick()
 
     def idle(self) -> None:
         """Deliver spooled records even when no new ones arrive."""
@@ -200,6 +212,8 @@ class ChainWriter:
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()
+        if self.anchorer is not None:
+            self.anchorer.close()
         self.chain.close()
 
 

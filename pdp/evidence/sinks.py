@@ -357,6 +357,9 @@ class SpoolingSink:
 def drain_stream(store: AssertionStore, client: redis.Redis, prefix: str, batch: int = 5000) -> int:
     """Move every record in the shared stream into the store; returns how many were new.
 
+    Records that fork from the chain stored for their node are not merged but kept as conflicts
+    (``store.forked`` counts them): the caller must report them.
+
     The position is stored with the records in one transaction, and drained entries are
     deleted only afterwards, so a crash at any point neither loses nor doubles a record.
     """
@@ -370,5 +373,5 @@ def drain_stream(store: AssertionStore, client: redis.Redis, prefix: str, batch:
             return moved
         records = [record_from_json(fields[b"r"]) for _, fields in entries]
         last_id = entries[-1][0].decode()
-        moved += store.insert_with_meta(records, key, last_id)
+        moved += store.insert_with_meta(records, key, last_id, linked=True)
         client.xdel(stream, *[entry_id for entry_id, _ in entries])

@@ -18,13 +18,18 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pdp.core.topics import covers, matches
 from pdp.evidence.record import FIELD_NAMES, GENESIS, AssertionRecord, Head, record_hash
+
+CheckpointSigner = Callable[[str, int, str, float], None]  # node, seq, hash, the record's ts
+
+if TYPE_CHECKING:  # cryptography is imported only when signed heads are checked
+    from pdp.evidence.anchor import Anchors
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -85,10 +90,17 @@ class QueryFilters:
 
 @dataclass(frozen=True)
 class ChainReport:
+    """One node's verdict. ``problems`` holds every break found (message, record id), not just the first:
+    a crash break must not hide tampering further on. ``problem``/``record_id`` are the first of them."""
+
     node: str
-    checked: int
+    checked: int  # records walked before the first break (all of them when intact)
     problem: str | None  # None: the chain is intact from its checkpoint to its last record
     record_id: str | None = None
+    problems: tuple[tuple[str, str | None], ...] = ()
+    anchored: int = 0  # signed heads the database matches
+    anchored_seq: int | None = None  # the newest of them: records after it are not pinned yet
+    records: int = 0
 
 
 def _topic_prefix(topic_filter: str) -> str:
@@ -104,6 +116,8 @@ def _topic_prefix(topic_filter: str) -> str:
 class AssertionStore:
     def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         self.path = str(path)
+        self.forked = 0  # records a drain refused to merge into their node's chain (kept as conflicts)
+        self.forked_nodes: set[str] = set()
         if readonly:
             if not Path(self.path).exists():
                 raise FileNotFoundError(f"no assertion database at {self.path}")
@@ -130,6 +144,48 @@ class AssertionStore:
             self._keep_conflicts(records)
         identities = {(r.device_id or "", r.client_id or "", r.fingerprint or "") for r in records}
         self.db.executemany("INSERT OR IGNORE INTO identities VALUES (?, ?, ?)", identities)
+        return inserted
+
+    def _insert_linked(self, records: Sequence[AssertionRecord]) -> int:
+        accepted: list[AssertionRecord] = []
+        forked: list[AssertionRecord] = []
+        kept: dict[tuple[str, int], str] = {}  # this batch's accepted records
+        forked_hashes: set[tuple[str, str]] = set()
+        run = self.db.execute
+        for record in records:
+            node, seq = record.node, record.seq
+            same = kept.get((node, seq))
+            row = (same,) if same is not None else run("SELECT hash FROM records WHERE node = ? AND seq = ?",
+                                                       (node, seq)).fetchone()
+            if row is not None:
+                if row[0] != record.hash:
+                    forked.append(record)
+                    forked_hashes.add((node, record.hash))
+                continue  # an exact duplicate: drained before
+            if (node, record.prev_hash) in forked_hashes or run(
+                    "SELECT 1 FROM conflicts WHERE node = ? AND seq = ? AND hash = ?",
+                    (node, seq - 1, record.prev_hash)).fetchone():
+                forked.append(record)  # follows a record of the other chain
+                forked_hashes.add((node, record.hash))
+                continue
+            before = kept.get((node, seq - 1))
+            if before is None:
+                found = run("SELECT hash FROM records WHERE node = ? AND seq = ?", (node, seq - 1)).fetchone()
+                before = found[0] if found else None
+            if before is not None and before != record.prev_hash:
+                forked.append(record)
+                forked_hashes.add((node, record.hash))
+                continue
+            accepted.append(record)
+            kept[(node, seq)] = record.hash
+        inserted = self._insert(accepted)
+        if forked:
+            self.db.executemany(_INSERT_CONFLICT, forked)
+            self.forked += len(forked)
+            self.forked_nodes.update(r.node for r in forked)
+            log.critical("%s: %d records fork from the chain stored for their node (first %s): two brokers wrote "
+                         "under one node id? Not merged: kept in the conflicts table", self.path, len(forked),
+                         forked[0].record_id)
         return inserted
 
     def _keep_conflicts(self, records: Sequence[AssertionRecord]) -> None:
@@ -177,10 +233,15 @@ class AssertionStore:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
-    def insert_with_meta(self, records: Sequence[AssertionRecord], key: str, value: str) -> int:
-        """Records and a position (e.g. of a drained stream) in one transaction."""
+    def insert_with_meta(self, records: Sequence[AssertionRecord], key: str, value: str,
+                         linked: bool = False) -> int:
+        """Records and a position (e.g. of a drained stream) in one transaction.
+
+        ``linked`` (drain): a record goes in only if it extends the chain stored for its node; one that forks
+        from it (two brokers that wrote under one node id) goes to ``conflicts`` with all that follows it.
+        """
         with self.db:
-            inserted = self._insert(records)
+            inserted = self._insert_linked(records) if linked else self._insert(records)
             self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
             return inserted
 
@@ -267,56 +328,156 @@ class AssertionStore:
 
     # -- integrity ------------------------------------------------------------------------
 
-    def verify(self, node: str | None = None) -> list[ChainReport]:
-        """Walk each node's chain in sequence order; report the first record altered, missing or out of place."""
+    def verify(self, node: str | None = None, anchors: Anchors | None = None) -> list[ChainReport]:
+        """Walk each node's chain in sequence order and report every record altered, missing or out of place.
+
+        With ``anchors`` (signed heads read from outside the database) also: records rewritten with
+        recomputed hashes, renumbered after a deletion, cut off at the new end, deleted at the old end
+        behind an unsigned checkpoint, and whole nodes missing.
+        """
+        names = [node] if node else self.nodes()
+        if anchors is not None and node is None:
+            names = sorted(set(names) | set(anchors.heads) | set(anchors.prunes) | set(self._checkpoint_nodes()))
         reports = []
-        for name in [node] if node else self.nodes():
+        for name in names:
+            problems: list[tuple[str, str | None]] = []
             checkpoint = self.db.execute("SELECT seq, hash FROM checkpoints WHERE node = ?", (name,)).fetchone()
             prev_seq, prev_hash = checkpoint if checkpoint else (0, GENESIS)
-            checked, problem, where = 0, None, None
+            checked, count = 0, 0
             for row in self.db.execute(f"SELECT {_COLUMNS} FROM records WHERE node = ? ORDER BY seq", (name,)):
                 record = AssertionRecord._make(row)
+                count += 1
                 if record.seq != prev_seq + 1:
                     first_missing = prev_seq + 1
                     gap = f"{first_missing}" if record.seq == first_missing + 1 else f"{first_missing}..{record.seq - 1}"
-                    problem, where = f"record(s) {name}:{gap} missing before {record.record_id}", record.record_id
-                    break
-                if record.prev_hash != prev_hash:
-                    problem = f"{record.record_id} does not follow the previous record (removed, reordered or replaced)"
-                    where = record.record_id
-                    break
+                    problems.append((f"record(s) {name}:{gap} missing before {record.record_id}", record.record_id))
+                elif record.prev_hash != prev_hash:
+                    problems.append((f"{record.record_id} does not follow the previous record (removed, reordered or "
+                                     "replaced)", record.record_id))
                 if record_hash(record) != record.hash or record.record_id != f"{record.node}:{record.seq}":
-                    problem, where = f"{record.record_id} was altered (its hash does not match its content)", record.record_id
-                    break
-                prev_seq, prev_hash = record.seq, record.hash
-                checked += 1
-            if problem is None and self._has_conflicts_table():
+                    problems.append((f"{record.record_id} was altered (its hash does not match its content)",
+                                     record.record_id))
+                if not problems:
+                    checked += 1
+                prev_seq, prev_hash = record.seq, record.hash  # resynchronise: report later breaks too
+            if self._has_conflicts_table():
                 row = self.db.execute("SELECT count(*), min(seq) FROM conflicts WHERE node = ?", (name,)).fetchone()
                 if row[0]:
                     where = f"{name}:{row[1]}"
-                    problem = (f"{row[0]} record(s) conflict with stored ones (same node and sequence number, other "
-                               f"content), first {where}; kept in the conflicts table")
-            reports.append(ChainReport(name, checked, problem, where))
+                    problems.append((f"{row[0]} record(s) conflict with stored ones (same node and sequence number, "
+                                     f"other content), first {where}; kept in the conflicts table", where))
+            anchored, anchored_seq = 0, None
+            if anchors is not None:
+                anchored, anchored_seq = self._check_anchors(name, checkpoint, count, anchors, problems)
+            first = problems[0] if problems else (None, None)
+            reports.append(ChainReport(name, checked, first[0], first[1], tuple(problems), anchored, anchored_seq,
+                                       count))
         return reports
+
+    def check_identities(self) -> list[str]:
+        """Every (device, client id, fingerprint) the records use must be in ``identities``: queries by client id
+        or fingerprint go through that table, so a deleted row would hide the records from ``--client``."""
+        missing = self.db.execute(
+            "SELECT DISTINCT coalesce(device_id, ''), coalesce(client_id, ''), coalesce(fingerprint, '') FROM records "
+            "EXCEPT SELECT device_id, client_id, fingerprint FROM identities").fetchall()
+        if not missing:
+            return []
+        shown = "; ".join(f"device {d or '-'}, client {c or '-'}, fingerprint {f[:16] or '-'}" for d, c, f in missing[:3])
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        return [f"identities table: {len(missing)} (device, client id, fingerprint) used by records missing "
+                f"(rows deleted: --client and --fingerprint would not find their records): {shown}{more}"]
+
+    def _checkpoint_nodes(self) -> list[str]:
+        return [row[0] for row in self.db.execute("SELECT node FROM checkpoints")]
+
+    def _check_anchors(self, name: str, checkpoint: tuple[int, str] | None, count: int, anchors: Anchors,
+                       problems: list[tuple[str, str | None]]) -> tuple[int, int | None]:
+        """Compare one node's chain with its signed heads; returns how many match and the newest that does."""
+        heads = sorted(anchors.heads.get(name, []), key=lambda h: h.seq)
+        prunes = anchors.prunes.get(name, [])
+        if not heads and not prunes:
+            if count:
+                problems.append((f"no signed heads for node {name}: its {count} records are not anchored (anchoring "
+                                 "off for this node, or its heads file deleted)", None))
+            return 0, None
+        last_row = self.db.execute("SELECT max(seq) FROM records WHERE node = ?", (name,)).fetchone()
+        checkpoint_seq = checkpoint[0] if checkpoint else 0
+        db_end = last_row[0] if last_row[0] is not None else checkpoint_seq
+        newest = heads[-1] if heads else None
+        if count == 0 and checkpoint is None:
+            where = f"{name}:{newest.seq}" if newest else None
+            problems.append((f"node {name} is missing from the database: {len(heads)} signed heads, the newest at "
+                             f"{where}", where))
+            return 0, None
+        if checkpoint is not None and not any((p.seq, p.hash) == tuple(checkpoint) for p in prunes):
+            where = f"{name}:{checkpoint_seq}"
+            problems.append((f"records {name}:1..{checkpoint_seq} deleted at the old end: the checkpoint at {where} "
+                             "is not a signed prune (a fake checkpoint row)", where))
+        matched, matched_seq, last_ok = 0, None, checkpoint_seq
+        failures: list[tuple[str, str]] = []
+        renumbered = False
+        for head in heads:
+            if head.seq < checkpoint_seq or (head.seq == checkpoint_seq and checkpoint is not None
+                                              and head.hash == checkpoint[1]):
+                continue  # pruned: a signed prune, checked above, vouches for the checkpoint
+            row = self.db.execute("SELECT hash FROM records WHERE node = ? AND seq = ?", (name, head.seq)).fetchone()
+            if row is not None and row[0] == head.hash:
+                matched, matched_seq, last_ok = matched + 1, head.seq, head.seq
+                continue
+            moved = None
+            if head.ts is not None:
+                found = self.db.execute("SELECT seq FROM records WHERE node = ? AND ts = ? AND seq != ?",
+                                        (name, head.ts, head.seq)).fetchone()
+                moved = found[0] if found else None
+            if moved is not None:
+                renumbered = True
+                failures.append(("renumbered", f"the record signed as {name}:{head.seq} (signed head #{head.n}) is "
+                                 f"stored as {name}:{moved}: {head.seq - moved} record(s) in {name}:{last_ok + 1}.."
+                                 f"{head.seq} deleted and the chain renumbered and rehashed"))
+            elif row is not None:
+                failures.append(("rewritten", f"{name}:{head.seq} differs from signed head #{head.n}: records in "
+                                 f"{name}:{last_ok + 1}..{head.seq} were rewritten and the hashes after them "
+                                 "recomputed"))
+            elif head.seq > db_end:
+                if not renumbered:
+                    failures.append(("truncated", f"records {name}:{db_end + 1}..{head.seq} deleted at the new end: "
+                                     f"signed head #{head.n} names {name}:{head.seq}, the database ends at "
+                                     f"{name}:{db_end}"))
+            # a signed record missing inside the chain: the walk above already reports the gap
+        reported: set[str] = set()
+        for kind, message in failures:
+            if kind in reported:
+                continue
+            later = sum(1 for k, _ in failures if k == kind) - 1
+            reported.add(kind)
+            problems.append((message + (f" ({later} later signed heads differ too)" if later else ""), None))
+        return matched, matched_seq
 
     def _has_conflicts_table(self) -> bool:
         """Databases written before the conflicts table existed, opened read-only, lack it."""
         return self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'conflicts'").fetchone() is not None
 
-    def prune(self, before: float) -> int:
-        """Delete records older than ``before``; each node's chain then starts from a checkpoint of its last deleted record."""
+    def prune(self, before: float, sign_checkpoint: CheckpointSigner | None = None) -> int:
+        """Delete records older than ``before``; each node's chain then starts from a checkpoint of its last deleted record.
+
+        With ``sign_checkpoint`` each new checkpoint is signed (outside the database) before the deletion
+        commits, so verify can tell this prune from someone deleting the oldest records and faking a checkpoint.
+        """
         removed = 0
         with self.db:
             for name in self.nodes():
                 last = self.db.execute(
-                    "SELECT seq, hash FROM records WHERE node = ? AND seq <= "
+                    "SELECT seq, hash, ts FROM records WHERE node = ? AND seq <= "
                     "(SELECT coalesce(max(seq), 0) FROM records WHERE node = ? AND ts < ?) ORDER BY seq DESC LIMIT 1",
                     (name, name, before)).fetchone()
                 if last is None:
                     continue
+                if sign_checkpoint is not None:
+                    sign_checkpoint(name, last[0], last[1], last[2])
                 cursor = self.db.execute("DELETE FROM records WHERE node = ? AND seq <= ?", (name, last[0]))
                 removed += cursor.rowcount
-                self.db.execute("INSERT OR REPLACE INTO checkpoints (node, seq, hash) VALUES (?, ?, ?)", (name, *last))
+                self.db.execute("INSERT OR REPLACE INTO checkpoints (node, seq, hash) VALUES (?, ?, ?)",
+                                (name, last[0], last[1]))
         return removed
 
 

@@ -27,7 +27,11 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
+import redis
+
+from pdp.evidence.anchor import Anchorer, AnchorError
 from pdp.evidence.chain import ChainWriter
+from pdp.evidence.node import NodeClaim, claim_token
 from pdp.evidence.record import Row, SessionFields, SinkError
 from pdp.evidence.sinks import JsonLinesSink, RedisStreamSink, SpoolingSink, SqliteSink
 
@@ -49,7 +53,7 @@ def receive(stream: IO[bytes]) -> Any:
     data = stream.read(size)
     if len(data) < size:
         raise EOFError("writer pipe closed mid-frame")
-    return pickle.loads(data)  # noqa: S301 - our own child process, over its own pipe
+    return pickle.loads(data)
 
 
 def build_writer(settings: dict[str, Any]) -> ChainWriter:
@@ -67,7 +71,20 @@ def build_writer(settings: dict[str, Any]) -> ChainWriter:
     if not sinks:
         sinks.append(JsonLinesSink(spool, settings["node"]))
         log.warning("no assertion_db and no assertion_stream: assertion records go to %s only", sinks[0].path)
-    return ChainWriter(settings["node"], sinks, spool)
+    return ChainWriter(settings["node"], sinks, spool, build_anchorer(settings))
+
+
+def build_anchorer(settings: dict[str, Any]) -> Anchorer | None:
+    """Signed heads when ``anchor_key_file`` is set: to ``anchor_dir`` and, with a stream, to ``<prefix>:anchors``."""
+    if not settings.get("anchor_key_file"):
+        return None
+    publish = None
+    if settings.get("stream_url"):
+        client = redis.Redis.from_url(settings["stream_url"], socket_timeout=2, socket_connect_timeout=1)
+        stream = f"{settings['stream_prefix']}:anchors"
+        publish = lambda line: client.xadd(stream, {"h": line})
+    return Anchorer(settings["node"], settings["anchor_key_file"], settings.get("anchor_dir") or "var/anchors",
+                    int(settings.get("anchor_every", 1000)), float(settings.get("anchor_interval", 5.0)), publish)
 
 
 def main() -> int:
@@ -77,15 +94,27 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = json.loads(sys.argv[1])
     inp, out = sys.stdin.buffer, sys.stdout.buffer
+    claim = None
     try:
         writer = build_writer(settings)
-    except (SinkError, OSError) as exc:
+        if settings.get("claim_url"):  # after the chain's local lock: a second local broker gets that message
+            claim = NodeClaim(settings["claim_url"], settings["claim_prefix"], settings["node"],
+                              claim_token(settings["spool_dir"], settings["node"]))
+            try:
+                claim.acquire()
+            except SinkError:
+                writer.close()
+                raise
+    except (SinkError, AnchorError, OSError) as exc:
         send(out, ("error", str(exc)))
         return 1
     send(out, ("ready",))
     try:
         while True:
             readable, _, _ = select.select([inp], [], [], 0.5)
+            writer.tick()
+            if claim is not None:
+                claim.tick()
             if not readable:
                 writer.idle()
                 continue
@@ -111,6 +140,8 @@ def main() -> int:
             writer.close()
         except Exception:  # already closed, or closing after a failure: nothing more to do
             pass
+        if claim is not None:
+            claim.release()
 
 
 class WriterProcess:

@@ -13,7 +13,6 @@ import gc
 import itertools
 import logging
 import os
-import socket
 import sys
 import threading
 import uuid
@@ -43,7 +42,10 @@ from pdp.core.enforcement import (
     WillDue,
 )
 from pdp.core.engine import Decision
+from pdp.evidence.anchor import prune_signer
+from pdp.evidence.node import default_node_id
 from pdp.evidence.recorder import AssertionRecorder
+from pdp.evidence.text import safe  # device-supplied text in log lines: escaped and bounded
 from pdp.evidence.writer import WriterProcess
 from pdp.registry.device import Device
 from pdp.runtime.bus import InvalidationBus
@@ -87,7 +89,7 @@ class AuthorizationService:
         self._peers: dict[ConnId, tuple[str | None, str | None]] = {}  # client id and peer, for the records
         self._tasks: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
-        self.node_id = settings.node_id or socket.gethostname()
+        self.node_id = settings.node_id or default_node_id(settings.spool_dir)
         self.instance_id = f"{self.node_id}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.redis: RedisLink | None = None
         self.l2: RedisDecisionCache | None = None
@@ -118,6 +120,9 @@ class AuthorizationService:
         writer = WriterProcess({
             "node": self.node_id, "spool_dir": cfg.spool_dir, "assertion_db": cfg.assertion_db,
             "stream_url": cfg.redis_url if cfg.assertion_stream else "", "stream_prefix": cfg.redis_prefix,
+            "anchor_key_file": cfg.anchor_key_file, "anchor_dir": cfg.anchor_dir, "anchor_every": cfg.anchor_every,
+            "anchor_interval": cfg.anchor_interval,
+            "claim_url": cfg.redis_url, "claim_prefix": cfg.redis_prefix,  # one node id, one writer
         })
         return AssertionRecorder(writer)
 
@@ -143,14 +148,14 @@ class AuthorizationService:
         fingerprint = cert.fingerprint_sha256 if cert else None
         if admission.allowed:
             log.info("connect accepted: client=%s device=%s fingerprint=%s peer=%s",
-                     request.client_id, device_id, fingerprint, peer)
+                     safe(request.client_id), safe(device_id), fingerprint, peer)
         else:
             self._peers.pop(conn, None)
             log.warning("connect refused: client=%s device=%s fingerprint=%s peer=%s reason=%s",
-                        request.client_id, device_id, fingerprint, peer, admission.reason)
+                        safe(request.client_id), safe(device_id), fingerprint, peer, safe(admission.reason))
         superseded = [a for a in actions if isinstance(a, Disconnect)]
         for action in superseded:
-            log.info("client %s reconnected: closing its previous connection", action.client_id)
+            log.info("client %s reconnected: closing its previous connection", safe(action.client_id))
             self._record_end(action)
         return admission, superseded
 
@@ -178,11 +183,11 @@ class AuthorizationService:
             self.recorder.decision(self.enforcer.admission_of(conn), client_id, peer, verdict.action, topic,
                                    verdict.decision, verdict.tier, perf_counter_ns() - start, verdict.snapshot_revision)
         if not verdict.allowed and action != "receive":
-            log.info("%s %s %s denied: %s", self._peers.get(conn, (None,))[0], verdict.action, topic,
-                     verdict.decision.reason)
+            log.info("%s %s %s denied: %s", safe(self._peers.get(conn, (None,))[0]), verdict.action, safe(topic),
+                     safe(verdict.decision.reason))
         elif log.isEnabledFor(logging.DEBUG):
-            log.debug("%s %s %s %s: %s", self._peers.get(conn, (None,))[0], verdict.action, topic,
-                      "allowed" if verdict.allowed else "denied", verdict.decision.reason)
+            log.debug("%s %s %s %s: %s", safe(self._peers.get(conn, (None,))[0]), verdict.action, safe(topic),
+                      "allowed" if verdict.allowed else "denied", safe(verdict.decision.reason))
         return verdict.allowed
 
     # -- background: reloads, clock, Redis, retention ---------------------------------------------
@@ -198,7 +203,8 @@ class AuthorizationService:
         if self.recorder is not None:
             self.recorder.start()
         if self.recorder is not None and cfg.retention_days > 0 and cfg.assertion_db:
-            self._spawn(prune_forever(cfg.assertion_db, cfg.retention_days))
+            signer = prune_signer(cfg.anchor_key_file, cfg.anchor_dir) if cfg.anchor_key_file else None
+            self._spawn(prune_forever(cfg.assertion_db, cfg.retention_days, sign_checkpoint=signer))
         if self.l2 is not None:
             l2 = self.l2
             self.pdp.on_computed = lambda rev, device, action, topic, decision: l2.record(
@@ -267,16 +273,17 @@ class AuthorizationService:
                 if self.aborter is not None:
                     self.aborter(action.conn)  # before any await: no backlog of other work delays the close
                 admission = self.enforcer.admission_of(action.conn)
-                log.warning("session revoked: client=%s device=%s reason=%s", action.client_id,
+                log.warning("session revoked: client=%s device=%s reason=%s", safe(action.client_id),
                             admission.device.device_id if admission and admission.device else None, action.reason)
                 self._record_end(action)
                 ending.append(action)
             elif isinstance(action, DropSession):
-                log.warning("offline session dropped: client=%s reason=%s", action.client_id, action.reason)
+                log.warning("offline session dropped: client=%s reason=%s", safe(action.client_id),
+                            safe(action.reason))
                 ending.append(action)
             elif isinstance(action, DropSubscription):
-                log.warning("subscription dropped: client=%s filter=%s reason=%s", action.client_id,
-                            action.topic_filter, action.reason)
+                log.warning("subscription dropped: client=%s filter=%s reason=%s", safe(action.client_id),
+                            safe(action.topic_filter), safe(action.reason))
                 if self.recorder is not None:
                     peer = self._peers.get(action.conn, (None, None))[1]
                     self.recorder.decision(self.enforcer.admission_of(action.conn), action.client_id, peer,

@@ -34,12 +34,19 @@ class ServiceSettings:
     # File holding the secret that authenticates L2 entries (>= 16 bytes; same file on every broker sharing
     # the Redis). Without it, L2 is off (decisions and reload announcements still work): Redis is not trusted.
     l2_key_file: str = ""
-    node_id: str = ""  # names this broker in assertion records and their hash chain; default: host name
+    # Names this broker in assertion records and their hash chain; default: host name plus a random suffix kept
+    # in spool_dir/node_id. With redis_url, a node id already recording on that Redis refuses to start.
+    node_id: str = ""
     assertions: bool = True
     assertion_db: str = "var/assertions.db"  # "" for none
     assertion_stream: bool = False  # also append to a Redis Stream (needs redis_url)
     spool_dir: str = "var/spool"
     retention_days: float = 0  # prune the SQLite store of records older than this; 0 keeps everything
+    # Signed chain heads outside the database (mqtt-pdp log keygen; verify with --anchors and --public-key).
+    anchor_key_file: str = ""  # Ed25519 private key; "" signs nothing
+    anchor_dir: str = "var/anchors"  # <node>.heads, append-only, one signed head per line
+    anchor_every: int = 1000  # sign after this many records...
+    anchor_interval: float = 5.0  # ...or this many seconds after the first unsigned one, whichever comes first
 
     def pdp_settings(self) -> PdpSettings:
         if self.reload_interval <= 0:
