@@ -71,8 +71,8 @@ def tls_failure(exc: BaseException) -> str:
         return f"{exc.verify_message} (certificate verify failed)"
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return exc.reason.lower().replace("_", " ")
-    if isinstance(exc, asyncio.TimeoutError):
-        return "no TLS handshake within connect_timeout"
+    if isinstance(exc, TimeoutError) or (isinstance(exc, ConnectionAbortedError) and "taking longer" in str(exc)):
+        return "no TLS handshake within connect_timeout"  # asyncio aborts a slow handshake with that text
     return str(exc) or type(exc).__name__
 
 
