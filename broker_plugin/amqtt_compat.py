@@ -13,9 +13,14 @@ from __future__ import annotations
 import inspect
 from importlib.metadata import version
 
-from amqtt.adapters import ReaderAdapter, StreamWriterAdapter, WriterAdapter
-from amqtt.broker import Broker, RetainedApplicationMessage
-from amqtt.contexts import Action, ListenerConfig
+from amqtt.adapters import (
+    ReaderAdapter,
+    StreamReaderAdapter,
+    StreamWriterAdapter,
+    WriterAdapter,
+)
+from amqtt.broker import Broker, RetainedApplicationMessage, Server
+from amqtt.contexts import Action, ListenerConfig, ListenerType
 from amqtt.errors import (
     AMQTTError,
     BrokerError,
@@ -35,11 +40,41 @@ from amqtt.utils import format_client_message, gen_client_id
 from transitions import MachineError
 
 __all__ = [
-    "AMQTT_VERSION", "AMQTTError", "Action", "BaseAuthPlugin", "BaseTopicPlugin", "Broker", "BrokerError",
-    "BrokerEvents", "BrokerProtocolHandler", "ConnackPacket", "DisconnectPacket", "ListenerConfig", "MQTTError", "MachineError",
-    "NOT_AUTHORIZED", "NoDataError", "OutgoingApplicationMessage", "PluginError", "PluginLoadError", "QOS_1",
-    "QOS_2", "ReaderAdapter", "abort_connection", "RetainedApplicationMessage", "Session", "WriterAdapter", "check_amqtt",
-    "format_client_message", "gen_client_id", "BROKER_ERRORS",
+    "AMQTT_VERSION",
+    "BROKER_ERRORS",
+    "NOT_AUTHORIZED",
+    "QOS_1",
+    "QOS_2",
+    "AMQTTError",
+    "Action",
+    "BaseAuthPlugin",
+    "BaseTopicPlugin",
+    "Broker",
+    "BrokerError",
+    "BrokerEvents",
+    "BrokerProtocolHandler",
+    "ConnackPacket",
+    "DisconnectPacket",
+    "ListenerConfig",
+    "ListenerType",
+    "MQTTError",
+    "MachineError",
+    "NoDataError",
+    "OutgoingApplicationMessage",
+    "PluginError",
+    "PluginLoadError",
+    "ReaderAdapter",
+    "RetainedApplicationMessage",
+    "Server",
+    "Session",
+    "StreamReaderAdapter",
+    "StreamWriterAdapter",
+    "WriterAdapter",
+    "abort_connection",
+    "abort_writer",
+    "check_amqtt",
+    "format_client_message",
+    "gen_client_id",
 ]
 
 AMQTT_VERSION = "0.12.1"
@@ -49,6 +84,9 @@ BROKER_ERRORS = (AMQTTError, BrokerError, PluginError, PluginLoadError)
 # Private methods of Broker we override or call, with the parameter names our code relies on.
 BROKER_METHODS: dict[str, tuple[str, ...]] = {
     "_create_ssl_context": ("listener",),
+    "_client_connected": ("self", "listener_name", "reader", "writer"),
+    "_create_server_instance": ("self", "listener_name", "listener_type", "address", "port", "ssl_context"),
+    "stream_connected": ("self", "reader", "writer", "listener_name"),
     "_initialize_client_session": ("self", "reader", "writer", "remote_address", "remote_port"),
     "_handle_client_session": ("self", "reader", "writer", "client_session", "handler", "server", "listener_name"),
     "_client_message_loop": ("self", "client_session", "handler"),
@@ -82,6 +120,9 @@ SESSION_FIELDS = ("client_id", "clean_session", "will_flag", "will_message", "wi
                   "will_retain", "keep_alive", "username", "password", "remote_address", "remote_port",
                   "ssl_object", "attributes", "retained_messages", "transitions", "parent", "is_anonymous")
 RETAINED_FIELDS = ("source_session", "topic", "data", "qos")
+# The listener's connection accounting, which the hardened broker does itself (refusing, not queueing, when full).
+SERVER_METHODS = ("acquire_connection", "release_connection")
+SERVER_STATE = ("semaphore", "conn_count", "max_connections", "instance")
 
 
 def amqtt_shape_problems(installed_version: str | None = None) -> list[str]:
@@ -107,6 +148,13 @@ def amqtt_shape_problems(installed_version: str | None = None) -> list[str]:
             problems.append(f"BrokerProtocolHandler.{name} is missing")
     if "self._writer" not in inspect.getsource(StreamWriterAdapter.__init__):
         problems.append("StreamWriterAdapter no longer keeps the asyncio writer as _writer")
+    for name in SERVER_METHODS:
+        if not callable(getattr(Server, name, None)):
+            problems.append(f"Server.{name} is missing")
+    server_init = inspect.getsource(Server.__init__)
+    for name in SERVER_STATE:
+        if f"self.{name}" not in server_init:
+            problems.append(f"Server no longer sets {name}")
     session = Session()
     for name in SESSION_FIELDS:
         if not hasattr(session, name):
@@ -126,7 +174,11 @@ def abort_connection(handler: BrokerProtocolHandler) -> bool:
     under traffic; a revoked connection must end regardless. False when the
     transport is not a TCP stream (then the caller falls back to amqtt's stop).
     """
-    writer = getattr(handler, "writer", None)
+    return abort_writer(getattr(handler, "writer", None))
+
+
+def abort_writer(writer: WriterAdapter | None) -> bool:
+    """``abort_connection`` for a connection that has no handler yet (before or during CONNECT)."""
     stream = getattr(writer, "_writer", None) if isinstance(writer, StreamWriterAdapter) else None
     transport = getattr(stream, "transport", None)
     if transport is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import ssl
 from collections import deque
 from dataclasses import dataclass
@@ -34,18 +35,24 @@ from broker_plugin.amqtt_compat import (
     ConnackPacket,
     DisconnectPacket,
     ListenerConfig,
+    ListenerType,
     MachineError,
     MQTTError,
     NoDataError,
     OutgoingApplicationMessage,
     ReaderAdapter,
+    RetainedApplicationMessage,
     Session,
+    StreamReaderAdapter,
+    StreamWriterAdapter,
     WriterAdapter,
     abort_connection,
+    abort_writer,
     check_amqtt,
     format_client_message,
     gen_client_id,
 )
+from broker_plugin.framing import FramingGuard
 from broker_plugin.plugin import CONN_KEY, DeviceAuthorizationPlugin, connection_of
 from broker_plugin.subscriptions import FilterIndex
 from pdp.core.enforcement import ConnId, Disconnect, DropSession, DropSubscription
@@ -53,6 +60,20 @@ from pdp.core.topics import matches
 
 log = logging.getLogger("mqtt_pdp.broker")
 STOP_HANDLER_TIMEOUT = 2.0
+KEEP_ALIVE_FACTOR = 1.5  # [MQTT-3.1.2-24]
+# What a peer can make happen on its own connection; each ends that connection with one log line, no traceback.
+PEER_ERRORS = (AMQTTError, MQTTError, NoDataError, OSError, EOFError, asyncio.TimeoutError, asyncio.IncompleteReadError)
+
+
+def tls_failure(exc: BaseException) -> str:
+    """One line for why a TLS handshake failed: OpenSSL's verification message when there is one."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"{exc.verify_message} (certificate verify failed)"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return exc.reason.lower().replace("_", " ")
+    if isinstance(exc, TimeoutError) or (isinstance(exc, ConnectionAbortedError) and "taking longer" in str(exc)):
+        return "no TLS handshake within connect_timeout"  # asyncio aborts a slow handshake with that text
+    return str(exc) or type(exc).__name__
 
 
 @dataclass
@@ -81,6 +102,17 @@ class HardenedBroker(Broker):
         self._retained_publishers: dict[str, str] = {}  # retained topic -> the device that published it
         self._filter_index = FilterIndex()
         self._session_filters: dict[str, set[str]] = {}  # client id -> its filters
+        try:
+            self.limits = self.authz.config.broker_limits()
+        except ValueError as exc:
+            raise BrokerError(f"plugin settings: {exc}") from exc
+        self._queued_bytes: dict[str, int] = {}  # client id -> payload bytes queued for it while offline
+        self._overflowing: set[str] = set()  # client ids whose offline queue overflow was logged this spell
+        self.queued_dropped = 0  # queued messages dropped by the offline queue limits, since start
+        self.refused_full = 0  # connections closed at once because their listener was full
+        self.ended_by_guard = 0  # connections ended for a protocol violation, size or deadline
+        self.tls_refused = 0  # TLS handshakes that failed (each logged with peer and reason)
+        self._tls_contexts: dict[str, ssl.SSLContext] = {}  # listener -> the context its handshakes use
 
     # -- TLS: require a client certificate at the handshake ------------------------------
 
@@ -90,6 +122,87 @@ class HardenedBroker(Broker):
         if self.authz.config.require_client_certificate:
             context.verify_mode = ssl.CERT_REQUIRED
         return context
+
+    async def _create_server_instance(self, listener_name: str, listener_type: ListenerType, address: str | None,
+                                      port: int, ssl_context: ssl.SSLContext | None) -> Any:
+        """A TCP listener with TLS accepts plain TCP and does the handshake itself (``stream_connected``):
+        asyncio's own TLS server drops a failed handshake silently (expired, foreign CA, no
+        certificate left no line anywhere); done here, each refusal is logged with its peer and reason."""
+        if listener_type == ListenerType.TCP and ssl_context is not None:
+            self._tls_contexts[listener_name] = ssl_context
+            ssl_context = None
+        return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
+
+    async def stream_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                               listener_name: str) -> None:
+        context = self._tls_contexts.get(listener_name)
+        if context is not None:
+            peer = writer.get_extra_info("peername")
+            where = f"peer {peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unknown peer"
+            try:
+                await writer.start_tls(context, ssl_handshake_timeout=self.limits.connect_timeout)
+            except (TimeoutError, ssl.SSLError, OSError, EOFError) as exc:
+                self.tls_refused += 1
+                log.warning("TLS handshake refused: %s reason=%s", where, tls_failure(exc))
+                writer.transport.abort()
+                return
+        await self._client_connected(listener_name, StreamReaderAdapter(reader), StreamWriterAdapter(writer))
+
+    # -- every connection: a bounded slot, a framing guard, and an end on every path ---------
+
+    async def _client_connected(self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter) -> None:
+        """amqtt's connection start, with every path out releasing the listener slot.
+
+        amqtt released the slot only for its own error types: a bad CONNECT followed by a
+        TCP reset raised something else, and six such attempts locked a
+        ``max_connections: 3`` listener for good. amqtt also queued connections beyond
+        the limit (each holding a socket, unbounded); here they are closed at once.
+        """
+        server = self._servers.get(listener_name)
+        if server is None:
+            raise BrokerError(f"Invalid listener name '{listener_name}'")
+        peer = writer.get_peer_info()
+        where = f"peer {peer[0]}:{peer[1]}" if peer else "unknown peer"
+        if server.semaphore is None:  # the listener set no max_connections: ours applies
+            server.max_connections = self.limits.max_connections
+            server.semaphore = asyncio.Semaphore(self.limits.max_connections)
+        if server.semaphore.locked():
+            self.refused_full += 1
+            log.warning("listener %s full (%d connections): closing %s", listener_name, server.max_connections, where)
+            abort_writer(writer)
+            return
+        await server.acquire_connection()  # does not wait: the semaphore is not locked
+        guard = FramingGuard(reader, max_packet_size=self.limits.max_packet_size,
+                             connect_timeout=self.limits.connect_timeout, packet_timeout=self.limits.packet_timeout,
+                             on_end=lambda reason: self._guard_ended(writer, where, reason))
+        session: Session | None = None
+        try:
+            if peer is None:
+                log.warning("connection without peer address on listener %s: closed", listener_name)
+                return
+            try:
+                handler, session = await self._initialize_client_session(guard, writer, peer[0], peer[1])
+            except PEER_ERRORS as exc:
+                if guard.ended is None:
+                    log.warning("%s: no session: %s", where, exc or type(exc).__name__)
+                return
+            try:
+                await self._handle_client_session(guard, writer, session, handler, server, listener_name)
+            except PEER_ERRORS as exc:
+                log.warning("%s (client %s): session ended: %s", where, session.client_id, exc or type(exc).__name__)
+        except Exception:  # a bug, not the peer: say so once, with the traceback, and still free the slot
+            log.exception("%s: connection failed", where)
+        finally:
+            guard.cancel()
+            if session is None:
+                abort_writer(writer)
+            server.release_connection()
+
+    def _guard_ended(self, writer: WriterAdapter, where: str, reason: str) -> None:
+        """The framing guard ends a connection: drop the socket now (a hostile peer need not drain it)."""
+        self.ended_by_guard += 1
+        log.warning("%s: connection closed: %s", where, reason)
+        abort_writer(writer)
 
     # -- connect: authorize before touching any existing session (hole 3) -----------------
 
@@ -105,6 +218,8 @@ class HardenedBroker(Broker):
             with contextlib.suppress(OSError, asyncio.TimeoutError):
                 await writer.close()
             raise
+        except OSError as exc:  # e.g. amqtt answering a bad CONNECT to a peer that has reset the connection
+            raise AMQTTError(f"{where}: connection lost during CONNECT: {exc!r}") from exc
 
         admission, superseded = self.authz.admit_session(incoming, persistent=not incoming.clean_session)
         if not admission.allowed:
@@ -136,6 +251,9 @@ class HardenedBroker(Broker):
         delay = self.config.get("timeout-disconnect-delay", 0)
         if session.keep_alive > 0 and isinstance(delay, int):
             session.keep_alive += delay
+        if isinstance(reader, FramingGuard) and incoming.keep_alive > 0:
+            # amqtt's own keep-alive timer only logs; the guard ends the connection (and the will goes out).
+            reader.idle_limit = math.ceil(incoming.keep_alive * KEEP_ALIVE_FACTOR) + (delay if isinstance(delay, int) else 0)
         return handler, session
 
     async def _authenticate(self, session: Session, _: ListenerConfig) -> bool:
@@ -173,6 +291,7 @@ class HardenedBroker(Broker):
         handler.attach(client_session, reader, writer)
         self._sessions[client_session.client_id] = (client_session, handler)  # type: ignore[index]
         self._connections[conn] = _Connection(client_session, handler)
+        ended = False
         try:
             await handler.mqtt_connack_authorize(True)
             await self.plugins_manager.fire_event(
@@ -182,27 +301,49 @@ class HardenedBroker(Broker):
             await self._publish_session_retained_messages(client_session)
             for subscription in self._own_filters(client_session):
                 await self._publish_retained_messages_for_subscription(subscription, client_session)
-            await self._client_message_loop(client_session, handler)
+            ended = await self._client_message_loop(client_session, handler)
         finally:
+            if isinstance(reader, FramingGuard) and reader.ended is not None:
+                self.authz.service.ended(conn, client_session.client_id or "", reader.ended)
+            if not ended:
+                await self._end_session(client_session, handler)
             self._connections.pop(conn, None)
             self.authz.service.closed(conn)
 
-    async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
+    async def _end_session(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
+        """End a session whose loop stopped without a disconnect being handled (an error, a close): amqtt
+        returned from its loop there and left the socket open, acknowledging messages it never routed."""
+        abort_connection(handler)
+        try:
+            if client_session.transitions.state == "connected" and self._sessions.get(
+                    client_session.client_id or "", (None, None))[1] is handler:
+                lost: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                lost.set_result(None)  # as a lost connection: the will, if any, goes out
+                await self._handle_disconnect(client_session, handler, lost)
+            else:
+                await self._stop_handler(handler)
+        except Exception:  # the connection is already gone; nothing else may keep its slot
+            log.exception("ending the session of %s failed", client_session.client_id)
+
+    async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> bool:  # type: ignore[override]
         """amqtt's loop without ``logger.debug(repr(self._subscriptions))`` after every SUBSCRIBE: that
         string of every subscription in the broker is built whatever the log level, so subscribing
-        cost grew with the fleet (10,000 devices: minutes of CPU)."""
+        cost grew with the fleet (10,000 devices: minutes of CPU). True when it handled the disconnect;
+        otherwise the caller ends the session."""
         disconnect_waiter = asyncio.ensure_future(handler.wait_disconnect())
         subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
         unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
         wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
         waiters = [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver]
         connected = True
+        handled = False
         try:
             while connected:
                 done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
                 if disconnect_waiter in done:  # then, as amqtt does, still handle what arrived with it
                     await self._handle_disconnect(client_session, handler, disconnect_waiter)
                     connected = False
+                    handled = True
                 if subscribe_waiter in done:
                     await self._handle_subscription(client_session, handler, subscribe_waiter)
                     subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
@@ -211,7 +352,7 @@ class HardenedBroker(Broker):
                     unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
                 if wait_deliver in done:
                     if not await self._handle_message_delivery(client_session, handler, wait_deliver):
-                        return
+                        return handled
                     wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
                 waiters = [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver]
         except asyncio.CancelledError:
@@ -220,6 +361,33 @@ class HardenedBroker(Broker):
             for waiter in waiters:
                 waiter.cancel()
             await asyncio.gather(*waiters, return_exceptions=True)
+        return handled
+
+    async def _handle_message_delivery(self, client_session: Session, handler: BrokerProtocolHandler,
+                                       wait_deliver: Any) -> bool:
+        """amqtt's, except that a ``$`` or empty topic is refused and recorded and the session goes on
+        (amqtt returned from the loop there, leaving a connection that acknowledged and never routed).
+        False only for what must close the connection (a wildcard topic, which the framing guard already
+        refuses before amqtt parses it)."""
+        app_message = wait_deliver.result()
+        await self.plugins_manager.fire_event(
+            BrokerEvents.MESSAGE_RECEIVED, client_id=client_session.client_id, message=app_message)
+        if app_message is None:
+            return True
+        topic = app_message.topic
+        if "#" in topic or "+" in topic:
+            log.warning("%s published to %r: wildcard in a topic name [MQTT-3.3.2-2], closing",
+                        client_session.client_id, topic)
+            return False
+        # The core refuses '$' topics whatever the policy; the policy side refuses an empty topic as invalid.
+        if not self.authz.allows(client_session, "publish", topic):
+            return True
+        await self.plugins_manager.fire_event(
+            BrokerEvents.MESSAGE_BROADCAST, client_id=client_session.client_id, message=app_message)
+        await self._broadcast_message(client_session, topic, app_message.data)
+        if app_message.publish_packet and app_message.publish_packet.retain_flag:
+            await self.retain_message(client_session, topic, app_message.data, app_message.qos)
+        return True
 
     # -- every topic check goes straight to the PDP, synchronously ----------------------
 
@@ -271,17 +439,53 @@ class HardenedBroker(Broker):
             self._retained_publishers.pop(topic_name, None)
 
     async def _publish_session_retained_messages(self, session: Session) -> None:
-        """Messages queued while offline are checked again: the policy may have changed meanwhile."""
+        """Messages queued while offline are checked again: the policy may have changed meanwhile. They go
+        out with RETAIN=0: they reach the session as ordinary deliveries ([MQTT-3.3.1-9]; amqtt set 1)."""
         handler = self._get_handler(session)
         if handler is None:
             return
         tasks = []
+        self._queued_bytes.pop(session.client_id or "", None)
+        self._overflowing.discard(session.client_id or "")
         while not session.retained_messages.empty():
             queued = session.retained_messages.get_nowait()
             if self.authz.allows(session, "receive", queued.topic, "queued"):
-                tasks.append(asyncio.ensure_future(handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=True)))
+                tasks.append(asyncio.ensure_future(handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False)))
         if tasks:
             await asyncio.wait(tasks)
+
+    # -- offline queues: bounded in messages and bytes, oldest dropped first ------------------
+
+    async def _retain_broadcast_message(self, broadcast: dict[str, Any], qos: int, target_session: Session) -> None:
+        """amqtt's queueing for an offline session, bounded: amqtt queued without limit, so one device that
+        never came back could hold any amount of memory. Beyond either limit the oldest message goes
+        (the newest state is usually what a device needs on return); counted, logged once per spell."""
+        client_id = target_session.client_id or ""
+        queue = target_session.retained_messages
+        data = broadcast["data"] or b""
+        limits = self.limits
+        if queue.empty():
+            self._queued_bytes[client_id] = 0
+        if len(data) > limits.offline_queue_bytes:
+            self._overflow(client_id, 1)
+            return
+        dropped = 0
+        while not queue.empty() and (queue.qsize() >= limits.offline_queue_messages
+                                     or self._queued_bytes[client_id] + len(data) > limits.offline_queue_bytes):
+            oldest = queue.get_nowait()
+            self._queued_bytes[client_id] -= len(oldest.data or b"")
+            dropped += 1
+        if dropped:
+            self._overflow(client_id, dropped)
+        queue.put_nowait(RetainedApplicationMessage(broadcast["session"], broadcast["topic"], data, qos))
+        self._queued_bytes[client_id] += len(data)
+
+    def _overflow(self, client_id: str, dropped: int) -> None:
+        self.queued_dropped += dropped
+        if client_id not in self._overflowing:
+            self._overflowing.add(client_id)
+            log.warning("offline queue of %s is full (%d messages or %d bytes): dropping its oldest messages",
+                        client_id, self.limits.offline_queue_messages, self.limits.offline_queue_bytes)
 
     # -- will: checked again when it would be published (hole 2) ----------------------------
 
@@ -391,6 +595,11 @@ class HardenedBroker(Broker):
         if live is not None:
             abort_connection(live.handler)
             await self._stop_handler(live.handler)
+
+    async def _cleanup_session(self, client_id: str) -> None:
+        self._queued_bytes.pop(client_id, None)
+        self._overflowing.discard(client_id)
+        await super()._cleanup_session(client_id)
 
     async def _carry_out(self, action: Disconnect | DropSession | DropSubscription) -> None:
         """End what the policy no longer admits: no will, no kept subscriptions or queue."""

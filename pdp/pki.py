@@ -67,15 +67,16 @@ def make_ca(common_name: str = "mqtt-pdp development CA", days: int = 3650) -> I
     return Issued(key, cert)
 
 
-def _leaf(ca: Issued, common_name: str, san: list[x509.GeneralName], usage: x509.ObjectIdentifier,
-          not_before: datetime, not_after: datetime) -> Issued:
+def _leaf(ca: Issued, common_name: str, san: list[x509.GeneralName], usage: x509.ObjectIdentifier | None,
+          not_before: datetime, not_after: datetime, *, is_ca: bool = False) -> Issued:
     key = ec.generate_private_key(ec.SECP256R1())
     builder = (
         _builder(_name(common_name), ca.cert.subject, key, not_before, not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
     )
+    if usage is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     if san:
         builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
     return Issued(key, builder.sign(ca.key, hashes.SHA256()))
@@ -102,14 +103,19 @@ def issue_device(
     days: int = 30,
     uris: list[str] | None = None,
     common_name: str | None = None,
+    usage: x509.ObjectIdentifier | None = ExtendedKeyUsageOID.CLIENT_AUTH,
+    is_ca: bool = False,
 ) -> Issued:
-    """A client certificate whose URI SAN is the device's SPIFFE ID (or ``uris`` exactly, for tests)."""
+    """A client certificate whose URI SAN is the device's SPIFFE ID (or ``uris`` exactly, for tests).
+
+    ``usage`` (extended key usage; None for no EKU extension) and ``is_ca`` exist so that tests can
+    make the certificates a device must not be able to use."""
     now = datetime.now(timezone.utc)
     start = not_before or now - timedelta(minutes=5)
     end = not_after or now + timedelta(days=days)
     names = uris if uris is not None else [spiffe_id(trust_domain, device_id)]
     san: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in names]
-    return _leaf(ca, common_name or device_id, san, ExtendedKeyUsageOID.CLIENT_AUTH, start, end)
+    return _leaf(ca, common_name or device_id, san, usage, start, end, is_ca=is_ca)
 
 
 def load_issued(cert_path: Path, key_path: Path) -> Issued:

@@ -166,8 +166,10 @@ class Client:
         clean: bool = True,
         will: tuple[str, bytes, int, bool] | None = None,
         tls: bool = True,
+        keepalive: int = 30,
     ) -> None:
         self.port = port
+        self.keepalive = keepalive
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean, protocol=mqtt.MQTTv311
         )
@@ -205,7 +207,7 @@ class Client:
     def connect(self, timeout: float = WAIT) -> int | None:
         """The CONNACK return code, or None when the connection ended without one (e.g. TLS refused)."""
         try:
-            self.client.connect("127.0.0.1", self.port, keepalive=30)
+            self.client.connect("127.0.0.1", self.port, keepalive=self.keepalive)
         except (ssl.SSLError, OSError):
             return None
         self.client.loop_start()

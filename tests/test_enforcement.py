@@ -278,3 +278,14 @@ def test_swap_drops_subscriptions_the_new_policy_no_longer_grants(world: World) 
         DropSubscription(lab, "lab-1", "a/+", "no longer granted (no matching rule)"),
     ]
     assert world.swap(policy=TEST_POLICY) == []  # what was dropped stays dropped
+
+
+def test_dollar_topics_are_never_published_whatever_the_policy_grants(world: World) -> None:
+    world.swap(policy=TEST_POLICY + "p, sys-pub, sysmon, *, *, $SYS/#, publish, allow\n")
+    sysmon = world.admitted("sysmon-1")
+    for event in (PublishReceived(sysmon, "$SYS/broker/x"), WillDue(sysmon, "$SYS/broker/x")):
+        verdict = world.verdict(event)
+        assert (verdict.allowed, verdict.tier) == (False, "session")
+        assert verdict.decision.reason == "topics starting with '$' are reserved for the broker [MQTT-4.7.2-1]"
+    # Control: the rule itself grants it, so only the core's reservation refuses it.
+    assert world.pdp.lookup(world.pdp.registered("sysmon-1"), "publish", "$SYS/broker/x")[0].allowed

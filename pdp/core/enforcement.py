@@ -291,7 +291,14 @@ class Enforcer:
         return []
 
     def _publish(self, event: PublishReceived) -> list[Action]:
-        return [self.verdict(event.conn, "publish", event.topic)]
+        return [self._reserved(event.conn, event.topic) or self.verdict(event.conn, "publish", event.topic)]
+
+    def _reserved(self, conn: ConnId, topic: str) -> Verdict | None:
+        """``$`` topics are the broker's ([MQTT-4.7.2-1]): no client publishes there, whatever the policy grants."""
+        if not topic.startswith("$"):
+            return None
+        return Verdict(conn, "publish", topic, Decision(False, None, "topics starting with '$' are reserved for the "
+                                                        "broker [MQTT-4.7.2-1]"), SESSION_TIER, self.authority.revision)
 
     def _deliver(self, event: DeliveryDue) -> list[Action]:
         # Live, retained and queued messages alike are receives of the current snapshot (holes 1, 4).
@@ -314,7 +321,7 @@ class Enforcer:
 
     def _will(self, event: WillDue) -> list[Action]:
         # Checked when published, not only at connect: the policy may have changed meanwhile (hole 2).
-        return [self.verdict(event.conn, "publish", event.topic)]
+        return [self._reserved(event.conn, event.topic) or self.verdict(event.conn, "publish", event.topic)]
 
     def _swapped(self, _: SnapshotSwapped) -> list[Action]:
         actions: list[Action] = []

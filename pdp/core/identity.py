@@ -12,13 +12,14 @@ from datetime import datetime
 from typing import Literal
 
 from cryptography import x509
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pdp.core.topics import level_value_problem
 
 IdentitySource = Literal["uri-san", "cn"]
 SPIFFE_SCHEME = "spiffe://"
 DEVICE_PATH = "device/"
+CLIENT_AUTH = ExtendedKeyUsageOID.CLIENT_AUTH.dotted_string
 
 
 class IdentityRefused(Exception):
@@ -42,6 +43,9 @@ class CertificateInfo:
     not_after: datetime
     uris: tuple[str, ...]
     common_name: str | None
+    is_ca: bool = False  # basic constraints CA:TRUE
+    # dotted OIDs of the extended key usage extension; None when the certificate has none
+    extended_key_usage: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,19 @@ def read_certificate(der: bytes) -> CertificateInfo:
         uris = ()
     except ValueError as exc:
         raise IdentityRefused(f"malformed certificate extension: {exc}") from exc
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    except ValueError as exc:
+        raise IdentityRefused(f"malformed certificate extension: {exc}") from exc
+    try:
+        eku: tuple[str, ...] | None = tuple(
+            oid.dotted_string for oid in cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        eku = None
+    except ValueError as exc:
+        raise IdentityRefused(f"malformed certificate extension: {exc}") from exc
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     common_name = cns[0].value if len(cns) == 1 else None
     return CertificateInfo(
@@ -88,27 +105,66 @@ def read_certificate(der: bytes) -> CertificateInfo:
         not_after=cert.not_valid_after_utc,
         uris=uris,
         common_name=common_name if isinstance(common_name, str) else None,
+        is_ca=is_ca,
+        extended_key_usage=eku,
     )
 
 
+def device_certificate_problem(cert: CertificateInfo) -> str | None:
+    """Why ``cert`` cannot be a device's own certificate, or None.
+
+    A device certificate is a leaf used for TLS client authentication. OpenSSL lets a
+    CA certificate (CA:TRUE) of the trusted CA through as a client certificate, so a
+    sub-CA's key would be a device identity, and any certificate it signed could
+    follow; an extended key usage without clientAuth means the issuer meant the key
+    for something else (a server, code signing).
+    """
+    if cert.is_ca:
+        return "certificate is a CA certificate (basic constraints CA:TRUE), not a device certificate"
+    if cert.extended_key_usage is not None and CLIENT_AUTH not in cert.extended_key_usage:
+        return "certificate's extended key usage does not include clientAuth"
+    return None
+
+
+def _spiffe_domain(uri: str) -> str | None:
+    """The trust domain of a ``spiffe://`` URI in any letter case; None for any other URI."""
+    if uri[:len(SPIFFE_SCHEME)].lower() != SPIFFE_SCHEME:
+        return None
+    return uri[len(SPIFFE_SCHEME):].partition("/")[0]
+
+
 def _device_id_from_uris(uris: tuple[str, ...], trust_domain: str) -> str:
-    spiffe = [uri for uri in uris if uri.lower().startswith(SPIFFE_SCHEME)]
-    if not spiffe:
+    """The device id of the certificate's one URI SAN, which must be a SPIFFE id of ``trust_domain``.
+
+    Exactly one URI SAN: an extra identity beside the device's (another trust domain's
+    SPIFFE id, an ``https://`` URI) is an identity some other relying party would accept
+    for this key, so the certificate is refused rather than the extra name ignored.
+    Scheme and trust domain are recognised in any case (so ``SPIFFE://TEST.EXAMPLE``
+    is seen as an attempt at ours) and then must be lower case, as the SPIFFE ID
+    format requires: one identity has one spelling.
+    """
+    ours = trust_domain.lower()
+    domains = [_spiffe_domain(uri) for uri in uris]
+    if all(domain is None for domain in domains):
         raise IdentityRefused("no SPIFFE URI SAN in certificate")
-    ours: list[str] = []
-    foreign: list[str] = []
-    for uri in spiffe:
-        rest = uri[len(SPIFFE_SCHEME):]
-        domain, _, path = rest.partition("/")
-        (ours if domain.lower() == trust_domain.lower() else foreign).append(path)
-    if not ours:
-        domains = sorted({u[len(SPIFFE_SCHEME):].partition("/")[0] for u in spiffe})
-        raise IdentityRefused(f"foreign trust domain {', '.join(domains)}")
-    if len(ours) > 1:
-        raise IdentityRefused("several device identities in certificate")
-    path = ours[0]
+    if len(uris) > 1:
+        if sum(1 for d in domains if d is not None and d.lower() == ours) > 1:
+            raise IdentityRefused("several device identities in certificate")
+        others = [uri for uri, d in zip(uris, domains) if d is None or d.lower() != ours]
+        if len(others) < len(uris):
+            raise IdentityRefused(f"URI SAN {others[0]!r} beside the device's SPIFFE id: exactly one URI SAN is accepted")
+        raise IdentityRefused(f"foreign trust domain {', '.join(sorted({d for d in domains if d is not None}))}")
+    uri, domain = uris[0], domains[0]
+    assert domain is not None
+    if domain.lower() != ours:
+        raise IdentityRefused(f"foreign trust domain {domain}")
+    if not uri.startswith(SPIFFE_SCHEME) or domain != ours:
+        raise IdentityRefused(f"SPIFFE id {uri!r} is not in lower case (scheme and trust domain must be)")
+    path = uri[len(SPIFFE_SCHEME) + len(domain) + 1:]
     if not path.startswith(DEVICE_PATH):
         raise IdentityRefused(f"SPIFFE ID path is not /{DEVICE_PATH}<device-id>")
+    if "?" in path:
+        raise IdentityRefused("SPIFFE ID has a query part")
     return path[len(DEVICE_PATH):]
 
 
@@ -118,6 +174,9 @@ def derive_identity(cert: CertificateInfo, settings: IdentitySettings, now: date
         raise IdentityRefused("certificate not yet valid", cert)
     if now > cert.not_after:
         raise IdentityRefused("certificate expired", cert)
+    problem = device_certificate_problem(cert)
+    if problem is not None:
+        raise IdentityRefused(problem, cert)
     try:
         if settings.source == "cn":
             if cert.common_name is None:

@@ -166,6 +166,11 @@ class AuthorizationService:
             self.recorder.decision(self.enforcer.admission_of(action.conn), action.client_id, peer, "disconnect",
                                    None, Decision(False, None, action.reason), None, 0, self.pdp.snapshot_revision)
 
+    def ended(self, conn: ConnId, client_id: str, reason: str) -> None:
+        """A session the broker ended for what the client did on the wire (protocol violation, keep-alive,
+        size): a ``disconnect`` record like a revocation's, so the evidence says why the device went away."""
+        self._record_end(Disconnect(conn, client_id, reason))
+
     def unsubscribed(self, conn: ConnId, topic_filter: str) -> None:
         self.enforcer.handle(Unsubscribed(conn, topic_filter))
 

@@ -6,11 +6,23 @@ checks a config file against its fields, and the service is built from it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from pdp.core.admission import AdmissionSettings
 from pdp.core.identity import IdentitySettings
 from pdp.runtime.decision_point import PdpSettings
+
+
+@dataclass(frozen=True)
+class BrokerLimits:
+    """What one client may cost the broker; every limit is on by default (see ServiceSettings)."""
+
+    connect_timeout: float
+    packet_timeout: float
+    max_packet_size: int
+    max_connections: int
+    offline_queue_messages: int
+    offline_queue_bytes: int
 
 
 @dataclass
@@ -47,6 +59,31 @@ class ServiceSettings:
     anchor_dir: str = "var/anchors"  # <node>.heads, append-only, one signed head per line
     anchor_every: int = 1000  # sign after this many records...
     anchor_interval: float = 5.0  # ...or this many seconds after the first unsigned one, whichever comes first
+    # -- what one client may cost the broker (the hardened broker; stock amqtt ignores these) --
+    # TLS handshake, then the whole CONNECT packet, each within this many seconds of the previous step.
+    connect_timeout: float = 10.0
+    # A packet that has started to arrive must be complete within this many seconds (a stalled half-packet
+    # would otherwise hold its connection forever; keep-alive only bounds the gap between packets).
+    packet_timeout: float = 30.0
+    # Largest packet accepted, in bytes (fixed header excluded); a larger one closes the connection
+    # before its body is read.
+    max_packet_size: int = 262_144
+    # Connections per listener when the listener sets no max_connections; when full, new connections are
+    # closed at once (amqtt would queue them, unbounded).
+    max_connections: int = 10_000
+    # Messages queued for one offline persistent session: at most this many, and this many payload bytes;
+    # beyond either, the oldest queued message is dropped (counted, logged once per client per offline spell).
+    offline_queue_messages: int = 1000
+    offline_queue_bytes: int = 1_048_576
+
+    def broker_limits(self) -> BrokerLimits:
+        """The limits, checked: each must be positive (a limit of 0 would refuse everything)."""
+        limits = BrokerLimits(**{f.name: getattr(self, f.name) for f in fields(BrokerLimits)})
+        for f in fields(BrokerLimits):
+            value = getattr(limits, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{f.name} must be a positive number, got {value!r}")
+        return limits
 
     def pdp_settings(self) -> PdpSettings:
         if self.reload_interval <= 0:

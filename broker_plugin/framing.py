@@ -1,0 +1,265 @@
+"""A framing guard between a client's socket and amqtt's packet parser.
+
+amqtt 0.12.1 parses packets straight off the socket and is lenient where MQTT
+3.1.1 says the server MUST close the connection: an invalid UTF-8 topic becomes
+the text ``"b'...'"``, a SUBSCRIBE asking for QoS 3 is granted (and every later
+delivery to it fails), a packet of any declared size is read into memory, and a
+client that stops sending (or stops half-way through a packet) is waited for
+forever. The guard reads each packet whole first, checks it (``check_packet``,
+pure), and only then lets amqtt parse it from memory; a packet that breaks the
+protocol, is too large, or does not arrive in time ends the connection instead.
+
+amqtt sees an ended connection as end of stream, so it runs its ordinary
+abnormal-disconnect path (the will is published, [MQTT-3.1.2-8]).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from broker_plugin.amqtt_compat import ReaderAdapter
+
+log = logging.getLogger("mqtt_pdp.broker")
+
+CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
+SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 10, 11, 12, 13, 14
+SERVER_ONLY = {CONNACK: "CONNACK", SUBACK: "SUBACK", UNSUBACK: "UNSUBACK", PINGRESP: "PINGRESP"}
+FLAGS_0010 = (PUBREL, SUBSCRIBE, UNSUBSCRIBE)  # [MQTT-3.6.1-1], [MQTT-3.8.1-1], [MQTT-3.10.1-1]
+BODY_LENGTH = {PUBACK: 2, PUBREC: 2, PUBREL: 2, PUBCOMP: 2, PINGREQ: 0, DISCONNECT: 0}
+
+
+class Malformed(Exception):
+    """A packet the server must answer by closing the connection; ``str()`` is the reason, with the rule."""
+
+
+class ConnectionEnded(Exception):
+    """The guard ended the connection (violation, size, deadline); amqtt is shown end of stream."""
+
+
+def _string(body: bytes, pos: int, what: str, *, utf8: bool = True) -> tuple[str, int]:
+    """A length-prefixed field at ``pos``; strict UTF-8 without U+0000 unless it is binary data."""
+    if pos + 2 > len(body):
+        raise Malformed(f"{what}: length runs past the end of the packet")
+    end = pos + 2 + int.from_bytes(body[pos:pos + 2], "big")
+    if end > len(body):
+        raise Malformed(f"{what}: runs past the end of the packet")
+    if not utf8:
+        return "", end
+    try:
+        text = body[pos + 2:end].decode("utf-8")  # strict: overlong forms and surrogates are refused
+    except UnicodeDecodeError:
+        raise Malformed(f"{what} is not valid UTF-8 [MQTT-1.5.3-1]") from None
+    if "\x00" in text:
+        raise Malformed(f"{what} contains U+0000 [MQTT-1.5.3-2]")
+    return text, end
+
+
+def _packet_id(body: bytes, pos: int, kind: str) -> int:
+    if pos + 2 > len(body):
+        raise Malformed(f"{kind}: no packet identifier")
+    if int.from_bytes(body[pos:pos + 2], "big") == 0:
+        raise Malformed(f"{kind}: packet identifier 0 [MQTT-2.3.1-1]")
+    return pos + 2
+
+
+def _check_connect(body: bytes) -> None:
+    _, pos = _string(body, 0, "protocol name")
+    if pos + 4 > len(body):
+        raise Malformed("CONNECT: variable header too short")
+    level, flags = body[pos], body[pos + 1]
+    if level != 4:
+        return  # amqtt answers CONNACK 1 (unacceptable protocol version), [MQTT-3.1.2-2]
+    if flags & 0x01:
+        raise Malformed("CONNECT reserved flag is set [MQTT-3.1.2-3]")
+    will, will_qos = bool(flags & 0x04), (flags >> 3) & 0x03
+    if will_qos == 3:
+        raise Malformed("CONNECT will QoS 3 [MQTT-3.1.2-14]")
+    if not will and (will_qos or flags & 0x20):
+        raise Malformed("CONNECT will QoS or retain set without a will [MQTT-3.1.2-13]")
+    if not flags & 0x80 and flags & 0x40:
+        raise Malformed("CONNECT password without user name [MQTT-3.1.2-22]")
+    _, pos = _string(body, pos + 4, "client identifier")
+    if will:
+        _, pos = _string(body, pos, "will topic")
+        _, pos = _string(body, pos, "will message", utf8=False)
+    if flags & 0x80:
+        _, pos = _string(body, pos, "user name")
+    if flags & 0x40:
+        _, pos = _string(body, pos, "password", utf8=False)
+    if pos != len(body):
+        raise Malformed("CONNECT: bytes after the last field")
+
+
+def _check_publish(flags: int, body: bytes) -> None:
+    qos = (flags >> 1) & 0x03
+    if qos == 3:
+        raise Malformed("PUBLISH with QoS 3 [MQTT-3.3.1-4]")
+    topic, pos = _string(body, 0, "PUBLISH topic")
+    if "+" in topic or "#" in topic:
+        raise Malformed(f"PUBLISH topic {topic!r} contains a wildcard [MQTT-3.3.2-2]")
+    if qos:
+        _packet_id(body, pos, "PUBLISH")
+
+
+def _check_subscribe(body: bytes) -> None:
+    pos = _packet_id(body, 0, "SUBSCRIBE")
+    if pos == len(body):
+        raise Malformed("SUBSCRIBE without a topic filter [MQTT-3.8.3-3]")
+    while pos < len(body):
+        _, pos = _string(body, pos, "SUBSCRIBE topic filter")
+        if pos >= len(body):
+            raise Malformed("SUBSCRIBE topic filter without requested QoS")
+        if body[pos] > 2:
+            raise Malformed(f"SUBSCRIBE requested QoS byte {body[pos]:#04x} [MQTT-3.8.3-4]")
+        pos += 1
+
+
+def _check_unsubscribe(body: bytes) -> None:
+    pos = _packet_id(body, 0, "UNSUBSCRIBE")
+    if pos == len(body):
+        raise Malformed("UNSUBSCRIBE without a topic filter [MQTT-3.10.3-2]")
+    while pos < len(body):
+        _, pos = _string(body, pos, "UNSUBSCRIBE topic filter")
+
+
+def check_packet(first_byte: int, body: bytes, *, connected: bool) -> None:
+    """Raise Malformed unless a client may send this complete MQTT 3.1.1 packet in this state.
+
+    Pure. Checks what amqtt 0.12.1 lets through although the server must close:
+    order (CONNECT first and once), fixed-header flags, lengths, UTF-8 strings,
+    wildcards in PUBLISH topics, QoS 3, and that each field ends where the packet does
+    (so amqtt, parsing from memory, consumes exactly this packet).
+    """
+    kind, flags = first_byte >> 4, first_byte & 0x0F
+    if kind in (0, 15):
+        raise Malformed(f"reserved packet type {kind} [MQTT-2.2.1]")
+    if not connected and kind != CONNECT:
+        raise Malformed(f"first packet is type {kind}, not CONNECT [MQTT-3.1.0-1]")
+    if connected and kind == CONNECT:
+        raise Malformed("second CONNECT [MQTT-3.1.0-2]")
+    if kind in SERVER_ONLY:
+        raise Malformed(f"{SERVER_ONLY[kind]} is sent only by servers")
+    if kind != PUBLISH and flags != (0x02 if kind in FLAGS_0010 else 0):
+        raise Malformed(f"packet type {kind} with reserved flags {flags:#03x} [MQTT-2.2.2-2]")
+    expected = BODY_LENGTH.get(kind)
+    if expected is not None and len(body) != expected:
+        raise Malformed(f"packet type {kind} with remaining length {len(body)}, not {expected}")
+    if kind == CONNECT:
+        _check_connect(body)
+    elif kind == PUBLISH:
+        _check_publish(flags, body)
+    elif kind == SUBSCRIBE:
+        _check_subscribe(body)
+    elif kind == UNSUBSCRIBE:
+        _check_unsubscribe(body)
+
+
+class FramingGuard(ReaderAdapter):
+    """amqtt's reader for one connection: serves it only whole, checked packets, on time.
+
+    Before CONNECT, the whole CONNECT packet must arrive within ``connect_timeout``.
+    Then ``idle_limit`` (seconds, None for none) is how long the next packet may take
+    to start: 1.5 times the client's keep-alive ([MQTT-3.1.2-24]); a packet that has
+    started must be complete within ``packet_timeout``. Reading is
+    done by a task of the guard's own, so a reader cancelled by amqtt's own timer
+    never loses half a packet. ``on_end(reason)`` is called once when the guard
+    ends the connection; it should drop the transport.
+    """
+
+    def __init__(self, inner: ReaderAdapter, *, max_packet_size: int, connect_timeout: float,
+                 packet_timeout: float, on_end: Callable[[str], None]) -> None:
+        self._inner = inner
+        self.max_packet_size = max_packet_size
+        self.connect_timeout = connect_timeout
+        self.packet_timeout = packet_timeout
+        self.idle_limit: float | None = None
+        self.connected = False
+        self.ended: str | None = None  # why the guard ended the connection
+        self._on_end = on_end
+        self._buffer = memoryview(b"")
+        self._framing: asyncio.Future[bytes] | None = None
+
+    async def read(self, n: int = -1) -> bytes:
+        if not self._buffer:
+            if self._framing is None:
+                self._framing = asyncio.ensure_future(self._next_packet())
+                # retrieved here even when amqtt's reader was cancelled and never asks again
+                self._framing.add_done_callback(lambda f: f.cancelled() or f.exception())
+            try:
+                packet = await asyncio.shield(self._framing)
+            except ConnectionEnded:
+                raise asyncio.IncompleteReadError(b"", n if n > 0 else None) from None
+            finally:
+                if self._framing.done():
+                    self._framing = None
+            self._buffer = memoryview(packet)
+        if n < 0 or n > len(self._buffer):
+            if n > len(self._buffer):  # amqtt wants more than the packet holds: check_packet missed a case
+                self._end(f"packet shorter than its fields (parser asked for {n} bytes, {len(self._buffer)} left)")
+                raise asyncio.IncompleteReadError(bytes(self._buffer), n)
+            n = len(self._buffer)
+        data, self._buffer = bytes(self._buffer[:n]), self._buffer[n:]
+        return data
+
+    def feed_eof(self) -> None:
+        self._inner.feed_eof()
+
+    def cancel(self) -> None:
+        """Stop reading (the connection is going away)."""
+        if self._framing is not None and not self._framing.done():
+            self._framing.cancel()
+
+    def _end(self, reason: str) -> None:
+        if self.ended is None:
+            self.ended = reason
+            self._on_end(reason)
+
+    async def _read(self, n: int, deadline: float | None, what: str) -> bytes:
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            return await asyncio.wait_for(self._inner.read(n), timeout)
+        except TimeoutError:
+            self._end(what)
+            raise ConnectionEnded(what) from None
+        except (asyncio.IncompleteReadError, ConnectionError):  # end of stream: amqtt's ordinary path
+            raise ConnectionEnded("end of stream") from None
+
+    async def _next_packet(self) -> bytes:
+        if self.ended is not None:
+            raise ConnectionEnded(self.ended)
+        if not self.connected:
+            deadline: float | None = time.monotonic() + self.connect_timeout
+            idle_reason = late = f"no complete CONNECT within {self.connect_timeout:g} s"
+            first = await self._read(1, deadline, idle_reason)
+        else:
+            idle = None if self.idle_limit is None else time.monotonic() + self.idle_limit
+            idle_reason = f"keep-alive expired: no packet within {self.idle_limit or 0:g} s [MQTT-3.1.2-24]"
+            first = await self._read(1, idle, idle_reason)
+            deadline = time.monotonic() + self.packet_timeout
+            late = f"packet not complete within {self.packet_timeout:g} s"
+        header = bytearray(first)
+        length, multiplier = 0, 1
+        for _ in range(4):
+            byte = (await self._read(1, deadline, late))[0]
+            header.append(byte)
+            length += (byte & 0x7F) * multiplier
+            multiplier *= 128
+            if not byte & 0x80:
+                break
+        else:
+            self._end("remaining length longer than 4 bytes [MQTT-2.2.3]")
+            raise ConnectionEnded(self.ended or "")
+        if length > self.max_packet_size:
+            self._end(f"packet of {length} bytes exceeds max_packet_size {self.max_packet_size}")
+            raise ConnectionEnded(self.ended or "")
+        body = await self._read(length, deadline, late) if length else b""
+        try:
+            check_packet(first[0], body, connected=self.connected)
+        except Malformed as exc:
+            self._end(str(exc))
+            raise ConnectionEnded(str(exc)) from None
+        self.connected = True
+        return bytes(header) + body
