@@ -298,7 +298,7 @@ class Enforcer:
         if not topic.startswith("$"):
             return None
         return Verdict(conn, "publish", topic, Decision(False, None, "topics starting with '$' are reserved for the "
-                                                        "broker [MQTT-4.7.2-1]"), SESSION_TIER, self.authority.revision)
+                                                        "broker [MQTT-4.7.2-1]"), SESSION_TIER, self.authority.snapshot_revision)
 
     def _deliver(self, event: DeliveryDue) -> list[Action]:
         # Live, retained and queued messages alike are receives of the current snapshot (holes 1, 4).
