@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 
 import pytest
-from amqtt.broker import Broker
 
+from broker_plugin.amqtt_compat import Broker
 from broker_plugin.framing import Malformed, check_packet
 from tests.rawmqtt import (
     RawClient,

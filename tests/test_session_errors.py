@@ -12,8 +12,8 @@ import socket
 import ssl
 
 import pytest
-from amqtt.broker import Broker
 
+from broker_plugin.amqtt_compat import Broker
 from tests.rawmqtt import PINGREQ, RawClient, connect_packet, publish_packet
 from tests.support import WAIT, Client, broker_config, wait_for
 
