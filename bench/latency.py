@@ -26,8 +26,10 @@ def make_devices(count: int, rng: random.Random) -> list[Device]:
             for i in range(count)]
 
 
-def make_policy(count: int, rng: random.Random) -> str:
-    lines = []
+def make_policy(count: int, rng: random.Random, extra_topics: tuple[str, ...] = (),
+                header: tuple[str, ...] = ()) -> str:
+    """``count`` generated rules; ``extra_topics`` (formatted with ``i``) widen the choice of patterns."""
+    lines = list(header)
     for i in range(count):
         dtype = "*" if rng.random() < 0.1 else rng.choice(TYPES)
         location = "*" if rng.random() < 0.3 else rng.choice(LOCATIONS)
@@ -37,6 +39,7 @@ def make_policy(count: int, rng: random.Random) -> str:
             f"sites/{{location}}/+/cmd{i % 13}",
             f"fleet/{{type}}/group{i % 31}/#",
             f"shared/topic{i}",
+            *(extra.format(i=i) for extra in extra_topics),
         ])
         effect = "deny" if rng.random() < 0.15 else "allow"
         lines.append(f"p, rule{i}, {dtype}, {location}, {purpose}, {topic}, {rng.choice(ACTIONS)}, {effect}")
