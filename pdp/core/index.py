@@ -30,7 +30,7 @@ NO_MATCH_DECISION = decision_for(False, None)
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
 
 
-@dataclass
+@dataclass(slots=True)
 class _Node:
     literal: dict[str, _Node] = field(default_factory=dict)
     templates: list[tuple[tuple[str, ...], _Node]] = field(default_factory=list)

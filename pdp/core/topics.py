@@ -25,6 +25,7 @@ MAX_TOPIC_BYTES = 65535
 MAX_LEVEL_VALUE_LENGTH = 128
 
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f]")
 
 
 class TopicError(ValueError):
@@ -44,7 +45,7 @@ def level_value_problem(value: str) -> str | None:
     for forbidden in ("/", "+", "#"):
         if forbidden in value:
             return f"contains {forbidden!r}"
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+    if _CONTROL_RE.search(value):
         return "contains a control character"
     if value.startswith("$"):
         return "starts with '$'"

@@ -35,7 +35,7 @@ class ServiceSettings:
     client_id: str = "{device_id}"
     require_client_certificate: bool = True
     allow_plain_tcp: bool = False
-    reload_interval: float = 0.5
+    reload_interval: float = 0.25
     settle_interval: float = 0.05  # a changed file must hold still this long (two equal reads) to be applied
     crl: list[str] = field(default_factory=list)  # PEM or DER CRL files of the device CA; reloaded on change
     verify_with_casbin: bool = False
