@@ -55,6 +55,7 @@ from broker_plugin.amqtt_compat import (
 from broker_plugin.framing import FramingGuard
 from broker_plugin.plugin import CONN_KEY, DeviceAuthorizationPlugin, connection_of
 from broker_plugin.subscriptions import FilterIndex
+from pdp.core.admission import Admission
 from pdp.core.enforcement import ConnId, Disconnect, DropSession, DropSubscription
 from pdp.core.topics import matches
 
@@ -99,7 +100,7 @@ class HardenedBroker(Broker):
         self.authz.set_closer(self._carry_out, self._abort_now)
         self.authz.broker_reports_closes = True
         self._connections: dict[ConnId, _Connection] = {}  # every admitted connection with a running handler
-        self._retained_publishers: dict[str, str] = {}  # retained topic -> the device that published it
+        self._retained_publishers: dict[str, Admission] = {}  # retained topic -> how its publisher was admitted
         self._filter_index = FilterIndex()
         self._session_filters: dict[str, set[str]] = {}  # client id -> its filters
         try:
@@ -430,7 +431,7 @@ class HardenedBroker(Broker):
         if topic_name is None:
             return
         if topic_name in self._retained_messages:
-            publisher = self.authz.device_id(source_session)
+            publisher = self.authz.publisher(source_session)
             if publisher is not None:
                 self._retained_publishers[topic_name] = publisher
             else:

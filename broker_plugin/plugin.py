@@ -79,17 +79,17 @@ class DeviceAuthorizationPlugin(BaseAuthPlugin, BaseTopicPlugin):
     # -- publish / subscribe / receive / will -----------------------------------------------
 
     def allows(self, session: Session, action: str, topic: str, origin: Origin = "live",
-               publisher: str | None = None) -> bool:
+               publisher: Admission | None = None) -> bool:
         """Synchronous verdict for one request of the session's current connection; anything else is refused."""
         conn = connection_of(session)
         if conn is None:
             return False
         return self.service.allows(conn, action, topic, origin, publisher)
 
-    def device_id(self, session: Session | None) -> str | None:
-        """The device a session's connection was admitted as (the publisher a retained message remembers)."""
+    def publisher(self, session: Session | None) -> Admission | None:
+        """What a retained message remembers of its publisher: the device and the certificate it used."""
         admission = self.admission(session) if session is not None else None
-        return admission.device.device_id if admission is not None and admission.device is not None else None
+        return admission if admission is not None and admission.device is not None else None
 
     async def topic_filtering(
         self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None

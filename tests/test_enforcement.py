@@ -249,8 +249,9 @@ def test_refused_connect_registers_nothing(world: World) -> None:
 
 
 def test_retained_message_is_served_only_while_its_publisher_may_publish_it(world: World) -> None:
-    watcher = world.admitted("watcher-1")
-    retained = DeliveryDue(watcher, "a/cmd", "retained", publisher="root-1")
+    watcher, root = world.admitted("watcher-1"), world.admitted("root-1")
+    publisher = world.core.admission_of(root)
+    retained = DeliveryDue(watcher, "a/cmd", "retained", publisher=publisher)
     assert world.verdict(retained).decision.rule_id == "watcher-recv"
     assert world.verdict(DeliveryDue(watcher, "a/cmd", "retained")).allowed  # the broker's own: no publisher
     world.swap(policy=TEST_POLICY.replace("p, root-pub,", "# p, root-pub,"))
@@ -259,8 +260,22 @@ def test_retained_message_is_served_only_while_its_publisher_may_publish_it(worl
         False, "publisher", "retained message of 'root-1', which may no longer publish it (no matching rule)")
     world.swap(policy=TEST_POLICY, devices=_with_status("root-1", "suspended"))
     assert world.verdict(retained).decision.reason == "retained message of 'root-1', which is suspended"
-    gone = DeliveryDue(watcher, "a/cmd", "retained", publisher="nobody")
-    assert world.verdict(gone).decision.reason == "retained message of 'nobody', which is unknown"
+    world.swap(devices=[d for d in DEVICES if d[0] != "root-1"])
+    assert world.verdict(retained).decision.reason == "retained message of 'root-1', which is unknown"
+
+
+def test_retained_message_goes_with_its_publishing_certificate(world: World, ca: pki.Issued) -> None:
+    """A CRL entry or an unbinding is how a compromised key is answered: its retained messages stop too."""
+    watcher, root = world.admitted("watcher-1"), world.admitted("root-1")
+    retained = DeliveryDue(watcher, "a/cmd", "retained", publisher=world.core.admission_of(root))
+    assert world.verdict(retained).allowed
+    bound = [(d, t, loc, s) for d, t, loc, s in DEVICES]
+    registry = registry_yaml(bound, {"root-1": "sha256:" + "ab" * 32})
+    (world.dir / "devices.yaml").write_text(registry)
+    world.pdp.swap(world.pdp.load_if_changed())  # type: ignore[arg-type]
+    world.core.handle(SnapshotSwapped())
+    assert world.verdict(retained).decision.reason == (
+        "retained message of 'root-1', published with a certificate no longer good (certificate not bound to device)")
 
 
 def test_swap_drops_subscriptions_the_new_policy_no_longer_grants(world: World) -> None:

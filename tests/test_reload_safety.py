@@ -150,6 +150,11 @@ def test_crl_refuses_a_revoked_certificate_and_cuts_its_live_session(make_broker
     crl_path.write_bytes(pki.make_crl(test_pki.ca, []).public_bytes(Encoding.PEM))
     broker = make_broker(crl=[str(crl_path)])
     sensor, other = connect_to(broker, "sensor-1"), connect_to(broker, "sensor-2")
+    sensor.publish("sites/plant-a/sensor-1/telemetry", b"retained by the soon revoked key", qos=1, retain=True)
+    first = connect_to(broker, "dash-1")
+    assert first.subscribe("sites/plant-a/#") == 0
+    assert first.next_message().payload == b"retained by the soon revoked key"  # served while the key is good
+    first.close()
     serial = int(pki.load_issued(test_pki.device("sensor-1").cert, test_pki.device("sensor-1").key).cert.serial_number)
     attempts = broker.plugin.service.reload_attempts
     crl_path.write_bytes(pki.make_crl(test_pki.ca, [serial]).public_bytes(Encoding.DER))  # DER works as well
@@ -157,6 +162,10 @@ def test_crl_refuses_a_revoked_certificate_and_cuts_its_live_session(make_broker
     assert sensor.wait_disconnected(), "the revoked certificate's session stayed connected"
     assert not other.disconnected.is_set()
     connect_to(broker, "sensor-1", expect=5)
+    later = connect_to(broker, "dash-1")
+    assert later.subscribe("sites/plant-a/#") == 0
+    later.publish("sites/plant-a/x/cmd", b"sentinel")
+    assert [m.payload for m in later.messages_until("sites/plant-a/x/cmd")] == [b"sentinel"]
     broker.stop()
     store = AssertionStore(policy_dir.parent / "assertions.db", readonly=True)
     ends = [(r.action, r.decision, r.reason) for _, r in store.query(QueryFilters(device="sensor-1"))

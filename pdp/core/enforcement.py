@@ -61,6 +61,10 @@ class Authority(Protocol):
         """The device as the current registry has it."""
         ...
 
+    def credential_problem(self, admission: Admission) -> str | None:
+        """Why the certificate an admission was made with is no longer good (CRL, unbound), or None."""
+        ...
+
     @property
     def snapshot_revision(self) -> str: ...
 
@@ -93,7 +97,7 @@ class DeliveryDue:
     conn: ConnId
     topic: str
     origin: Origin = "live"
-    publisher: str | None = None  # device id that published a retained message; None: the broker itself
+    publisher: Admission | None = None  # admission of the connection that published a retained message; None: the broker
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,11 +313,15 @@ class Enforcer:
                                 self.authority.snapshot_revision)]
         return [self.verdict(event.conn, "receive", event.topic)]
 
-    def _retained_source_problem(self, publisher_id: str, topic: str) -> str | None:
+    def _retained_source_problem(self, admission: Admission, topic: str) -> str | None:
+        publisher_id = admission.device.device_id if admission.device is not None else "?"
         publisher = self.authority.registered(publisher_id)
         if publisher is None or publisher.status != "active":
             state = "unknown" if publisher is None else publisher.status
             return f"retained message of {publisher_id!r}, which is {state}"
+        credential = self.authority.credential_problem(admission)
+        if credential is not None:  # a compromised key's messages go with it
+            return f"retained message of {publisher_id!r}, published with a certificate no longer good ({credential})"
         decision, _, _ = self.authority.lookup(publisher, "publish", topic)
         if not decision.allowed:
             return f"retained message of {publisher_id!r}, which may no longer publish it ({decision.reason})"

@@ -211,6 +211,19 @@ class DecisionPoint:
             return "device attributes changed"
         return None
 
+    def credential_problem(self, admission: Admission) -> str | None:
+        identity = admission.identity
+        if identity is None:
+            return None
+        revoked = self.snapshot.crl.reason(identity.certificate)
+        if revoked is not None:
+            return revoked
+        device = admission.device
+        current = self.snapshot.registry.lookup(device.device_id) if device is not None else None
+        if current is not None and current.fingerprints and identity.certificate.fingerprint_sha256 not in current.fingerprints:
+            return "certificate not bound to device"
+        return None
+
     def registered(self, device_id: str) -> Device | None:
         return self.snapshot.registry.lookup(device_id)
 

@@ -65,7 +65,7 @@ Closer = Callable[[Disconnect | DropSession | DropSubscription], Awaitable[None]
 Aborter = Callable[[ConnId], None]
 
 
-def _event(conn: ConnId, action: str, topic: str, origin: Origin, publisher: str | None) -> Event:
+def _event(conn: ConnId, action: str, topic: str, origin: Origin, publisher: Admission | None) -> Event:
     if action == "publish":
         return PublishReceived(conn, topic)
     if action == "subscribe":
@@ -179,7 +179,7 @@ class AuthorizationService:
         self._peers.pop(conn, None)
 
     def allows(self, conn: ConnId, action: str, topic: str, origin: Origin = "live",
-               publisher: str | None = None) -> bool:
+               publisher: Admission | None = None) -> bool:
         """One synchronous verdict, recorded; a connection that is not admitted now gets nothing."""
         start = perf_counter_ns()
         verdict: Verdict = self.enforcer.handle(_event(conn, action, topic, origin, publisher))[0]  # type: ignore[assignment]
