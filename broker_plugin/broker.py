@@ -238,6 +238,11 @@ class HardenedBroker(Broker):
             else:
                 incoming.client_id = gen_client_id()
             incoming.parent = 0
+        elif incoming.client_id in self._sessions and self._sessions[incoming.client_id][0].clean_session:
+            # The existing session was a clean one: it ends with its connection and is never resumed
+            # [MQTT-3.1.2-6], even when the new connection arrives before the old one has gone.
+            await self._delete_session(incoming.client_id)
+            incoming.parent = 0
         elif incoming.client_id in self._sessions:
             # Same device (the client id is bound to the identity): resume, with this connection's credentials.
             session, _ = self._sessions[incoming.client_id]

@@ -173,3 +173,22 @@ def test_subscription_no_longer_granted_is_dropped_on_reload(broker, connect, po
     root.publish("a/sentinel/1", b"sentinel")
     assert [m.payload for m in watcher.messages_until("a/sentinel/1")] == [b"sentinel"]
     assert not watcher.disconnected.is_set()
+
+
+def test_persistent_takeover_of_a_clean_session_starts_fresh(broker, connect, test_pki: TestPki) -> None:
+    """[MQTT-3.1.2-6]: a clean session is never resumed, even by a takeover that arrives while it is live."""
+    from tests.rawmqtt import subscribe_packet
+
+    old = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+    assert old.connect("sensor-1", clean=True) == 0
+    assert old.send(subscribe_packet([("sites/plant-a/sensor-1/cmd", 0)]))
+    assert old.read_packet()[0] == 0x90  # SUBACK: the clean session holds the filter
+    new = connect("sensor-1", clean=False)  # takes over while the clean session is live
+    assert new.session_present is False
+    assert old.closed_by_peer()
+    dashboard = connect("dash-1")
+    dashboard.publish("sites/plant-a/sensor-1/cmd", b"not for a subscription it never made")
+    assert new.subscribe("sites/plant-a/sensor-1/cmd") == 0
+    dashboard.publish("sites/plant-a/sensor-1/cmd", b"after subscribing")
+    assert new.next_message().payload == b"after subscribing"
+    old.close()
