@@ -140,3 +140,19 @@ def test_broker_command_serves_devices_and_stops_on_sigterm(tmp_path: Path) -> N
         client.close()
     finally:
         assert broker.stop() == 0
+
+
+def test_hostile_inputs_give_one_error_line(tmp_path: Path) -> None:
+    binary = tmp_path / "binary"
+    binary.write_bytes(bytes(range(256)) * 4)
+    cases = [
+        (["check", "-c", str(binary)], f"mqtt-pdp: error: {binary}: broker config is not UTF-8 text"),
+        (["log", "query", "--db", str(binary)], "mqtt-pdp: error: cannot read the assertion database: file is not a database"),
+        (["log", "verify", "--db", str(binary)], "mqtt-pdp: error: cannot read the assertion database: file is not a database"),
+        (["pki", "--out", str(binary), "--device", "x"], f"mqtt-pdp: error: [Errno 17] File exists: '{binary}'"),
+        (["l2-key", "--out", str(tmp_path / "missing" / "k")], f"mqtt-pdp: error: {tmp_path / 'missing'} is not a directory"),
+    ]
+    for args, line in cases:
+        result = run(*args)
+        assert (result.returncode, result.stderr.splitlines()) == (2, [line]), args
+    assert not (tmp_path / "missing").exists()

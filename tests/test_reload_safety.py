@@ -130,14 +130,21 @@ def test_apply_command_validates_then_replaces_both(make_broker, test_pki: TestP
 
     refused = apply("--new-policy", str(tmp_path / "new.csv"), "--new-registry", str(tmp_path / "bad.yaml"))
     assert refused.returncode == 2
-    assert refused.stderr.startswith(f"mqtt-pdp: error: {policy_dir / 'devices.yaml'}:")
+    assert refused.stderr.startswith(f"mqtt-pdp: error: {tmp_path / 'bad.yaml'}:")  # the file given, not the live one
     assert (policy_dir / "policy.csv").read_text() == TEST_POLICY  # nothing replaced
     done = apply("--new-policy", str(tmp_path / "new.csv"), "--new-registry", str(tmp_path / "new.yaml"))
     assert done.returncode == 0, done.stderr
     revision = parse_policy((policy_dir / "model.conf").read_text(), policy, "m", "p").revision
     assert done.stdout.splitlines() == [
-        f"applied: {policy_dir / 'policy.csv'}", f"applied: {policy_dir / 'devices.yaml'}",
-        f"revision {revision}.{parse_registry(registry, 'r').revision}: 20 rules, 12 devices"]
+        f"applied: {policy_dir / 'policy.csv'} (20 rules, revision {revision})",
+        f"applied: {policy_dir / 'devices.yaml'} (12 devices, revision {parse_registry(registry, 'r').revision})"]
+    # A broken policy in place does not stop a registry change (a suspension) from being applied.
+    (policy_dir / "policy.csv").write_text(policy + "p, broken\n")
+    suspended = registry.replace("status: active", "status: suspended", 1)
+    (tmp_path / "suspend.yaml").write_text(suspended)
+    assert apply("--new-registry", str(tmp_path / "suspend.yaml")).returncode == 0
+    assert (policy_dir / "devices.yaml").read_text() == suspended
+    (policy_dir / "policy.csv").write_text(policy)
     wait_for(lambda: broker.plugin.service.pdp.snapshot_revision.startswith(revision), "the applied pair in force")
 
 
@@ -202,3 +209,15 @@ def test_session_is_cut_when_its_certificate_expires(make_broker, connect_to, te
     assert datetime.now(timezone.utc) >= expires.replace(microsecond=0)  # notAfter has whole seconds
     assert not lasting.disconnected.is_set()
     short.close()
+
+
+def test_registry_without_devices_is_rejected_not_applied(broker, connect, policy_dir: Path) -> None:
+    sensor = connect("sensor-1")
+    attempts = broker.plugin.service.reload_attempts
+    (policy_dir / "devices.yaml").write_text("devices: []\n")
+    broker.wait_reload(attempts)
+    assert broker.plugin.service.pdp.errors["registry"] == (
+        f"{policy_dir / 'devices.yaml'}: registry has no devices (it would disconnect every device; "
+        "to refuse a device, set its status to suspended or retired)")
+    assert not sensor.disconnected.is_set()
+    connect("sensor-2")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -145,7 +146,8 @@ def cmd_l2_key(args: argparse.Namespace) -> int:
     path = Path(args.out)
     if path.exists() and not args.force:
         raise CliError(f"{path} exists; every broker sharing the Redis needs the same key (use --force to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.is_dir():
+        raise CliError(f"{path.parent} is not a directory")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as out:
         out.write(secrets.token_bytes(32))
@@ -205,28 +207,30 @@ def cmd_apply(args: argparse.Namespace) -> int:
     """Validate new versions of the policy and/or registry together, then replace them together."""
     from pdp.policy.load import parse_policy, read_text
     from pdp.registry.file import parse_registry
-    from pdp.runtime.decision_point import check_client_ids
+    from pdp.runtime.decision_point import check_registry
     from pdp.runtime.settings import ServiceSettings
     from pdp.runtime.sources import write_together
 
     if not args.new_policy and not args.new_registry:
         raise CliError("nothing to apply: give --new-policy and/or --new-registry")
     model, policy_path, registry_path, settings = _pdp_paths(args)
-    new_policy = read_text(args.new_policy or policy_path, "policy")
-    new_registry = read_text(args.new_registry or registry_path, "registry")
-    # Validated as the broker will see them: under their target names, against each other.
-    policy = parse_policy(read_text(model, "model"), new_policy, model, policy_path)
-    registry = parse_registry(new_registry, registry_path)
-    check_client_ids(settings.get("client_id", ServiceSettings().client_id), registry)
-    targets = {}
+    # Each new file is validated on its own (errors name the file given), so a broken file in place
+    # never stops a registry change such as a suspension from being applied.
+    targets: dict[str, bytes] = {}
+    summary: list[str] = []
     if args.new_policy:
-        targets[policy_path] = new_policy.encode()
+        text = read_text(args.new_policy, "policy")
+        policy = parse_policy(read_text(model, "model"), text, model, args.new_policy)
+        targets[policy_path] = text.encode()
+        summary.append(f"applied: {policy_path} ({len(policy.rules)} rules, revision {policy.revision})")
     if args.new_registry:
-        targets[registry_path] = new_registry.encode()
+        text = read_text(args.new_registry, "registry")
+        registry = parse_registry(text, args.new_registry)
+        check_registry(settings.get("client_id", ServiceSettings().client_id), registry)
+        targets[registry_path] = text.encode()
+        summary.append(f"applied: {registry_path} ({len(registry)} devices, revision {registry.revision})")
     write_together(targets)
-    for path in targets:
-        print(f"applied: {path}")
-    print(f"revision {policy.revision}.{registry.revision}: {len(policy.rules)} rules, {len(registry)} devices")
+    print("\n".join(summary))
     return 0
 
 
@@ -305,6 +309,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return log_cli.run(args)
         return int(args.func(args))
     except (CliError, SourceError, LogCliError) as exc:
+        print(f"mqtt-pdp: error: {exc}", file=sys.stderr)
+        return 2
+    except sqlite3.DatabaseError as exc:  # --db names something that is not an assertion database
+        print(f"mqtt-pdp: error: cannot read the assertion database: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path that cannot be written or read, already reported by the OS
         print(f"mqtt-pdp: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -31,6 +31,8 @@ def load_broker_config(path: str | Path, *, check_files: bool = True) -> dict[st
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SourceError(str(path), None, f"cannot read broker config: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise SourceError(str(path), None, "broker config is not UTF-8 text") from None
     try:
         config = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -77,6 +77,14 @@ class Snapshot:
         return f"{base}.{self.crl.revision}" if self.crl.revision else base
 
 
+def check_registry(pattern: str, registry: FileRegistry) -> None:
+    """What a registry must satisfy before it may replace the one in force."""
+    if not registry.devices:
+        raise SourceError(registry.path, None, "registry has no devices (it would disconnect every device; "
+                                               "to refuse a device, set its status to suspended or retired)")
+    check_client_ids(pattern, registry)
+
+
 def check_client_ids(pattern: str, registry: FileRegistry) -> None:
     """Refuse a registry in which the client id pattern would let one device claim another's client ids."""
     overlap = client_id_overlap(pattern, registry.devices)
@@ -113,7 +121,7 @@ def parse_source(settings: PdpSettings, name: str, contents: dict[str, bytes | O
         path = settings.registry_path
         registry = parse_registry(decode(_bytes(contents, path, "registry"), path, "registry"), path,
                                   current.registry if current is not None else None)
-        check_client_ids(settings.admission.client_id_pattern, registry)
+        check_registry(settings.admission.client_id_pattern, registry)
         return registry
     return parse_crls([(path, _bytes(contents, path, "CRL")) for path in settings.crl_paths])
 

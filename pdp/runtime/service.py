@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timezone
@@ -56,6 +57,7 @@ from pdp.runtime.retention import prune_forever
 from pdp.runtime.settings import ServiceSettings
 
 log = logging.getLogger("mqtt_pdp.service")
+MISMATCH_LOG_INTERVAL = 60.0  # seconds between warnings about announcements this node's files do not match
 RELOAD_SWITCH_INTERVAL = 0.0005  # seconds; see AuthorizationService._load_yielding
 
 # Carries out a Disconnect or DropSession in the broker; without one, revoked connections stay open but
@@ -113,6 +115,8 @@ class AuthorizationService:
         self.reload_attempts = 0
         self.remote_reloads = 0
         self.reload_condition = threading.Condition()
+        self._mismatch_logged_at = -MISMATCH_LOG_INTERVAL
+        self._mismatches_unlogged = 0
 
     def _make_recorder(self, cfg: ServiceSettings) -> AssertionRecorder:
         if cfg.assertion_stream and not cfg.redis_url:
@@ -308,8 +312,15 @@ class AuthorizationService:
             self.remote_reloads += 1
         revision = event.get("revision")
         if result is None and revision and revision != self.pdp.snapshot_revision:
-            log.warning("node %s announced revision %s but this node's files give %s; do the brokers share "
-                        "the policy files?", event.get("node"), revision, self.pdp.snapshot_revision)
+            # Anyone who can publish on the Redis channel can send these: at most one line a minute.
+            now = time.monotonic()
+            if now - self._mismatch_logged_at >= MISMATCH_LOG_INTERVAL:
+                log.warning("node %s announced revision %s but this node's files give %s; do the brokers share "
+                            "the policy files? (%d more such announcements not logged)", safe(str(event.get("node"))),
+                            safe(str(revision)), self.pdp.snapshot_revision, self._mismatches_unlogged)
+                self._mismatch_logged_at, self._mismatches_unlogged = now, 0
+            else:
+                self._mismatches_unlogged += 1
 
     async def _warm(self, device: Device) -> None:
         """Fill L1 with what any broker already decided for this device under the current policy."""

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 APPLY_MARKER = ".mqtt-pdp-apply"
-STALE_MARKER_SECONDS = 30.0  # a marker older than this was left by a crashed writer and is ignored
+STALE_MARKER_SECONDS = 5.0  # a marker older than this was left by a crashed writer and is ignored
 
 FileSignature = tuple[tuple[str, int, int, int], ...]
 
