@@ -125,3 +125,16 @@ def test_decisions_survive_redis_outage_and_broker_reconnects(broker, connect, o
     warnings = [r for r in caplog.records if r.name == "mqtt_pdp.redis" and r.levelno == logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     assert any("is back" in r.getMessage() for r in caplog.records if r.name == "mqtt_pdp.redis")
+
+
+def test_forged_announcements_cannot_flood_the_log(make_broker, shared_redis_url, redis_prefix, caplog):
+    caplog.set_level(logging.WARNING, logger="mqtt_pdp.service")
+    broker = make_broker(redis_url=shared_redis_url, redis_prefix=redis_prefix)
+    bus = broker.plugin.service.bus
+    wait_for(lambda: bus.subscribed.is_set(), "subscribed to announcements")
+    client = redis.Redis.from_url(shared_redis_url)
+    for n in range(50):
+        client.publish(f"{redis_prefix}:events", f'{{"type": "reload", "revision": "bogus{n}", "node": "evil"}}')
+    wait_for(lambda: bus.received >= 50, "all 50 announcements handled")
+    warnings = [r.getMessage() for r in caplog.records if "announced revision" in r.getMessage()]
+    assert len(warnings) == 1 and "announced revision bogus0" in warnings[0]
