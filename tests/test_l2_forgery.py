@@ -252,6 +252,9 @@ def test_l2_key_command_writes_an_owner_only_key_once(tmp_path):
                               text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
 
     path = tmp_path / "deploy" / "l2.key"
+    missing = run("--out", str(path))
+    assert (missing.returncode, missing.stderr) == (2, f"mqtt-pdp: error: {path.parent} is not a directory\n")
+    path.parent.mkdir()
     assert run("--out", str(path)).returncode == 0
     key = load_l2_key(str(path))
     assert len(key) == 32 and path.stat().st_mode & 0o077 == 0
