@@ -203,3 +203,4 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 def _quiet_libraries() -> None:
     logging.getLogger("casbin").setLevel(logging.WARNING)
     logging.getLogger("transitions").setLevel(logging.WARNING)
+

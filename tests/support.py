@@ -151,6 +151,8 @@ class BrokerThread:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
+            if not self.thread.is_alive():
+                self.loop.close()  # its selector and self-pipe: three descriptors per broker otherwise
 
 
 class Client:

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import pickle
-import select
+import selectors
 import signal
 import struct
 import subprocess
@@ -111,7 +111,7 @@ def main() -> int:
     send(out, ("ready",))
     try:
         while True:
-            readable, _, _ = select.select([inp], [], [], 0.5)
+            readable = _readable(inp, 0.5)
             writer.tick()
             if claim is not None:
                 claim.tick()
@@ -144,6 +144,13 @@ def main() -> int:
             claim.release()
 
 
+def _readable(stream: IO[bytes], timeout: float) -> bool:
+    """select() without its limit of 1024 file descriptors (a busy broker or test process passes it)."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(stream, selectors.EVENT_READ)
+        return bool(selector.select(timeout))
+
+
 class WriterProcess:
     """The broker's handle on the writer process; restarts it and resends the batch if it dies."""
 
@@ -160,17 +167,33 @@ class WriterProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "pdp.evidence.writer", json.dumps(self.settings)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         assert self.proc.stdout is not None
-        readable, _, _ = select.select([self.proc.stdout], [], [], self.start_timeout)
-        if not readable:
-            self.proc.kill()
+        if not _readable(self.proc.stdout, self.start_timeout):
+            self._discard()
             raise SinkError("the assertion writer did not start")
         try:
             reply = receive(self.proc.stdout)
         except EOFError:
-            raise SinkError(f"the assertion writer exited with status {self.proc.wait()}") from None
+            status = self.proc.wait()
+            self._discard()
+            raise SinkError(f"the assertion writer exited with status {status}") from None
         if reply[0] == "error":
-            self.proc.wait()
+            self._discard()
             raise SinkError(reply[1])
+
+    def _discard(self) -> None:
+        """End the process (if still running) and close its pipes: a broker restarts writers many times."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+        self.proc = None
 
     def _exchange(self, message: Any) -> Any:
         assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
@@ -182,11 +205,9 @@ class WriterProcess:
             reply = self._exchange(("batch", rows, sessions, batch_id))
         except (EOFError, BrokenPipeError, OSError) as exc:
             log.error("assertion writer died (%s); restarting it and sending the batch again", exc)
-            self.restarts += 1
-            if self.proc is not None:
-                self.proc.kill()
-                self.proc.wait()
+            self._discard()
             self._start()
+            self.restarts += 1  # counted once the new writer is up: tests wait on it before killing again
             reply = self._exchange(("batch", rows, sessions, batch_id))
         if reply[0] != "ack":
             raise SinkError(f"the assertion writer could not store or spool batch {batch_id}: {reply[1]}")
@@ -202,8 +223,10 @@ class WriterProcess:
             self._exchange(("close",))
         except (EOFError, BrokenPipeError, OSError):
             log.error("assertion writer was gone at shutdown")
-        self.proc.wait(30)
-        self.proc = None
+        try:
+            self.proc.wait(30)
+        finally:
+            self._discard()
 
 
 if __name__ == "__main__":

@@ -83,7 +83,6 @@ class AuthorizationService:
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
         self.pdp = DecisionPoint(settings.pdp_settings())
-        gc.freeze()  # see _load_yielding
         self.enforcer = Enforcer(self.pdp)
         self.closer: Closer | None = None
         self.aborter: Aborter | None = None
@@ -237,7 +236,6 @@ class AuthorizationService:
                 if isinstance(loaded, Snapshot):
                     # Swap and revoke in one synchronous step: no decision after the swap sees stale attributes.
                     self.pdp.swap(loaded)
-                    gc.freeze()
                     revocations = self.enforcer.handle(SnapshotSwapped())
                     await self._carry_out(revocations)
                     if announce and self.bus is not None:
@@ -258,8 +256,9 @@ class AuthorizationService:
         loop handles meanwhile waits up to 5 ms at each of its GIL hand-overs, so while a changed file is
         loaded the interval is 0.5 ms. Worse, the load's allocations trigger full garbage collections over
         the whole heap (100,000 devices, the index), each one holding the GIL for a few hundred milliseconds:
-        so the collector is paused during the load, and the snapshots in force are frozen (``gc.freeze``:
-        they are acyclic, freed by reference counting when replaced) so later collections skip them.
+        so the collector is paused during the load. (Freezing the snapshots with ``gc.freeze`` made later
+        collections cheaper but also froze every garbage cycle pending at that moment, connections and
+        sockets included, for good: a leak per reload. It is not done.)
         """
         if not self.pdp.may_have_changed():
             return None
