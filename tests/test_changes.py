@@ -187,7 +187,10 @@ def test_persistent_takeover_of_a_clean_session_starts_fresh(broker, connect, te
     assert new.session_present is False
     assert old.closed_by_peer()
     dashboard = connect("dash-1")
+    assert dashboard.subscribe("sites/plant-a/#") == 0
     dashboard.publish("sites/plant-a/sensor-1/cmd", b"not for a subscription it never made")
+    # routed (to every target at once) by the time the dashboard gets its own copy; only then subscribe
+    assert dashboard.next_message().payload == b"not for a subscription it never made"
     assert new.subscribe("sites/plant-a/sensor-1/cmd") == 0
     dashboard.publish("sites/plant-a/sensor-1/cmd", b"after subscribing")
     assert new.next_message().payload == b"after subscribing"
