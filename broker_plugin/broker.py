@@ -100,6 +100,7 @@ class HardenedBroker(Broker):
         self.authz.set_closer(self._carry_out, self._abort_now)
         self.authz.broker_reports_closes = True
         self._connections: dict[ConnId, _Connection] = {}  # every admitted connection with a running handler
+        self._conn_of_handler: dict[int, ConnId] = {}  # id(handler) -> its connection, for the disconnect path
         self._retained_publishers: dict[str, Admission] = {}  # retained topic -> how its publisher was admitted
         self._filter_index = FilterIndex()
         self._session_filters: dict[str, set[str]] = {}  # client id -> its filters
@@ -297,6 +298,7 @@ class HardenedBroker(Broker):
         handler.attach(client_session, reader, writer)
         self._sessions[client_session.client_id] = (client_session, handler)  # type: ignore[index]
         self._connections[conn] = _Connection(client_session, handler)
+        self._conn_of_handler[id(handler)] = conn
         ended = False
         try:
             await handler.mqtt_connack_authorize(True)
@@ -314,6 +316,7 @@ class HardenedBroker(Broker):
             if not ended:
                 await self._end_session(client_session, handler)
             self._connections.pop(conn, None)
+            self._conn_of_handler.pop(id(handler), None)
             self.authz.service.closed(conn)
 
     async def _end_session(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
@@ -496,7 +499,7 @@ class HardenedBroker(Broker):
     # -- will: checked again when it would be published (hole 2) ----------------------------
 
     async def _handle_disconnect(self, client_session: Session, handler: BrokerProtocolHandler, disconnect_waiter: Any) -> None:
-        conn = next((c for c, live in self._connections.items() if live.handler is handler), None)
+        conn = self._conn_of_handler.get(id(handler))  # not a scan: mass disconnects stay linear
         if conn is not None and self.authz.service.enforcer.connection_of(client_session.client_id or "") != conn:
             # A superseded connection of a resumed session: the session, its will and its state now belong to
             # the new connection, so this one only stops (amqtt would publish the new will and mark the

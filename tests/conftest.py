@@ -158,6 +158,21 @@ def connect_to(test_pki: TestPki) -> Iterator[Callable[..., Client]]:
         client.close()
 
 
+@pytest.fixture
+def refused_reason(caplog: pytest.LogCaptureFixture) -> Callable[[str], str]:
+    """The reason the broker logged for refusing a client id's connect."""
+    caplog.set_level(logging.WARNING, logger="mqtt_pdp.service")
+
+    def reason(client_id: str) -> str:
+        for record in caplog.records:
+            message = record.getMessage()
+            if message.startswith(f"connect refused: client={client_id} "):
+                return message.split(" reason=", 1)[1]
+        raise AssertionError(f"no refusal logged for {client_id}")
+
+    return reason
+
+
 @pytest.fixture(scope="session")
 def shared_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The machine's Redis if one answers (MQTT_PDP_TEST_REDIS or 127.0.0.1:6379), else one of our own."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -18,20 +17,6 @@ def assert_exchange(connect, client, device: str = "sensor-1") -> None:
     dashboard.publish(f"sites/plant-a/{device}/cmd", b"control")
     message = client.next_message()
     assert (message.topic, message.payload) == (f"sites/plant-a/{device}/cmd", b"control")
-
-
-@pytest.fixture
-def refused_reason(caplog):
-    caplog.set_level(logging.WARNING, logger="mqtt_pdp.plugin")
-
-    def reason(client_id: str) -> str:
-        for record in caplog.records:
-            message = record.getMessage()
-            if message.startswith(f"connect refused: client={client_id} "):
-                return message.split(" reason=", 1)[1]
-        raise AssertionError(f"no refusal logged for {client_id}")
-
-    return reason
 
 
 def test_no_certificate_refused_at_tls_handshake(broker, connect):

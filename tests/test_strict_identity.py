@@ -26,20 +26,6 @@ def broker_settings():
     return {"connect_timeout": 1.0}
 
 
-@pytest.fixture
-def refused_reason(caplog):
-    caplog.set_level(logging.WARNING, logger="mqtt_pdp.plugin")
-
-    def reason(client_id: str) -> str:
-        for record in caplog.records:
-            message = record.getMessage()
-            if message.startswith(f"connect refused: client={client_id} "):
-                return message.split(" reason=", 1)[1]
-        raise AssertionError(f"no refusal logged for {client_id}")
-
-    return reason
-
-
 def control(connect) -> None:
     """Positive control: a certificate issued the ordinary way is admitted and exchanges a message."""
     sensor = connect("sensor-1")
