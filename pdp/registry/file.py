@@ -44,6 +44,14 @@ class FileRegistry:
     def __len__(self) -> int:
         return len(self.devices)
 
+    def release(self, chunk: int = 1000) -> None:
+        """Empty a replaced registry a chunk of entries at a time (see ``decision_point.release``)."""
+        for table in (self.chunks, self.lines, self.devices):
+            if isinstance(table, dict):
+                while table:
+                    for _ in range(min(chunk, len(table))):
+                        table.popitem()
+
 
 def yaml_error(path: str, exc: yaml.YAMLError) -> SourceError:
     """PyYAML's error as one line: where it failed, and where the construct it was reading began."""
@@ -173,6 +181,37 @@ _HEADER = re.compile(r"(?:[ ]*(?:#[^\n]*)?\n)*devices: *(?:#[^\n]*)?\n((?:[ ]*(?
 _OUTSIDE_SUBSET = re.compile("[^\n\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufefe\uff00-\ufffd\U00010000-\U0010ffff]")
 
 
+# Large texts are scanned, split and hashed this many characters at a time. Each step is one C call that holds
+# the GIL; a reload runs in a worker thread, and over a whole 10 MB registry one such call (the character
+# scan) held the broker's event loop for 70 ms. In pieces, the loop gets the GIL back between them.
+_PIECE = 1 << 16
+
+
+def _outside_subset(text: str) -> bool:
+    return any(_OUTSIDE_SUBSET.search(text, i, i + _PIECE) for i in range(0, len(text), _PIECE))
+
+
+def _split(text: str, sep: str) -> list[str]:
+    """``text.split(sep)``, a piece at a time (see _PIECE)."""
+    out: list[str] = []
+    start = 0
+    while True:
+        cut = text.find(sep, start + _PIECE) if start + _PIECE < len(text) else -1
+        if cut < 0:
+            out += text[start:].split(sep)
+            return out
+        out += text[start:cut].split(sep)
+        start = cut + len(sep)
+
+
+def text_revision(text: str) -> str:
+    """The first 12 hex digits of the SHA-256 of the UTF-8 text, encoded a piece at a time (see _PIECE)."""
+    digest = hashlib.sha256()
+    for i in range(0, len(text), _PIECE):
+        digest.update(text[i:i + _PIECE].encode())
+    return digest.hexdigest()[:12]
+
+
 class _NotSimple(Exception):
     """This file is outside the fast reader's subset; read it with the YAML reader."""
 
@@ -297,14 +336,14 @@ def _canonical(indent: int) -> re.Pattern[str]:
 
 def _parse_simple(text: str, path: str, previous: Mapping[tuple[int, str], Device]) -> FileRegistry:
     """The fast reader; raises _NotSimple when the file is outside its subset."""
-    if _OUTSIDE_SUBSET.search(text) or not text.endswith("\n"):
+    if _outside_subset(text) or not text.endswith("\n"):
         raise _NotSimple
     header = _HEADER.match(text)
     if header is None:
         raise _NotSimple
     indent = len(header.group(2))
     line = text.count("\n", 0, header.end()) + 1  # the first item's line
-    items = text[header.end():].split("\n" + " " * indent + "- ")
+    items = _split(text[header.end():], "\n" + " " * indent + "- ")
     devices: dict[str, Device] = {}
     first_line: dict[str, int] = {}
     chunks: dict[tuple[int, str], Device] = {}
@@ -330,7 +369,7 @@ def _parse_simple(text: str, path: str, previous: Mapping[tuple[int, str], Devic
         devices[device.device_id] = device
         first_line[device.device_id] = line
         line += chunk.count("\n") + 1
-    revision = hashlib.sha256(text.encode()).hexdigest()[:12]
+    revision = text_revision(text)
     return FileRegistry(devices=devices, revision=revision, path=path, lines=first_line, chunks=chunks)
 
 
@@ -367,7 +406,7 @@ def _parse_yaml(text: str, path: str) -> FileRegistry:
             raise SourceError(path, line, f"device {device.device_id!r} already defined at line {first_line[device.device_id]}")
         devices[device.device_id] = device
         first_line[device.device_id] = line
-    revision = hashlib.sha256(text.encode()).hexdigest()[:12]
+    revision = text_revision(text)
     return FileRegistry(devices=devices, revision=revision, path=path, lines=first_line)
 
 
