@@ -10,6 +10,8 @@ parameters we expect. Nothing outside ``broker_plugin`` imports amqtt.
 
 from __future__ import annotations
 
+import asyncio
+
 import inspect
 from importlib.metadata import version
 
@@ -68,6 +70,7 @@ __all__ = [
     "Server",
     "Session",
     "StreamReaderAdapter",
+    "stream_of",
     "StreamWriterAdapter",
     "WriterAdapter",
     "abort_connection",
@@ -186,6 +189,12 @@ def abort_writer(writer: WriterAdapter | None) -> bool:
     writer.is_closed = True  # type: ignore[union-attr]
     transport.abort()
     return True
+
+
+def stream_of(reader: ReaderAdapter) -> asyncio.StreamReader | None:
+    """The asyncio stream under amqtt's TCP reader adapter (None for other transports)."""
+    stream = getattr(reader, "_reader", None) if isinstance(reader, StreamReaderAdapter) else None
+    return stream if isinstance(stream, asyncio.StreamReader) else None
 
 
 def check_amqtt() -> None:

@@ -261,6 +261,10 @@ class HardenedBroker(Broker):
         if isinstance(reader, FramingGuard) and incoming.keep_alive > 0:
             # amqtt's own keep-alive timer only logs; the guard ends the connection (and the will goes out).
             reader.idle_limit = math.ceil(incoming.keep_alive * KEEP_ALIVE_FACTOR) + (delay if isinstance(delay, int) else 0)
+        if isinstance(reader, FramingGuard):
+            # With its keep-alive at 0, amqtt's handler skips what would only log: a wait_for (a task) around
+            # every packet read and a timer re-armed after every packet written.
+            session.keep_alive = 0
         return handler, session
 
     async def _authenticate(self, session: Session, _: ListenerConfig) -> bool:
