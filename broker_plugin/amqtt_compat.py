@@ -118,10 +118,11 @@ BROKER_STATE = ("_sessions", "_subscriptions", "_retained_messages", "_broadcast
                 "plugins_manager", "listeners_config", "config")
 HANDLER_METHODS = ("init_from_connect", "attach", "mqtt_connack_authorize", "start", "stop", "mqtt_publish",
                    "handle_connection_closed", "wait_disconnect", "get_next_pending_subscription",
-                   "get_next_pending_unsubscription", "mqtt_deliver_next_message")
+                   "get_next_pending_unsubscription", "mqtt_deliver_next_message", "handle_publish")
 SESSION_FIELDS = ("client_id", "clean_session", "will_flag", "will_message", "will_topic", "will_qos",
                   "will_retain", "keep_alive", "username", "password", "remote_address", "remote_port",
-                  "ssl_object", "attributes", "retained_messages", "transitions", "parent", "is_anonymous")
+                  "ssl_object", "attributes", "retained_messages", "transitions", "parent", "is_anonymous",
+                  "delivered_message_queue")
 RETAINED_FIELDS = ("source_session", "topic", "data", "qos")
 # The listener's connection accounting, which the hardened broker does itself (refusing, not queueing, when full).
 SERVER_METHODS = ("acquire_connection", "release_connection")

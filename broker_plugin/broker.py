@@ -53,6 +53,7 @@ from broker_plugin.amqtt_compat import (
     gen_client_id,
 )
 from broker_plugin.framing import FramingGuard
+from broker_plugin.ordering import PublishTracker
 from broker_plugin.plugin import CONN_KEY, DeviceAuthorizationPlugin, connection_of
 from broker_plugin.subscriptions import FilterIndex
 from pdp.core.admission import Admission
@@ -299,6 +300,8 @@ class HardenedBroker(Broker):
 
         conn = connection_of(client_session)
         assert conn is not None
+        if isinstance(reader, FramingGuard):
+            reader.settle = PublishTracker(handler, self.limits.packet_timeout).settled
         handler.attach(client_session, reader, writer)
         self._sessions[client_session.client_id] = (client_session, handler)  # type: ignore[index]
         self._connections[conn] = _Connection(client_session, handler)
@@ -353,7 +356,21 @@ class HardenedBroker(Broker):
         try:
             while connected:
                 done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-                if disconnect_waiter in done:  # then, as amqtt does, still handle what arrived with it
+                if disconnect_waiter in done:
+                    # First route what the PUBLISHes before it queued (see broker_plugin.ordering), then
+                    # end the session; as amqtt does, still handle the other waiters that completed with it.
+                    while True:
+                        if not wait_deliver.done():
+                            if client_session.delivered_message_queue.empty():
+                                break
+                            await asyncio.wait([wait_deliver], timeout=self.limits.packet_timeout)
+                            if not wait_deliver.done():
+                                break
+                        if wait_deliver.cancelled() or wait_deliver.exception() or wait_deliver.result() is None:
+                            break
+                        if not await self._handle_message_delivery(client_session, handler, wait_deliver):
+                            return handled
+                        wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
                     await self._handle_disconnect(client_session, handler, disconnect_waiter)
                     connected = False
                     handled = True

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from broker_plugin.amqtt_compat import ReaderAdapter, stream_of
 
@@ -185,26 +185,16 @@ class FramingGuard(ReaderAdapter):
         self._on_end = on_end
         self._buffer = memoryview(b"")
         self._framing: asyncio.Future[bytes] | None = None
+        # Awaited before amqtt is handed a DISCONNECT or an end, so that the packets before it take effect
+        # first (see broker_plugin.ordering); None until the broker sets it.
+        self.settle: Callable[[], Awaitable[None]] | None = None
         stream = stream_of(inner)
         # asyncio.StreamReader's own buffer (CPython private, checked here; without it every packet is awaited)
         self._stream = stream if isinstance(getattr(stream, "_buffer", None), bytearray) else None
 
     async def read(self, n: int = -1) -> bytes:
-        if not self._buffer and self._framing is None and (packet := self._take_buffered()) is not None:
-            self._buffer = memoryview(packet)
         if not self._buffer:
-            if self._framing is None:
-                self._framing = asyncio.ensure_future(self._next_packet())
-                # retrieved here even when amqtt's reader was cancelled and never asks again
-                self._framing.add_done_callback(lambda f: f.cancelled() or f.exception())
-            try:
-                packet = await asyncio.shield(self._framing)
-            except ConnectionEnded:
-                raise asyncio.IncompleteReadError(b"", n if n > 0 else None) from None
-            finally:
-                if self._framing.done():
-                    self._framing = None
-            self._buffer = memoryview(packet)
+            await self._next()
         if n < 0 or n > len(self._buffer):
             if n > len(self._buffer):  # amqtt wants more than the packet holds: check_packet missed a case
                 self._end(f"packet shorter than its fields (parser asked for {n} bytes, {len(self._buffer)} left)")
@@ -212,6 +202,41 @@ class FramingGuard(ReaderAdapter):
             n = len(self._buffer)
         data, self._buffer = bytes(self._buffer[:n]), self._buffer[n:]
         return data
+
+    async def _next(self) -> None:
+        """Put the next whole, checked packet in ``_buffer``; IncompleteReadError when the connection ends."""
+        packet: bytes | None = None
+        if self._framing is None:
+            # One turn of the loop before each packet, as the awaited path gives, so the tasks handling
+            # the previous packets progress before this one is looked at.
+            await asyncio.sleep(0)
+            if self._buffer:
+                return
+            try:
+                packet = self._take_buffered() if self._framing is None else None
+            except ConnectionEnded:
+                await self._settled()
+                raise asyncio.IncompleteReadError(b"", None) from None
+        if packet is None:
+            if self._framing is None:
+                self._framing = asyncio.ensure_future(self._next_packet())
+                # retrieved here even when amqtt's reader was cancelled and never asks again
+                self._framing.add_done_callback(lambda f: f.cancelled() or f.exception())
+            try:
+                packet = await asyncio.shield(self._framing)
+            except ConnectionEnded:
+                await self._settled()
+                raise asyncio.IncompleteReadError(b"", None) from None
+            finally:
+                if self._framing.done():
+                    self._framing = None
+        if packet[0] >> 4 == DISCONNECT:
+            await self._settled()
+        self._buffer = memoryview(packet)
+
+    async def _settled(self) -> None:
+        if self.settle is not None:
+            await self.settle()
 
     def feed_eof(self) -> None:
         self._inner.feed_eof()
@@ -247,7 +272,7 @@ class FramingGuard(ReaderAdapter):
             check_packet(packet[0], packet[pos:], connected=self.connected)
         except Malformed as exc:
             self._end(str(exc))
-            raise asyncio.IncompleteReadError(b"", None) from None
+            raise ConnectionEnded(str(exc)) from None
         self.connected = True
         return packet
 
