@@ -287,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pdp.cli import log_commands as log_cli
 
     log_cli.add_arguments(sub)
+    from pdp.cli import device_commands
+
+    device_commands.add_arguments(sub)
     return parser
 
 
@@ -300,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("amqtt").setLevel(logging.WARNING)
         logging.getLogger("transitions").setLevel(logging.WARNING)
     logging.getLogger("casbin").setLevel(logging.WARNING)
+    from pdp.cli.device_commands import DeviceCliError
     from pdp.cli.log_commands import LogCliError
 
     try:
@@ -308,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return log_cli.run(args)
         return int(args.func(args))
-    except (CliError, SourceError, LogCliError) as exc:
+    except (CliError, SourceError, LogCliError, DeviceCliError) as exc:
         print(f"mqtt-pdp: error: {exc}", file=sys.stderr)
         return 2
     except sqlite3.DatabaseError as exc:  # --db names something that is not an assertion database

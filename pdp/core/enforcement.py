@@ -20,7 +20,8 @@ be tested in microseconds without a broker:
 * snapshot swapped, subscriptions: every filter a connection (or offline
   session) holds is judged again; one the new snapshot no longer grants is
   dropped (MQTT 3.1.1 cannot tell the client; deliveries on it simply end).
-* clock: a connection whose certificate's notAfter has passed is revoked.
+* clock: a connection whose certificate's notAfter has passed, or whose certificate binding's
+  window has closed (the old certificate of a rotation), is revoked.
 * retained messages carry their publisher's rights (as Mosquitto's
   ``check_retain_source``): one is served only while its publisher is still
   registered, active and allowed to publish to that topic.
@@ -63,6 +64,10 @@ class Authority(Protocol):
 
     def credential_problem(self, admission: Admission) -> str | None:
         """Why the certificate an admission was made with is no longer good (CRL, unbound), or None."""
+        ...
+
+    def binding_problem(self, admission: Admission, now: datetime) -> str | None:
+        """Why the admission's certificate binding has closed by ``now`` (a rotation window), or None."""
         ...
 
     @property
@@ -364,9 +369,16 @@ class Enforcer:
         actions: list[Action] = []
         for conn, state in self._connections.items():
             identity = state.admission.identity
-            if state.online and state.revoked is None and identity is not None and identity.certificate.not_after <= event.now:
+            if not state.online or state.revoked is not None or identity is None:
+                continue
+            if identity.certificate.not_after <= event.now:
                 state.revoked = "certificate expired"
                 actions.append(Disconnect(conn, state.client_id, "certificate expired"))
+                continue
+            closed = self.authority.binding_problem(state.admission, event.now)
+            if closed is not None:  # the old certificate of a rotation: its window has just closed
+                state.revoked = closed
+                actions.append(Disconnect(conn, state.client_id, closed))
         return actions
 
     def _closed(self, event: ConnectionClosed) -> list[Action]:

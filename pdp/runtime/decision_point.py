@@ -212,10 +212,12 @@ class DecisionPoint:
             if revoked is not None:
                 return revoked
         current = self.snapshot.registry.lookup(device.device_id)
-        problem = device_problem(current, admission.identity)
+        problem = device_problem(current, admission.identity, datetime.now(timezone.utc))
         if problem is not None:
             return problem
-        if current != device:
+        if current is not None and (current.attrs != device.attrs or current.status != device.status):
+            # Certificate bindings alone do not count: binding a successor during a rotation must not cut the
+            # session of the certificate in use (device_problem above has judged that certificate already).
             return "device attributes changed"
         return None
 
@@ -230,7 +232,21 @@ class DecisionPoint:
         current = self.snapshot.registry.lookup(device.device_id) if device is not None else None
         if current is not None and current.fingerprints and identity.certificate.fingerprint_sha256 not in current.fingerprints:
             return "certificate not bound to device"
+        if current is not None and current.binding_closed(identity.certificate.fingerprint_sha256,
+                                                          datetime.now(timezone.utc)):
+            return "certificate binding window closed"
         return None
+
+    def binding_problem(self, admission: Admission, now: datetime) -> str | None:
+        """Why the binding of the certificate an admission was made with has closed by ``now`` (rotation), or None."""
+        identity, device = admission.identity, admission.device
+        if identity is None or device is None:
+            return None
+        current = self.snapshot.registry.lookup(device.device_id)
+        if current is None or not current.bindings:
+            return None
+        return device_problem(current, identity, now) if current.binding_closed(
+            identity.certificate.fingerprint_sha256, now) else None
 
     def registered(self, device_id: str) -> Device | None:
         return self.snapshot.registry.lookup(device_id)
