@@ -75,6 +75,11 @@ class ServiceSettings:
     # beyond either, the oldest queued message is dropped (counted, logged once per client per offline spell).
     offline_queue_messages: int = 1000
     offline_queue_bytes: int = 1_048_576
+    # -- shared certificates (pdp.core.sharing): one fingerprint on two live connections with different client
+    # ids, or from two source addresses within the window: a warning, a 'shared-certificate' record and a count;
+    # 'refuse' also refuses the second connection; 'off' tracks nothing.
+    shared_certificate: str = "warn"
+    shared_certificate_window: float = 60.0  # seconds
 
     def broker_limits(self) -> BrokerLimits:
         """The limits, checked: each must be positive (a limit of 0 would refuse everything)."""
