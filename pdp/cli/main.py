@@ -290,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pdp.cli import device_commands
 
     device_commands.add_arguments(sub)
+    from pdp.cli import report_commands
+
+    report_commands.add_arguments(sub)
     return parser
 
 
@@ -304,6 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("transitions").setLevel(logging.WARNING)
     logging.getLogger("casbin").setLevel(logging.WARNING)
     from pdp.cli.device_commands import DeviceCliError
+    from pdp.cli.report_commands import ReportCliError
     from pdp.cli.log_commands import LogCliError
 
     try:
@@ -312,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return log_cli.run(args)
         return int(args.func(args))
-    except (CliError, SourceError, LogCliError, DeviceCliError) as exc:
+    except (CliError, SourceError, LogCliError, DeviceCliError, ReportCliError) as exc:
         print(f"mqtt-pdp: error: {exc}", file=sys.stderr)
         return 2
     except sqlite3.DatabaseError as exc:  # --db names something that is not an assertion database
