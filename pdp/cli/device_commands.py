@@ -18,7 +18,8 @@ from typing import Any
 
 from pdp.registry.device import CertBinding, Device
 
-COMMANDS = ("list", "show", "register", "activate", "suspend", "retire", "transfer", "bind-cert", "unbind-cert")
+COMMANDS = ("list", "show", "register", "activate", "suspend", "retire", "transfer", "bind-cert", "unbind-cert",
+            "import", "export")
 
 
 class DeviceCliError(Exception):
@@ -42,11 +43,35 @@ def db_path(args: argparse.Namespace, settings: dict[str, Any]) -> str:
     return str(args.db or settings.get("assertion_db") or "var/assertions.db")
 
 
-def _load(path: str) -> tuple[str, Any]:
-    from pdp.registry.file import load_registry
+def redis_store(args: argparse.Namespace, settings: dict[str, Any], url: str) -> Any:
+    from pdp.registry.redis_registry import RedisRegistryStore
 
+    return RedisRegistryStore(url, getattr(args, "prefix", None) or settings.get("redis_prefix") or "mqtt-pdp")
+
+
+def _load(path: str, args: argparse.Namespace | None = None, settings: dict[str, Any] | None = None
+          ) -> tuple[str | None, Any]:
+    """The registry's text (None for Redis) and the registry."""
+    from pdp.registry.file import load_registry
+    from pdp.registry.redis_registry import is_redis_url
+
+    if is_redis_url(path):
+        store = redis_store(args or argparse.Namespace(), settings or {}, path)
+        try:
+            return None, _redis_call(store.load, path)
+        finally:
+            store.close()
     registry = load_registry(path)
     return Path(path).read_text(encoding="utf-8"), registry
+
+
+def _redis_call(fn: Any, where: str, *args: Any) -> Any:
+    import redis
+
+    try:
+        return fn(*args)
+    except (redis.RedisError, OSError) as exc:
+        raise DeviceCliError(f"registry at {where}: {exc}") from None
 
 
 def _lookup(registry: Any, device_id: str, path: str) -> Device:
@@ -72,7 +97,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from pdp.cli.output import emit
 
     settings = _settings(args)
-    _, registry = _load(registry_path(args, settings))
+    _, registry = _load(registry_path(args, settings), args, settings)
     rows = [device_row(d) for d in registry.devices.values()
             if (args.status is None or d.status == args.status) and (args.owner is None or d.owner == args.owner)]
     if args.format == "table":
@@ -135,7 +160,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     path = registry_path(args, settings)
-    _, registry = _load(path)
+    _, registry = _load(path, args, settings)
     device = _lookup(registry, args.device, path)
     store = _open_store(db_path(args, settings))
     try:
@@ -271,8 +296,14 @@ def cmd_change(args: argparse.Namespace) -> int:
     pattern = settings.get("client_id", ServiceSettings().client_id)
     summary: list[str] = []
 
+    from pdp.registry.redis_registry import is_redis_url
+
+    if is_redis_url(path):
+        return _change_in_redis(args, settings, path, actor, pattern)
+
     def make() -> tuple[AdminChange, Any]:
         text, registry = _load(path)  # under the database's write lock: no other administrator writes meanwhile
+        assert text is not None
         before = registry.lookup(args.device)
         if before is None and args.device_command != "register":
             raise DeviceCliError(f"unknown device {args.device!r} (not in {path})")
@@ -306,6 +337,102 @@ def cmd_change(args: argparse.Namespace) -> int:
     return 0
 
 
+def _change_in_redis(args: argparse.Namespace, settings: dict[str, Any], url: str, actor: str, pattern: str) -> int:
+    """The same change against the Redis registry: the device read, changed, written and announced atomically
+    (every broker applies it within its next message), recorded like a file change."""
+    from pdp.evidence.admin import AdminChange, admin_node, record_change
+    from pdp.registry.lifecycle import TransitionRefused, describe
+    from pdp.runtime.decision_point import check_client_ids
+
+    store = redis_store(args, settings, url)
+    summary: list[str] = []
+
+    def make() -> tuple[AdminChange, Any]:
+        before = _redis_call(store.get, url, [args.device])[args.device]
+        if before is None and args.device_command != "register":
+            raise DeviceCliError(f"unknown device {args.device!r} (not in {store.location})")
+        try:
+            after, extra = _change(args, datetime.now(timezone.utc), before, settings)
+        except TransitionRefused as exc:
+            raise DeviceCliError(str(exc)) from None
+        if "*" in pattern and before is None:  # a new id could collide with another's client ids
+            from pdp.registry.redis_registry import registry_of
+
+            registry = _redis_call(store.load, url)
+            check_client_ids(pattern, registry_of({**registry.devices, after.device_id: after}, 0, store.location))
+        change = AdminChange(actor, f"devices {args.device_command}", args.device, describe(before),
+                             describe(after), args.reason or "", **extra)
+
+        def write() -> str:
+            revision = _redis_call(store.put, url, [after])
+            summary.append(f"{args.device}: {args.device_command}: {before.status if before else 'unregistered'} -> "
+                           f"{after.status} (by {actor}; {store.location} revision r{revision})")
+            return f"r{revision}"
+
+        return change, write
+
+    try:
+        record = record_change(db_path(args, settings), make, node=args.node or admin_node())
+    finally:
+        store.close()
+    sys.stdout.write("\n".join(summary) + f"\nrecorded: {record.record_id}\n")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """File -> Redis: every device replaced at once (brokers load it all), recorded as one admin record."""
+    from pdp.evidence.admin import AdminChange, admin_node, default_actor, record_change
+    from pdp.registry.file import load_registry
+    from pdp.registry.redis_registry import is_redis_url
+    from pdp.runtime.decision_point import check_registry
+    from pdp.runtime.settings import ServiceSettings
+
+    settings = _settings(args)
+    url = args.to or settings.get("registry", "")
+    if not is_redis_url(url):
+        raise DeviceCliError("import needs a Redis registry: --to redis://... or a config whose registry is one")
+    registry = load_registry(args.file)
+    check_registry(settings.get("client_id", ServiceSettings().client_id), registry)
+    store = redis_store(args, settings, url)
+    summary: list[str] = []
+
+    def make() -> tuple[AdminChange, Any]:
+        change = AdminChange(args.actor or default_actor(), "devices import", "*", None,
+                             {"devices": len(registry), "from": args.file, "file_revision": registry.revision},
+                             args.reason or "")
+
+        def write() -> str:
+            revision = _redis_call(store.replace_all, url, registry.devices.values())
+            summary.append(f"imported {len(registry)} devices from {args.file} into {store.location} "
+                           f"(revision r{revision})")
+            return f"r{revision}"
+
+        return change, write
+
+    try:
+        record = record_change(db_path(args, settings), make, node=args.node or admin_node())
+    finally:
+        store.close()
+    sys.stdout.write("\n".join(summary) + f"\nrecorded: {record.record_id}\n")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Redis -> file (canonical layout), written atomically; reading changes nothing, so nothing is recorded."""
+    from pdp.registry.edit import render_registry
+    from pdp.registry.redis_registry import is_redis_url
+    from pdp.runtime.sources import write_together
+
+    settings = _settings(args)
+    url = args.source or settings.get("registry", "")
+    if not is_redis_url(url):
+        raise DeviceCliError("export needs a Redis registry: --from redis://... or a config whose registry is one")
+    _, registry = _load(url, args, settings)
+    write_together({args.file: render_registry(registry.devices).encode("utf-8")})
+    sys.stdout.write(f"exported {len(registry)} devices from {url} (revision {registry.revision}) to {args.file}\n")
+    return 0
+
+
 # -- the parser -------------------------------------------------------------------------------------
 
 
@@ -319,7 +446,8 @@ def add_arguments(sub: Any) -> None:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("-c", "--config", help="broker config to take the registry and database paths from")
-        p.add_argument("--registry", help="device registry file (default: from config, else policies/devices.yaml)")
+        p.add_argument("--registry", help="device registry file or redis:// URL (default: from config, else "
+                                          "policies/devices.yaml)")
         p.add_argument("--db", help="assertion database (default: assertion_db from config, else var/assertions.db)")
 
     def changing(p: argparse.ArgumentParser) -> None:
@@ -328,6 +456,7 @@ def add_arguments(sub: Any) -> None:
         p.add_argument("--actor", help="who makes the change, for the record (default: the OS user)")
         p.add_argument("--reason", help="why (a ticket number, an incident), kept in the record")
         p.add_argument("--node", help="node id the record is chained under (default: admin@<host name>)")
+        p.add_argument("--prefix", help="Redis key prefix for a Redis registry (default: redis_prefix of -c)")
         p.set_defaults(func=cmd_change)
 
     p = dsub.add_parser("list", help="devices, filtered by status or owner")
@@ -335,6 +464,7 @@ def add_arguments(sub: Any) -> None:
     p.add_argument("--status", choices=["provisioned", "active", "suspended", "retired"])
     p.add_argument("--owner")
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.add_argument("--prefix", help="Redis key prefix for a Redis registry (default: redis_prefix of -c)")
     p.set_defaults(func=cmd_list)
 
     p = dsub.add_parser("show", help="one device: attributes, certificates (last seen), sessions, recent decisions")
@@ -343,6 +473,7 @@ def add_arguments(sub: Any) -> None:
     p.add_argument("--recent", type=int, default=20, help="how many recent records to show (default: 20)")
     p.add_argument("--format", choices=["table", "json", "csv"], default="table",
                    help="csv gives the certificates table only")
+    p.add_argument("--prefix", help="Redis key prefix for a Redis registry (default: redis_prefix of -c)")
     p.set_defaults(func=cmd_show)
 
     p = dsub.add_parser("register", help="add a device (provisioned, or active with --active)")
@@ -370,6 +501,25 @@ def add_arguments(sub: Any) -> None:
     p.add_argument("pem", help="PEM file with the device's certificate")
     p.add_argument("--not-after", help="this binding ends at this time (ISO 8601; UTC unless a zone is given)")
     p.add_argument("--old-until", help="the certificates bound so far stop at this time (the rotation window)")
+
+    p = dsub.add_parser("import", help="replace the Redis registry with a registry file (recorded)",
+                        description="Replace every device of the Redis registry with those of FILE, atomically; "
+                                    "every broker following it loads the new registry.")
+    common(p)
+    p.add_argument("file", help="registry YAML file")
+    p.add_argument("--to", help="Redis URL (default: the registry of -c)")
+    p.add_argument("--prefix", help="Redis key prefix (default: redis_prefix of -c, else mqtt-pdp)")
+    p.add_argument("--actor", help="who makes the change, for the record (default: the OS user)")
+    p.add_argument("--reason", help="why, kept in the record")
+    p.add_argument("--node", help="node id the record is chained under (default: admin@<host name>)")
+    p.set_defaults(func=cmd_import)
+
+    p = dsub.add_parser("export", help="write the Redis registry to a registry file")
+    common(p)
+    p.add_argument("file", help="registry YAML file to write (replaced atomically)")
+    p.add_argument("--from", dest="source", help="Redis URL (default: the registry of -c)")
+    p.add_argument("--prefix", help="Redis key prefix (default: redis_prefix of -c, else mqtt-pdp)")
+    p.set_defaults(func=cmd_export)
 
     p = dsub.add_parser("unbind-cert", help="remove a certificate binding (its live sessions are cut)")
     changing(p)

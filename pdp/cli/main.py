@@ -173,7 +173,10 @@ def cmd_broker(args: argparse.Namespace) -> int:
         raise CliError(f"{args.config}: unknown plugin settings: {', '.join(sorted(unknown))}")
     defaults = ServiceSettings()
     load_policy(settings.get("model", defaults.model), settings.get("policy", defaults.policy))
-    load_registry(settings.get("registry", defaults.registry))
+    from pdp.registry.redis_registry import is_redis_url
+
+    if not is_redis_url(settings.get("registry", defaults.registry)):  # a Redis registry is loaded by the broker
+        load_registry(settings.get("registry", defaults.registry))
     _check_tls_files(args.config, config)
     try:
         run_broker(config)

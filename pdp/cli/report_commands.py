@@ -40,9 +40,10 @@ class Context:
 
     @cached_property
     def registry(self) -> Any:
-        from pdp.registry.file import load_registry
+        from pdp.cli.device_commands import _load
 
-        return load_registry(self.args.registry or self.settings.get("registry") or "policies/devices.yaml")
+        path = self.args.registry or self.settings.get("registry") or "policies/devices.yaml"
+        return _load(path, self.args, self.settings)[1]
 
     def facts(self, since: float | None = None) -> Any:
         from pdp.evidence.store import AssertionStore

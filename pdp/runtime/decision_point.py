@@ -53,9 +53,19 @@ class PdpSettings:
     l1_size: int = 100_000
     crl_paths: tuple[str, ...] = ()
     settle: float = 0.05  # a file must hold still this long (two equal reads) before it is applied
+    redis_prefix: str = "mqtt-pdp"  # key prefix of a Redis registry (registry_path a redis:// URL)
+
+    @property
+    def registry_in_redis(self) -> bool:
+        from pdp.registry.redis_registry import is_redis_url
+
+        return is_redis_url(self.registry_path)
 
     def sources(self) -> dict[str, tuple[str, ...]]:
-        out = {"policy": (self.model_path, self.policy_path), "registry": (self.registry_path,)}
+        """The files watched; a Redis registry is not one (it is followed by ``RegistryFollower``)."""
+        out: dict[str, tuple[str, ...]] = {"policy": (self.model_path, self.policy_path)}
+        if not self.registry_in_redis:
+            out["registry"] = (self.registry_path,)
         if self.crl_paths:
             out["crl"] = tuple(self.crl_paths)
         return out
@@ -141,6 +151,15 @@ class DecisionPoint:
         self._paths = tuple(path for paths in self._sources.values() for path in paths)
         self._signature, contents = _read_for_start(self._paths, settings.settle)
         parts = {name: parse_source(settings, name, contents) for name in self._sources}
+        if settings.registry_in_redis:
+            from pdp.registry.redis_registry import RedisRegistryStore
+
+            store = RedisRegistryStore(settings.registry_path, settings.redis_prefix)
+            try:
+                parts["registry"] = store.load()
+            finally:
+                store.close()
+            check_registry(settings.admission.client_id_pattern, parts["registry"])
         policy = parts["policy"]
         self.snapshot = Snapshot(policy, parts["registry"], PolicyIndex(policy.rules), LruCache(settings.l1_size),
                                  parts.get("crl", NO_REVOCATIONS))
@@ -300,6 +319,12 @@ class DecisionPoint:
         self._load_seconds = time.perf_counter() - started
         return Snapshot(policy, parts.get("registry", current.registry), index, LruCache(self.settings.l1_size),
                         parts.get("crl", current.crl))
+
+    def with_registry(self, registry: FileRegistry) -> Snapshot:
+        """The snapshot in force with another registry (a Redis registry's change); SourceError if unusable."""
+        check_registry(self.settings.admission.client_id_pattern, registry)
+        current = self.snapshot
+        return Snapshot(current.policy, registry, current.index, LruCache(self.settings.l1_size), current.crl)
 
     def swap(self, snapshot: Snapshot) -> None:
         """Put a loaded snapshot in force; the caller re-judges live sessions in the same synchronous step."""

@@ -49,6 +49,7 @@ from pdp.core.sharing import MODES as SHARING_MODES, SharedCertificate, SharingT
 from pdp.evidence.anchor import prune_signer
 from pdp.evidence.node import default_node_id
 from pdp.evidence.recorder import AssertionRecorder
+from pdp.errors import SourceError
 from pdp.evidence.text import safe  # device-supplied text in log lines: escaped and bounded
 from pdp.evidence.writer import WriterProcess
 from pdp.registry.device import Device
@@ -56,6 +57,7 @@ from pdp.runtime.bus import InvalidationBus
 from pdp.runtime.cache import RedisDecisionCache, load_l2_key
 from pdp.runtime.decision_point import DecisionPoint, Snapshot
 from pdp.runtime.redis_link import RedisLink
+from pdp.runtime.registry_follower import RegistryFollower
 from pdp.runtime.retention import prune_forever
 from pdp.runtime.settings import ServiceSettings
 
@@ -118,6 +120,12 @@ class AuthorizationService:
         self.sharing = (SharingTracker(settings.shared_certificate_window)
                         if settings.shared_certificate != "off" else None)
         self.shared_certificates = 0  # connections seen sharing a certificate (refused ones included)
+        self.registry_follower: RegistryFollower | None = None
+        if self.pdp.settings.registry_in_redis:
+            registry = self.pdp.snapshot.registry
+            self.registry_follower = RegistryFollower(settings.registry, settings.redis_prefix,
+                                                      int(registry.revision.lstrip("r") or 0),
+                                                      lambda: self.pdp.snapshot.registry, self.apply_registry)
         self.recorder: AssertionRecorder | None = None
         if settings.assertions:  # last: it starts the writer process, so every other setting is checked first
             self.recorder = self._make_recorder(settings)
@@ -272,6 +280,8 @@ class AuthorizationService:
             self._spawn(self.l2.run())
         if self.bus is not None:
             self._spawn(self.bus.run())
+        if self.registry_follower is not None:
+            self._spawn(self.registry_follower.run())
 
     async def _watch(self) -> None:
         while True:
@@ -300,6 +310,21 @@ class AuthorizationService:
                 self.reload_attempts += 1
                 self.reload_condition.notify_all()
         return result
+
+    async def apply_registry(self, registry: Any, revision: int) -> bool:
+        """A new version of a Redis registry: swapped in and live sessions re-judged in one step, as a reload."""
+        async with self._reload_lock:
+            try:
+                snapshot = self.pdp.with_registry(registry)
+            except SourceError as exc:
+                log.error("registry revision %d rejected, the previous version stays in force: %s", revision, exc)
+                return False
+            self.pdp.swap(snapshot)
+            await self._carry_out(self.enforcer.handle(SnapshotSwapped()))
+        with self.reload_condition:
+            self.reload_attempts += 1
+            self.reload_condition.notify_all()
+        return True
 
     def _load_yielding(self) -> Snapshot | bool | None:
         """``load_if_changed`` with the GIL handed back to the event loop quickly while it runs.
@@ -386,6 +411,11 @@ class AuthorizationService:
         # Bounded: redis-py's asyncio clients can swallow a cancellation while closing a socket
         # (seen at shutdown, Python 3.11), and a broker must still stop.
         await finish(list(self._tasks), "background task")
+        if self.registry_follower is not None:
+            try:
+                await asyncio.wait_for(self.registry_follower.close(), 2.0)
+            except (Exception, asyncio.TimeoutError):  # noqa: BLE001 - shutting down: a stuck socket must not stop it
+                log.debug("registry follower close failed", exc_info=True)
         if self.redis is not None:
             closing = asyncio.ensure_future(self.redis.close())
             if not (await asyncio.wait({closing}, timeout=2.0))[0]:

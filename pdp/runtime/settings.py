@@ -29,7 +29,7 @@ class BrokerLimits:
 class ServiceSettings:
     model: str = "policies/model.conf"
     policy: str = "policies/policy.csv"
-    registry: str = "policies/devices.yaml"
+    registry: str = "policies/devices.yaml"  # or redis://host:port/db: the shared registry (pdp.registry.redis_registry)
     trust_domain: str = "example.org"
     identity_source: str = "uri-san"
     client_id: str = "{device_id}"
@@ -108,4 +108,5 @@ class ServiceSettings:
             l1_size=self.l1_size,
             crl_paths=tuple([self.crl] if isinstance(self.crl, str) and self.crl else self.crl or ()),
             settle=self.settle_interval,
+            redis_prefix=self.redis_prefix,
         )
