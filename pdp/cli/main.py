@@ -36,6 +36,13 @@ def _pdp_paths(args: argparse.Namespace) -> tuple[str, str, str, dict[str, Any]]
     return model, policy, registry, settings
 
 
+def _registry(location: str, settings: dict[str, Any]) -> Any:
+    """The registry file, or the Redis registry when the location is a redis:// URL."""
+    from pdp.cli.device_commands import _load
+
+    return _load(location, argparse.Namespace(), settings)[1]
+
+
 def _add_policy_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", help=f"broker config to take file paths from (default: {DEFAULT_CONFIG} if present)")
     parser.add_argument("--model", help="Casbin model file (default: from config, else policies/model.conf)")
@@ -48,13 +55,12 @@ def _add_policy_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from pdp.policy.load import load_policy
-    from pdp.registry.file import load_registry
     from pdp.runtime.decision_point import check_client_ids
     from pdp.runtime.settings import ServiceSettings
 
     model, policy_path, registry_path, settings = _pdp_paths(args)
     policy = load_policy(model, policy_path)
-    registry = load_registry(registry_path)
+    registry = _registry(registry_path, settings)
     check_client_ids(settings.get("client_id", ServiceSettings().client_id), registry)
     by_status: dict[str, int] = {}
     for device in registry.devices.values():
@@ -69,15 +75,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from pdp.core.index import PolicyIndex
     from pdp.core.topics import TopicError, validate_filter, validate_topic
     from pdp.policy.load import load_policy
-    from pdp.registry.file import load_registry
 
-    model, policy_path, registry_path, _ = _pdp_paths(args)
+    model, policy_path, registry_path, settings = _pdp_paths(args)
     try:
         (validate_filter if args.action == "subscribe" else validate_topic)(args.topic)
     except TopicError as exc:
         raise CliError(str(exc)) from None
     policy = load_policy(model, policy_path)
-    registry = load_registry(registry_path)
+    registry = _registry(registry_path, settings)
     device = registry.lookup(args.device)
     if device is None:
         raise CliError(f"unknown device {args.device!r} (not in {registry_path})")
