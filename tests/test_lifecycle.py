@@ -192,3 +192,25 @@ def test_cli_changes_are_recorded_chained_and_refusals_leave_no_record(tmp_path:
     assert [d["device_id"] for d in json.loads(capsys.readouterr().out)] == ["s-2"]
     assert main(["devices", "list", *args, "--format", "csv", "--status", "retired"]) == 0
     assert capsys.readouterr().out.splitlines()[1].startswith("s-1,retired,")
+
+
+def test_admin_records_are_anchored_when_the_config_has_a_signing_key(tmp_path: Path, test_pki, capsys) -> None:
+    from tests.support import write_cli_config
+
+    policy_dir = tmp_path / "policies"
+    policy_dir.mkdir()
+    (policy_dir / "devices.yaml").write_text(COMMENTED)
+    key = tmp_path / "anchor.key"
+    assert main(["log", "keygen", "--out", str(key)]) == 0
+    config = write_cli_config(tmp_path / "cli.yaml", test_pki, policy_dir, anchor_key_file=str(key),
+                              anchor_dir=str(tmp_path / "anchors"))
+    assert main(["devices", "suspend", "s-1", "-c", str(config)]) == 0
+    assert main(["devices", "transfer", "s-2", "--owner", "sec", "-c", str(config)]) == 0
+    assert "(head signed)" in capsys.readouterr().out
+    verify = ["log", "verify", "-c", str(config), "--anchors", str(tmp_path / "anchors"), "--public-key", f"{key}.pub"]
+    assert main(verify) == 0
+    store = AssertionStore(str(tmp_path / "assertions.db"))
+    store.db.execute("DELETE FROM records WHERE seq = 2")
+    store.db.commit()
+    store.close()
+    assert main(verify) == 1  # the signed head of the transfer no longer matches

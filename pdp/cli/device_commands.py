@@ -333,7 +333,7 @@ def cmd_change(args: argparse.Namespace) -> int:
         return change, write
 
     record = record_change(db_path(args, settings), make, node=args.node or admin_node())
-    sys.stdout.write("\n".join(summary) + f"\nrecorded: {record.record_id}\n")
+    sys.stdout.write("\n".join(summary) + "\n" + _recorded(settings, record))
     return 0
 
 
@@ -375,8 +375,23 @@ def _change_in_redis(args: argparse.Namespace, settings: dict[str, Any], url: st
         record = record_change(db_path(args, settings), make, node=args.node or admin_node())
     finally:
         store.close()
-    sys.stdout.write("\n".join(summary) + f"\nrecorded: {record.record_id}\n")
+    sys.stdout.write("\n".join(summary) + "\n" + _recorded(settings, record))
     return 0
+
+
+def _recorded(settings: dict[str, Any], record: Any) -> str:
+    """The line saying where the record is; signs its head when the config has an anchor key the user can read."""
+    key_file = settings.get("anchor_key_file")
+    if not key_file:
+        return f"recorded: {record.record_id}\n"
+    from pdp.evidence.admin import anchor_record
+    from pdp.evidence.anchor import AnchorError
+
+    try:
+        anchor_record(record, key_file, settings.get("anchor_dir") or "var/anchors")
+    except (OSError, ValueError, AnchorError) as exc:
+        return f"recorded: {record.record_id} (not anchored: {exc}; log verify --anchors will say so)\n"
+    return f"recorded: {record.record_id} (head signed)\n"
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -413,7 +428,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         record = record_change(db_path(args, settings), make, node=args.node or admin_node())
     finally:
         store.close()
-    sys.stdout.write("\n".join(summary) + f"\nrecorded: {record.record_id}\n")
+    sys.stdout.write("\n".join(summary) + "\n" + _recorded(settings, record))
     return 0
 
 

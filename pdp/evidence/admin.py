@@ -99,3 +99,15 @@ def record_change(db_path: str, make: Callable[[], tuple[AdminChange, Callable[[
         return record
     finally:
         store.close()
+
+
+def anchor_record(record: AssertionRecord, key_file: str, directory: str) -> None:
+    """Sign the admin node's new head into ``directory`` (as brokers do for theirs with ``anchor_key_file``), so
+    ``log verify --anchors`` vouches for administrative records too. After the commit: a head is never signed
+    ahead of its record."""
+    from pathlib import Path
+
+    from pdp.evidence.anchor import append_signed, heads_path, load_private_key
+
+    append_signed(heads_path(Path(directory), record.node), load_private_key(key_file), "head", record.node,
+                  record.seq, record.hash, record.ts)
