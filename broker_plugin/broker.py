@@ -55,6 +55,7 @@ from broker_plugin.amqtt_compat import (
 from broker_plugin.framing import FramingGuard
 from broker_plugin.plugin import CONN_KEY, DeviceAuthorizationPlugin, connection_of
 from broker_plugin.subscriptions import FilterIndex
+from pdp.core.gateway import PREFIX as GATEWAY_PREFIX
 from pdp.core.admission import Admission
 from pdp.core.enforcement import ConnId, Disconnect, DropSession, DropSubscription
 from pdp.core.topics import matches
@@ -389,10 +390,18 @@ class HardenedBroker(Broker):
                         client_session.client_id, topic)
             return False
         # The core refuses '$' topics whatever the policy; the policy side refuses an empty topic as invalid.
-        if not self.authz.allows(client_session, "publish", topic):
+        relay: tuple[str, str] | None = None
+        if topic.startswith(GATEWAY_PREFIX):  # a gateway publishing for a child (pdp.core.gateway)
+            allowed, relay = self.authz.publish_relay(client_session, topic)
+        else:
+            allowed = self.authz.allows(client_session, "publish", topic)
+        if not allowed:
             return True
         await self.plugins_manager.fire_event(
             BrokerEvents.MESSAGE_BROADCAST, client_id=client_session.client_id, message=app_message)
+        if relay is not None:  # delivered as the child's topic; a relayed message is never retained
+            await self._broadcast_message(client_session, relay[1], app_message.data)
+            return True
         await self._broadcast_message(client_session, topic, app_message.data)
         if app_message.publish_packet and app_message.publish_packet.retain_flag:
             await self.retain_message(client_session, topic, app_message.data, app_message.qos)

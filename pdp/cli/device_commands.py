@@ -235,7 +235,8 @@ def _change(args: argparse.Namespace, now: datetime, device: Device | None, sett
             raise lifecycle.TransitionRefused(f"device {args.device!r} is already registered (status "
                                               f"{device.status})")
         attributes = {"type": args.type, "location": args.location, "purpose": args.purpose, "owner": args.owner}
-        return lifecycle.register(args.device, attributes, "active" if args.active else "provisioned"), {}
+        return lifecycle.register(args.device, attributes, "active" if args.active else "provisioned",
+                                  args.gateway or ""), {}
     assert device is not None
     if command in ("activate", "suspend", "retire"):
         return lifecycle.change_status(device, command), {}
@@ -496,6 +497,8 @@ def add_arguments(sub: Any) -> None:
     for name in ("type", "location", "purpose", "owner"):
         p.add_argument(f"--{name}", required=True)
     p.add_argument("--active", action="store_true", help="register it active (default: provisioned)")
+    p.add_argument("--gateway", metavar="ID", help="a gateway device that may publish for this one (a legacy device "
+                                                   "without a certificate): on gw/ID/<topic>, see README")
 
     for name, text in (("activate", "provisioned or suspended -> active"),
                        ("suspend", "active or provisioned -> suspended (live sessions are cut at the next reload)"),

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
 
+from pdp.core import gateway
 from pdp.core.admission import Admission, ConnectRequest
 from pdp.core.engine import Decision
 from pdp.registry.device import Device
@@ -162,6 +163,7 @@ class Verdict:
     decision: Decision
     tier: str
     snapshot_revision: str
+    relay: tuple[str, str] | None = None  # a gateway's publish: deliver as (child id, inner topic)
 
     @property
     def allowed(self) -> bool:
@@ -300,7 +302,22 @@ class Enforcer:
         return []
 
     def _publish(self, event: PublishReceived) -> list[Action]:
-        return [self._reserved(event.conn, event.topic) or self.verdict(event.conn, "publish", event.topic)]
+        verdict = self._reserved(event.conn, event.topic) or self.verdict(event.conn, "publish", event.topic)
+        if verdict.allowed and event.topic.startswith(gateway.PREFIX):
+            return [self._relayed(event.conn, event.topic, verdict)]
+        return [verdict]
+
+    def _relayed(self, conn: ConnId, topic: str, own: Verdict) -> Verdict:
+        """A gateway's publish for a child: its own rules allowed the wire topic; now the child's side."""
+        parts = gateway.split(topic)
+        device = self._connections[conn].admission.device
+        if parts is None or device is None:
+            return own  # not a relay topic (e.g. 'gw/x'): an ordinary publish the rules allowed
+        child_id, inner = parts
+        decision = gateway.child_decision(device, child_id, self.authority.registered(child_id), inner,
+                                          lambda d, a, t: self.authority.lookup(d, a, t)[0])
+        return Verdict(conn, "publish", topic, decision, own.tier, own.snapshot_revision,
+                       relay=(child_id, inner) if decision.allowed else None)
 
     def _reserved(self, conn: ConnId, topic: str) -> Verdict | None:
         """``$`` topics are the broker's ([MQTT-4.7.2-1]): no client publishes there, whatever the policy grants."""

@@ -46,6 +46,7 @@ class Device:
     status: str
     fingerprints: frozenset[str] = field(default_factory=frozenset)  # every bound certificate, bindings' too
     bindings: tuple[CertBinding, ...] = ()  # bound with metadata and an optional window (``certificates:``)
+    gateway: str = ""  # the gateway device that may act for this one (a legacy device without a certificate)
 
     def binding(self, fingerprint: str) -> CertBinding | None:
         for binding in self.bindings:
@@ -76,7 +77,7 @@ class Device:
     def attributes_revision(self) -> str:
         """Changes whenever anything a decision or admission depends on changes; part of cache keys."""
         windows = sorted(f"{b.fingerprint}@{b.not_after.isoformat() if b.not_after else ''}" for b in self.bindings)
-        text = "\0".join([*self.attrs.values(), self.status, *sorted(self.fingerprints), *windows])
+        text = "\0".join([*self.attrs.values(), self.status, *sorted(self.fingerprints), *windows, self.gateway])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

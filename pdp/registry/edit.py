@@ -34,6 +34,8 @@ def render_device(device: Device, indent: int = 2) -> str:
     lines += [f"{pad}{name}: {_scalar(value)}" for name, value in
               (("type", device.type), ("location", device.location), ("purpose", device.purpose),
                ("owner", device.owner), ("status", device.status))]
+    if device.gateway:
+        lines.append(f"{pad}gateway: {_scalar(device.gateway)}")
     bound = {b.fingerprint for b in device.bindings}
     legacy = sorted(device.fingerprints - bound)
     if legacy:

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 _STATUS = {status: status for status in STATUSES}
 _NO_FINGERPRINTS: frozenset[str] = frozenset()
-_KNOWN_FIELDS = frozenset({"id", "status", "fingerprints", "certificates", *ATTRIBUTE_FIELDS})
+_KNOWN_FIELDS = frozenset({"id", "status", "fingerprints", "certificates", "gateway", *ATTRIBUTE_FIELDS})
 # The fields of one ``certificates:`` item (a binding): only ``fingerprint`` is required.
 BINDING_FIELDS = ("fingerprint", "serial", "issuer", "expires", "not_after")
 
@@ -170,6 +170,16 @@ def _build_device(entries: Iterable[Entry], line: int, path: str, intern: dict[s
     status = values["status"]
     if status not in STATUSES:
         raise SourceError(path, lines["status"], f"status {status!r} is not one of {', '.join(STATUSES)}")
+    gateway = values.get("gateway", "")
+    if gateway:
+        problem = _value_problem(gateway)
+        if problem is not None:
+            raise SourceError(path, lines["gateway"], f"gateway {gateway!r} {problem}")
+        if gateway == values["id"]:
+            raise SourceError(path, lines["gateway"], "a device cannot be its own gateway")
+        return Device(values["id"], values["type"], values["location"], values["purpose"], values["owner"],
+                      _STATUS[status], frozenset(fingerprints | {b.fingerprint for b in bindings or ()}),
+                      tuple(bindings or ()), gateway)
     if bindings:
         overlap = fingerprints & {b.fingerprint for b in bindings}
         if overlap:

@@ -33,7 +33,7 @@ def _live(device: Device, what: str) -> None:
                                 "(register a new device id instead)")
 
 
-def register(device_id: str, attributes: dict[str, str], status: str = "provisioned") -> Device:
+def register(device_id: str, attributes: dict[str, str], status: str = "provisioned", gateway: str = "") -> Device:
     if status not in ("provisioned", "active"):
         raise TransitionRefused(f"a new device starts provisioned or active, not {status!r}")
     for name, value in {"id": device_id, **attributes}.items():
@@ -43,8 +43,10 @@ def register(device_id: str, attributes: dict[str, str], status: str = "provisio
     missing = [name for name in ATTRIBUTE_FIELDS if not attributes.get(name)]
     if missing:
         raise TransitionRefused(f"a new device needs {', '.join(missing)}")
+    if gateway and (level_value_problem(gateway) is not None or gateway == device_id):
+        raise TransitionRefused(f"gateway {gateway!r} is not a valid gateway device id for {device_id!r}")
     return Device(device_id, attributes["type"], attributes["location"], attributes["purpose"], attributes["owner"],
-                  status)
+                  status, gateway=gateway)
 
 
 def change_status(device: Device, command: str) -> Device:
@@ -123,6 +125,7 @@ def describe(device: Device | None) -> dict[str, object] | None:
     legacy = sorted(device.fingerprints - {b.fingerprint for b in device.bindings})
     return {
         "id": device.device_id, **device.attributes(), "status": device.status,
+        **({"gateway": device.gateway} if device.gateway else {}),
         "certificates": [
             {"fingerprint": fp} for fp in legacy
         ] + [

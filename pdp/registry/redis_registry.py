@@ -51,15 +51,19 @@ def encode(device: Device) -> str:
     return json.dumps([device.type, device.location, device.purpose, device.owner, device.status,
                        sorted(device.fingerprints - bound),
                        [[b.fingerprint, format_time(b.not_after) or None, b.serial, b.issuer,
-                         format_time(b.expires) or None] for b in device.bindings]], separators=(",", ":"))
+                         format_time(b.expires) or None] for b in device.bindings],
+                       *([device.gateway] if device.gateway else [])], separators=(",", ":"))
 
 
 def decode(device_id: str, text: str | bytes, intern: dict[str, str]) -> Device:
     """ValueError when the entry is not one ``encode`` could have written with valid values."""
     data = json.loads(text)
-    if not isinstance(data, list) or len(data) != 7:
+    if not isinstance(data, list) or len(data) not in (7, 8):
         raise ValueError("not a device entry")
-    dtype, location, purpose, owner, status, legacy, bindings = data
+    dtype, location, purpose, owner, status, legacy, bindings = data[:7]
+    gateway = data[7] if len(data) == 8 else ""
+    if not isinstance(gateway, str) or (gateway and level_value_problem(gateway) is not None):
+        raise ValueError(f"gateway {gateway!r} is not a device id")
     values = []
     for name, value in (("id", device_id), ("type", dtype), ("location", location), ("purpose", purpose),
                         ("owner", owner)):
@@ -80,7 +84,7 @@ def decode(device_id: str, text: str | bytes, intern: dict[str, str]) -> Device:
                           for fp, until, serial, issuer, expires in bindings)
     fingerprints |= {b.fingerprint for b in cert_bindings}
     return Device(values[0], values[1], values[2], values[3], values[4], _STATUS[status], frozenset(fingerprints),
-                  cert_bindings)
+                  cert_bindings, gateway)
 
 
 def decode_all(entries: Iterable[tuple[Any, Any]], location: str) -> dict[str, Device]:

@@ -244,6 +244,16 @@ class AuthorizationService:
     def allows(self, conn: ConnId, action: str, topic: str, origin: Origin = "live",
                publisher: Admission | None = None) -> bool:
         """One synchronous verdict, recorded; a connection that is not admitted now gets nothing."""
+        return self.verdict(conn, action, topic, origin, publisher).allowed
+
+    def publish_relay(self, conn: ConnId, topic: str) -> tuple[bool, tuple[str, str] | None]:
+        """A publish that may be a gateway's relay (``pdp.core.gateway``): allowed, and (child, inner topic) to
+        deliver it as, or None for an ordinary publish."""
+        verdict = self.verdict(conn, "publish", topic)
+        return verdict.allowed, verdict.relay
+
+    def verdict(self, conn: ConnId, action: str, topic: str, origin: Origin = "live",
+                publisher: Admission | None = None) -> Verdict:
         start = perf_counter_ns()
         verdict: Verdict = self.enforcer.handle(_event(conn, action, topic, origin, publisher))[0]  # type: ignore[assignment]
         if self.recorder is not None:
@@ -256,7 +266,7 @@ class AuthorizationService:
         elif log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s %s %s: %s", safe(self._peers.get(conn, (None,))[0]), verdict.action, safe(topic),
                       "allowed" if verdict.allowed else "denied", safe(verdict.decision.reason))
-        return verdict.allowed
+        return verdict
 
     # -- background: reloads, clock, Redis, retention ---------------------------------------------
 
