@@ -214,3 +214,12 @@ def test_admin_records_are_anchored_when_the_config_has_a_signing_key(tmp_path: 
     store.db.commit()
     store.close()
     assert main(verify) == 1  # the signed head of the transfer no longer matches
+
+
+def test_gateway_relation_reads_back_and_a_device_is_not_its_own_gateway() -> None:
+    child = lifecycle.register("leg-1", {"type": "sensor", "location": "a", "purpose": "t", "owner": "o"},
+                               gateway="gw-1")
+    text = render_registry([child])
+    assert "    gateway: gw-1\n" in text and parse_registry(text, "devices.yaml").devices["leg-1"] == child
+    with pytest.raises(Exception, match="devices.yaml:8: a device cannot be its own gateway"):
+        parse_registry(text.replace("gateway: gw-1", "gateway: leg-1"), "devices.yaml")

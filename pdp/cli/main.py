@@ -232,6 +232,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
         targets[policy_path] = text.encode()
         summary.append(f"applied: {policy_path} ({len(policy.rules)} rules, revision {policy.revision})")
     if args.new_registry:
+        from pdp.registry.redis_registry import is_redis_url
+
+        if is_redis_url(registry_path):
+            raise CliError(f"the registry is in Redis ({registry_path}); use mqtt-pdp devices import {args.new_registry}")
         text = read_text(args.new_registry, "registry")
         registry = parse_registry(text, args.new_registry)
         check_registry(settings.get("client_id", ServiceSettings().client_id), registry)

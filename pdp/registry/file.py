@@ -177,15 +177,13 @@ def _build_device(entries: Iterable[Entry], line: int, path: str, intern: dict[s
             raise SourceError(path, lines["gateway"], f"gateway {gateway!r} {problem}")
         if gateway == values["id"]:
             raise SourceError(path, lines["gateway"], "a device cannot be its own gateway")
-        return Device(values["id"], values["type"], values["location"], values["purpose"], values["owner"],
-                      _STATUS[status], frozenset(fingerprints | {b.fingerprint for b in bindings or ()}),
-                      tuple(bindings or ()), gateway)
-    if bindings:
-        overlap = fingerprints & {b.fingerprint for b in bindings}
+    if bindings or gateway:
+        bound = {b.fingerprint for b in bindings or ()}
+        overlap = fingerprints & bound
         if overlap:
             raise SourceError(path, line, f"fingerprint {min(overlap)} is under both fingerprints and certificates")
         return Device(values["id"], values["type"], values["location"], values["purpose"], values["owner"],
-                      _STATUS[status], frozenset(fingerprints | {b.fingerprint for b in bindings}), tuple(bindings))
+                      _STATUS[status], frozenset(fingerprints | bound), tuple(bindings or ()), gateway)
     return Device(values["id"], values["type"], values["location"], values["purpose"], values["owner"],
                   _STATUS[status], frozenset(fingerprints) if fingerprints else _NO_FINGERPRINTS)
 

@@ -154,9 +154,13 @@ class DecisionPoint:
         if settings.registry_in_redis:
             from pdp.registry.redis_registry import RedisRegistryStore
 
+            from pdp.runtime.redis_link import REDIS_ERRORS
+
             store = RedisRegistryStore(settings.registry_path, settings.redis_prefix)
             try:
                 parts["registry"] = store.load()
+            except REDIS_ERRORS as exc:  # no registry, no admissions: the broker does not start without it
+                raise SourceError(store.location, None, f"cannot read the registry: {exc}") from None
             finally:
                 store.close()
             check_registry(settings.admission.client_id_pattern, parts["registry"])
