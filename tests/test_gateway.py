@@ -41,6 +41,8 @@ def test_split() -> None:
 
 
 RULES = """p, gw-relay, gateway, *, *, gw/+/sites/{location}/#, publish, allow
+p, gw-relay-sub, gateway, *, *, gw/+/sites/{location}/#, subscribe, allow
+p, gw-relay-recv, gateway, *, *, gw/+/sites/{location}/#, receive, allow
 p, gw-status, gateway, *, *, gw-status/{device_id}, publish, allow
 """
 
@@ -54,19 +56,27 @@ def test_gateway_relays_within_the_childs_and_its_own_rights(make_broker, connec
 
     assert cli("register", "gw-1", "--type", "gateway", "--location", "plant-a", "--purpose", "relay",
                "--owner", "ops", "--active") == 0
-    for child, location in (("legacy-1", "plant-a"), ("legacy-2", "plant-b")):
+    for child, location in (("legacy-1", "plant-a"), ("legacy-2", "plant-b"), ("legacy-3", "plant-a")):
         assert cli("register", child, "--type", "sensor", "--location", location, "--purpose", "telemetry",
                    "--owner", "ops", "--active", "--gateway", "gw-1") == 0
     broker = make_broker()
     watcher = connect_to(broker, "root-1")
     assert watcher.subscribe("#") == 0
     gw = connect_to(broker, "gw-1")
+    dash = connect_to(broker, "dash-1")
+    assert gw.subscribe("gw/legacy-1/sites/plant-a/legacy-1/cmd") == 0  # the child's commands, for the gateway
+    assert gw.subscribe("gw/legacy-3/sites/plant-a/legacy-3/cmd") == 0
+    assert gw.subscribe("gw/legacy-1/sites/plant-a/#") == 0x80  # beyond the child's rights
+    assert gw.subscribe("gw/legacy-2/sites/plant-b/legacy-2/cmd") == 0x80  # beyond the gateway's (plant-a only)
+    dash.publish("sites/plant-a/legacy-1/cmd", b"open", qos=1)
+    message = gw.next_message()
+    assert (message.topic, message.payload) == ("gw/legacy-1/sites/plant-a/legacy-1/cmd", b"open")
     gw.publish("gw/legacy-1/sites/plant-a/legacy-1/telemetry", b"relayed", qos=1)
     gw.publish("gw/legacy-1/sites/plant-a/sensor-1/telemetry", b"beyond the child", qos=1)
     gw.publish("gw/sensor-1/sites/plant-a/sensor-1/telemetry", b"not its child", qos=1)
     gw.publish("gw/legacy-2/sites/plant-b/legacy-2/telemetry", b"beyond the gateway", qos=1)
     gw.publish("gw-status/gw-1", b"marker 1", qos=1)
-    assert [(m.topic, m.payload) for m in watcher.messages_until("gw-status/gw-1")] == [
+    assert [(m.topic, m.payload) for m in watcher.messages_until("gw-status/gw-1") if not m.topic.endswith("/cmd")] == [
         ("sites/plant-a/legacy-1/telemetry", b"relayed"), ("gw-status/gw-1", b"marker 1")]
 
     assert cli("suspend", "legacy-1") == 0  # the child: the gateway may no longer speak for it
@@ -74,6 +84,10 @@ def test_gateway_relays_within_the_childs_and_its_own_rights(make_broker, connec
     gw.publish("gw/legacy-1/sites/plant-a/legacy-1/telemetry", b"child suspended", qos=1)
     gw.publish("gw-status/gw-1", b"marker 2", qos=1)
     assert [m.payload for m in watcher.messages_until("gw-status/gw-1")] == [b"marker 2"]
+    dash.publish("sites/plant-a/legacy-1/cmd", b"to a suspended child", qos=1)
+    dash.publish("sites/plant-a/legacy-3/cmd", b"to an active child", qos=1)
+    assert [(m.topic, m.payload) for m in gw.messages_until("gw/legacy-3/sites/plant-a/legacy-3/cmd")] == [
+        ("gw/legacy-3/sites/plant-a/legacy-3/cmd", b"to an active child")]
     assert not gw.disconnected.is_set()  # the gateway itself stays
 
     assert cli("suspend", "gw-1") == 0  # the gateway: all of it stops

@@ -290,7 +290,7 @@ class Enforcer:
         return actions
 
     def _subscribe(self, event: SubscribeRequested) -> list[Action]:
-        verdict = self.verdict(event.conn, "subscribe", event.topic_filter)
+        verdict = self._judged(event.conn, "subscribe", event.topic_filter)
         if verdict.allowed:
             self._connections[event.conn].filters.add(event.topic_filter)
         return [verdict]
@@ -302,21 +302,22 @@ class Enforcer:
         return []
 
     def _publish(self, event: PublishReceived) -> list[Action]:
-        verdict = self._reserved(event.conn, event.topic) or self.verdict(event.conn, "publish", event.topic)
-        if verdict.allowed and event.topic.startswith(gateway.PREFIX):
-            return [self._relayed(event.conn, event.topic, verdict)]
-        return [verdict]
+        reserved = self._reserved(event.conn, event.topic)
+        return [reserved or self._judged(event.conn, "publish", event.topic)]
 
-    def _relayed(self, conn: ConnId, topic: str, own: Verdict) -> Verdict:
-        """A gateway's publish for a child: its own rules allowed the wire topic; now the child's side."""
+    def _judged(self, conn: ConnId, action: str, topic: str) -> Verdict:
+        """``verdict``, and for a gateway's wire topic or filter (``gw/<child>/...``) the child's side too."""
+        own = self.verdict(conn, action, topic)
+        if not own.allowed or not topic.startswith(gateway.PREFIX):
+            return own
         parts = gateway.split(topic)
         device = self._connections[conn].admission.device
         if parts is None or device is None:
-            return own  # not a relay topic (e.g. 'gw/x'): an ordinary publish the rules allowed
+            return own  # not a relay topic (e.g. 'gw/x'): an ordinary request the rules allowed
         child_id, inner = parts
         decision = gateway.child_decision(device, child_id, self.authority.registered(child_id), inner,
-                                          lambda d, a, t: self.authority.lookup(d, a, t)[0])
-        return Verdict(conn, "publish", topic, decision, own.tier, own.snapshot_revision,
+                                          lambda d, a, t: self.authority.lookup(d, a, t)[0], action)
+        return Verdict(conn, action, topic, decision, own.tier, own.snapshot_revision,
                        relay=(child_id, inner) if decision.allowed else None)
 
     def _reserved(self, conn: ConnId, topic: str) -> Verdict | None:
@@ -333,7 +334,7 @@ class Enforcer:
             if refusal is not None:
                 return [Verdict(event.conn, "receive", event.topic, Decision(False, None, refusal), PUBLISHER_TIER,
                                 self.authority.snapshot_revision)]
-        return [self.verdict(event.conn, "receive", event.topic)]
+        return [self._judged(event.conn, "receive", event.topic)]
 
     def _retained_source_problem(self, admission: Admission, topic: str) -> str | None:
         publisher_id = admission.device.device_id if admission.device is not None else "?"
@@ -375,7 +376,7 @@ class Enforcer:
     def _recheck_filters(self, conn: ConnId, state: _Connection) -> list[Action]:
         dropped: list[Action] = []
         for topic_filter in sorted(state.filters):
-            verdict = self.verdict(conn, "subscribe", topic_filter)
+            verdict = self._judged(conn, "subscribe", topic_filter)
             if not verdict.allowed:
                 state.filters.discard(topic_filter)
                 dropped.append(DropSubscription(conn, state.client_id, topic_filter,

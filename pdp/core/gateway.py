@@ -10,6 +10,11 @@ child and a child never gains one through its gateway:
 * the child is registered with this gateway and is active;
 * the child's rules allow publishing ``<topic>``.
 
+The other direction is the same with subscribe and receive: the gateway subscribes
+``gw/<child id>/<filter>``; a message on a topic the filter matches is delivered to it as
+``gw/<child id>/<topic>``, when its own rules grant the wire filter and wire topic and the
+child's rules grant ``<filter>`` and ``<topic>``.
+
 Pure: the caller passes both devices and the decision function.
 """
 
@@ -34,15 +39,16 @@ def split(topic: str) -> tuple[str, str] | None:
 
 
 def child_decision(gateway: Device, child_id: str, child: Device | None, inner: str,
-                   decide: Callable[[Device, str, str], Decision]) -> Decision:
-    """The child's side of a relayed publish; the gateway's own decision on the wire topic is taken apart."""
+                   decide: Callable[[Device, str, str], Decision], action: str = "publish") -> Decision:
+    """The child's side of a relayed publish, subscribe or receive; the gateway's own decision on the wire
+    topic or filter is taken apart."""
     if child is None:
         return Decision(False, None, f"gateway {gateway.device_id}: unknown child device {child_id!r}")
     if child.gateway != gateway.device_id:
         return Decision(False, None, f"{gateway.device_id} is not the gateway of {child_id}")
     if child.status != "active":
         return Decision(False, None, f"child device {child_id} {child.status}")
-    if inner.startswith("$"):
+    if action == "publish" and inner.startswith("$"):
         return Decision(False, None, "topics starting with '$' are reserved for the broker [MQTT-4.7.2-1]")
-    decision = decide(child, "publish", inner)
+    decision = decide(child, action, inner)
     return Decision(decision.allowed, decision.rule_id, f"for child {child_id} ({inner}): {decision.reason}")
