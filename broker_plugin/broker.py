@@ -56,6 +56,8 @@ from broker_plugin.framing import FramingGuard
 from broker_plugin.ordering import PublishTracker
 from broker_plugin.plugin import CONN_KEY, DeviceAuthorizationPlugin, connection_of
 from broker_plugin.subscriptions import FilterIndex
+from pdp.core.gateway import PREFIX as GATEWAY_PREFIX
+from pdp.core.gateway import split as gateway_split
 from pdp.core.admission import Admission
 from pdp.core.enforcement import ConnId, Disconnect, DropSession, DropSubscription
 from pdp.core.topics import matches
@@ -105,6 +107,10 @@ class HardenedBroker(Broker):
         self._retained_publishers: dict[str, Admission] = {}  # retained topic -> how its publisher was admitted
         self._filter_index = FilterIndex()
         self._session_filters: dict[str, set[str]] = {}  # client id -> its filters
+        # Gateways' relay subscriptions 'gw/<child>/<filter>': the inner filters, and per inner filter the children
+        # subscribed for, so a message on a child's topic also reaches the gateways acting for it (pdp.core.gateway).
+        self._relay_index = FilterIndex()
+        self._relay_children: dict[str, set[str]] = {}
         try:
             self.limits = self.authz.config.broker_limits()
         except ValueError as exc:
@@ -410,10 +416,18 @@ class HardenedBroker(Broker):
                         client_session.client_id, topic)
             return False
         # The core refuses '$' topics whatever the policy; the policy side refuses an empty topic as invalid.
-        if not self.authz.allows(client_session, "publish", topic):
+        relay: tuple[str, str] | None = None
+        if topic.startswith(GATEWAY_PREFIX):  # a gateway publishing for a child (pdp.core.gateway)
+            allowed, relay = self.authz.publish_relay(client_session, topic)
+        else:
+            allowed = self.authz.allows(client_session, "publish", topic)
+        if not allowed:
             return True
         await self.plugins_manager.fire_event(
             BrokerEvents.MESSAGE_BROADCAST, client_id=client_session.client_id, message=app_message)
+        if relay is not None:  # delivered as the child's topic; a relayed message is never retained
+            await self._broadcast_message(client_session, relay[1], app_message.data)
+            return True
         await self._broadcast_message(client_session, topic, app_message.data)
         if app_message.publish_packet and app_message.publish_packet.retain_flag:
             await self.retain_message(client_session, topic, app_message.data, app_message.qos)
@@ -542,12 +556,31 @@ class HardenedBroker(Broker):
         if result != 0x80:
             self._filter_index.add(subscription[0])
             self._session_filters.setdefault(session.client_id or "", set()).add(subscription[0])
+            relay = gateway_split(subscription[0])
+            if relay is not None:
+                child_id, inner = relay
+                self._relay_index.add(inner)
+                self._relay_children.setdefault(inner, set()).add(child_id)
         return result
+
+    def _forget_relay(self, wire_filter: str) -> None:
+        """A relay filter nobody holds any more leaves the relay index."""
+        relay = gateway_split(wire_filter)
+        if relay is None or wire_filter in self._subscriptions:
+            return
+        child_id, inner = relay
+        children = self._relay_children.get(inner)
+        if children is not None:
+            children.discard(child_id)
+            if not children:
+                del self._relay_children[inner]
+                self._relay_index.remove(inner)
 
     def _del_subscription(self, a_filter: str, session: Session) -> int:
         deleted = super()._del_subscription(a_filter, session)
         self.authz.unsubscribed(session, a_filter)
         self._session_filters.get(session.client_id or "", set()).discard(a_filter)
+        self._forget_relay(a_filter)
         return deleted
 
     async def _del_all_subscriptions(self, session: Session) -> None:
@@ -562,6 +595,7 @@ class HardenedBroker(Broker):
             else:
                 del self._subscriptions[topic_filter]
                 self._filter_index.remove(topic_filter)
+                self._forget_relay(topic_filter)
 
     def _subscribers_of(self, topic: str) -> list[tuple[Session, int]]:
         """Every (session, qos) whose filter selects ``topic``, taken in one synchronous step."""
@@ -594,6 +628,32 @@ class HardenedBroker(Broker):
             handler = self._get_handler(target)
             if handler is not None:
                 running_tasks.append(asyncio.ensure_future(handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)))
+        if self._relay_children and not topic.startswith(GATEWAY_PREFIX):
+            await self._relay_broadcast(broadcast, topic, running_tasks)
+
+    async def _relay_broadcast(self, broadcast: dict[str, Any], topic: str,
+                               running_tasks: deque[asyncio.Task[OutgoingApplicationMessage]]) -> None:
+        """A message on a child's topic, to each gateway holding 'gw/<child>/<filter>' for a filter that matches:
+        delivered as 'gw/<child>/<topic>', judged (the gateway's and the child's receive) like any delivery."""
+        allows = self.authz.allows
+        deliveries = []
+        for inner in self._relay_index.match(topic):
+            for child_id in sorted(self._relay_children.get(inner, ())):
+                wire_topic = f"{GATEWAY_PREFIX}{child_id}/{topic}"
+                deliveries += [(wire_topic, target, sub_qos) for target, sub_qos in
+                               self._subscriptions.get(f"{GATEWAY_PREFIX}{child_id}/{inner}", [])]
+        for wire_topic, target, sub_qos in deliveries:  # taken in one synchronous step, as _subscribers_of
+            qos = broadcast.get("qos", sub_qos)
+            if not allows(target, "receive", wire_topic):
+                continue
+            if target.transitions.state != "connected":
+                if not target.clean_session and qos in (QOS_1, QOS_2) and not target.is_anonymous:
+                    await self._retain_broadcast_message({**broadcast, "topic": wire_topic}, qos, target)
+                continue
+            handler = self._get_handler(target)
+            if handler is not None:
+                running_tasks.append(asyncio.ensure_future(
+                    handler.mqtt_publish(wire_topic, broadcast["data"], qos, retain=False)))
 
     # -- stopping a session never hangs -------------------------------------------------------
 

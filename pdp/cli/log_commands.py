@@ -54,9 +54,11 @@ def add_arguments(sub: Any) -> None:
     q.add_argument("--device", help="device id")
     q.add_argument("--client", help="MQTT client id")
     q.add_argument("--fingerprint", help="certificate SHA-256 fingerprint: hex, with or without colons or a sha256: prefix")
-    q.add_argument("--action", choices=["connect", "publish", "subscribe", "receive", "disconnect", "unsubscribe"],
+    q.add_argument("--action", choices=["connect", "publish", "subscribe", "receive", "disconnect", "unsubscribe",
+                                        "admin", "shared-certificate"],
                    help="disconnect: sessions the broker ended (revocation, expiry, CRL, takeover); "
-                        "unsubscribe: subscriptions a reload dropped")
+                        "unsubscribe: subscriptions a reload dropped; admin: registry changes by mqtt-pdp devices; "
+                        "shared-certificate: one certificate on two connections or addresses")
     q.add_argument("--decision", choices=["allow", "deny"])
     q.add_argument("--topic", help="MQTT filter: records whose topic it matches, e.g. 'sites/+/secret/#'")
     q.add_argument("--rule", help="deciding rule id")

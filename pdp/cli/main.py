@@ -36,6 +36,13 @@ def _pdp_paths(args: argparse.Namespace) -> tuple[str, str, str, dict[str, Any]]
     return model, policy, registry, settings
 
 
+def _registry(location: str, settings: dict[str, Any]) -> Any:
+    """The registry file, or the Redis registry when the location is a redis:// URL."""
+    from pdp.cli.device_commands import _load
+
+    return _load(location, argparse.Namespace(), settings)[1]
+
+
 def _add_policy_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", help=f"broker config to take file paths from (default: {DEFAULT_CONFIG} if present)")
     parser.add_argument("--model", help="Casbin model file (default: from config, else policies/model.conf)")
@@ -48,13 +55,12 @@ def _add_policy_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from pdp.policy.load import load_policy
-    from pdp.registry.file import load_registry
     from pdp.runtime.decision_point import check_client_ids
     from pdp.runtime.settings import ServiceSettings
 
     model, policy_path, registry_path, settings = _pdp_paths(args)
     policy = load_policy(model, policy_path)
-    registry = load_registry(registry_path)
+    registry = _registry(registry_path, settings)
     check_client_ids(settings.get("client_id", ServiceSettings().client_id), registry)
     by_status: dict[str, int] = {}
     for device in registry.devices.values():
@@ -69,15 +75,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from pdp.core.index import PolicyIndex
     from pdp.core.topics import TopicError, validate_filter, validate_topic
     from pdp.policy.load import load_policy
-    from pdp.registry.file import load_registry
 
-    model, policy_path, registry_path, _ = _pdp_paths(args)
+    model, policy_path, registry_path, settings = _pdp_paths(args)
     try:
         (validate_filter if args.action == "subscribe" else validate_topic)(args.topic)
     except TopicError as exc:
         raise CliError(str(exc)) from None
     policy = load_policy(model, policy_path)
-    registry = load_registry(registry_path)
+    registry = _registry(registry_path, settings)
     device = registry.lookup(args.device)
     if device is None:
         raise CliError(f"unknown device {args.device!r} (not in {registry_path})")
@@ -173,7 +178,10 @@ def cmd_broker(args: argparse.Namespace) -> int:
         raise CliError(f"{args.config}: unknown plugin settings: {', '.join(sorted(unknown))}")
     defaults = ServiceSettings()
     load_policy(settings.get("model", defaults.model), settings.get("policy", defaults.policy))
-    load_registry(settings.get("registry", defaults.registry))
+    from pdp.registry.redis_registry import is_redis_url
+
+    if not is_redis_url(settings.get("registry", defaults.registry)):  # a Redis registry is loaded by the broker
+        load_registry(settings.get("registry", defaults.registry))
     _check_tls_files(args.config, config)
     try:
         run_broker(config)
@@ -224,6 +232,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
         targets[policy_path] = text.encode()
         summary.append(f"applied: {policy_path} ({len(policy.rules)} rules, revision {policy.revision})")
     if args.new_registry:
+        from pdp.registry.redis_registry import is_redis_url
+
+        if is_redis_url(registry_path):
+            raise CliError(f"the registry is in Redis ({registry_path}); use mqtt-pdp devices import {args.new_registry}")
         text = read_text(args.new_registry, "registry")
         registry = parse_registry(text, args.new_registry)
         check_registry(settings.get("client_id", ServiceSettings().client_id), registry)
@@ -287,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     from pdp.cli import log_commands as log_cli
 
     log_cli.add_arguments(sub)
+    from pdp.cli import device_commands
+
+    device_commands.add_arguments(sub)
+    from pdp.cli import report_commands
+
+    report_commands.add_arguments(sub)
     return parser
 
 
@@ -300,6 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("amqtt").setLevel(logging.WARNING)
         logging.getLogger("transitions").setLevel(logging.WARNING)
     logging.getLogger("casbin").setLevel(logging.WARNING)
+    from pdp.cli.device_commands import DeviceCliError
+    from pdp.cli.report_commands import ReportCliError
     from pdp.cli.log_commands import LogCliError
 
     try:
@@ -308,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return log_cli.run(args)
         return int(args.func(args))
-    except (CliError, SourceError, LogCliError) as exc:
+    except (CliError, SourceError, LogCliError, DeviceCliError, ReportCliError) as exc:
         print(f"mqtt-pdp: error: {exc}", file=sys.stderr)
         return 2
     except sqlite3.DatabaseError as exc:  # --db names something that is not an assertion database

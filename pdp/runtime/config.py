@@ -19,7 +19,7 @@ PLUGIN_PATH_KEYS = ("model", "policy", "registry", "assertion_db", "spool_dir", 
 def _resolve(base: Path, value: Any) -> Any:
     if isinstance(value, list):
         return [_resolve(base, item) for item in value]
-    if isinstance(value, str) and value and not Path(value).is_absolute():
+    if isinstance(value, str) and value and not Path(value).is_absolute() and "://" not in value:
         return str((base / value).resolve())
     return value
 

@@ -53,9 +53,19 @@ class PdpSettings:
     l1_size: int = 100_000
     crl_paths: tuple[str, ...] = ()
     settle: float = 0.05  # a file must hold still this long (two equal reads) before it is applied
+    redis_prefix: str = "mqtt-pdp"  # key prefix of a Redis registry (registry_path a redis:// URL)
+
+    @property
+    def registry_in_redis(self) -> bool:
+        from pdp.registry.redis_registry import is_redis_url
+
+        return is_redis_url(self.registry_path)
 
     def sources(self) -> dict[str, tuple[str, ...]]:
-        out = {"policy": (self.model_path, self.policy_path), "registry": (self.registry_path,)}
+        """The files watched; a Redis registry is not one (it is followed by ``RegistryFollower``)."""
+        out: dict[str, tuple[str, ...]] = {"policy": (self.model_path, self.policy_path)}
+        if not self.registry_in_redis:
+            out["registry"] = (self.registry_path,)
         if self.crl_paths:
             out["crl"] = tuple(self.crl_paths)
         return out
@@ -141,6 +151,19 @@ class DecisionPoint:
         self._paths = tuple(path for paths in self._sources.values() for path in paths)
         self._signature, contents = _read_for_start(self._paths, settings.settle)
         parts = {name: parse_source(settings, name, contents) for name in self._sources}
+        if settings.registry_in_redis:
+            from pdp.registry.redis_registry import RedisRegistryStore
+
+            from pdp.runtime.redis_link import REDIS_ERRORS
+
+            store = RedisRegistryStore(settings.registry_path, settings.redis_prefix)
+            try:
+                parts["registry"] = store.load()
+            except REDIS_ERRORS as exc:  # no registry, no admissions: the broker does not start without it
+                raise SourceError(store.location, None, f"cannot read the registry: {exc}") from None
+            finally:
+                store.close()
+            check_registry(settings.admission.client_id_pattern, parts["registry"])
         policy = parts["policy"]
         self.snapshot = Snapshot(policy, parts["registry"], PolicyIndex(policy.rules), LruCache(settings.l1_size),
                                  parts.get("crl", NO_REVOCATIONS))
@@ -212,10 +235,12 @@ class DecisionPoint:
             if revoked is not None:
                 return revoked
         current = self.snapshot.registry.lookup(device.device_id)
-        problem = device_problem(current, admission.identity)
+        problem = device_problem(current, admission.identity, datetime.now(timezone.utc))
         if problem is not None:
             return problem
-        if current != device:
+        if current is not None and (current.attrs != device.attrs or current.status != device.status):
+            # Certificate bindings alone do not count: binding a successor during a rotation must not cut the
+            # session of the certificate in use (device_problem above has judged that certificate already).
             return "device attributes changed"
         return None
 
@@ -230,7 +255,21 @@ class DecisionPoint:
         current = self.snapshot.registry.lookup(device.device_id) if device is not None else None
         if current is not None and current.fingerprints and identity.certificate.fingerprint_sha256 not in current.fingerprints:
             return "certificate not bound to device"
+        if current is not None and current.binding_closed(identity.certificate.fingerprint_sha256,
+                                                          datetime.now(timezone.utc)):
+            return "certificate binding window closed"
         return None
+
+    def binding_problem(self, admission: Admission, now: datetime) -> str | None:
+        """Why the binding of the certificate an admission was made with has closed by ``now`` (rotation), or None."""
+        identity, device = admission.identity, admission.device
+        if identity is None or device is None:
+            return None
+        current = self.snapshot.registry.lookup(device.device_id)
+        if current is None or not current.bindings:
+            return None
+        return device_problem(current, identity, now) if current.binding_closed(
+            identity.certificate.fingerprint_sha256, now) else None
 
     def registered(self, device_id: str) -> Device | None:
         return self.snapshot.registry.lookup(device_id)
@@ -285,6 +324,12 @@ class DecisionPoint:
         return Snapshot(policy, parts.get("registry", current.registry), index, LruCache(self.settings.l1_size),
                         parts.get("crl", current.crl))
 
+    def with_registry(self, registry: FileRegistry) -> Snapshot:
+        """The snapshot in force with another registry (a Redis registry's change); SourceError if unusable."""
+        check_registry(self.settings.admission.client_id_pattern, registry)
+        current = self.snapshot
+        return Snapshot(current.policy, registry, current.index, LruCache(self.settings.l1_size), current.crl)
+
     def swap(self, snapshot: Snapshot) -> Snapshot:
         """Put a loaded snapshot in force and hand back the one it replaces (see ``release``).
 
@@ -307,7 +352,7 @@ def release(old: Snapshot, new: Snapshot) -> None:
         old.index.release()
     if old.l1 is not new.l1:
         old.l1.release()
-    if old.registry is not new.registry:
+    if old.registry is not new.registry and old.registry.devices is not new.registry.devices:
         old.registry.release()
 
 

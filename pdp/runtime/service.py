@@ -9,7 +9,9 @@ another broker.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
+import hashlib
 import itertools
 import logging
 import os
@@ -43,9 +45,11 @@ from pdp.core.enforcement import (
     WillDue,
 )
 from pdp.core.engine import Decision
+from pdp.core.sharing import MODES as SHARING_MODES, SharedCertificate, SharingTracker
 from pdp.evidence.anchor import prune_signer
 from pdp.evidence.node import default_node_id
 from pdp.evidence.recorder import AssertionRecorder
+from pdp.errors import SourceError
 from pdp.evidence.text import safe  # device-supplied text in log lines: escaped and bounded
 from pdp.evidence.writer import WriterProcess
 from pdp.registry.device import Device
@@ -53,6 +57,7 @@ from pdp.runtime.bus import InvalidationBus
 from pdp.runtime.cache import RedisDecisionCache, load_l2_key
 from pdp.runtime.decision_point import DecisionPoint, Snapshot, release
 from pdp.runtime.redis_link import RedisLink
+from pdp.runtime.registry_follower import RegistryFollower
 from pdp.runtime.retention import prune_forever
 from pdp.runtime.settings import ServiceSettings
 
@@ -107,6 +112,20 @@ class AuthorizationService:
                             "reload announcements are unaffected. To share decisions, create a key (mqtt-pdp l2-key) "
                             "and give every broker the same file as l2_key_file")
             self.bus = InvalidationBus(self.redis, settings.redis_prefix, self.instance_id, self._on_event)
+        if settings.shared_certificate not in SHARING_MODES:
+            raise ValueError(f"shared_certificate must be one of {', '.join(SHARING_MODES)}, got "
+                             f"{settings.shared_certificate!r}")
+        if settings.shared_certificate_window <= 0:
+            raise ValueError(f"shared_certificate_window must be positive, got {settings.shared_certificate_window}")
+        self.sharing = (SharingTracker(settings.shared_certificate_window)
+                        if settings.shared_certificate != "off" else None)
+        self.shared_certificates = 0  # connections seen sharing a certificate (refused ones included)
+        self.registry_follower: RegistryFollower | None = None
+        if self.pdp.settings.registry_in_redis:
+            registry = self.pdp.snapshot.registry
+            self.registry_follower = RegistryFollower(settings.registry, settings.redis_prefix,
+                                                      int(registry.revision.lstrip("r") or 0),
+                                                      lambda: self.pdp.snapshot.registry, self.apply_registry)
         self.recorder: AssertionRecorder | None = None
         if settings.assertions:  # last: it starts the writer process, so every other setting is checked first
             self.recorder = self._make_recorder(settings)
@@ -137,12 +156,24 @@ class AuthorizationService:
     def connect(self, conn: ConnId, request: ConnectRequest, peer: str | None,
                 persistent: bool = False) -> tuple[Admission, list[Disconnect]]:
         """Admit or refuse; the Disconnects returned (a previous connection of this client id) go first."""
-        actions = self.enforcer.handle(ConnectRequested(conn, request, datetime.now(timezone.utc), persistent))
+        now = datetime.now(timezone.utc)
+        fingerprint = hashlib.sha256(request.certificate_der).hexdigest() if request.certificate_der else None
+        shared = (self.sharing.check(fingerprint, request.client_id, peer, now.timestamp())
+                  if self.sharing is not None and fingerprint is not None else None)
+        if shared is not None and self.settings.shared_certificate == "refuse":
+            refused = self._refuse_shared(request, peer, shared, now)
+            if refused is not None:
+                return refused, []
+        actions = self.enforcer.handle(ConnectRequested(conn, request, now, persistent))
         outcome = actions[-1]
         admission: Admission = outcome.admission  # type: ignore[union-attr]
         self._peers[conn] = (request.client_id, peer)
         if self.recorder is not None:
             self.recorder.connect(admission, request.client_id, peer, self.pdp.snapshot_revision)
+        if admission.allowed and self.sharing is not None and fingerprint is not None:
+            self.sharing.opened(conn, fingerprint, request.client_id, peer, now.timestamp())
+            if shared is not None:
+                self._shared(admission, request.client_id, peer, shared, refused=False)
         if admission.allowed and admission.device is not None and self.l2 is not None:
             self._spawn(self._warm(admission.device))
         cert = admission.identity.certificate if admission.identity else admission.certificate
@@ -162,6 +193,33 @@ class AuthorizationService:
             self._record_end(action)
         return admission, superseded
 
+    def _refuse_shared(self, request: ConnectRequest, peer: str | None, shared: SharedCertificate,
+                       now: datetime) -> Admission | None:
+        """``shared_certificate: refuse``: the second connection of an otherwise admitted certificate is refused
+        before it touches any session (a takeover of the first included); None when it is refused anyway."""
+        admission = self.pdp.admit(request, now)  # pure: the enforcer's state is untouched
+        if not admission.allowed:
+            return None
+        admission = dataclasses.replace(admission, allowed=False, reason=shared.reason)
+        if self.recorder is not None:
+            self.recorder.connect(admission, request.client_id, peer, self.pdp.snapshot_revision)
+        self._shared(admission, request.client_id, peer, shared, refused=True)
+        log.warning("connect refused: client=%s device=%s fingerprint=%s peer=%s reason=%s", safe(request.client_id),
+                    safe(admission.device.device_id if admission.device else None), shared.fingerprint, peer,
+                    safe(admission.reason))
+        return admission
+
+    def _shared(self, admission: Admission, client_id: str, peer: str | None, shared: SharedCertificate,
+                refused: bool) -> None:
+        self.shared_certificates += 1
+        device_id = admission.device.device_id if admission.device else None
+        log.warning("shared certificate%s: client=%s device=%s fingerprint=%s peer=%s: %s",
+                    " (connection refused)" if refused else "", safe(client_id), safe(device_id),
+                    shared.fingerprint, peer, safe(shared.reason))
+        if self.recorder is not None:
+            self.recorder.decision(admission, client_id, peer, "shared-certificate", None,
+                                   Decision(not refused, None, shared.reason), None, 0, self.pdp.snapshot_revision)
+
     def _record_end(self, action: Disconnect) -> None:
         """Every session the broker ends (revocation, expiry, CRL, takeover) is evidence, with its reason."""
         if self.recorder is not None:
@@ -179,11 +237,23 @@ class AuthorizationService:
 
     def closed(self, conn: ConnId) -> None:
         self.enforcer.handle(ConnectionClosed(conn))
+        if self.sharing is not None:
+            self.sharing.closed(conn)
         self._peers.pop(conn, None)
 
     def allows(self, conn: ConnId, action: str, topic: str, origin: Origin = "live",
                publisher: Admission | None = None) -> bool:
         """One synchronous verdict, recorded; a connection that is not admitted now gets nothing."""
+        return self.verdict(conn, action, topic, origin, publisher).allowed
+
+    def publish_relay(self, conn: ConnId, topic: str) -> tuple[bool, tuple[str, str] | None]:
+        """A publish that may be a gateway's relay (``pdp.core.gateway``): allowed, and (child, inner topic) to
+        deliver it as, or None for an ordinary publish."""
+        verdict = self.verdict(conn, "publish", topic)
+        return verdict.allowed, verdict.relay
+
+    def verdict(self, conn: ConnId, action: str, topic: str, origin: Origin = "live",
+                publisher: Admission | None = None) -> Verdict:
         start = perf_counter_ns()
         verdict: Verdict = self.enforcer.handle(_event(conn, action, topic, origin, publisher))[0]  # type: ignore[assignment]
         if self.recorder is not None:
@@ -196,7 +266,7 @@ class AuthorizationService:
         elif log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s %s %s: %s", safe(self._peers.get(conn, (None,))[0]), verdict.action, safe(topic),
                       "allowed" if verdict.allowed else "denied", safe(verdict.decision.reason))
-        return verdict.allowed
+        return verdict
 
     # -- background: reloads, clock, Redis, retention ---------------------------------------------
 
@@ -220,6 +290,8 @@ class AuthorizationService:
             self._spawn(self.l2.run())
         if self.bus is not None:
             self._spawn(self.bus.run())
+        if self.registry_follower is not None:
+            self._spawn(self.registry_follower.run())
 
     async def _watch(self) -> None:
         while True:
@@ -249,6 +321,21 @@ class AuthorizationService:
                 self.reload_attempts += 1
                 self.reload_condition.notify_all()
         return result
+
+    async def apply_registry(self, registry: Any, revision: int) -> bool:
+        """A new version of a Redis registry: swapped in and live sessions re-judged in one step, as a reload."""
+        async with self._reload_lock:
+            try:
+                snapshot = self.pdp.with_registry(registry)
+            except SourceError as exc:
+                log.error("registry revision %d rejected, the previous version stays in force: %s", revision, exc)
+                return False
+            self.pdp.swap(snapshot)
+            await self._carry_out(self.enforcer.handle(SnapshotSwapped()))
+        with self.reload_condition:
+            self.reload_attempts += 1
+            self.reload_condition.notify_all()
+        return True
 
     def _load_yielding(self) -> Snapshot | bool | None:
         """``load_if_changed`` with the GIL handed back to the event loop quickly while it runs.
@@ -341,6 +428,11 @@ class AuthorizationService:
         # Bounded: redis-py's asyncio clients can swallow a cancellation while closing a socket
         # (seen at shutdown, Python 3.11), and a broker must still stop.
         await finish(list(self._tasks), "background task")
+        if self.registry_follower is not None:
+            try:
+                await asyncio.wait_for(self.registry_follower.close(), 2.0)
+            except (Exception, asyncio.TimeoutError):  # noqa: BLE001 - shutting down: a stuck socket must not stop it
+                log.debug("registry follower close failed", exc_info=True)
         if self.redis is not None:
             closing = asyncio.ensure_future(self.redis.close())
             if not (await asyncio.wait({closing}, timeout=2.0))[0]:
