@@ -16,6 +16,9 @@ from pdp.runtime.config import DEFAULT_CONFIG
 log = logging.getLogger("mqtt_pdp.cli")
 
 
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+
+
 class CliError(Exception):
     """One line for the user, exit status 2."""
 
@@ -103,11 +106,21 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_pki(args: argparse.Namespace) -> int:
+    try:
+        return _write_pki(args)
+    except OSError as exc:  # where --out cannot be written: say which path and why, in one line
+        raise CliError(f"cannot write to --out {args.out}: {exc.strerror or exc}"
+                       + (f": {exc.filename}" if exc.filename else "")) from None
+
+
+def _write_pki(args: argparse.Namespace) -> int:
     from pdp import pki
     from pdp.core.topics import level_value_problem
     from pdp.registry.file import load_registry
 
     out = Path(args.out)
+    if args.days < 1:
+        raise CliError(f"--days {args.days}: a certificate must be valid for at least 1 day")
     device_ids: list[str] = list(args.device or [])
     if not device_ids:
         device_ids = sorted(load_registry(args.registry).devices)
@@ -239,7 +252,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mqtt-pdp", description=__doc__)
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("broker", help="run the hardened amqtt broker with device authorization",
@@ -287,7 +301,32 @@ def build_parser() -> argparse.ArgumentParser:
     from pdp.cli import log_commands as log_cli
 
     log_cli.add_arguments(sub)
+    _global_options_everywhere(parser)
     return parser
+
+
+def _global_options_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Accept ``--log-level`` after the subcommand too (``mqtt-pdp log query --log-level debug``).
+
+    Added to every subparser, however deep, with a suppressed default so it only overrides the
+    top-level value when given; done once here so new subcommands get it without a line of their own.
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in set(action.choices.values()):
+                if "--log-level" not in subparser._option_string_actions:
+                    subparser.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS,
+                                           help="log level (also accepted before the command)")
+                _global_options_everywhere(subparser)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mqtt-pdp")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
