@@ -59,6 +59,7 @@ from broker_plugin.subscriptions import FilterIndex
 from pdp.core.admission import Admission
 from pdp.core.enforcement import ConnId, Disconnect, DropSession, DropSubscription
 from pdp.core.topics import matches
+from pdp.runtime.admin import AdminError
 
 log = logging.getLogger("mqtt_pdp.broker")
 STOP_HANDLER_TIMEOUT = 2.0
@@ -116,6 +117,30 @@ class HardenedBroker(Broker):
         self.ended_by_guard = 0  # connections ended for a protocol violation, size or deadline
         self.tls_refused = 0  # TLS handshakes that failed (each logged with peer and reason)
         self._tls_contexts: dict[str, ssl.SSLContext] = {}  # listener -> the context its handshakes use
+        self.admin: Any = None  # the admin socket's server, when admin_socket is set
+
+    # -- the operator's admin interface (broker_plugin.operations) ------------------------
+
+    async def start(self) -> None:
+        from broker_plugin.operations import admin_server
+
+        self.admin = admin_server(self)
+        if self.admin is not None:  # first: a socket in use stops the start before any listener opens
+            try:
+                await self.admin.start()
+            except (OSError, AdminError) as exc:
+                raise BrokerError(str(exc)) from None
+        try:
+            await super().start()
+        except BaseException:
+            if self.admin is not None:
+                await self.admin.close()
+            raise
+
+    async def shutdown(self) -> None:
+        if self.admin is not None:
+            await self.admin.close()
+        await super().shutdown()
 
     # -- TLS: require a client certificate at the handshake ------------------------------
 

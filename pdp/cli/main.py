@@ -16,7 +16,7 @@ from pdp.runtime.config import DEFAULT_CONFIG
 log = logging.getLogger("mqtt_pdp.cli")
 
 
-LOG_LEVELS = ["debug", "info", "warning", "error"]
+LOG_LEVELS = ["debug", "info", "warning", "error"]  # as pdp.runtime.logs.LEVELS (not imported: --help stays fast)
 
 
 class CliError(Exception):
@@ -188,6 +188,11 @@ def cmd_broker(args: argparse.Namespace) -> int:
     load_policy(settings.get("model", defaults.model), settings.get("policy", defaults.policy))
     load_registry(settings.get("registry", defaults.registry))
     _check_tls_files(args.config, config)
+    from pdp.runtime import logs
+
+    if settings.get("log_format", "text") not in logs.FORMATS:
+        raise CliError(f"{args.config}: log_format {settings['log_format']!r} is not one of {', '.join(logs.FORMATS)}")
+    logs.use_format(settings.get("log_format", "text"))
     try:
         run_broker(config)
     except BrokerFailed as exc:
@@ -301,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pdp.cli import log_commands as log_cli
 
     log_cli.add_arguments(sub)
+    from pdp.cli import admin_commands
+
+    admin_commands.add_arguments(sub)
     _global_options_everywhere(parser)
     return parser
 
@@ -333,13 +341,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "hostname", "unset") is None:
         args.hostname = ["localhost"]
-    level = getattr(logging, args.log_level.upper())
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if level > logging.DEBUG:
-        logging.getLogger("amqtt").setLevel(logging.WARNING)
-        logging.getLogger("transitions").setLevel(logging.WARNING)
-    logging.getLogger("casbin").setLevel(logging.WARNING)
+    from pdp.runtime import logs
+
+    logs.configure(args.log_level)
     from pdp.cli.log_commands import LogCliError
+    from pdp.runtime.admin import AdminError
 
     try:
         if args.command == "log":
@@ -347,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return log_cli.run(args)
         return int(args.func(args))
-    except (CliError, SourceError, LogCliError) as exc:
+    except (CliError, SourceError, LogCliError, AdminError) as exc:
         print(f"mqtt-pdp: error: {exc}", file=sys.stderr)
         return 2
     except sqlite3.DatabaseError as exc:  # --db names something that is not an assertion database

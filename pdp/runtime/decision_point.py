@@ -146,6 +146,7 @@ class DecisionPoint:
                                  parts.get("crl", NO_REVOCATIONS))
         self.casbin_mismatches = 0
         self.errors: dict[str, str] = {}  # source -> why its newest version was rejected
+        self.last_rejected: tuple[float, str] | None = None  # when, and why with file:line
         self.on_computed: ComputedHook | None = None  # e.g. L2 write-behind
         self._load_seconds = 0.0
         if settings.verify_with_casbin:
@@ -273,6 +274,7 @@ class DecisionPoint:
             except SourceError as exc:
                 rejected = True
                 self.errors[name] = str(exc)
+                self.last_rejected = (time.time(), str(exc))  # for mqtt-pdp status, after the file is fixed too
                 log.error("%s reload rejected, its previous version stays in force: %s", name, exc)
             else:
                 self.errors.pop(name, None)

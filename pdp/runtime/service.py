@@ -88,6 +88,8 @@ class AuthorizationService:
         self.aborter: Aborter | None = None
         self._conn_ids = itertools.count(1)
         self._peers: dict[ConnId, tuple[str | None, str | None]] = {}  # client id and peer, for the records
+        self.connected_at: dict[ConnId, float] = {}  # admitted connections: when (for mqtt-pdp sessions)
+        self.started_at = time.time()
         self._tasks: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
         self.node_id = settings.node_id or default_node_id(settings.spool_dir)
@@ -150,6 +152,7 @@ class AuthorizationService:
             admission.device.device_id if admission.device else None)
         fingerprint = cert.fingerprint_sha256 if cert else None
         if admission.allowed:
+            self.connected_at[conn] = time.time()
             log.info("connect accepted: client=%s device=%s fingerprint=%s peer=%s",
                      safe(request.client_id), safe(device_id), fingerprint, peer)
         else:
@@ -180,6 +183,7 @@ class AuthorizationService:
     def closed(self, conn: ConnId) -> None:
         self.enforcer.handle(ConnectionClosed(conn))
         self._peers.pop(conn, None)
+        self.connected_at.pop(conn, None)
 
     def allows(self, conn: ConnId, action: str, topic: str, origin: Origin = "live",
                publisher: Admission | None = None) -> bool:

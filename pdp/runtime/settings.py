@@ -75,6 +75,14 @@ class ServiceSettings:
     # beyond either, the oldest queued message is dropped (counted, logged once per client per offline spell).
     offline_queue_messages: int = 1000
     offline_queue_bytes: int = 1_048_576
+    # -- operating it (issue 11) --
+    # Unix socket for mqtt-pdp status / sessions / kick / log-level (mode 0600, the broker's user or root
+    # only); "" for none. deploy/broker.yaml sets ../var/admin.sock.
+    admin_socket: str = ""
+    # Prometheus metrics over HTTP at host:port, e.g. "127.0.0.1:9883" (port 0: any free port, logged);
+    # "" for none. Keep it on loopback or a management interface: it is not authenticated.
+    metrics: str = ""
+    log_format: str = "text"  # or "json": one JSON object per line (mqtt-pdp broker)
 
     def broker_limits(self) -> BrokerLimits:
         """The limits, checked: each must be positive (a limit of 0 would refuse everything)."""
