@@ -122,19 +122,21 @@ class HardenedBroker(Broker):
     # -- the operator's admin interface (broker_plugin.operations) ------------------------
 
     async def start(self) -> None:
-        from broker_plugin.operations import admin_server
+        from broker_plugin.operations import start_operations
 
-        self.admin = admin_server(self)
-        if self.admin is not None:  # first: a socket in use stops the start before any listener opens
-            try:
-                await self.admin.start()
-            except (OSError, AdminError) as exc:
-                raise BrokerError(str(exc)) from None
+        try:  # first: a socket or port in use stops the start before any listener opens
+            self.admin = await start_operations(self)
+        except (OSError, ValueError, AdminError) as exc:
+            if self.authz.service.metrics is not None:
+                self.authz.service.metrics.close()
+            raise BrokerError(str(exc)) from None
         try:
             await super().start()
         except BaseException:
             if self.admin is not None:
                 await self.admin.close()
+            if self.authz.service.metrics is not None:
+                self.authz.service.metrics.close()
             raise
 
     async def shutdown(self) -> None:
@@ -172,6 +174,8 @@ class HardenedBroker(Broker):
             except (TimeoutError, ssl.SSLError, OSError, EOFError) as exc:
                 self.tls_refused += 1
                 log.warning("TLS handshake refused: %s reason=%s", where, tls_failure(exc))
+                if self.authz.service.metrics is not None:
+                    self.authz.service.metrics.tls_refused(tls_failure(exc))
                 writer.transport.abort()
                 return
         await self._client_connected(listener_name, StreamReaderAdapter(reader), StreamWriterAdapter(writer))

@@ -11,30 +11,18 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pdp.evidence.text import safe
 from pdp.runtime import logs
 from pdp.runtime.admin import AdminError, AdminServer, Handler, Operator
+from pdp.runtime.metrics import directory_bytes
 from pdp.runtime.redis_link import _safe_url
 
 if TYPE_CHECKING:
     from broker_plugin.broker import HardenedBroker
 
 log = logging.getLogger("mqtt_pdp.admin")
-
-
-def directory_bytes(path: str) -> int:
-    """Bytes of the regular files under ``path`` (the spool: records waiting for a sink that is down)."""
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += (Path(root) / name).stat().st_size
-            except OSError:
-                continue  # moved away by the writer meanwhile
-    return total
 
 
 class BrokerOperations:
@@ -77,6 +65,8 @@ class BrokerOperations:
             "assertion_backlog": recorder.pending if recorder is not None else 0,
             "spool_bytes": directory_bytes(service.settings.spool_dir) if recorder is not None else 0,
             "log_level": logging.getLevelName(logging.getLogger().level).lower(),
+            "metrics": "http://%s:%d/metrics" % service.metrics.address
+                       if service.metrics is not None and service.metrics.address else None,
         }
 
     async def sessions(self, request: Mapping[str, Any], operator: Operator) -> list[dict[str, Any]]:
@@ -116,6 +106,8 @@ class BrokerOperations:
         self.service.ended(conn, client_id, reason)  # the evidence first: a disconnect record naming the operator
         live.session.will_flag = False
         await self.broker._close_connection(conn)
+        if self.service.metrics is not None:
+            self.service.metrics.revoked("kick")
         admission = self.service.enforcer.admission_of(conn)
         return {"client_id": client_id, "reason": reason,
                 "device_id": admission.device.device_id if admission and admission.device else None}
@@ -130,6 +122,28 @@ class BrokerOperations:
         return {"level": str(level), "previous": previous}
 
 
-def admin_server(broker: HardenedBroker) -> AdminServer | None:
-    path = broker.authz.config.admin_socket
-    return AdminServer(path, BrokerOperations(broker).handlers()) if path else None
+def broker_readings(broker: HardenedBroker) -> dict[str, tuple[str, str, float]]:
+    """The broker's own counters, for the metrics endpoint: each limit breach and the session count."""
+    return {
+        "mqtt_pdp_sessions": ("gauge", "Sessions held, online and offline persistent", len(broker._sessions)),
+        "mqtt_pdp_limit_listener_full": ("counter", "Connections closed at once: listener at max_connections",
+                                         broker.refused_full),
+        "mqtt_pdp_limit_packet_guard": ("counter", "Connections ended by the packet guard (size, deadline, "
+                                        "protocol violation)", broker.ended_by_guard),
+        "mqtt_pdp_limit_offline_queue_dropped": ("counter", "Queued messages dropped by offline queue limits",
+                                                 broker.queued_dropped),
+    }
+
+
+async def start_operations(broker: HardenedBroker) -> AdminServer | None:
+    """The admin socket and the metrics endpoint, as configured; BrokerError-worthy problems raise."""
+    settings = broker.authz.config
+    metrics = broker.authz.service.metrics
+    if metrics is not None:
+        metrics.sources.append(lambda: broker_readings(broker))
+        metrics.serve(settings.metrics)
+    if not settings.admin_socket:
+        return None
+    server = AdminServer(settings.admin_socket, BrokerOperations(broker).handlers())
+    await server.start()
+    return server

@@ -3,6 +3,7 @@ against a real `mqtt-pdp broker` process with real TLS paho clients, checking th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -163,3 +164,100 @@ def test_admin_socket_errors_are_one_line(tmp_path: Path) -> None:
         other.close()
     assert (wrong.returncode, wrong.stderr) == (
         2, f"mqtt-pdp: error: {tmp_path / 'other.sock'}: not an mqtt-pdp admin socket (unreadable answer)\n")
+
+
+# -- metrics ----------------------------------------------------------------------------------------
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def decisions(m: dict[tuple[str, tuple[tuple[str, str], ...]], float], action: str, decision: str) -> float:
+    """Decisions of one action and outcome, over every cache tier."""
+    return sum(v for (name, labels), v in m.items() if name == "mqtt_pdp_decisions_total"
+               and dict(labels)["action"] == action and dict(labels)["decision"] == decision)
+
+
+def test_metrics_move_with_traffic_refusals_and_reloads(tmp_path: Path) -> None:
+    import re
+    import ssl
+
+    running = Running(tmp_path, metrics="127.0.0.1:0")
+    try:
+        # logged before the listener line the process fixture waits for
+        line = next(line for line in running.process.log if "metrics on http://127.0.0.1:" in line)
+        url = re.search(r"http://\S+", line).group(0)  # type: ignore[union-attr]
+        assert running.admin("status")["metrics"] == url
+        m = scrape(url)
+        assert m[("mqtt_pdp_connections", ())] == 0
+        assert ("mqtt_pdp_connects_total", (("outcome", "accepted"), ("reason", ""))) not in m
+
+        sensor = running.client("sensor-001")
+        running.client("sensor-900", expect=5)  # suspended
+        assert sensor.subscribe("sites/plant-a/sensor-001/cmd") == 0
+        assert sensor.subscribe("sites/#") == 0x80
+        for _ in range(3):
+            sensor.publish("sites/plant-a/sensor-001/telemetry", b"1", qos=1)
+        # a TLS refusal: a client certificate from another CA
+        stranger = TestPki(tmp_path / "other-pki")
+        context = ssl.create_default_context(cafile=str(running.pki.ca_file))
+        context.load_cert_chain(str(stranger.device("sensor-001").cert), str(stranger.device("sensor-001").key))
+        with socket.create_connection(("127.0.0.1", running.process.port), timeout=10) as raw:
+            with contextlib.suppress(ssl.SSLError, OSError):  # TLS 1.3: the refusal may come after the client's side
+                with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                    assert tls.recv(1) == b""
+        wait_for(lambda: decisions(scrape(url), "publish", "allow") == 3, "three publishes counted")
+        wait_for(lambda: ("mqtt_pdp_tls_refused_total", (("reason", "unable to get local issuer certificate"),))
+                 in scrape(url), "the TLS refusal counted")
+        m = scrape(url)
+        assert (decisions(m, "subscribe", "allow"), decisions(m, "subscribe", "deny")) == (1, 1)
+        tiers = {dict(labels)["tier"] for (name, labels) in m if name == "mqtt_pdp_decisions_total"}
+        assert tiers <= {"index", "l1", "l2"} and "index" in tiers, tiers
+        assert m[("mqtt_pdp_decision_seconds_count", (("action", "publish"),))] == 3
+        assert m[("mqtt_pdp_connects_total", (("outcome", "accepted"), ("reason", "")))] == 1
+        refused = {dict(labels)["reason"]: v for (name, labels), v in m.items()
+                   if name == "mqtt_pdp_connects_total" and dict(labels)["outcome"] == "refused"}
+        assert refused == {"device suspended": 1}
+        assert m[("mqtt_pdp_connections", ())] == 1 and m[("mqtt_pdp_sessions", ())] == 1
+        wait_for(lambda: scrape(url)[("mqtt_pdp_records_written_total", ())] >= 7, "the records written")
+
+        # a rejected reload, then an applied one
+        policy = running.policies / "policy.csv"
+        good = policy.read_text()
+        policy.write_text(good + "p, broken, *, *, *, a/#/b, publish, allow\n")
+        wait_for(lambda: scrape(url).get(("mqtt_pdp_reloads_total", (("outcome", "rejected"),))) == 1, "rejected")
+        policy.write_text(good + "p, extra, *, *, *, extra/#, publish, deny\n")
+        wait_for(lambda: scrape(url).get(("mqtt_pdp_reloads_total", (("outcome", "applied"),))) == 1, "applied")
+        # a revocation: the kick ends the session
+        assert cli("kick", "sensor-001", "--socket", running.socket).returncode == 0
+        wait_for(lambda: scrape(url)[("mqtt_pdp_connections", ())] == 0, "the connection gone")
+        assert scrape(url)[("mqtt_pdp_revocations_total", (("kind", "kick"),))] == 1
+    finally:
+        for client in running.clients:
+            client.client.loop_stop()
+        assert running.process.stop() == 0
+
+
+def test_metrics_port_in_use_stops_the_broker_with_one_line(tmp_path: Path) -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    try:
+        pki = TestPki(tmp_path / "pki")
+        shutil.copytree(ROOT / "policies", tmp_path / "policies")
+        config = write_cli_config(tmp_path / "broker.yaml", pki, tmp_path / "policies",
+                                  metrics=f"127.0.0.1:{holder.getsockname()[1]}")
+        result = cli("broker", "-c", str(config))
+    finally:
+        holder.close()
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == "mqtt-pdp: error: broker failed: [Errno 98] Address already in use"
+    assert "Traceback" not in result.stderr

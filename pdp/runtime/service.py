@@ -52,6 +52,7 @@ from pdp.registry.device import Device
 from pdp.runtime.bus import InvalidationBus
 from pdp.runtime.cache import RedisDecisionCache, load_l2_key
 from pdp.runtime.decision_point import DecisionPoint, Snapshot, release
+from pdp.runtime.metrics import Metrics, directory_bytes
 from pdp.runtime.redis_link import RedisLink
 from pdp.runtime.retention import prune_forever
 from pdp.runtime.settings import ServiceSettings
@@ -109,6 +110,10 @@ class AuthorizationService:
                             "reload announcements are unaffected. To share decisions, create a key (mqtt-pdp l2-key) "
                             "and give every broker the same file as l2_key_file")
             self.bus = InvalidationBus(self.redis, settings.redis_prefix, self.instance_id, self._on_event)
+        self.metrics: Metrics | None = None
+        if settings.metrics:
+            self.metrics = Metrics()
+            self.metrics.sources.append(self._readings)
         self.recorder: AssertionRecorder | None = None
         if settings.assertions:  # last: it starts the writer process, so every other setting is checked first
             self.recorder = self._make_recorder(settings)
@@ -145,6 +150,8 @@ class AuthorizationService:
         self._peers[conn] = (request.client_id, peer)
         if self.recorder is not None:
             self.recorder.connect(admission, request.client_id, peer, self.pdp.snapshot_revision)
+        if self.metrics is not None:
+            self.metrics.connect(admission.allowed, admission.reason)
         if admission.allowed and admission.device is not None and self.l2 is not None:
             self._spawn(self._warm(admission.device))
         cert = admission.identity.certificate if admission.identity else admission.certificate
@@ -190,6 +197,8 @@ class AuthorizationService:
         """One synchronous verdict, recorded; a connection that is not admitted now gets nothing."""
         start = perf_counter_ns()
         verdict: Verdict = self.enforcer.handle(_event(conn, action, topic, origin, publisher))[0]  # type: ignore[assignment]
+        if self.metrics is not None:
+            self.metrics.decided(verdict.action, verdict.allowed, verdict.tier, perf_counter_ns() - start)
         if self.recorder is not None:
             client_id, peer = self._peers.get(conn, (None, None))
             self.recorder.decision(self.enforcer.admission_of(conn), client_id, peer, verdict.action, topic,
@@ -249,6 +258,8 @@ class AuthorizationService:
                 log.exception("policy reload failed")
                 result = False
         if result is not None:
+            if self.metrics is not None:
+                self.metrics.reloaded(bool(result))
             with self.reload_condition:
                 self.reload_attempts += 1
                 self.reload_condition.notify_all()
@@ -296,6 +307,8 @@ class AuthorizationService:
                             admission.device.device_id if admission and admission.device else None, action.reason)
                 self._record_end(action)
                 ending.append(action)
+                if self.metrics is not None:
+                    self.metrics.revoked("disconnect")
             elif isinstance(action, DropSession):
                 log.warning("offline session dropped: client=%s reason=%s", safe(action.client_id),
                             safe(action.reason))
@@ -339,7 +352,27 @@ class AuthorizationService:
         entries = await self.l2.fetch(snapshot.policy.revision, snapshot.policy.rules, device.attributes_revision, device.attrs)
         self.pdp.warm(snapshot, device, entries)
 
+    def _readings(self) -> dict[str, tuple[str, str, float]]:
+        """What the metrics endpoint reads at each scrape (nothing here is counted per message)."""
+        recorder = self.recorder
+        return {
+            "mqtt_pdp_connections": ("gauge", "Admitted connections open now", len(self.connected_at)),
+            "mqtt_pdp_assertion_backlog": ("gauge", "Decisions captured, not yet acknowledged by the writer",
+                                           recorder.pending if recorder is not None else 0),
+            "mqtt_pdp_spool_bytes": ("gauge", "Bytes of records spooled to disk while a sink is down",
+                                     directory_bytes(self.settings.spool_dir) if recorder is not None else 0),
+            "mqtt_pdp_records_written": ("counter", "Assertion records acknowledged by the writer",
+                                         recorder.shipped if recorder is not None else 0),
+            "mqtt_pdp_redis_outages": ("counter", "Times Redis became unavailable",
+                                       self.redis.outages if self.redis is not None else 0),
+            "mqtt_pdp_redis_up": ("gauge", "1 while Redis is reachable (0 also when none is configured)",
+                                  1 if self.redis is not None and self.redis.available else 0),
+            "mqtt_pdp_uptime_seconds": ("gauge", "Seconds since this service started", time.time() - self.started_at),
+        }
+
     async def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
         if self.recorder is not None:
             await self.recorder.close()
         # Bounded: redis-py's asyncio clients can swallow a cancellation while closing a socket
