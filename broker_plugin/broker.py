@@ -79,6 +79,10 @@ def tls_failure(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+class ConnectRefused(AMQTTError):
+    """The CONNECT was answered with CONNACK 5; the service has logged why."""
+
+
 @dataclass
 class _Connection:
     session: Session
@@ -215,8 +219,9 @@ class HardenedBroker(Broker):
             try:
                 handler, session = await self._initialize_client_session(guard, writer, peer[0], peer[1])
             except PEER_ERRORS as exc:
-                if guard.ended is None:
-                    log.warning("%s: no session: %s", where, exc or type(exc).__name__)
+                if guard.ended is None:  # a refused CONNECT was logged once already, by the service
+                    log.log(logging.DEBUG if isinstance(exc, ConnectRefused) else logging.WARNING,
+                            "%s: no session: %s", where, exc or type(exc).__name__)
                 return
             try:
                 await self._handle_client_session(guard, writer, session, handler, server, listener_name)
@@ -258,7 +263,7 @@ class HardenedBroker(Broker):
             with contextlib.suppress(OSError, asyncio.TimeoutError):
                 await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
                 await writer.close()
-            raise AMQTTError(f"{where}: connection refused: {admission.reason}")
+            raise ConnectRefused(f"{where}: connection refused: {admission.reason}")
         for disconnect in superseded:  # [MQTT-3.1.4-2]: the previous connection of this client id goes first
             await self._close_connection(disconnect.conn)
 

@@ -275,7 +275,8 @@ class DecisionPoint:
                 rejected = True
                 self.errors[name] = str(exc)
                 self.last_rejected = (time.time(), str(exc))  # for mqtt-pdp status, after the file is fixed too
-                log.error("%s reload rejected, its previous version stays in force: %s", name, exc)
+                log.error("%s reload rejected, its previous version stays in force: %s", name, exc,
+                          extra={"event": "reload_rejected", "source": name, "error": str(exc)})
             else:
                 self.errors.pop(name, None)
         self._signature = new_signature

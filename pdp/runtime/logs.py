@@ -65,3 +65,35 @@ def use_format(fmt: str) -> None:
     formatter: logging.Formatter = JsonLines() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(formatter)
+
+
+class PerKeyRateLimit:
+    """At most ``burst`` log lines per key (a client id) per ``interval`` seconds; the lines held back are
+    counted and the next line that goes out says how many. A flood of denials from one device is then a
+    few lines per interval, not one per packet, and still says how big it was. Pure: the caller passes
+    the clock."""
+
+    def __init__(self, interval: float = 10.0, burst: int = 5, max_keys: int = 10_000) -> None:
+        self.interval = interval
+        self.burst = burst
+        self.max_keys = max_keys
+        self._state: dict[str, list[float]] = {}  # key -> [window start, lines logged in it, lines held back]
+
+    def admit(self, key: str, now: float) -> int | None:
+        """None: hold this line back. Otherwise log it, with the returned count of lines held back before it."""
+        state = self._state.get(key)
+        if state is None:
+            if len(self._state) >= self.max_keys:  # bounded: forget keys whose window has passed
+                self._state = {k: v for k, v in self._state.items() if now - v[0] < self.interval}
+                if len(self._state) >= self.max_keys:
+                    return None
+            state = self._state[key] = [now, 0, 0]
+        elif now - state[0] >= self.interval:
+            state[0], state[1] = now, 0
+        if state[1] >= self.burst:
+            state[2] += 1
+            return None
+        held = int(state[2])
+        state[1] += 1
+        state[2] = 0
+        return held

@@ -52,6 +52,7 @@ from pdp.registry.device import Device
 from pdp.runtime.bus import InvalidationBus
 from pdp.runtime.cache import RedisDecisionCache, load_l2_key
 from pdp.runtime.decision_point import DecisionPoint, Snapshot, release
+from pdp.runtime.logs import PerKeyRateLimit
 from pdp.runtime.metrics import Metrics, directory_bytes
 from pdp.runtime.redis_link import RedisLink
 from pdp.runtime.retention import prune_forever
@@ -59,6 +60,7 @@ from pdp.runtime.settings import ServiceSettings
 
 log = logging.getLogger("mqtt_pdp.service")
 MISMATCH_LOG_INTERVAL = 60.0  # seconds between warnings about announcements this node's files do not match
+DENIAL_LOG_INTERVAL = 10.0  # seconds: at most one "denied" line per client this often, with a count of the rest
 RELOAD_SWITCH_INTERVAL = 0.0005  # seconds; see AuthorizationService._load_yielding
 
 # Carries out a Disconnect or DropSession in the broker; without one, revoked connections stay open but
@@ -90,6 +92,7 @@ class AuthorizationService:
         self._conn_ids = itertools.count(1)
         self._peers: dict[ConnId, tuple[str | None, str | None]] = {}  # client id and peer, for the records
         self.connected_at: dict[ConnId, float] = {}  # admitted connections: when (for mqtt-pdp sessions)
+        self._denials_logged = PerKeyRateLimit(DENIAL_LOG_INTERVAL)
         self.started_at = time.time()
         self._tasks: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
@@ -165,7 +168,9 @@ class AuthorizationService:
         else:
             self._peers.pop(conn, None)
             log.warning("connect refused: client=%s device=%s fingerprint=%s peer=%s reason=%s",
-                        safe(request.client_id), safe(device_id), fingerprint, peer, safe(admission.reason))
+                        safe(request.client_id), safe(device_id), fingerprint, peer, safe(admission.reason),
+                        extra={"event": "connect_refused", "client_id": request.client_id, "device_id": device_id,
+                               "fingerprint": fingerprint, "peer": peer, "reason": admission.reason})
         superseded = [a for a in actions if isinstance(a, Disconnect)]
         for action in superseded:
             log.info("client %s reconnected: closing its previous connection", safe(action.client_id))
@@ -204,8 +209,13 @@ class AuthorizationService:
             self.recorder.decision(self.enforcer.admission_of(conn), client_id, peer, verdict.action, topic,
                                    verdict.decision, verdict.tier, perf_counter_ns() - start, verdict.snapshot_revision)
         if not verdict.allowed and action != "receive":
-            log.info("%s %s %s denied: %s", safe(self._peers.get(conn, (None,))[0]), verdict.action, safe(topic),
-                     safe(verdict.decision.reason))
+            client_id = self._peers.get(conn, (None,))[0]
+            held = self._denials_logged.admit(client_id or "", time.monotonic())
+            if held is not None:
+                log.info("%s %s %s denied: %s%s", safe(client_id), verdict.action, safe(topic),
+                         safe(verdict.decision.reason), f" ({held} more denials of this client not logged)" if held else "",
+                         extra={"event": "denied", "client_id": client_id, "action": verdict.action, "topic": topic,
+                                "reason": verdict.decision.reason, "not_logged_before": held})
         elif log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s %s %s: %s", safe(self._peers.get(conn, (None,))[0]), verdict.action, safe(topic),
                       "allowed" if verdict.allowed else "denied", safe(verdict.decision.reason))
@@ -303,8 +313,10 @@ class AuthorizationService:
                 if self.aborter is not None:
                     self.aborter(action.conn)  # before any await: no backlog of other work delays the close
                 admission = self.enforcer.admission_of(action.conn)
-                log.warning("session revoked: client=%s device=%s reason=%s", safe(action.client_id),
-                            admission.device.device_id if admission and admission.device else None, action.reason)
+                device_id = admission.device.device_id if admission and admission.device else None
+                log.warning("session revoked: client=%s device=%s reason=%s", safe(action.client_id), device_id,
+                            action.reason, extra={"event": "revoked", "client_id": action.client_id,
+                                                  "device_id": device_id, "reason": action.reason})
                 self._record_end(action)
                 ending.append(action)
                 if self.metrics is not None:
