@@ -201,3 +201,17 @@ def test_follow_prints_the_header_once(tmp_path: Path) -> None:
     # the rows line up under the one header
     assert {line.index(" publish ") for line in seen[1:]} == {seen[0].index("ACTION") - 1}
     assert AssertionStore(db, readonly=True).count() == 3
+
+
+def test_log_backup_copies_and_verifies_and_never_overwrites(tmp_path: Path) -> None:
+    db = aged_db(tmp_path, [60, 30, 10])
+    out = tmp_path / "backup.db"
+    result = run("log", "backup", "--db", str(db), "--out", str(out))
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0, f"backed up 3 records of 1 node(s) to {out}; every chain verified\n", "")
+    assert oct(out.stat().st_mode & 0o777) == "0o600"
+    assert run("log", "verify", "--db", str(out)).stdout == "ok: node n1: 3 records, chain intact\n"
+    again = one_error(run("log", "backup", "--db", str(db), "--out", str(out)))
+    assert again == f"mqtt-pdp: error: {out} exists: a backup never overwrites (choose a new name, e.g. with the date)"
+    missing = one_error(run("log", "backup", "--db", str(tmp_path / "none.db"), "--out", str(tmp_path / "b2.db")))
+    assert "no assertion database at" in missing and not (tmp_path / "b2.db").exists()
