@@ -240,6 +240,12 @@ def test_metrics_move_with_traffic_refusals_and_reloads(tmp_path: Path) -> None:
         assert cli("kick", "sensor-001", "--socket", running.socket).returncode == 0
         wait_for(lambda: scrape(url)[("mqtt_pdp_connections", ())] == 0, "the connection gone")
         assert scrape(url)[("mqtt_pdp_revocations_total", (("kind", "kick"),))] == 1
+        # every series the sample Grafana dashboard plots is one this endpoint serves
+        served = {name for name, _ in scrape(url)}
+        dashboard = json.loads((ROOT / "deploy" / "grafana" / "mqtt-pdp-dashboard.json").read_text())
+        plotted = {name for panel in dashboard["panels"] for target in panel["targets"]
+                   for name in re.findall(r"\bmqtt_pdp_\w+", target["expr"])}
+        assert plotted and plotted <= served, plotted - served
     finally:
         for client in running.clients:
             client.client.loop_stop()
