@@ -267,3 +267,19 @@ def test_metrics_port_in_use_stops_the_broker_with_one_line(tmp_path: Path) -> N
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1] == "mqtt-pdp: error: broker failed: [Errno 98] Address already in use"
     assert "Traceback" not in result.stderr
+
+
+def test_admin_socket_in_use_and_bad_metrics_address_are_one_line(running: Running, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    config = write_cli_config(other / "second.yaml", running.pki, running.policies, admin_socket=running.socket)
+    result = cli("broker", "-c", str(config))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1] == (f"mqtt-pdp: error: broker failed: admin_socket {running.socket} "
+                                              "is in use by another running broker")
+    assert running.admin("status")["connections"] == 0  # the running broker kept its socket
+    config = write_cli_config(other / "third.yaml", running.pki, running.policies, metrics="nonsense")
+    result = cli("broker", "-c", str(config))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1] == ("mqtt-pdp: error: broker failed: metrics 'nonsense': use host:port, "
+                                              "e.g. 127.0.0.1:9883")
