@@ -33,7 +33,7 @@ class Running:
         self.policies = tmp_path / "policies"
         shutil.copytree(ROOT / "policies", self.policies)
         self.config = write_cli_config(tmp_path / "broker.yaml", self.pki, self.policies, **plugin)
-        self.socket = str(tmp_path / "admin.sock")
+        self.socket = str(tmp_path / "broker.sock")
         self.db = tmp_path / "assertions.db"
         self.process = BrokerProcess(self.config, tmp_path)
         self.clients: list[Client] = []
