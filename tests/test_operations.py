@@ -91,6 +91,7 @@ def test_status_sessions_and_kick_follow_the_traffic(running: Running) -> None:
                                                     "CONNECTED_SINCE", "SUBSCRIPTIONS"]
     assert table.stdout.splitlines()[-1] == "2 connected"
 
+    sensor.client.reconnect_delay_set(min_delay=120, max_delay=120)  # paho would reconnect (a kick allows that)
     kicked = cli("kick", "sensor-001", "--actor", "alice", "--socket", running.socket)
     user = __import__("pwd").getpwuid(os.geteuid()).pw_name
     assert kicked.returncode == 0, kicked
@@ -237,6 +238,7 @@ def test_metrics_move_with_traffic_refusals_and_reloads(tmp_path: Path) -> None:
         policy.write_text(good + "p, extra, *, *, *, extra/#, publish, deny\n")
         wait_for(lambda: scrape(url).get(("mqtt_pdp_reloads_total", (("outcome", "applied"),))) == 1, "applied")
         # a revocation: the kick ends the session
+        sensor.client.reconnect_delay_set(min_delay=120, max_delay=120)  # paho would reconnect
         assert cli("kick", "sensor-001", "--socket", running.socket).returncode == 0
         wait_for(lambda: scrape(url)[("mqtt_pdp_connections", ())] == 0, "the connection gone")
         assert scrape(url)[("mqtt_pdp_revocations_total", (("kind", "kick"),))] == 1
