@@ -285,3 +285,23 @@ def test_admin_socket_in_use_and_bad_metrics_address_are_one_line(running: Runni
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.splitlines()[-1] == ("mqtt-pdp: error: broker failed: metrics 'nonsense': use host:port, "
                                               "e.g. 127.0.0.1:9883")
+
+
+def test_redis_outage_shows_in_metrics_and_status(make_broker, own_redis, tmp_path: Path) -> None:
+    admin = str(tmp_path / "a.sock")
+    broker = make_broker(redis_url=own_redis.url, redis_prefix="ops", metrics="127.0.0.1:0", admin_socket=admin)
+    service = broker.plugin.service
+    url = "http://%s:%d/metrics" % service.metrics.address
+    wait_for(lambda: broker.run(service.bus.subscribed.is_set), "bus subscribed")
+    m = scrape(url)
+    assert (m[("mqtt_pdp_redis_up", ())], m[("mqtt_pdp_redis_outages_total", ())]) == (1, 0)
+
+    own_redis.stop()
+    wait_for(lambda: scrape(url)[("mqtt_pdp_redis_up", ())] == 0, "the outage noticed")
+    assert scrape(url)[("mqtt_pdp_redis_outages_total", ())] == 1
+    status = json.loads(cli("status", "--socket", admin, "--json").stdout)
+    assert status["redis"] == {"url": own_redis.url, "available": False, "outages": 1}
+
+    own_redis.start()
+    wait_for(lambda: scrape(url)[("mqtt_pdp_redis_up", ())] == 1, "Redis back")
+    assert json.loads(cli("status", "--socket", admin, "--json").stdout)["redis"]["available"] is True
