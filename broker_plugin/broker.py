@@ -61,6 +61,7 @@ from pdp.core.gateway import split as gateway_split
 from pdp.core.admission import Admission
 from pdp.core.enforcement import ConnId, Disconnect, DropSession, DropSubscription
 from pdp.core.topics import matches
+from pdp.runtime.admin import AdminError
 
 log = logging.getLogger("mqtt_pdp.broker")
 STOP_HANDLER_TIMEOUT = 2.0
@@ -78,6 +79,10 @@ def tls_failure(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError) or (isinstance(exc, ConnectionAbortedError) and "taking longer" in str(exc)):
         return "no TLS handshake within connect_timeout"  # asyncio aborts a slow handshake with that text
     return str(exc) or type(exc).__name__
+
+
+class ConnectRefused(AMQTTError):
+    """The CONNECT was answered with CONNACK 5; the service has logged why."""
 
 
 @dataclass
@@ -122,6 +127,32 @@ class HardenedBroker(Broker):
         self.ended_by_guard = 0  # connections ended for a protocol violation, size or deadline
         self.tls_refused = 0  # TLS handshakes that failed (each logged with peer and reason)
         self._tls_contexts: dict[str, ssl.SSLContext] = {}  # listener -> the context its handshakes use
+        self.admin: Any = None  # the admin socket's server, when admin_socket is set
+
+    # -- the operator's admin interface (broker_plugin.operations) ------------------------
+
+    async def start(self) -> None:
+        from broker_plugin.operations import start_operations
+
+        try:  # first: a socket or port in use stops the start before any listener opens
+            self.admin = await start_operations(self)
+        except (OSError, ValueError, AdminError) as exc:
+            if self.authz.service.metrics is not None:
+                self.authz.service.metrics.close()
+            raise BrokerError(str(exc)) from None
+        try:
+            await super().start()
+        except BaseException:
+            if self.admin is not None:
+                await self.admin.close()
+            if self.authz.service.metrics is not None:
+                self.authz.service.metrics.close()
+            raise
+
+    async def shutdown(self) -> None:
+        if self.admin is not None:
+            await self.admin.close()
+        await super().shutdown()
 
     # -- TLS: require a client certificate at the handshake ------------------------------
 
@@ -153,6 +184,8 @@ class HardenedBroker(Broker):
             except (TimeoutError, ssl.SSLError, OSError, EOFError) as exc:
                 self.tls_refused += 1
                 log.warning("TLS handshake refused: %s reason=%s", where, tls_failure(exc))
+                if self.authz.service.metrics is not None:
+                    self.authz.service.metrics.tls_refused(tls_failure(exc))
                 writer.transport.abort()
                 return
         await self._client_connected(listener_name, StreamReaderAdapter(reader), StreamWriterAdapter(writer))
@@ -192,8 +225,9 @@ class HardenedBroker(Broker):
             try:
                 handler, session = await self._initialize_client_session(guard, writer, peer[0], peer[1])
             except PEER_ERRORS as exc:
-                if guard.ended is None:
-                    log.warning("%s: no session: %s", where, exc or type(exc).__name__)
+                if guard.ended is None:  # a refused CONNECT was logged once already, by the service
+                    log.log(logging.DEBUG if isinstance(exc, ConnectRefused) else logging.WARNING,
+                            "%s: no session: %s", where, exc or type(exc).__name__)
                 return
             try:
                 await self._handle_client_session(guard, writer, session, handler, server, listener_name)
@@ -235,7 +269,7 @@ class HardenedBroker(Broker):
             with contextlib.suppress(OSError, asyncio.TimeoutError):
                 await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
                 await writer.close()
-            raise AMQTTError(f"{where}: connection refused: {admission.reason}")
+            raise ConnectRefused(f"{where}: connection refused: {admission.reason}")
         for disconnect in superseded:  # [MQTT-3.1.4-2]: the previous connection of this client id goes first
             await self._close_connection(disconnect.conn)
 

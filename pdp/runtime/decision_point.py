@@ -169,6 +169,7 @@ class DecisionPoint:
                                  parts.get("crl", NO_REVOCATIONS))
         self.casbin_mismatches = 0
         self.errors: dict[str, str] = {}  # source -> why its newest version was rejected
+        self.last_rejected: tuple[float, str] | None = None  # when, and why with file:line
         self.on_computed: ComputedHook | None = None  # e.g. L2 write-behind
         self._load_seconds = 0.0
         if settings.verify_with_casbin:
@@ -312,7 +313,9 @@ class DecisionPoint:
             except SourceError as exc:
                 rejected = True
                 self.errors[name] = str(exc)
-                log.error("%s reload rejected, its previous version stays in force: %s", name, exc)
+                self.last_rejected = (time.time(), str(exc))  # for mqtt-pdp status, after the file is fixed too
+                log.error("%s reload rejected, its previous version stays in force: %s", name, exc,
+                          extra={"event": "reload_rejected", "source": name, "error": str(exc)})
             else:
                 self.errors.pop(name, None)
         self._signature = new_signature

@@ -56,6 +56,8 @@ from pdp.registry.device import Device
 from pdp.runtime.bus import InvalidationBus
 from pdp.runtime.cache import RedisDecisionCache, load_l2_key
 from pdp.runtime.decision_point import DecisionPoint, Snapshot, release
+from pdp.runtime.logs import PerKeyRateLimit
+from pdp.runtime.metrics import Metrics, directory_bytes
 from pdp.runtime.redis_link import RedisLink
 from pdp.runtime.registry_follower import RegistryFollower
 from pdp.runtime.retention import prune_forever
@@ -63,6 +65,7 @@ from pdp.runtime.settings import ServiceSettings
 
 log = logging.getLogger("mqtt_pdp.service")
 MISMATCH_LOG_INTERVAL = 60.0  # seconds between warnings about announcements this node's files do not match
+DENIAL_LOG_INTERVAL = 10.0  # seconds: at most one "denied" line per client this often, with a count of the rest
 RELOAD_SWITCH_INTERVAL = 0.0005  # seconds; see AuthorizationService._load_yielding
 
 # Carries out a Disconnect or DropSession in the broker; without one, revoked connections stay open but
@@ -93,6 +96,9 @@ class AuthorizationService:
         self.aborter: Aborter | None = None
         self._conn_ids = itertools.count(1)
         self._peers: dict[ConnId, tuple[str | None, str | None]] = {}  # client id and peer, for the records
+        self.connected_at: dict[ConnId, float] = {}  # admitted connections: when (for mqtt-pdp sessions)
+        self._denials_logged = PerKeyRateLimit(DENIAL_LOG_INTERVAL)
+        self.started_at = time.time()
         self._tasks: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
         self.node_id = settings.node_id or default_node_id(settings.spool_dir)
@@ -126,6 +132,10 @@ class AuthorizationService:
             self.registry_follower = RegistryFollower(settings.registry, settings.redis_prefix,
                                                       int(registry.revision.lstrip("r") or 0),
                                                       lambda: self.pdp.snapshot.registry, self.apply_registry)
+        self.metrics: Metrics | None = None
+        if settings.metrics:
+            self.metrics = Metrics()
+            self.metrics.sources.append(self._readings)
         self.recorder: AssertionRecorder | None = None
         if settings.assertions:  # last: it starts the writer process, so every other setting is checked first
             self.recorder = self._make_recorder(settings)
@@ -174,6 +184,8 @@ class AuthorizationService:
             self.sharing.opened(conn, fingerprint, request.client_id, peer, now.timestamp())
             if shared is not None:
                 self._shared(admission, request.client_id, peer, shared, refused=False)
+        if self.metrics is not None:
+            self.metrics.connect(admission.allowed, admission.reason)
         if admission.allowed and admission.device is not None and self.l2 is not None:
             self._spawn(self._warm(admission.device))
         cert = admission.identity.certificate if admission.identity else admission.certificate
@@ -181,12 +193,15 @@ class AuthorizationService:
             admission.device.device_id if admission.device else None)
         fingerprint = cert.fingerprint_sha256 if cert else None
         if admission.allowed:
+            self.connected_at[conn] = time.time()
             log.info("connect accepted: client=%s device=%s fingerprint=%s peer=%s",
                      safe(request.client_id), safe(device_id), fingerprint, peer)
         else:
             self._peers.pop(conn, None)
             log.warning("connect refused: client=%s device=%s fingerprint=%s peer=%s reason=%s",
-                        safe(request.client_id), safe(device_id), fingerprint, peer, safe(admission.reason))
+                        safe(request.client_id), safe(device_id), fingerprint, peer, safe(admission.reason),
+                        extra={"event": "connect_refused", "client_id": request.client_id, "device_id": device_id,
+                               "fingerprint": fingerprint, "peer": peer, "reason": admission.reason})
         superseded = [a for a in actions if isinstance(a, Disconnect)]
         for action in superseded:
             log.info("client %s reconnected: closing its previous connection", safe(action.client_id))
@@ -240,6 +255,7 @@ class AuthorizationService:
         if self.sharing is not None:
             self.sharing.closed(conn)
         self._peers.pop(conn, None)
+        self.connected_at.pop(conn, None)
 
     def allows(self, conn: ConnId, action: str, topic: str, origin: Origin = "live",
                publisher: Admission | None = None) -> bool:
@@ -256,13 +272,20 @@ class AuthorizationService:
                 publisher: Admission | None = None) -> Verdict:
         start = perf_counter_ns()
         verdict: Verdict = self.enforcer.handle(_event(conn, action, topic, origin, publisher))[0]  # type: ignore[assignment]
+        if self.metrics is not None:
+            self.metrics.decided(verdict.action, verdict.allowed, verdict.tier, perf_counter_ns() - start)
         if self.recorder is not None:
             client_id, peer = self._peers.get(conn, (None, None))
             self.recorder.decision(self.enforcer.admission_of(conn), client_id, peer, verdict.action, topic,
                                    verdict.decision, verdict.tier, perf_counter_ns() - start, verdict.snapshot_revision)
         if not verdict.allowed and action != "receive":
-            log.info("%s %s %s denied: %s", safe(self._peers.get(conn, (None,))[0]), verdict.action, safe(topic),
-                     safe(verdict.decision.reason))
+            client_id = self._peers.get(conn, (None,))[0]
+            held = self._denials_logged.admit(client_id or "", time.monotonic())
+            if held is not None:
+                log.info("%s %s %s denied: %s%s", safe(client_id), verdict.action, safe(topic),
+                         safe(verdict.decision.reason), f" ({held} more denials of this client not logged)" if held else "",
+                         extra={"event": "denied", "client_id": client_id, "action": verdict.action, "topic": topic,
+                                "reason": verdict.decision.reason, "not_logged_before": held})
         elif log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s %s %s: %s", safe(self._peers.get(conn, (None,))[0]), verdict.action, safe(topic),
                       "allowed" if verdict.allowed else "denied", safe(verdict.decision.reason))
@@ -317,6 +340,8 @@ class AuthorizationService:
                 log.exception("policy reload failed")
                 result = False
         if result is not None:
+            if self.metrics is not None:
+                self.metrics.reloaded(bool(result))
             with self.reload_condition:
                 self.reload_attempts += 1
                 self.reload_condition.notify_all()
@@ -375,10 +400,14 @@ class AuthorizationService:
                 if self.aborter is not None:
                     self.aborter(action.conn)  # before any await: no backlog of other work delays the close
                 admission = self.enforcer.admission_of(action.conn)
-                log.warning("session revoked: client=%s device=%s reason=%s", safe(action.client_id),
-                            admission.device.device_id if admission and admission.device else None, action.reason)
+                device_id = admission.device.device_id if admission and admission.device else None
+                log.warning("session revoked: client=%s device=%s reason=%s", safe(action.client_id), device_id,
+                            action.reason, extra={"event": "revoked", "client_id": action.client_id,
+                                                  "device_id": device_id, "reason": action.reason})
                 self._record_end(action)
                 ending.append(action)
+                if self.metrics is not None:
+                    self.metrics.revoked("disconnect")
             elif isinstance(action, DropSession):
                 log.warning("offline session dropped: client=%s reason=%s", safe(action.client_id),
                             safe(action.reason))
@@ -422,7 +451,27 @@ class AuthorizationService:
         entries = await self.l2.fetch(snapshot.policy.revision, snapshot.policy.rules, device.attributes_revision, device.attrs)
         self.pdp.warm(snapshot, device, entries)
 
+    def _readings(self) -> dict[str, tuple[str, str, float]]:
+        """What the metrics endpoint reads at each scrape (nothing here is counted per message)."""
+        recorder = self.recorder
+        return {
+            "mqtt_pdp_connections": ("gauge", "Admitted connections open now", len(self.connected_at)),
+            "mqtt_pdp_assertion_backlog": ("gauge", "Decisions captured, not yet acknowledged by the writer",
+                                           recorder.pending if recorder is not None else 0),
+            "mqtt_pdp_spool_bytes": ("gauge", "Bytes of records spooled to disk while a sink is down",
+                                     directory_bytes(self.settings.spool_dir) if recorder is not None else 0),
+            "mqtt_pdp_records_written": ("counter", "Assertion records acknowledged by the writer",
+                                         recorder.shipped if recorder is not None else 0),
+            "mqtt_pdp_redis_outages": ("counter", "Times Redis became unavailable",
+                                       self.redis.outages if self.redis is not None else 0),
+            "mqtt_pdp_redis_up": ("gauge", "1 while Redis is reachable (0 also when none is configured)",
+                                  1 if self.redis is not None and self.redis.available else 0),
+            "mqtt_pdp_uptime_seconds": ("gauge", "Seconds since this service started", time.time() - self.started_at),
+        }
+
     async def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
         if self.recorder is not None:
             await self.recorder.close()
         # Bounded: redis-py's asyncio clients can swallow a cancellation while closing a socket

@@ -80,6 +80,14 @@ class ServiceSettings:
     # 'refuse' also refuses the second connection; 'off' tracks nothing.
     shared_certificate: str = "warn"
     shared_certificate_window: float = 60.0  # seconds
+    # -- operating it (issue 11) --
+    # Unix socket for mqtt-pdp status / sessions / kick / log-level (mode 0600, the broker's user or root
+    # only); "" for none. deploy/broker.yaml sets ../var/admin.sock.
+    admin_socket: str = ""
+    # Prometheus metrics over HTTP at host:port, e.g. "127.0.0.1:9883" (port 0: any free port, logged);
+    # "" for none. Keep it on loopback or a management interface: it is not authenticated.
+    metrics: str = ""
+    log_format: str = "text"  # or "json": one JSON object per line (mqtt-pdp broker)
 
     def broker_limits(self) -> BrokerLimits:
         """The limits, checked: each must be positive (a limit of 0 would refuse everything)."""
