@@ -156,3 +156,12 @@ def test_hostile_inputs_give_one_error_line(tmp_path: Path) -> None:
         result = run(*args)
         assert (result.returncode, result.stderr.splitlines()) == (2, [line]), args
     assert not (tmp_path / "missing").exists()
+
+
+def test_check_refuses_a_client_id_pattern_the_broker_would_refuse(tmp_path: Path) -> None:
+    config = yaml.safe_load((ROOT / "deploy" / "broker.yaml").read_text())
+    plugin = config["plugins"]["broker_plugin.plugin.DeviceAuthorizationPlugin"]
+    plugin.update(client_id="{device_id}-*-*", model=str(ROOT / "policies" / "model.conf"),
+                  policy=str(ROOT / "policies" / "policy.csv"), registry=str(ROOT / "policies" / "devices.yaml"))
+    (tmp_path / "broker.yaml").write_text(yaml.safe_dump(config))
+    assert_one_line_error(run("check", "-c", str(tmp_path / "broker.yaml")), "'*' is only allowed at the end")

@@ -58,13 +58,19 @@ def _add_policy_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from pdp.policy.load import load_policy
+    from pdp.core.admission import AdmissionSettings, SettingsError
     from pdp.runtime.decision_point import check_client_ids
     from pdp.runtime.settings import ServiceSettings
 
     model, policy_path, registry_path, settings = _pdp_paths(args)
     policy = load_policy(model, policy_path)
     registry = _registry(registry_path, settings)
-    check_client_ids(settings.get("client_id", ServiceSettings().client_id), registry)
+    pattern = settings.get("client_id", ServiceSettings().client_id)
+    try:
+        AdmissionSettings(client_id_pattern=pattern)  # the broker refuses to start on what this refuses
+    except SettingsError as exc:
+        raise CliError(str(exc)) from None
+    check_client_ids(pattern, registry)
     by_status: dict[str, int] = {}
     for device in registry.devices.values():
         by_status[device.status] = by_status.get(device.status, 0) + 1
