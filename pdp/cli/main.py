@@ -65,40 +65,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_explain(args: argparse.Namespace) -> int:
-    from pdp.core.index import PolicyIndex
-    from pdp.core.topics import TopicError, validate_filter, validate_topic
-    from pdp.policy.load import load_policy
-    from pdp.registry.file import load_registry
-
-    model, policy_path, registry_path, _ = _pdp_paths(args)
-    try:
-        (validate_filter if args.action == "subscribe" else validate_topic)(args.topic)
-    except TopicError as exc:
-        raise CliError(str(exc)) from None
-    policy = load_policy(model, policy_path)
-    registry = load_registry(registry_path)
-    device = registry.lookup(args.device)
-    if device is None:
-        raise CliError(f"unknown device {args.device!r} (not in {registry_path})")
-    decision = PolicyIndex(policy.rules).decide(device.attrs, args.action, args.topic)
-    reference = policy.reference.decide(device, args.action, args.topic)
-    lines = {rule.rule_id: rule.line for rule in policy.rules}
-    print(f"decision: {'allow' if decision.allowed else 'deny'}")
-    if decision.rule_id:
-        print(f"rule:     {decision.rule_id} ({policy_path}:{lines.get(decision.rule_id)})")
-    else:
-        print("rule:     none")
-    print(f"reason:   {decision.reason}")
-    print("device:   " + " ".join(f"{k}={v}" for k, v in device.attrs.items()) + f" status={device.status}")
-    if device.status != "active":
-        print(f"note:     device is {device.status}; it is refused at connect whatever the rules say")
-    agree = (reference.allowed, reference.rule_id) == (decision.allowed, decision.rule_id)
-    print(f"casbin:   {'allow' if reference.allowed else 'deny'} ({reference.rule_id or 'no rule'})"
-          f"{'' if agree else '  MISMATCH: please report this'}")
-    return 0 if agree else 1
-
-
 # -- pki ------------------------------------------------------------------------------------
 
 
@@ -268,13 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy_args(p)
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("explain", help="show the decision, deciding rule and reason for one request",
-                       description="Explain the decision for one device, topic and action (Casbin's answer is shown beside it).")
-    _add_policy_args(p)
-    p.add_argument("--device", required=True, help="device id from the registry")
-    p.add_argument("--topic", required=True, help="topic name (publish, receive) or filter (subscribe)")
-    p.add_argument("--action", required=True, choices=["publish", "subscribe", "receive"])
-    p.set_defaults(func=cmd_explain)
+    from pdp.cli import policy_commands
+
+    policy_commands.add_arguments(sub)
 
     p = sub.add_parser("apply", help="validate and replace policy and/or registry together, atomically",
                        description="Validate new versions of the policy and/or registry against each other, then "

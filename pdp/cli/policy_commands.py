@@ -1,0 +1,102 @@
+"""``mqtt-pdp explain``, ``test``, ``who-can``, ``diff``, ``fmt`` and ``report unused``: the policy author's commands.
+
+Thin: each reads the files, calls the pure logic in ``pdp.toolkit`` and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from types import SimpleNamespace
+from typing import Any
+
+from pdp.cli.main import CliError, _add_policy_args, _pdp_paths
+
+EXIT_ALLOW, EXIT_DENY = 0, 1
+
+
+def _out(lines: list[str]) -> None:
+    sys.stdout.write("".join(line + "\n" for line in lines))
+
+
+# -- explain --------------------------------------------------------------------------------
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from pdp.core.topics import TopicError, validate_filter, validate_topic
+    from pdp.policy.load import load_policy
+    from pdp.registry.file import load_registry
+    from pdp.toolkit.explain import explain, render
+
+    model, policy_path, registry_path, _ = _pdp_paths(args)
+    try:
+        (validate_filter if args.action == "subscribe" else validate_topic)(args.topic)
+    except TopicError as exc:
+        raise CliError(str(exc)) from None
+    adhoc = {name: getattr(args, name) for name in ("type", "location", "purpose", "owner")
+             if getattr(args, name) is not None}
+    if args.device is None and not adhoc:
+        raise CliError("give --device ID, or --type, --location and --purpose for a device not yet registered")
+    policy = load_policy(model, policy_path)
+    registry = load_registry(registry_path)
+    device = registry.lookup(args.device) if args.device is not None else None
+    notes: list[str] = []
+    if device is not None:
+        attributes = {**device.attrs, **adhoc}
+        admission = None if device.status == "active" else f"device {device.status}"
+        state = f"status={device.status}" + (f" fingerprints={len(device.fingerprints)}" if device.fingerprints else "")
+        if adhoc:
+            notes.append("attributes given on the command line replace the registered ones: "
+                         + " ".join(f"{k}={v}" for k, v in adhoc.items()))
+    else:
+        missing = [name for name in ("type", "location", "purpose") if name not in adhoc]
+        if missing and not adhoc:
+            _out([
+                "decision: deny",
+                "rule:     none",
+                f"reason:   refused at connect (unknown device: {args.device!r} is not in {registry_path})",
+                "note:     give --type, --location and --purpose to see what the rules would decide once it is registered",
+            ])
+            return EXIT_DENY
+        if missing:
+            raise CliError(f"a device not in {registry_path} needs --{', --'.join(missing)}")
+        attributes = dict(adhoc)
+        if args.device is not None:
+            attributes["device_id"] = args.device
+        admission = None
+        state = "status=unregistered"
+        notes.append("not in the registry: decided as if registered with these attributes and active"
+                     + ("" if args.device is not None else "; without --device, {device_id} binds to nothing"))
+    explanation = explain(policy.rules, attributes, args.action, args.topic, admission)
+    subject = SimpleNamespace(type=attributes["type"], location=attributes["location"], purpose=attributes["purpose"],
+                              attrs=attributes)
+    reference = policy.reference.decide(subject, args.action, args.topic)  # type: ignore[arg-type]
+    device_line = " ".join(f"{k}={v}" for k, v in attributes.items()) + f" {state}"
+    lines = render(explanation, policy_path, device_line=device_line, casbin=reference, verbose=not args.brief)
+    _out(lines[:4] + [f"note:     {note}" for note in notes] + lines[4:])
+    if (reference.allowed, reference.rule_id) != (explanation.decision.allowed, explanation.decision.rule_id):
+        raise CliError("the compiled decision and Casbin's differ (see 'casbin:' above); please report this")
+    return EXIT_ALLOW if explanation.allowed else EXIT_DENY
+
+
+def add_explain(sub: Any) -> None:
+    p = sub.add_parser("explain", help="show every rule considered for one request, and which one decides",
+                       description="Explain one request: every rule of the action in file order with why it does or "
+                                   "does not apply, the placeholders as bound, the deciding rule with file:line, the "
+                                   "device's admission state and Casbin's answer beside it. Exit status: 0 allow, "
+                                   "1 deny (also a device refused at connect), 2 error.")
+    _add_policy_args(p)
+    p.add_argument("--device", help="device id from the registry (or the id an unregistered device will have)")
+    p.add_argument("--topic", required=True, help="topic name (publish, receive) or filter (subscribe)")
+    p.add_argument("--action", required=True, choices=["publish", "subscribe", "receive"])
+    p.add_argument("--type", help="device type, for a device not (yet) registered, or to try another value")
+    p.add_argument("--location", help="device location (as --type)")
+    p.add_argument("--purpose", help="device purpose (as --type)")
+    p.add_argument("--owner", help="device owner (as --type; binds {owner})")
+    p.add_argument("--brief", action="store_true", help="only the decision, not every rule considered")
+    p.set_defaults(func=cmd_explain)
+
+
+def add_arguments(sub: Any) -> None:
+    """Register the policy author's commands on the top-level subparsers."""
+    add_explain(sub)
