@@ -97,6 +97,66 @@ def add_explain(sub: Any) -> None:
     p.set_defaults(func=cmd_explain)
 
 
+# -- test -----------------------------------------------------------------------------------
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pdp.policy.load import load_policy, read_text
+    from pdp.registry.file import load_registry
+    from pdp.toolkit.explain import render
+    from pdp.toolkit.policy_tests import TEST_SUFFIX, parse_cases, run_case, uncovered
+
+    model, policy_path, registry_path, _ = _pdp_paths(args)
+    policy = load_policy(model, policy_path)
+    registry = load_registry(registry_path)
+    files = list(args.files) or sorted(str(p) for p in Path(policy_path).parent.glob("*" + TEST_SUFFIX))
+    if not files:
+        raise CliError(f"no test files: give FILE arguments or put *{TEST_SUFFIX} beside {policy_path}")
+    cases = [case for path in files for case in parse_cases(read_text(path, "policy tests"), path, registry.devices)]
+    results = [run_case(policy.rules, case) for case in cases]
+    lines: list[str] = []
+    for result in results:
+        case = result.case
+        if result.passed and not args.verbose:
+            continue
+        lines.append(f"{'ok  ' if result.passed else 'FAIL'} {case.path}:{case.line}: {case.name}"
+                     + ("" if result.passed else f": {result.problem}"))
+        if not result.passed:
+            device = " ".join(f"{k}={v}" for k, v in case.attributes.items()) + f" status={case.status}"
+            lines.extend("       " + line for line in render(result.explanation, policy_path, device_line=device))
+    failed = sum(not result.passed for result in results)
+    lines.append(f"{len(results)} cases in {len(files)} file{'s' if len(files) != 1 else ''}: "
+                 f"{len(results) - failed} passed, {failed} failed")
+    missing = uncovered(policy.rules, results)
+    counts = {action: sum(rule.action == action for rule in policy.rules) for action in missing}
+    lines.append("coverage: " + ", ".join(f"{action} {counts[action] - len(rules)}/{counts[action]}"
+                                          for action, rules in missing.items()) + " rules decided a case")
+    for action, rules in missing.items():
+        for rule in rules:
+            lines.append(f"  not covered: {action} {rule.effect} {rule.rule_id} ({policy_path}:{rule.line})")
+    _out(lines)
+    if failed or (args.require_coverage and any(missing.values())):
+        return 1
+    return 0
+
+
+def add_test(sub: Any) -> None:
+    p = sub.add_parser("test", help="run the policy's test cases and report rule coverage",
+                       description="Run policy test cases (YAML: device, action, topic, expect, optional rule) against "
+                                   "the policy and registry; print each failure with its explanation and the rules no "
+                                   "case made decide, per action. Exit status: 0 all passed, 1 a case failed (or a rule "
+                                   "is uncovered with --require-coverage), 2 error.")
+    _add_policy_args(p)
+    p.add_argument("files", nargs="*", metavar="FILE",
+                   help="test files (default: every *.test.yaml in the policy file's directory)")
+    p.add_argument("-v", "--verbose", action="store_true", help="list passing cases too")
+    p.add_argument("--require-coverage", action="store_true", help="fail when a rule decided no case")
+    p.set_defaults(func=cmd_test)
+
+
 def add_arguments(sub: Any) -> None:
     """Register the policy author's commands on the top-level subparsers."""
     add_explain(sub)
+    add_test(sub)
