@@ -62,7 +62,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     statuses = ", ".join(f"{count} {status}" for status, count in sorted(by_status.items())) or "none"
     print(f"ok: {policy_path}: {len(policy.rules)} rules (revision {policy.revision})")
     print(f"ok: {registry_path}: {len(registry)} devices ({statuses}) (revision {registry.revision})")
-    return 0
+    from pdp.cli.policy_commands import report_lint
+
+    return report_lint(policy, registry, policy_path, args.strict)
 
 
 # -- pki ------------------------------------------------------------------------------------
@@ -230,8 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing key (brokers still using the old one ignore the new entries)")
     p.set_defaults(func=cmd_l2_key)
 
-    p = sub.add_parser("check", help="validate the model, policy and registry", description="Validate model, policy and registry files.")
+    p = sub.add_parser("check", help="validate the model, policy and registry, and lint the rules",
+                       description="Validate model, policy and registry files, then lint the rules (findings with "
+                                   "severity, code and file:line; see README, 'Policy author's workflow'). Exit status: "
+                                   "0 valid (warnings allowed unless --strict), 1 warnings with --strict, 2 error.")
     _add_policy_args(p)
+    p.add_argument("--strict", action="store_true", help="exit 1 when lint reports a warning")
     p.set_defaults(func=cmd_check)
 
     from pdp.cli import policy_commands

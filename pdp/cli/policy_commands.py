@@ -97,6 +97,23 @@ def add_explain(sub: Any) -> None:
     p.set_defaults(func=cmd_explain)
 
 
+# -- check (lint) ---------------------------------------------------------------------------
+
+
+def report_lint(policy: Any, registry: Any, policy_path: str, strict: bool) -> int:
+    """Print lint findings after ``check``'s summary; silent when there are none."""
+    from pdp.toolkit.lint import WARNING, lint
+
+    findings = lint(policy.rules, (device.attrs for device in registry.devices.values()))
+    if not findings:
+        return 0
+    _out([finding.render(policy_path) for finding in findings])
+    warnings = sum(finding.severity == WARNING for finding in findings)
+    _out([f"lint: {len(findings)} finding{'s' if len(findings) != 1 else ''} ({warnings} warnings)"
+          + (" (--strict: failing)" if strict and warnings else "")])
+    return 1 if strict and warnings else 0
+
+
 # -- test -----------------------------------------------------------------------------------
 
 
