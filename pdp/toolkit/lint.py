@@ -148,13 +148,13 @@ def _never_decides(rules: Sequence[Rule]) -> list[Finding]:
 
 
 def _selector_values(rules: Sequence[Rule], devices: Iterable[Mapping[str, str]]) -> list[Finding]:
-    known: dict[str, set[str]] = {name: set() for name in SELECTORS}
-    combos: set[tuple[str, str, str]] = set()
-    for attrs in devices:
-        values = (attrs["type"], attrs["location"], attrs["purpose"])
-        combos.add(values)
-        for name, value in zip(SELECTORS, values):
-            known[name].add(value)
+    listed = [(attrs["type"], attrs["location"], attrs["purpose"]) for attrs in devices]
+    known = {name: {values[k] for values in listed} for k, name in enumerate(SELECTORS)}
+    # Every way a rule can name two or three selectors of a registered device ('*' for the other).
+    combos: set[tuple[str, str, str]] = set(listed)
+    combos.update((t, loc, "*") for t, loc, _ in listed)
+    combos.update((t, "*", p) for t, _, p in listed)
+    combos.update(("*", loc, p) for _, loc, p in listed)
     findings: list[Finding] = []
     hints: dict[tuple[str, str], str] = {}
     for rule in rules:
@@ -168,10 +168,10 @@ def _selector_values(rules: Sequence[Rule], devices: Iterable[Mapping[str, str]]
                     close = difflib.get_close_matches(value, sorted(known[name]), n=1)
                     hint = hints[(name, value)] = f" (did you mean {close[0]!r}?)" if close else ""
                 findings.append(_finding(rule, "W201", f"no registered device has {name} {value!r}{hint}"))
-        if unknown or all(getattr(rule, name) == "*" for name in SELECTORS):
+        wanted = (rule.type, rule.location, rule.purpose)
+        if unknown or wanted.count("*") >= 2:
             continue
-        wanted = tuple(getattr(rule, name) for name in SELECTORS)
-        if not any(all(w in ("*", v) for w, v in zip(wanted, combo)) for combo in combos):
+        if wanted not in combos:
             shown = ", ".join(f"{name} {value}" for name, value in zip(SELECTORS, wanted) if value != "*")
             findings.append(_finding(rule, "I202", f"no registered device has {shown} together"))
     return findings
@@ -223,14 +223,16 @@ def _cross_location(rules: Sequence[Rule]) -> list[Finding]:
         if "{location}" in levels:
             trees.setdefault(_template_free(rule.topic), (levels.index("{location}"), rule.rule_id))
     findings = []
+    meets: dict[str, list[str]] = {}  # relaxed publish pattern -> the trees it overlaps (patterns repeat a lot)
     for rule in rules:
         if rule.action != "publish" or rule.effect != "allow":
             continue
         levels = rule.topic.split("/")
         relaxed = _template_free(rule.topic)
-        for tree, (index, example) in trees.items():
-            if not overlaps(relaxed, tree):
-                continue
+        if relaxed not in meets:
+            meets[relaxed] = [tree for tree in trees if overlaps(relaxed, tree)]
+        for tree in meets[relaxed]:
+            index, example = trees[tree]
             level = levels[index] if index < len(levels) else "#"
             if level == "{location}" or (rule.location != "*" and level == rule.location):
                 continue
