@@ -236,8 +236,121 @@ def add_who_can(sub: Any) -> None:
     p.set_defaults(func=cmd_who_can)
 
 
+# -- diff -----------------------------------------------------------------------------------
+
+
+def _git_text(rev: str, path: str) -> tuple[str, str]:
+    """The file at ``rev`` (e.g. HEAD, main~1) and a name for it in messages."""
+    import subprocess
+    from pathlib import Path
+
+    where = Path(path).resolve()
+    try:
+        top = subprocess.run(["git", "-C", str(where.parent), "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        rel = where.relative_to(Path(top).resolve()).as_posix()
+        text = subprocess.run(["git", "-C", top, "show", f"{rev}:{rel}"], capture_output=True, text=True, check=True).stdout
+    except (subprocess.CalledProcessError, ValueError, OSError) as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        raise CliError(f"{path}: cannot read it at git revision {rev!r}: {detail.strip().splitlines()[-1] if detail.strip() else exc}") from None
+    return text, f"{rev}:{rel}"
+
+
+def _side(spec: str | None, policy_path: str, registry_path: str) -> tuple[str, str]:
+    """A policy/registry pair from a directory (policy.csv, devices.yaml inside) or a policy file."""
+    from pathlib import Path
+
+    if spec is None:
+        return policy_path, registry_path
+    path = Path(spec)
+    if path.is_dir():
+        return str(path / "policy.csv"), str(path / "devices.yaml")
+    return spec, registry_path
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from pdp.policy.load import parse_policy, read_text
+    from pdp.registry.file import parse_registry
+    from dataclasses import replace
+
+    from pdp.toolkit.diff import device_changes, grouped, phrase, rule_changes
+    from pdp.toolkit.whocan import GroupTotals, group_devices
+
+    model, policy_path, registry_path, _ = _pdp_paths(args)
+    model_text = read_text(model, "model")
+    if args.rev:
+        if args.old or args.new_policy or args.new_registry:
+            raise CliError("--rev compares a git revision with the working tree; give no other versions with it")
+        old_policy, old_policy_name = _git_text(args.rev, policy_path)
+        old_registry, old_registry_name = _git_text(args.rev, registry_path)
+        new_policy_name, new_registry_name = policy_path, registry_path
+    else:
+        if args.old and not args.new:
+            raise CliError("give both OLD and NEW (or --rev REV, or --new-policy/--new-registry)")
+        if args.old:
+            old_policy_name, old_registry_name = _side(args.old, policy_path, registry_path)
+            new_policy_name, new_registry_name = _side(args.new, policy_path, registry_path)
+        else:
+            if not args.new_policy and not args.new_registry:
+                raise CliError("nothing to compare: give OLD NEW, --rev REV, or --new-policy/--new-registry")
+            old_policy_name, old_registry_name = policy_path, registry_path
+            new_policy_name, new_registry_name = args.new_policy or policy_path, args.new_registry or registry_path
+        old_policy, old_registry = read_text(old_policy_name, "policy"), read_text(old_registry_name, "registry")
+    new_policy, new_registry = read_text(new_policy_name, "policy"), read_text(new_registry_name, "registry")
+    old_p = parse_policy(model_text, old_policy, model, old_policy_name)
+    new_p = parse_policy(model_text, new_policy, model, new_policy_name)
+    old_r = parse_registry(old_registry, old_registry_name)
+    new_r = parse_registry(new_registry, new_registry_name)
+
+    delta = rule_changes(old_p.rules, new_p.rules)
+    lines = [f"rules: {len(delta.added)} added, {len(delta.removed)} removed "
+             f"({old_policy_name} -> {new_policy_name}; an edited rule is one of each)"]
+    lines += [f"  - p, {', '.join(rule.as_casbin())}  ({old_policy_name}:{rule.line})" for rule in delta.removed]
+    lines += [f"  + p, {', '.join(rule.as_casbin())}  ({new_policy_name}:{rule.line})" for rule in delta.added]
+    changes = device_changes(old_p.rules, new_p.rules, old_r.devices, new_r.devices)
+    devices = {**old_r.devices, **new_r.devices}
+    active = [d for d in devices.values() if d.status == "active" or
+              (old_r.devices.get(d.device_id) is not None and old_r.devices[d.device_id].status == "active")]
+    totals = GroupTotals.of(active)
+    lines.append(f"devices: {len(changes):,} of {len(active):,} (active before or after) affected")
+    admissions: dict[str, list[str]] = {}
+    for dc in changes:
+        if dc.admission:
+            admissions.setdefault(dc.admission, []).append(dc.device_id)
+    for admission, ids in sorted(admissions.items()):
+        for group in group_devices(ids, devices, totals):
+            lines.append(f"  {group.label}: {admission}")
+    for change, ids in grouped(changes, devices):
+        if len(ids) == 1:  # one device: its own id reads better than {device_id}
+            change = replace(change, pattern=change.pattern.replace("{device_id}", ids[0]),
+                             example=change.example and change.example.replace("{device_id}", ids[0]))
+        for group in group_devices(ids, devices, totals):
+            lines.append(f"  {group.label} {phrase(change)}")
+    lines.append("not checked: which connected devices a running broker would disconnect (not implemented)")
+    _out(lines)
+    return 1 if changes else 0
+
+
+def add_diff(sub: Any) -> None:
+    p = sub.add_parser("diff", help="what each device gains and loses between two policy/registry versions",
+                       description="Compare two versions of the policy and registry and list, grouped by type, location "
+                                   "and purpose, the topics each device gains and loses per action, decided symbolically "
+                                   "from the patterns. Versions: OLD NEW (directories holding policy.csv and devices.yaml, "
+                                   "or policy files), --rev REV (a git revision against the working tree), or the "
+                                   "configured files against --new-policy/--new-registry. Exit status: 0 no device "
+                                   "changes, 1 some device gains or loses, 2 error.")
+    _add_policy_args(p)
+    p.add_argument("old", nargs="?", metavar="OLD", help="old version: a directory or a policy file")
+    p.add_argument("new", nargs="?", metavar="NEW", help="new version: a directory or a policy file")
+    p.add_argument("--rev", help="compare the configured files at this git revision with the working tree")
+    p.add_argument("--new-policy", metavar="FILE", help="new version of the configured policy file")
+    p.add_argument("--new-registry", metavar="FILE", help="new version of the configured registry file")
+    p.set_defaults(func=cmd_diff)
+
+
 def add_arguments(sub: Any) -> None:
     """Register the policy author's commands on the top-level subparsers."""
     add_explain(sub)
     add_test(sub)
     add_who_can(sub)
+    add_diff(sub)
