@@ -58,7 +58,7 @@ def _inside(action: str, pattern: str, topic: str) -> bool:
     return covers(pattern, topic) if action == "subscribe" else matches(pattern, topic)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(old=rules(), new_extra=rules(), drop=st.sets(st.integers(0, 5)), old_fleet=fleets(), new_fleet=fleets(),
        same_fleet=st.booleans())
 def test_symbolic_diff_equals_brute_force(old: list[Rule], new_extra: list[Rule], drop: set[int],

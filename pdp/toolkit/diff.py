@@ -184,12 +184,45 @@ def _applicable(rules: Sequence[Rule], values: tuple[str, str, str]) -> list[Rul
     return [rule for rule in rules if _selects(rule, values)]
 
 
+class _BySelectors:
+    """Rules bucketed by their selectors: the rules a device's values pick, in file order, from eight buckets."""
+
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        self._buckets: dict[tuple[str, str, str], list[tuple[int, Rule]]] = defaultdict(list)
+        for order, rule in enumerate(rules):
+            self._buckets[(rule.type, rule.location, rule.purpose)].append((order, rule))
+
+    def picked(self, values: tuple[str, str, str]) -> list[Rule]:
+        t, loc, p = values
+        found = [item for key in ((a, b, c) for a in (t, "*") for b in (loc, "*") for c in (p, "*"))
+                 for item in self._buckets.get(key, ())]
+        return [rule for _, rule in sorted(found, key=lambda item: item[0])]
+
+
 def _relevant(rules: Sequence[Rule], changed: Sequence[Rule]) -> list[Rule]:
-    """Rules whose patterns can meet a changed pattern, and those meeting such an allow (for exact regions)."""
+    """Rules whose patterns can meet a changed pattern, and those meeting such an allow (for exact regions).
+
+    Decided on the patterns with placeholder levels read as '+', so it holds for every device; the
+    caller then keeps the rules a device's selectors pick.
+    """
+    memo: dict[tuple[str, str], bool] = {}
+
+    def meets(rule: Rule, targets: set[tuple[str, str]]) -> bool:
+        relaxed = _relaxed(rule.topic)
+        for action, pattern in targets:
+            if action != rule.action:
+                continue
+            key = (relaxed, pattern)
+            if key not in memo:
+                memo[key] = overlaps(relaxed, pattern)
+            if memo[key]:
+                return True
+        return False
+
     changed_relaxed = {(c.action, _relaxed(c.topic)) for c in changed}
-    first = [r for r in rules if any(a == r.action and overlaps(_relaxed(r.topic), p) for a, p in changed_relaxed)]
+    first = [r for r in rules if meets(r, changed_relaxed)]
     allows = {(r.action, _relaxed(r.topic)) for r in first if r.effect == "allow"} | changed_relaxed
-    return [r for r in rules if any(a == r.action and overlaps(_relaxed(r.topic), p) for a, p in allows)]
+    return [r for r in rules if meets(r, allows)]
 
 
 def _sides(rules: Sequence[Rule], action: str, attrs: Mapping[str, str] | None) -> tuple[list[str], list[str]]:
@@ -224,6 +257,9 @@ def device_changes(old_rules: Sequence[Rule], new_rules: Sequence[Rule], old_dev
     changed = list(delta.added) + list(delta.removed)
     out: list[DeviceChange] = []
     per_values: dict[tuple[str, str, str], tuple[list[Rule], list[Rule]] | None] = {}
+    old_candidates = _BySelectors(_relevant(old_rules, changed))
+    new_candidates = _BySelectors(_relevant(new_rules, changed))
+    changed_by = _BySelectors(changed)
     memo: dict[tuple, tuple[Change, ...]] = {}
     for device_id in sorted(set(old_devices) | set(new_devices)):
         old_d, new_d = old_devices.get(device_id), new_devices.get(device_id)
@@ -235,12 +271,10 @@ def device_changes(old_rules: Sequence[Rule], new_rules: Sequence[Rule], old_dev
         if same_record:
             values = (new_d.type, new_d.location, new_d.purpose)  # type: ignore[union-attr]
             if values not in per_values:
-                if not any(_selects(c, values) for c in changed):
+                if not changed_by.picked(values):
                     per_values[values] = None
                 else:
-                    mine = [c for c in changed if _selects(c, values)]
-                    per_values[values] = (_relevant(_applicable(old_rules, values), mine),
-                                          _relevant(_applicable(new_rules, values), mine))
+                    per_values[values] = (old_candidates.picked(values), new_candidates.picked(values))
             relevant = per_values[values]
             if relevant is None:
                 continue
