@@ -132,8 +132,8 @@ def test_cli_diff_directories_groups_devices(tmp_path: Path) -> None:
         "  the only dashboard device: dashboard-001 lose part of receive on sites/plant-a/# (e.g. sites/plant-a)",
         "  the only actuator device: valve-001 lose receive on sites/plant-a/valve-001/cmd",
         "  the only actuator device: valve-001 lose subscribe on sites/plant-a/valve-001/cmd",
-        "  the only sensor device in plant-a: sensor-001 gain part of receive on sites/plant-a/+/cmd (e.g. sites/plant-a/x/cmd)",
-        "  the only sensor device in plant-b: sensor-002 gain part of receive on sites/plant-b/+/cmd (e.g. sites/plant-b/x/cmd)",
+        "  all 2 sensor devices: sensor-001, sensor-002 gain part of receive on sites/{location}/+/cmd "
+        "(e.g. sites/{location}/x/cmd)",
         "not checked: which connected devices a running broker would disconnect (not implemented)",
     ]
     same = run("diff", str(old), str(old))
@@ -155,3 +155,25 @@ def test_cli_diff_against_a_git_revision(tmp_path: Path) -> None:
     assert "  the only dashboard device: dashboard-001 gain part of receive on sites/plant-a/# (e.g. sites/plant-a/secret)" in result.stdout
     assert_one_line_error(run("diff", *args, "--rev", "nosuchrev"), "cannot read it at git revision 'nosuchrev'")
     assert_one_line_error(run("diff", *args), "nothing to compare")
+
+
+def test_cli_diff_reads_as_a_few_lines_for_many_devices(tmp_path: Path) -> None:
+    """The issue's example: a change to thousands of devices is one line per group."""
+    devices = ["devices:"] + [f"  - {{id: cam-{i}, type: camera, location: plant-{3 + i % 2}, purpose: video, owner: o, "
+                              "status: active}" for i in range(3000)]
+    (tmp_path / "devices.yaml").write_text("\n".join(devices) + "\n")
+    shutil.copy(ROOT / "policies" / "model.conf", tmp_path / "model.conf")
+    old = ("p, cam-cmd, camera, plant-3, *, sites/{location}/+/cmd, receive, allow\n"
+           "p, cam-video, camera, *, video, video/{location}/{device_id}, publish, allow\n")
+    (tmp_path / "old.csv").write_text(old)
+    (tmp_path / "new.csv").write_text(old.replace("p, cam-cmd", "# p, cam-cmd").replace(
+        "video/{location}/{device_id}, publish", "video/{location}/+, publish"))
+    result = run("diff", "--model", str(tmp_path / "model.conf"), "--registry", str(tmp_path / "devices.yaml"),
+                 str(tmp_path / "old.csv"), str(tmp_path / "new.csv"))
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.splitlines()[4:] == [
+        "devices: 3,000 of 3,000 (active before or after) affected",
+        "  all 1,500 camera devices in plant-3 lose receive on sites/plant-3/+/cmd",
+        "  all 3,000 camera devices gain part of publish on video/{location}/+ (e.g. video/{location}/x)",
+        "not checked: which connected devices a running broker would disconnect (not implemented)",
+    ]

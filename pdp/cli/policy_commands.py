@@ -321,11 +321,16 @@ def cmd_diff(args: argparse.Namespace) -> int:
         for group in group_devices(ids, devices, totals):
             lines.append(f"  {group.label}: {admission}")
     for change, ids in grouped(changes, devices):
-        if len(ids) == 1:  # one device: its own id reads better than {device_id}
-            change = replace(change, pattern=change.pattern.replace("{device_id}", ids[0]),
-                             example=change.example and change.example.replace("{device_id}", ids[0]))
         for group in group_devices(ids, devices, totals):
-            lines.append(f"  {group.label} {phrase(change)}")
+            # A value every device of the group shares reads better than its placeholder.
+            shown = change
+            for name in ("location", "device_id"):
+                values = {devices[d].attrs[name] for d in group.members}
+                if len(values) == 1:
+                    value = values.pop()
+                    shown = replace(shown, pattern=shown.pattern.replace("{" + name + "}", value),
+                                    example=shown.example and shown.example.replace("{" + name + "}", value))
+            lines.append(f"  {group.label} {phrase(shown)}")
     lines.append("not checked: which connected devices a running broker would disconnect (not implemented)")
     _out(lines)
     return 1 if changes else 0

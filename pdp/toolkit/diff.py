@@ -316,10 +316,12 @@ def device_changes(old_rules: Sequence[Rule], new_rules: Sequence[Rule], old_dev
 
 
 def _template(pattern: str, attrs: Mapping[str, str]) -> str:
-    """The pattern with the device's id written as {device_id} again, so devices differing only by id group."""
-    levels = pattern.split("/")
-    device_id = attrs["device_id"]
-    return "/".join(level.replace(device_id, "{device_id}") if device_id in level else level for level in levels)
+    """The pattern with the device's own id and location written as placeholders again, so that devices
+    differing only by them share an entry ("all 2,314 camera devices gain receive on sites/{location}/...")."""
+    device_id, location = attrs["device_id"], attrs["location"]
+    return "/".join("{location}" if level == location else
+                    level.replace(device_id, "{device_id}") if device_id in level else level
+                    for level in pattern.split("/"))
 
 
 def grouped(changes: Sequence[DeviceChange], devices: Mapping[str, Device]) -> list[tuple[Change, list[str]]]:

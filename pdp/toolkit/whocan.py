@@ -155,6 +155,7 @@ def who_can(rules: Sequence[Rule], fleet: FleetIndex, action: str, topic: str) -
 class Group:
     count: int
     label: str  # e.g. "all 2,314 camera devices in plant-3"
+    members: tuple[str, ...] = ()
 
 
 def group_devices(device_ids: Iterable[str], devices: Mapping[str, Device], totals: "GroupTotals",
@@ -166,7 +167,8 @@ def group_devices(device_ids: Iterable[str], devices: Mapping[str, Device], tota
         n = len(members)
         count = (f"all {n:,}" if n > 1 else "the only") if n == total else f"{n:,} of {total:,}"
         names = f": {', '.join(sorted(d.device_id for d in members))}" if n <= list_up_to else ""
-        return Group(n, f"{count} {what.format(s='s' if n > 1 or total > 1 else '')}{names}")
+        return Group(n, f"{count} {what.format(s='s' if n > 1 or total > 1 else '')}{names}",
+                     tuple(d.device_id for d in members))
 
     out: list[Group] = []
     rest: list[Device] = []
