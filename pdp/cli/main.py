@@ -240,9 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit 1 when lint reports a warning")
     p.set_defaults(func=cmd_check)
 
-    from pdp.cli import policy_commands
+    from pdp.cli import policy_commands, report_commands
 
     policy_commands.add_arguments(sub)
+    report_commands.add_arguments(sub)
 
     p = sub.add_parser("apply", help="validate and replace policy and/or registry together, atomically",
                        description="Validate new versions of the policy and/or registry against each other, then "
