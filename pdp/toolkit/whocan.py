@@ -34,7 +34,6 @@ class _PerDevice:
 
 
 PER_DEVICE = _PerDevice()
-Constraint = "dict[str, str] | _PerDevice | None"
 
 
 def _relation(action: str, effect: str, pattern: str, topic: str) -> bool:
@@ -94,7 +93,7 @@ class FleetIndex:
         if index is None:
             index = self._by[name] = defaultdict(set)
             for device_id, device in self.devices.items():
-                index[device.attrs[name]].add(device_id)
+                index[getattr(device, name)].add(device_id)  # the field, not .attrs: no mapping built per device
         return index.get(value, set())
 
     def selecting(self, equalities: Mapping[str, str]) -> Iterable[str]:
