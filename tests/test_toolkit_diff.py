@@ -177,3 +177,10 @@ def test_cli_diff_reads_as_a_few_lines_for_many_devices(tmp_path: Path) -> None:
         "  all 3,000 camera devices gain part of publish on video/{location}/+ (e.g. video/{location}/x)",
         "not checked: which connected devices a running broker would disconnect (not implemented)",
     ]
+
+
+def test_cli_diff_errors_name_the_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "new.csv"
+    bad.write_text("p, r1, *, *, *, a/#, publish, allow\np, r2, *, *, *, a/#/b, publish, allow\n")
+    assert_one_line_error(run("diff", "--new-policy", str(bad)), f"{bad}:2: filter 'a/#/b'")
+    assert_one_line_error(run("diff", str(tmp_path / "old")), "give both OLD and NEW")
