@@ -139,3 +139,10 @@ def test_cli_explain_errors(tmp_path: Path) -> None:
     bad.write_text("p, r1, *, *, *, a/#, publish, allow\np, r2, *, *, *, a/#/b, publish, allow\n")
     assert_one_line_error(run("explain", "--policy", str(bad), "--device", "sensor-001", "--topic", "a",
                               "--action", "publish"), f"{bad}:2:")
+
+
+def test_help_of_the_policy_author_commands() -> None:
+    for command in (["explain"], ["test"], ["who-can"], ["diff"], ["fmt"], ["report"], ["report", "unused"], ["check"]):
+        result = run(*command, "--help")
+        assert (result.returncode, result.stderr) == (0, ""), command
+        assert result.stdout.startswith(" ".join(["usage: mqtt-pdp", *command]) + " [-h]"), result.stdout.splitlines()[0]
