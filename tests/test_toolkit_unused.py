@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -47,24 +48,24 @@ def test_report_unused_on_the_example_policy(tmp_path: Path) -> None:
         (DAY, "valve-001", "receive", "sites/plant-a/valve-001/cmd", "actuator-cmd-recv"),
         (40 * DAY, "sensor-001", "subscribe", "sites/plant-a/sensor-001/cmd", "sensor-cmd-sub"),  # before the period
     ])
-    result = run("report", "unused", "--since", "30d", "--db", str(db))
+    result = run("report", "unused", "--since", "30d", "--db", str(db), "--format", "json")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[1:] == [
-        "allow rules that decided nothing: 5 of 10",
-        f"  {POLICY}:6 sensor-status-will (publish sites/{{location}}/{{device_id}}/status; granted to 2 active devices)",
-        f"  {POLICY}:7 sensor-cmd-sub (subscribe sites/{{location}}/{{device_id}}/cmd; granted to 2 active devices)",
-        f"  {POLICY}:8 sensor-cmd-recv (receive sites/{{location}}/{{device_id}}/cmd; granted to 2 active devices)",
-        f"  {POLICY}:9 actuator-cmd-sub (subscribe sites/{{location}}/{{device_id}}/cmd; granted to 1 active device)",
-        f"  {POLICY}:11 actuator-state (publish sites/{{location}}/{{device_id}}/state; granted to 1 active device)",
-        "allow rules some granted devices never used: 1",
-        f"  {POLICY}:5 sensor-telemetry: used by 1 of 2 devices; not by",
-        "      the only sensor device in plant-b: sensor-002",
-        "narrower patterns the evidence supports: 2",
-        f"  {POLICY}:13 dashboard-watch-recv: sites/{{location}}/# -> sites/{{location}}/sensor-001/telemetry "
-        "(1 use by 1 device)",
-        f"  {POLICY}:14 dashboard-command: sites/{{location}}/+/cmd -> sites/{{location}}/valve-001/cmd (1 use by 1 device)",
+    rows = [(r["finding"], r["rule"], r["where"], r["devices"], r["detail"]) for r in json.loads(result.stdout)]
+    assert rows == [
+        ("unused grant", "sensor-telemetry", f"{POLICY}:5", 1,
+         "used by 1 of 2; not by: the only sensor device in plant-b: sensor-002"),
+        ("unused rule", "sensor-status-will", f"{POLICY}:6", 2, "decided no request in the period"),
+        ("unused rule", "sensor-cmd-sub", f"{POLICY}:7", 2, "decided no request in the period"),
+        ("unused rule", "sensor-cmd-recv", f"{POLICY}:8", 2, "decided no request in the period"),
+        ("unused rule", "actuator-cmd-sub", f"{POLICY}:9", 1, "decided no request in the period"),
+        ("unused rule", "actuator-state", f"{POLICY}:11", 1, "decided no request in the period"),
+        ("narrower", "dashboard-watch-recv", f"{POLICY}:13", 1,
+         "-> sites/{location}/sensor-001/telemetry (grants every one of the 1 recorded uses)"),
+        ("narrower", "dashboard-command", f"{POLICY}:14", 1, "-> sites/{location}/valve-001/cmd (grants every one of the 1 recorded uses)"),
     ]
-    assert result.stdout.splitlines()[0].endswith(": 6 records")
+    table = run("report", "unused", "--since", "30d", "--db", str(db), "--fail-over", "3")
+    assert table.returncode == 1 and table.stderr == "unused: 8 finding(s)\n", table.stderr
+    assert table.stdout.splitlines()[0].split() == ["FINDING", "RULE", "WHERE", "ACTION", "PATTERN", "DEVICES", "DETAIL"]
     assert_one_line_error(run("report", "unused", "--db", str(tmp_path / "none.db")), "no assertion database")
     assert_one_line_error(run("report", "unused", "--db", str(db), "--since", "yesterday"), "cannot read time")
 

@@ -10,7 +10,7 @@ import sys
 from types import SimpleNamespace
 from typing import Any
 
-from pdp.cli.main import CliError, _add_policy_args, _pdp_paths
+from pdp.cli.main import CliError, _add_policy_args, _pdp_paths, _registry
 
 EXIT_ALLOW, EXIT_DENY = 0, 1
 
@@ -25,10 +25,9 @@ def _out(lines: list[str]) -> None:
 def cmd_explain(args: argparse.Namespace) -> int:
     from pdp.core.topics import TopicError, validate_filter, validate_topic
     from pdp.policy.load import load_policy
-    from pdp.registry.file import load_registry
     from pdp.toolkit.explain import explain, render
 
-    model, policy_path, registry_path, _ = _pdp_paths(args)
+    model, policy_path, registry_path, settings = _pdp_paths(args)
     try:
         (validate_filter if args.action == "subscribe" else validate_topic)(args.topic)
     except TopicError as exc:
@@ -38,7 +37,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.device is None and not adhoc:
         raise CliError("give --device ID, or --type, --location and --purpose for a device not yet registered")
     policy = load_policy(model, policy_path)
-    registry = load_registry(registry_path)
+    registry = _registry(registry_path, settings)
     device = registry.lookup(args.device) if args.device is not None else None
     notes: list[str] = []
     if device is not None:
@@ -121,13 +120,12 @@ def cmd_test(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pdp.policy.load import load_policy, read_text
-    from pdp.registry.file import load_registry
     from pdp.toolkit.explain import render
     from pdp.toolkit.policy_tests import TEST_SUFFIX, parse_cases, run_case, uncovered
 
-    model, policy_path, registry_path, _ = _pdp_paths(args)
+    model, policy_path, registry_path, settings = _pdp_paths(args)
     policy = load_policy(model, policy_path)
-    registry = load_registry(registry_path)
+    registry = _registry(registry_path, settings)
     files = list(args.files) or sorted(str(p) for p in Path(policy_path).parent.glob("*" + TEST_SUFFIX))
     if not files:
         raise CliError(f"no test files: give FILE arguments or put *{TEST_SUFFIX} beside {policy_path}")
@@ -181,16 +179,15 @@ def cmd_who_can(args: argparse.Namespace) -> int:
 
     from pdp.core.topics import TopicError, validate_filter, validate_topic
     from pdp.policy.load import load_policy
-    from pdp.registry.file import load_registry
     from pdp.toolkit.whocan import FleetIndex, GroupTotals, group_devices, who_can
 
-    model, policy_path, registry_path, _ = _pdp_paths(args)
+    model, policy_path, registry_path, settings = _pdp_paths(args)
     try:
         (validate_filter if args.action == "subscribe" else validate_topic)(args.topic)
     except TopicError as exc:
         raise CliError(str(exc)) from None
     policy = load_policy(model, policy_path)
-    registry = load_registry(registry_path)
+    registry = _registry(registry_path, settings)
     started = time.perf_counter()
     active = {device_id: d for device_id, d in registry.devices.items() if d.status == "active"}
     answer = who_can(policy.rules, FleetIndex(active), args.action, args.topic)
@@ -399,6 +396,78 @@ def add_fmt(sub: Any) -> None:
     p.add_argument("--check", action="store_true", help="only report whether the file would change")
     p.add_argument("--diff", action="store_true", help="print the change as a unified diff instead of writing it")
     p.set_defaults(func=cmd_fmt)
+
+
+# -- report unused (registered with the other reports in pdp.cli.report_commands) ----------------
+
+
+UNUSED_COLUMNS = ("finding", "rule", "where", "action", "pattern", "devices", "detail")
+
+
+def unused_rows(args: argparse.Namespace, since: float | None) -> list[dict[str, Any]]:
+    """The ``report unused`` findings: rules that decided nothing, grants some devices never used, narrower patterns."""
+    from pdp.cli.log_commands import _open
+    from pdp.evidence.store import QueryFilters
+    from pdp.policy.load import load_policy
+    from pdp.toolkit.unused import Use, usage
+    from pdp.toolkit.whocan import FleetIndex, GroupTotals, group_devices
+
+    model, policy_path, registry_path, settings = _pdp_paths(args)
+    policy = load_policy(model, policy_path)
+    registry = _registry(registry_path, settings)
+    store = _open(args)
+    uses: list[Use] = []
+    try:
+        for action in ("publish", "subscribe", "receive"):
+            for _, record in store.query(QueryFilters(action=action, decision="allow", since=since)):
+                if record.device_id is None or record.rule_id is None or record.topic is None:
+                    continue
+                attrs = {"device_id": record.device_id, "type": record.type, "location": record.location,
+                         "purpose": record.purpose, "owner": record.owner}
+                known = registry.lookup(record.device_id)
+                if any(value is None for value in attrs.values()) and known is not None:
+                    attrs = dict(known.attrs)
+                uses.append(Use(record.device_id, {k: v for k, v in attrs.items() if v is not None}, action,
+                                record.topic, record.rule_id))
+    finally:
+        store.close()
+    active = {device_id: d for device_id, d in registry.devices.items() if d.status == "active"}
+    fleet = FleetIndex(active)
+    granted = {rule.rule_id: list(fleet.selecting({n: getattr(rule, n) for n in ("type", "location", "purpose")
+                                                   if getattr(rule, n) != "*"}))
+               for rule in policy.rules if rule.effect == "allow"}
+    totals = GroupTotals.of(active.values())
+    rows: list[dict[str, Any]] = []
+    for u in usage(policy.rules, granted, uses):
+        base = {"rule": u.rule.rule_id, "where": f"{policy_path}:{u.rule.line}", "action": u.rule.action,
+                "pattern": u.rule.topic}
+        if u.uses == 0:
+            rows.append({**base, "finding": "unused rule", "devices": len(u.devices_granted),
+                         "detail": "decided no request in the period"})
+            continue
+        if u.unused_by:
+            groups = [g.label for g in group_devices(u.unused_by, active, totals)]
+            rows.append({**base, "finding": "unused grant", "devices": len(u.unused_by),
+                         "detail": f"used by {len(u.devices_used & u.devices_granted)} of {len(u.devices_granted)}; "
+                                   f"not by: {'; '.join(groups)}", "not_used_by": sorted(u.unused_by)})
+        if u.suggestion:
+            rows.append({**base, "finding": "narrower", "devices": len(u.devices_used),
+                         "detail": f"-> {u.suggestion} (grants every one of the {u.uses} recorded uses)", "suggestion": u.suggestion})
+    return rows
+
+
+def unused_report(report_type: Any, since_of: Any) -> Any:
+    """The ``unused`` report for ``pdp.cli.report_commands`` (its Report type and --since parser are passed in)."""
+
+    def add(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--model", help="Casbin model file (default: from config, else policies/model.conf)")
+        parser.add_argument("--policy", help="policy rules file (default: from config, else policies/policy.csv)")
+        parser.add_argument("--since", default="30d", help="period of the log to read: 30d, 12h or an ISO time "
+                                                           "(default: 30d)")
+
+    return report_type("unused", "allow rules and per-device grants no recorded access used in the period, and "
+                                 "narrower patterns the evidence supports (least privilege)", UNUSED_COLUMNS,
+                       lambda a, c: unused_rows(a, since_of(a, c)), add)
 
 
 def add_arguments(sub: Any) -> None:
