@@ -9,8 +9,8 @@ that placeholder (``sites/{location}/+/cmd`` used only as each device's own id s
 ``sites/{location}/{device_id}/cmd``); a ``#`` becomes the common tail of the uses. A suggestion
 is kept only if it still grants every recorded use (checked with the engine's own relation).
 
-The report core is here and the command in ``pdp.cli.report_commands``, so other ``report``
-subcommands can be added beside ``unused``.
+The core is here; ``pdp.cli.policy_commands.unused_rows`` reads the log into it, and the
+``unused`` report is registered beside the governance reports in ``pdp.cli.report_commands``.
 """
 
 from __future__ import annotations
