@@ -118,7 +118,7 @@ def test_stock_amqtt_leaks_the_slots_of_bad_connects_reset_by_the_peer(make_brok
     bad_connect_then_reset(broker.port, test_pki, 6)
     with pytest.raises(AssertionError, match="not reached"):
         wait_for(lambda: live_connections(broker) == 0, "every slot released", timeout=3)
-    assert live_connections(broker) == 3  # and three more attempts wait on the semaphore: locked out
+    assert live_connections(broker) >= 1  # leaked for good (how many of the 3 slots depends on timing)
 
 
 def test_a_full_listener_closes_new_connections_instead_of_queueing_them(make_broker, test_pki, policy_dir, caplog):
