@@ -309,3 +309,28 @@ def test_concurrent_applies_never_leave_a_pair_nobody_wrote(tmp_path: Path) -> N
         for writer in writers:
             assert writer.wait(timeout=60) == 0
         assert policy.read_text() == registry.read_text(), f"round {round_number}: a mixed pair"
+
+
+def test_decisions_on_very_long_topics_are_not_cached(tmp_path: Path) -> None:
+    """The caches are bounded in entries, not bytes: long distinct topics must not fill them."""
+    from pdp.core.admission import AdmissionSettings
+    from pdp.core.identity import IdentitySettings
+    from pdp.runtime.decision_point import CACHED_TOPIC_LENGTH, DecisionPoint, PdpSettings
+
+    (tmp_path / "model.conf").write_text((ROOT / "policies" / "model.conf").read_text())
+    (tmp_path / "policy.csv").write_text(TEST_POLICY)
+    (tmp_path / "devices.yaml").write_text(registry_yaml(DEVICES))
+    point = DecisionPoint(PdpSettings(str(tmp_path / "model.conf"), str(tmp_path / "policy.csv"),
+                                      str(tmp_path / "devices.yaml"),
+                                      AdmissionSettings(identity=IdentitySettings(trust_domain=TRUST_DOMAIN))))
+    computed: list[str] = []
+    point.on_computed = lambda revision, device, action, topic, decision: computed.append(topic)
+    sensor = point.registered("sensor-1")
+    long_filter = "sites/plant-a/" + "x" * CACHED_TOPIC_LENGTH + "/#"
+    for _ in range(2):
+        decision, tier, _ = point.lookup(sensor, "subscribe", long_filter)
+        assert tier == "index" and not decision.allowed
+    assert len(point.snapshot.l1) == 0 and computed == []
+    short = "sites/plant-a/sensor-1/telemetry"
+    assert point.lookup(sensor, "publish", short)[1] == "index" and point.lookup(sensor, "publish", short)[1] == "l1"
+    assert computed == [short]

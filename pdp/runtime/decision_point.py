@@ -144,6 +144,12 @@ def _read_for_start(paths: tuple[str, ...], settle: float) -> tuple[FileSignatur
     raise SourceError(paths[0], None, "files kept changing while the broker started; try again")
 
 
+# Decisions on longer topics are computed each time, never cached (L1 or Redis): the caches are bounded in
+# entries, and distinct 60 KB filters would otherwise let one client fill 100,000 of them (an outside attack
+# added 100 MB to the broker and 187 MB to Redis with 3,000). Real topics are far shorter.
+CACHED_TOPIC_LENGTH = 1024
+
+
 class DecisionPoint:
     def __init__(self, settings: PdpSettings) -> None:
         self.settings = settings
@@ -194,12 +200,14 @@ class DecisionPoint:
             (validate_filter if action == "subscribe" else validate_topic)(topic)
         except TopicError as exc:  # never reaches the rules, so no pattern can grant it
             decision = Decision(False, None, f"invalid {'filter' if action == 'subscribe' else 'topic'}: {exc}")
-            snap.l1.put(key, decision)
+            if len(topic) <= CACHED_TOPIC_LENGTH:
+                snap.l1.put(key, decision)
             return decision, "index", snap.snapshot_revision
         decision = snap.index.decide(device.attrs, action, topic)
-        snap.l1.put(key, decision)
-        if self.on_computed is not None:
-            self.on_computed(snap.policy.revision, device, action, topic, decision)
+        if len(topic) <= CACHED_TOPIC_LENGTH:
+            snap.l1.put(key, decision)
+            if self.on_computed is not None:
+                self.on_computed(snap.policy.revision, device, action, topic, decision)
         return decision, "index", snap.snapshot_revision
 
     def _verified_lookup(self, device: Device, action: str, topic: str) -> tuple[Decision, str, str]:
