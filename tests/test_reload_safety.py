@@ -192,9 +192,30 @@ def test_broken_crl_is_rejected_and_the_previous_one_stays(make_broker, connect_
     attempts = broker.plugin.service.reload_attempts
     crl_path.write_bytes(b"not a crl")
     broker.wait_reload(attempts)
-    assert broker.plugin.service.pdp.errors["crl"].startswith(f"{crl_path}: not a PEM or DER CRL")
+    assert broker.plugin.service.pdp.errors[f"crl:{crl_path}"].startswith(f"{crl_path}: not a PEM or DER CRL")
     connect_to(broker, "sensor-2", expect=5)
     connect_to(broker, "sensor-1", expect=0)
+
+
+def test_a_broken_crl_file_does_not_block_a_revocation_in_another(make_broker, connect_to, test_pki: TestPki,
+                                                                  policy_dir: Path) -> None:
+    """Found by an outside attack: with two CRL files, a broken second one blocked a new revocation in the
+    first (the revoked device stayed connected and could reconnect). Each file is now its own source."""
+    first, second = policy_dir / "a.crl", policy_dir / "b.crl"
+    for path in (first, second):
+        path.write_bytes(pki.make_crl(test_pki.ca, []).public_bytes(Encoding.PEM))
+    broker = make_broker(crl=[str(first), str(second)])
+    sensor = connect_to(broker, "sensor-1")
+    attempts = broker.plugin.service.reload_attempts
+    second.write_bytes(b"not a crl")
+    broker.wait_reload(attempts)
+    serial = int(pki.load_issued(test_pki.device("sensor-1").cert, test_pki.device("sensor-1").key).cert.serial_number)
+    attempts = broker.plugin.service.reload_attempts
+    first.write_bytes(pki.make_crl(test_pki.ca, [serial]).public_bytes(Encoding.PEM))
+    broker.wait_reload(attempts)
+    assert sensor.wait_disconnected(), "the revocation in a.crl was blocked by the broken b.crl"
+    connect_to(broker, "sensor-1", expect=5)
+    assert f"crl:{second}" in broker.plugin.service.pdp.errors
 
 
 def test_session_is_cut_when_its_certificate_expires(make_broker, connect_to, test_pki: TestPki,

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -28,7 +28,7 @@ from pdp.runtime.cache import LruCache
 from pdp.core.engine import Decision
 from pdp.errors import SourceError
 from pdp.core.index import PolicyIndex
-from pdp.core.crl import NO_REVOCATIONS, RevocationList, parse_crls
+from pdp.core.crl import NO_REVOCATIONS, RevocationList, merge_crls, parse_crls
 from pdp.policy.load import Policy, decode, parse_policy
 from pdp.registry.device import Device
 from pdp.registry.file import FileRegistry, parse_registry
@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 # Told about each decision the compiled index computed (not L1 hits): policy revision, device, action, topic, decision.
 ComputedHook = Callable[[str, Device, str, str, Decision], None]
 START_READ_ATTEMPTS = 40  # at start, wait this many settle intervals for files being written
+
+
+CRL_SOURCE = "crl:"  # a CRL file's source name is this and its path
 
 
 @dataclass(frozen=True)
@@ -66,8 +69,8 @@ class PdpSettings:
         out: dict[str, tuple[str, ...]] = {"policy": (self.model_path, self.policy_path)}
         if not self.registry_in_redis:
             out["registry"] = (self.registry_path,)
-        if self.crl_paths:
-            out["crl"] = tuple(self.crl_paths)
+        for path in self.crl_paths:  # each CRL file its own source: a broken one does not block the others
+            out[CRL_SOURCE + path] = (path,)
         return out
 
 
@@ -80,6 +83,7 @@ class Snapshot:
     index: PolicyIndex
     l1: LruCache[tuple[str, str, str], Decision]
     crl: RevocationList = NO_REVOCATIONS
+    crl_files: Mapping[str, RevocationList] = field(default_factory=dict)  # per CRL source, each its last good
 
     @property
     def snapshot_revision(self) -> str:
@@ -133,7 +137,8 @@ def parse_source(settings: PdpSettings, name: str, contents: dict[str, bytes | O
                                   current.registry if current is not None else None)
         check_registry(settings.admission.client_id_pattern, registry)
         return registry
-    return parse_crls([(path, _bytes(contents, path, "CRL")) for path in settings.crl_paths])
+    path = name[len(CRL_SOURCE):]
+    return parse_crls([(path, _bytes(contents, path, "CRL"))])
 
 
 def _read_for_start(paths: tuple[str, ...], settle: float) -> tuple[FileSignature, dict[str, bytes | OSError]]:
@@ -171,8 +176,9 @@ class DecisionPoint:
                 store.close()
             check_registry(settings.admission.client_id_pattern, parts["registry"])
         policy = parts["policy"]
+        crl_files = {name: part for name, part in parts.items() if name.startswith(CRL_SOURCE)}
         self.snapshot = Snapshot(policy, parts["registry"], PolicyIndex(policy.rules), LruCache(settings.l1_size),
-                                 parts.get("crl", NO_REVOCATIONS))
+                                 merge_crls(list(crl_files.values())), crl_files)
         self.casbin_mismatches = 0
         self.errors: dict[str, str] = {}  # source -> why its newest version was rejected
         self.last_rejected: tuple[float, str] | None = None  # when, and why with file:line
@@ -332,14 +338,18 @@ class DecisionPoint:
         policy = parts.get("policy", current.policy)
         index = PolicyIndex(policy.rules) if "policy" in parts else current.index
         self._load_seconds = time.perf_counter() - started
+        crl_files = {**current.crl_files, **{n: part for n, part in parts.items() if n.startswith(CRL_SOURCE)}}
+        crl = merge_crls([crl_files[n] for n in self._sources if n in crl_files]) \
+            if crl_files != current.crl_files else current.crl
         return Snapshot(policy, parts.get("registry", current.registry), index, LruCache(self.settings.l1_size),
-                        parts.get("crl", current.crl))
+                        crl, crl_files)
 
     def with_registry(self, registry: FileRegistry) -> Snapshot:
         """The snapshot in force with another registry (a Redis registry's change); SourceError if unusable."""
         check_registry(self.settings.admission.client_id_pattern, registry)
         current = self.snapshot
-        return Snapshot(current.policy, registry, current.index, LruCache(self.settings.l1_size), current.crl)
+        return Snapshot(current.policy, registry, current.index, LruCache(self.settings.l1_size), current.crl,
+                        current.crl_files)
 
     def swap(self, snapshot: Snapshot) -> Snapshot:
         """Put a loaded snapshot in force and hand back the one it replaces (see ``release``).
