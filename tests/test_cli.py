@@ -146,3 +146,18 @@ def test_check_refuses_a_client_id_pattern_the_broker_would_refuse(tmp_path: Pat
                   policy=str(ROOT / "policies" / "policy.csv"), registry=str(ROOT / "policies" / "devices.yaml"))
     (tmp_path / "broker.yaml").write_text(yaml.safe_dump(config))
     assert_one_line_error(run("check", "-c", str(tmp_path / "broker.yaml")), "'*' is only allowed at the end")
+
+
+def test_cli_commands_read_a_config_with_only_the_plugin_section(tmp_path: Path) -> None:
+    """Found by an outside attack: 'apply -c' and 'check -c' refused a config without 'listeners',
+    which only 'mqtt-pdp broker' needs."""
+    for name in ("model.conf", "policy.csv", "devices.yaml"):
+        shutil.copy(ROOT / "policies" / name, tmp_path / name)
+    config = tmp_path / "plugin-only.yaml"
+    config.write_text(yaml.safe_dump({"plugins": {"broker_plugin.plugin.DeviceAuthorizationPlugin": {
+        "model": "model.conf", "policy": "policy.csv", "registry": "devices.yaml"}}}))
+    shutil.copy(tmp_path / "policy.csv", tmp_path / "new.csv")
+    assert run("check", "-c", str(config)).returncode == 0
+    applied = run("apply", "-c", str(config), "--new-policy", str(tmp_path / "new.csv"))
+    assert applied.returncode == 0 and applied.stdout.startswith("applied: "), applied
+    assert_one_line_error(run("broker", "-c", str(config)), "'listeners' must be a mapping")
