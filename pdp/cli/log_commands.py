@@ -54,10 +54,12 @@ def add_arguments(sub: Any) -> None:
     q.add_argument("--device", help="device id")
     q.add_argument("--client", help="MQTT client id")
     q.add_argument("--fingerprint", help="certificate SHA-256 fingerprint: hex, with or without colons or a sha256: prefix")
-    q.add_argument("--action", choices=["connect", "publish", "subscribe", "receive", "disconnect", "unsubscribe"],
+    q.add_argument("--action", choices=["connect", "publish", "subscribe", "receive", "disconnect", "unsubscribe",
+                                        "gap", "tls"],
                    help="disconnect: sessions the broker ended (revocation, expiry, CRL, takeover); "
-                        "unsubscribe: subscriptions a reload dropped")
-    q.add_argument("--decision", choices=["allow", "deny"])
+                        "unsubscribe: subscriptions a reload dropped; gap: records a stopped broker lost "
+                        "(decision 'lost'); tls: refused TLS handshakes")
+    q.add_argument("--decision", choices=["allow", "deny", "lost"])
     q.add_argument("--topic", help="MQTT filter: records whose topic it matches, e.g. 'sites/+/secret/#'")
     q.add_argument("--rule", help="deciding rule id")
     q.add_argument("--revision", help="snapshot revision as in the records (<policy>.<registry>[.<crl>]), or just "
@@ -79,7 +81,9 @@ def add_arguments(sub: Any) -> None:
     s.set_defaults(log_func=cmd_stats)
 
     v = log_sub.add_parser("verify", help="check every broker's hash chain; report the first altered, removed or reordered record",
-                           description="Verify the hash chains. Exit status 1 if any chain is broken.")
+                           description="Verify the hash chains. Exit status 1 if any chain is broken; 3 if the chains are "
+                                       "intact but hold gap records (LOST lines: a broker stopped with records it "
+                                       "never wrote, e.g. killed with -9).")
     store_args(v)
     v.add_argument("--node", help="only this broker node")
     v.add_argument("--anchors", help="directory of signed heads (the broker's anchor_dir): also catch rewritten "
@@ -250,15 +254,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
             raise LogCliError(str(exc)) from None
     store = _open(args)
     reports = store.verify(args.node, anchors)
-    broken = 0
+    broken = gapped = 0
     for problem in anchors.problems if anchors else []:
         broken += 1
         print(f"BROKEN: anchors: {safe_text(problem)}")
     if not reports:
         print("no records")
     for report in reports:
+        for record_id, reason in report.gaps:
+            print(f"LOST: {safe_text(record_id)}: {safe_text(reason)}")
+        if report.gaps:
+            gapped += 1
         if report.problem is None:
-            line = f"ok: node {safe_text(report.node)}: {report.checked} records, chain intact"
+            status = "incomplete" if report.gaps else "ok"
+            gaps = f", {len(report.gaps)} known gap(s): records lost, see LOST lines" if report.gaps else ""
+            line = f"{status}: node {safe_text(report.node)}: {report.checked} records, chain intact{gaps}"
             if anchors is not None and report.anchored_seq is not None:
                 unpinned = _after(store, report)
                 line += (f", matches {report.anchored} signed heads up to {safe_text(report.node)}:"
@@ -274,7 +284,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for problem in store.check_identities():
             broken += 1
             print(f"BROKEN: {safe_text(problem)}")
-    return 1 if broken else 0
+    return 1 if broken else (3 if gapped else 0)
 
 
 def _after(store: AssertionStore, report: Any) -> int:

@@ -165,7 +165,7 @@ class ChainWriter:
         for ts, key, client_id, peer, action, topic, allowed, rule_id, reason, tier, latency_ns, revision in rows:
             seq += 1
             record_id = f"{node}:{seq}"
-            verdict = "allow" if allowed else "deny"
+            verdict = "allow" if allowed else ("deny" if allowed is not None else "lost")  # None: a gap record
             latency = round(latency_ns / 1000, 3) if tier else None
             text = "\x1f".join((
                 record_id, node, str(seq), repr(ts), canon(client_id), texts[key], action, canon(topic), verdict,

@@ -101,6 +101,7 @@ class ChainReport:
     anchored: int = 0  # signed heads the database matches
     anchored_seq: int | None = None  # the newest of them: records after it are not pinned yet
     records: int = 0
+    gaps: tuple[tuple[str, str], ...] = ()  # (record id, reason) of gap records: losses the log itself reports
 
 
 def _topic_prefix(topic_filter: str) -> str:
@@ -344,9 +345,12 @@ class AssertionStore:
             checkpoint = self.db.execute("SELECT seq, hash FROM checkpoints WHERE node = ?", (name,)).fetchone()
             prev_seq, prev_hash = checkpoint if checkpoint else (0, GENESIS)
             checked, count = 0, 0
+            gaps: list[tuple[str, str]] = []
             for row in self.db.execute(f"SELECT {_COLUMNS} FROM records WHERE node = ? ORDER BY seq", (name,)):
                 record = AssertionRecord._make(row)
                 count += 1
+                if record.action == "gap":  # a broker stopped with captures it never recorded (pdp.evidence.ledger)
+                    gaps.append((record.record_id, record.reason))
                 if record.seq != prev_seq + 1:
                     first_missing = prev_seq + 1
                     gap = f"{first_missing}" if record.seq == first_missing + 1 else f"{first_missing}..{record.seq - 1}"
@@ -371,7 +375,7 @@ class AssertionStore:
                 anchored, anchored_seq = self._check_anchors(name, checkpoint, count, anchors, problems)
             first = problems[0] if problems else (None, None)
             reports.append(ChainReport(name, checked, first[0], first[1], tuple(problems), anchored, anchored_seq,
-                                       count))
+                                       count, tuple(gaps)))
         return reports
 
     def check_identities(self) -> list[str]:

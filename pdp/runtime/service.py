@@ -45,6 +45,8 @@ from pdp.core.enforcement import (
 from pdp.core.engine import Decision
 from pdp.evidence.anchor import prune_signer
 from pdp.evidence.node import default_node_id
+from pdp.core.identity import read_certificate
+from pdp.evidence.ledger import CaptureLedger
 from pdp.evidence.recorder import AssertionRecorder
 from pdp.evidence.text import safe  # device-supplied text in log lines: escaped and bounded
 from pdp.evidence.writer import WriterProcess
@@ -77,6 +79,9 @@ def _event(conn: ConnId, action: str, topic: str, origin: Origin, publisher: Adm
     if action == "will":
         return WillDue(conn, topic)
     raise ValueError(f"unknown action {action!r}")
+
+
+LOG_REFUSAL = "refused: assertion records cannot be made durable (on_log_failure: refuse)"
 
 
 class AuthorizationService:
@@ -120,6 +125,8 @@ class AuthorizationService:
     def _make_recorder(self, cfg: ServiceSettings) -> AssertionRecorder:
         if cfg.assertion_stream and not cfg.redis_url:
             raise ValueError("assertion_stream needs redis_url")
+        if cfg.on_log_failure not in ("alarm", "refuse"):
+            raise ValueError(f"on_log_failure must be 'alarm' or 'refuse', got {cfg.on_log_failure!r}")
         writer = WriterProcess({
             "node": self.node_id, "spool_dir": cfg.spool_dir, "assertion_db": cfg.assertion_db,
             "stream_url": cfg.redis_url if cfg.assertion_stream else "", "stream_prefix": cfg.redis_prefix,
@@ -127,7 +134,7 @@ class AuthorizationService:
             "anchor_interval": cfg.anchor_interval,
             "claim_url": cfg.redis_url, "claim_prefix": cfg.redis_prefix,  # one node id, one writer
         })
-        return AssertionRecorder(writer)
+        return AssertionRecorder(writer, ledger=CaptureLedger(cfg.spool_dir, self.node_id, uuid.uuid4().hex[:16]))
 
     # -- connections ------------------------------------------------------------------------
 
@@ -137,6 +144,8 @@ class AuthorizationService:
     def connect(self, conn: ConnId, request: ConnectRequest, peer: str | None,
                 persistent: bool = False) -> tuple[Admission, list[Disconnect]]:
         """Admit or refuse; the Disconnects returned (a previous connection of this client id) go first."""
+        if self.log_refusing:
+            return self._refuse_unrecordable(conn, request, peer), []
         actions = self.enforcer.handle(ConnectRequested(conn, request, datetime.now(timezone.utc), persistent))
         outcome = actions[-1]
         admission: Admission = outcome.admission  # type: ignore[union-attr]
@@ -162,6 +171,24 @@ class AuthorizationService:
             self._record_end(action)
         return admission, superseded
 
+    @property
+    def log_refusing(self) -> bool:
+        """``on_log_failure: refuse`` and records cannot be made durable now: decide nothing (fail closed)."""
+        return self.recorder is not None and self.recorder.failing and self.settings.on_log_failure == "refuse"
+
+    def _refuse_unrecordable(self, conn: ConnId, request: ConnectRequest, peer: str | None) -> Admission:
+        cert = None
+        if request.certificate_der:
+            try:
+                cert = read_certificate(request.certificate_der)
+            except Exception:  # noqa: BLE001 - refused anyway; the record then lacks the certificate
+                cert = None
+        admission = Admission(False, LOG_REFUSAL, certificate=cert)
+        assert self.recorder is not None
+        self.recorder.connect(admission, request.client_id, peer, self.pdp.snapshot_revision)
+        log.warning("connect refused: client=%s peer=%s reason=%s", safe(request.client_id), peer, LOG_REFUSAL)
+        return admission
+
     def _record_end(self, action: Disconnect) -> None:
         """Every session the broker ends (revocation, expiry, CRL, takeover) is evidence, with its reason."""
         if self.recorder is not None:
@@ -184,6 +211,12 @@ class AuthorizationService:
     def allows(self, conn: ConnId, action: str, topic: str, origin: Origin = "live",
                publisher: Admission | None = None) -> bool:
         """One synchronous verdict, recorded; a connection that is not admitted now gets nothing."""
+        if self.log_refusing:
+            assert self.recorder is not None
+            client_id, peer = self._peers.get(conn, (None, None))
+            self.recorder.decision(self.enforcer.admission_of(conn), client_id, peer, action, topic,
+                                   Decision(False, None, LOG_REFUSAL), None, 0, self.pdp.snapshot_revision)
+            return False
         start = perf_counter_ns()
         verdict: Verdict = self.enforcer.handle(_event(conn, action, topic, origin, publisher))[0]  # type: ignore[assignment]
         if self.recorder is not None:
