@@ -141,3 +141,44 @@ def test_graceful_stop_leaves_no_gap_record(test_pki, policy_dir, tmp_path: Path
         assert [r.action for _, r in store.query(QueryFilters())] == []
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("mode", ["refuse", "alarm"])
+def test_on_log_failure_refuse_fails_closed_while_records_cannot_be_made_durable(make_broker, test_pki, tmp_path,
+                                                                                  mode: str) -> None:
+    """The store is unavailable and the spool's disk is full (its file is /dev/full: every write is ENOSPC)."""
+    from pdp.evidence.sinks import batch_from_line
+    from pdp.runtime.service import LOG_REFUSAL
+    from tests.support import Client, wait_for
+
+    (tmp_path / "not-a-dir").write_text("")
+    spool = tmp_path / "spool-x"
+    broker = make_broker(assertion_db=str(tmp_path / "not-a-dir" / "a.db"), spool_dir=str(spool), on_log_failure=mode)
+    recorder = broker.plugin.service.recorder
+    (spool / "sqlite.jsonl").symlink_to("/dev/full")
+    sensor = Client(broker.port, "sensor-1", test_pki.device("sensor-1"), test_pki.ca_file)
+    assert sensor.connect() == 0  # decided before any batch failed
+    wait_for(lambda: recorder.failing, "the first batch failing (ENOSPC)")
+    dashboard = Client(broker.port, "dash-1", test_pki.device("dash-1"), test_pki.ca_file)
+    try:
+        if mode == "refuse":
+            assert dashboard.connect() == 5  # not authorized: fail closed
+            dashboard.client.loop_stop()  # paho would retry, and be admitted once records are durable again
+            assert sensor.subscribe("sites/plant-a/sensor-1/cmd", qos=1) == 0x80
+        else:
+            assert dashboard.connect() == 0  # available, and alarmed (CRITICAL logs)
+            assert sensor.subscribe("sites/plant-a/sensor-1/cmd", qos=1) == 1
+        (spool / "sqlite.jsonl").unlink()  # space freed: the batches waiting in memory are spooled
+        wait_for(lambda: not recorder.failing, "records durable again")
+        later = Client(broker.port, "sensor-2", test_pki.device("sensor-2"), test_pki.ca_file)
+        assert later.connect() == 0
+        later.close()
+    finally:
+        sensor.close()
+        dashboard.close()
+    broker.stop()
+    records = [r for line in (spool / "sqlite.jsonl").read_bytes().splitlines() for r in batch_from_line(line)[1]]
+    connects = [(r.client_id, r.decision, r.reason == LOG_REFUSAL) for r in records if r.action == "connect"]
+    expected_dash = ("dash-1", "deny", True) if mode == "refuse" else ("dash-1", "allow", False)
+    assert connects == [("sensor-1", "allow", False), expected_dash, ("sensor-2", "allow", False)]
+    assert [r.seq for r in records] == list(range(1, len(records) + 1))  # nothing lost while the disk was full
