@@ -55,6 +55,8 @@ from broker_plugin.amqtt_compat import (
 from broker_plugin.framing import FramingGuard
 from broker_plugin.plugin import CONN_KEY, DeviceAuthorizationPlugin, connection_of
 from broker_plugin.subscriptions import FilterIndex
+from broker_plugin.tls_capture import install as install_certificate_capture
+from broker_plugin.tls_capture import presented_certificate
 from pdp.core.admission import Admission
 from pdp.core.enforcement import ConnId, Disconnect, DropSession, DropSubscription
 from pdp.core.topics import matches
@@ -131,6 +133,7 @@ class HardenedBroker(Broker):
         asyncio's own TLS server drops a failed handshake silently (expired, foreign CA, no
         certificate left no line anywhere); done here, each refusal is logged with its peer and reason."""
         if listener_type == ListenerType.TCP and ssl_context is not None:
+            install_certificate_capture(ssl_context)  # the certificate of a failed handshake, for its record
             self._tls_contexts[listener_name] = ssl_context
             ssl_context = None
         return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
@@ -146,6 +149,8 @@ class HardenedBroker(Broker):
             except (TimeoutError, ssl.SSLError, OSError, EOFError) as exc:
                 self.tls_refused += 1
                 log.warning("TLS handshake refused: %s reason=%s", where, tls_failure(exc))
+                self.authz.service.tls_refused(f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else None,
+                                               tls_failure(exc), presented_certificate(exc))
                 writer.transport.abort()
                 return
         await self._client_connected(listener_name, StreamReaderAdapter(reader), StreamWriterAdapter(writer))

@@ -47,6 +47,7 @@ from pdp.evidence.anchor import prune_signer
 from pdp.evidence.node import default_node_id
 from pdp.core.identity import read_certificate
 from pdp.evidence.ledger import CaptureLedger
+from pdp.evidence.ratelimit import RefusalLimiter
 from pdp.evidence.recorder import AssertionRecorder
 from pdp.evidence.text import safe  # device-supplied text in log lines: escaped and bounded
 from pdp.evidence.writer import WriterProcess
@@ -112,6 +113,9 @@ class AuthorizationService:
                             "reload announcements are unaffected. To share decisions, create a key (mqtt-pdp l2-key) "
                             "and give every broker the same file as l2_key_file")
             self.bus = InvalidationBus(self.redis, settings.redis_prefix, self.instance_id, self._on_event)
+        if settings.refusal_window <= 0:
+            raise ValueError(f"refusal_window must be positive, got {settings.refusal_window}")
+        self._refusals = RefusalLimiter(settings.refusal_window)  # repeated identical refusals: one record with a count
         self.recorder: AssertionRecorder | None = None
         if settings.assertions:  # last: it starts the writer process, so every other setting is checked first
             self.recorder = self._make_recorder(settings)
@@ -151,7 +155,12 @@ class AuthorizationService:
         admission: Admission = outcome.admission  # type: ignore[union-attr]
         self._peers[conn] = (request.client_id, peer)
         if self.recorder is not None:
-            self.recorder.connect(admission, request.client_id, peer, self.pdp.snapshot_revision)
+            if admission.allowed:
+                self.recorder.connect(admission, request.client_id, peer, self.pdp.snapshot_revision)
+            else:
+                self._refused("connect", (admission, request.client_id, peer, self.pdp.snapshot_revision),
+                              request.client_id, peer, admission.reason,
+                              admission.certificate.fingerprint_sha256 if admission.certificate else None)
         if admission.allowed and admission.device is not None and self.l2 is not None:
             self._spawn(self._warm(admission.device))
         cert = admission.identity.certificate if admission.identity else admission.certificate
@@ -170,6 +179,47 @@ class AuthorizationService:
             log.info("client %s reconnected: closing its previous connection", safe(action.client_id))
             self._record_end(action)
         return admission, superseded
+
+    def tls_refused(self, peer: str | None, reason: str, certificate_der: bytes | None) -> None:
+        """A failed TLS handshake is a refusal too: a ``tls`` record with the peer, the reason, and the
+        certificate's fingerprint, serial, issuer and subject when one was presented."""
+        if self.recorder is None:
+            return
+        cert = None
+        if certificate_der:
+            try:
+                cert = read_certificate(certificate_der)
+            except Exception:  # noqa: BLE001 - unparsable: recorded without it
+                cert = None
+        text = f"TLS handshake refused: {reason}; " + (
+            f"certificate subject {cert.subject}" if cert else "no certificate presented")
+        self._refused("tls", (Admission(False, text, certificate=cert), None, peer, self.pdp.snapshot_revision),
+                      None, peer, text, cert.fingerprint_sha256 if cert else None)
+
+    def _refused(self, action: str, payload: tuple[Admission, str | None, str | None, str], client_id: str | None,
+                 peer: str | None, reason: str, fingerprint: str | None) -> None:
+        """Recorded now, or counted into the open window of identical refusals (same action, client id, peer
+        address, reason and certificate), which ``flush_refusals`` records as one record with the count."""
+        address = peer.rpartition(":")[0] if peer else None
+        if self._refusals.admit((action, client_id, address, reason, fingerprint), (action, payload), time.time()):
+            self._record_refusal(action, payload, None)
+
+    def _record_refusal(self, action: str, payload: tuple[Admission, str | None, str | None, str],
+                        repeats: str | None) -> None:
+        assert self.recorder is not None
+        admission, client_id, peer, revision = payload
+        reason = admission.reason if repeats is None else f"{admission.reason}; {repeats}"
+        self.recorder.decision(admission, client_id, peer, action, None, Decision(False, admission.rule_id, reason),
+                               None, 0, revision)
+
+    def flush_refusals(self, everything: bool = False) -> int:
+        """Record the windows of repeated refusals that ended; returns how many records that made."""
+        due = self._refusals.due(time.time(), everything)
+        if self.recorder is not None:
+            for repeats in due:
+                action, payload = repeats.payload
+                self._record_refusal(action, payload, repeats.note())
+        return len(due)
 
     @property
     def log_refusing(self) -> bool:
@@ -259,6 +309,7 @@ class AuthorizationService:
             await asyncio.sleep(self.settings.reload_interval)
             await self.reload(announce=True)
             await self._carry_out(self.enforcer.handle(ClockTick(datetime.now(timezone.utc))))
+            self.flush_refusals()
 
     async def reload(self, announce: bool) -> bool | None:
         """Reload changed files, end what the new snapshot no longer admits, and tell the other brokers."""
@@ -362,6 +413,7 @@ class AuthorizationService:
         self.pdp.warm(snapshot, device, entries)
 
     async def close(self) -> None:
+        self.flush_refusals(everything=True)
         if self.recorder is not None:
             await self.recorder.close()
         # Bounded: redis-py's asyncio clients can swallow a cancellation while closing a socket

@@ -62,6 +62,9 @@ class ServiceSettings:
     # When records can be neither stored nor spooled (full disk): "alarm" keeps deciding (CRITICAL logs, the
     # batch waits in memory); "refuse" denies every new connect and request until records are durable again.
     on_log_failure: str = "alarm"
+    # Identical refusals (TLS handshakes, connects: same peer address, client id, reason, certificate) within
+    # this many seconds of the first are one record with a count, written when the window ends.
+    refusal_window: float = 60.0
     # -- what one client may cost the broker (the hardened broker; stock amqtt ignores these) --
     # TLS handshake, then the whole CONNECT packet, each within this many seconds of the previous step.
     connect_timeout: float = 10.0
