@@ -59,13 +59,21 @@ from broker_plugin.tls_capture import install as install_certificate_capture
 from broker_plugin.tls_capture import presented_certificate
 from pdp.core.admission import Admission
 from pdp.core.enforcement import ConnId, Disconnect, DropSession, DropSubscription
-from pdp.core.topics import matches
+from pdp.core.topics import TopicError, matches, validate_filter
 
 log = logging.getLogger("mqtt_pdp.broker")
 STOP_HANDLER_TIMEOUT = 2.0
 KEEP_ALIVE_FACTOR = 1.5  # [MQTT-3.1.2-24]
 # What a peer can make happen on its own connection; each ends that connection with one log line, no traceback.
 PEER_ERRORS = (AMQTTError, MQTTError, NoDataError, OSError, EOFError, asyncio.TimeoutError, asyncio.IncompleteReadError)
+
+
+def valid_filter(topic_filter: str) -> bool:
+    try:
+        validate_filter(topic_filter)
+    except TopicError:
+        return False
+    return True
 
 
 def tls_failure(exc: BaseException) -> str:
@@ -522,6 +530,9 @@ class HardenedBroker(Broker):
     # -- subscriptions: indexed, so delivery cost does not grow with every filter in the broker --
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        if not valid_filter(subscription[0]):  # amqtt refuses these before asking: the PDP refuses and records
+            self.authz.allows(session, "subscribe", subscription[0])
+            return 0x80
         result = await super().add_subscription(subscription, session)
         if result != 0x80:
             self._filter_index.add(subscription[0])

@@ -101,3 +101,24 @@ def test_every_tls_refusal_is_a_record_with_the_presented_certificate_and_repeat
     assert len([r for r in records(db, "tls") if "certificate has expired" in r.reason]) < 5
     assert len([r for r in records(db, "connect") if r.client_id == "retired-1"]) < 3
     assert broker.run(lambda: broker.broker.tls_refused) == len(cases) + 4
+
+
+def test_malformed_filters_refused_before_the_policy_are_recorded(make_broker, test_pki, policy_dir) -> None:
+    """paho will not send these, so a raw client does (amqtt refused them before asking the policy)."""
+    from tests.rawmqtt import RawClient, subscribe_packet
+
+    broker = make_broker()
+    db = policy_dir.parent / "assertions.db"
+    sensor = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+    try:
+        assert sensor.connect("sensor-1") == 0
+        sensor.send(subscribe_packet([("sites/#/x", 0), ("sites/pl+nt/x", 0), ("sites/plant-a/sensor-1/cmd", 0)],
+                                     packet_id=5))
+        assert sensor.read_packet() == b"\x90\x05\x00\x05\x80\x80\x00"  # refused, refused, granted
+    finally:
+        sensor.close()
+    wait_for(lambda: len(records(db, "subscribe")) == 3, "three subscribe records")
+    got = [(r.topic, r.decision, r.device_id, r.reason.split(":")[0]) for r in records(db, "subscribe")]
+    assert got[:2] == [("sites/#/x", "deny", "sensor-1", "invalid filter"),
+                       ("sites/pl+nt/x", "deny", "sensor-1", "invalid filter")]
+    assert got[2][:2] == ("sites/plant-a/sensor-1/cmd", "allow")
