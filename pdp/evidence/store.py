@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pdp.core.topics import covers, matches
-from pdp.evidence.record import FIELD_NAMES, GENESIS, AssertionRecord, Head, record_hash
+from pdp.evidence.record import FIELD_NAMES, GENESIS, AssertionRecord, Head, _canonical, _digest
 
 CheckpointSigner = Callable[[str, int, str, float], None]  # node, seq, hash, the record's ts
 
@@ -63,6 +63,12 @@ CREATE TABLE IF NOT EXISTS conflicts (
 """
 
 _COLUMNS = ", ".join(FIELD_NAMES)
+# verify: the text columns between ts and latency_us (client_id .. cache_tier), joined as chain_hash joins them
+# (None as U+0000), by SQLite in C; TEXT affinity stores every value of these columns as text, as the writer
+# hashed it. The other fields are canonicalised in Python.
+_MIDDLE = " || char(31) || ".join(f"coalesce({name}, char(0))" for name in FIELD_NAMES[4:21])
+_VERIFY_SELECT = (f"SELECT record_id, node, seq, ts, {_MIDDLE}, latency_us, peer, prev_hash, hash, action "
+                  "FROM records WHERE node = ? ORDER BY seq")
 _INSERT = f"INSERT OR IGNORE INTO records ({_COLUMNS}) VALUES ({', '.join('?' for _ in FIELD_NAMES)})"
 _INSERT_CONFLICT = f"INSERT OR IGNORE INTO conflicts ({_COLUMNS}) VALUES ({', '.join('?' for _ in FIELD_NAMES)})"
 log = logging.getLogger("mqtt_pdp.assertions")
@@ -102,6 +108,19 @@ class ChainReport:
     anchored_seq: int | None = None  # the newest of them: records after it are not pinned yet
     records: int = 0
     gaps: tuple[tuple[str, str], ...] = ()  # (record id, reason) of gap records: losses the log itself reports
+
+
+def _glob(topic_filter: str) -> str:
+    """A GLOB pattern matching every topic (and, for subscribe records, every filter) that ``topic_filter``
+    selects, and possibly more: '+' becomes '*' (which also crosses '/'), a final '#' a '*' after its parent."""
+    def literal(level: str) -> str:
+        return "".join(f"[{ch}]" if ch in "*?[" else ch for ch in level)
+
+    levels = topic_filter.split("/")
+    tail = ""
+    if levels[-1] == "#":
+        levels, tail = levels[:-1], "*"
+    return "/".join("*" if level == "+" else literal(level) for level in levels) + tail
 
 
 def _topic_prefix(topic_filter: str) -> str:
@@ -282,9 +301,13 @@ class AssertionStore:
                 clauses.append("topic = ?")
                 params.append(topic_filter)
                 topic_filter = None
-            elif prefix := _topic_prefix(topic_filter):
-                clauses.append("topic >= ? AND topic < ?")
-                params += [prefix, prefix + "\U0010ffff"]
+            else:
+                if prefix := _topic_prefix(topic_filter):
+                    clauses.append("topic >= ? AND topic < ?")
+                    params += [prefix, prefix + "\U0010ffff"]
+                # In C, before any row reaches Python: a superset of what the filter selects, made exact below.
+                clauses.append("topic GLOB ?")
+                params.append(_glob(topic_filter))
         order = "DESC" if newest_first else "ASC"
         sql = f"SELECT rowid, {_COLUMNS} FROM records WHERE {' AND '.join(clauses)} ORDER BY ts {order}, rowid {order}"
         count = 0
@@ -346,24 +369,27 @@ class AssertionStore:
             prev_seq, prev_hash = checkpoint if checkpoint else (0, GENESIS)
             checked, count = 0, 0
             gaps: list[tuple[str, str]] = []
-            for row in self.db.execute(f"SELECT {_COLUMNS} FROM records WHERE node = ? ORDER BY seq", (name,)):
-                record = AssertionRecord._make(row)
+            canon, digest_of, sep = _canonical, _digest, "\x1f"
+            for record_id, rnode, seq, ts, middle, latency, peer, prev, digest, action in self.db.execute(
+                    _VERIFY_SELECT, (name,)):
                 count += 1
-                if record.action == "gap":  # a broker stopped with captures it never recorded (pdp.evidence.ledger)
-                    gaps.append((record.record_id, record.reason))
-                if record.seq != prev_seq + 1:
+                if action == "gap":  # a broker stopped with captures it never recorded (pdp.evidence.ledger)
+                    gaps.append((record_id, self._reason_of(name, seq)))
+                if seq != prev_seq + 1:
                     first_missing = prev_seq + 1
-                    gap = f"{first_missing}" if record.seq == first_missing + 1 else f"{first_missing}..{record.seq - 1}"
-                    problems.append((f"record(s) {name}:{gap} missing before {record.record_id}", record.record_id))
-                elif record.prev_hash != prev_hash:
-                    problems.append((f"{record.record_id} does not follow the previous record (removed, reordered or "
-                                     "replaced)", record.record_id))
-                if record_hash(record) != record.hash or record.record_id != f"{record.node}:{record.seq}":
-                    problems.append((f"{record.record_id} was altered (its hash does not match its content)",
-                                     record.record_id))
+                    gap = f"{first_missing}" if seq == first_missing + 1 else f"{first_missing}..{seq - 1}"
+                    problems.append((f"record(s) {name}:{gap} missing before {record_id}", record_id))
+                elif prev != prev_hash:
+                    problems.append((f"{record_id} does not follow the previous record (removed, reordered or "
+                                     "replaced)", record_id))
+                # The record's hash text (record.chain_hash), with the text columns joined by SQLite.
+                text = sep.join((canon(record_id), canon(rnode), canon(seq), canon(ts), middle, canon(latency),
+                                 canon(peer), canon(prev)))
+                if digest_of(text) != digest or record_id != f"{rnode}:{seq}":
+                    problems.append((f"{record_id} was altered (its hash does not match its content)", record_id))
                 if not problems:
                     checked += 1
-                prev_seq, prev_hash = record.seq, record.hash  # resynchronise: report later breaks too
+                prev_seq, prev_hash = seq, digest  # resynchronise: report later breaks too
             if self._has_conflicts_table():
                 row = self.db.execute("SELECT count(*), min(seq) FROM conflicts WHERE node = ?", (name,)).fetchone()
                 if row[0]:
@@ -377,6 +403,10 @@ class AssertionStore:
             reports.append(ChainReport(name, checked, first[0], first[1], tuple(problems), anchored, anchored_seq,
                                        count, tuple(gaps)))
         return reports
+
+    def _reason_of(self, node: str, seq: int) -> str:
+        row = self.db.execute("SELECT reason FROM records WHERE node = ? AND seq = ?", (node, seq)).fetchone()
+        return str(row[0]) if row else ""
 
     def check_identities(self) -> list[str]:
         """Every (device, client id, fingerprint) the records use must be in ``identities``: queries by client id
