@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis for the L2 latency row ('' to skip)")
     parser.add_argument("--out", default="bench/results/latest.json", help="where to write the JSON results")
     parser.add_argument("--code-root", default=None,
-                        help="scale: run check/explain/broker from this checkout (e.g. a previous version)")
+                        help="scale, assertion_cli: run the commands also (assertion_cli) or only (scale) from this "
+                             "checkout, e.g. a previous version")
     args = parser.parse_args(argv)
     chosen = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = sorted(set(chosen) - set(ALL) - set(EXTRA))
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         if "assertion_cli" in chosen:
             from bench import assertion_cli
 
-            result = assertion_cli.run(work / "assertion_cli", quick=args.quick)
+            result = assertion_cli.run(work / "assertion_cli", quick=args.quick,
+                                       code_root=Path(args.code_root) if args.code_root else None)
             print("\n== Assertion log CLI at 1,000,000 records (whole commands, start-up included)")
             print(assertion_cli.table(result), flush=True)
             results["assertion_cli"] = result

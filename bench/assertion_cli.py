@@ -65,20 +65,22 @@ def recording_rate(writer: ChainWriter, records: int, batch: int = 5000) -> dict
     return {"records": records, "seconds": round(seconds, 2), "records_per_s": round(records / seconds)}
 
 
-def time_command(args: list[str], reps: int) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def time_command(args: list[str], reps: int, root: Path = ROOT) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(root)}
     timings = []
     for _ in range(reps):
         started = time.perf_counter()
         done = subprocess.run([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-                              cwd=ROOT)
+                              cwd=root)
         timings.append(time.perf_counter() - started)
         if done.returncode not in (0, 3):
             raise RuntimeError(f"{' '.join(args)}: exit {done.returncode}: {done.stderr.decode()[-500:]}")
     return {"median_ms": round(statistics.median(timings) * 1000), "max_ms": round(max(timings) * 1000)}
 
 
-def run(workdir: Path, quick: bool = False) -> dict[str, Any]:
+def run(workdir: Path, quick: bool = False, code_root: Path | None = None) -> dict[str, Any]:
+    """With ``code_root`` (e.g. a checkout of the previous version) each command is also timed with that
+    code, interleaved with this one's, on the same store: a side-by-side comparison under the same load."""
     workdir.mkdir(parents=True, exist_ok=True)
     records = 100_000 if quick else 1_000_000
     db = workdir / "cli.db"
@@ -106,9 +108,15 @@ def run(workdir: Path, quick: bool = False) -> dict[str, Any]:
         "stats --since 24h": [*log, "stats", "--db", str(db), "--since", "24h"],
         "verify (full)": [*log, "verify", "--db", str(db)],
     }
-    times = {label: time_command(args, 1 if "verify" in label else 3) for label, args in commands.items()}
+    times: dict[str, Any] = {}
+    before: dict[str, Any] = {}
+    for label, args in commands.items():
+        reps = 1 if "verify" in label else 3
+        if code_root is not None:
+            before[label] = time_command(args, reps, code_root)
+        times[label] = time_command(args, reps)
     return {"records": records + rate["records"], "fill_seconds": round(filled, 1), "rate": rate, "commands": times,
-            "load": os.getloadavg()}
+            "before": before, "code_root": str(code_root) if code_root else None, "load": os.getloadavg()}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -117,6 +125,12 @@ def table(result: dict[str, Any]) -> str:
              f"{', '.join(f'{x:.2f}' for x in result['load'])}",
              f"recording into it: {rate['records_per_s']:,} records/s ({rate['records']:,} records in batches of 5,000, "
              "ChainWriter + SQLite, no pipe)"]
+    before = result.get("before") or {}
+    if before:
+        lines.append(f"  (before: the same command with the code in {result['code_root']}, interleaved)")
     for label, t in result["commands"].items():
-        lines.append(f"  {label:<62} median {t['median_ms']:>6} ms  max {t['max_ms']:>6} ms")
+        line = f"  {label:<62} median {t['median_ms']:>6} ms  max {t['max_ms']:>6} ms"
+        if label in before:
+            line += f"   before: median {before[label]['median_ms']:>6} ms"
+        lines.append(line)
     return "\n".join(lines)
