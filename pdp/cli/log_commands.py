@@ -89,6 +89,9 @@ def add_arguments(sub: Any) -> None:
     v.add_argument("--anchors", help="directory of signed heads (the broker's anchor_dir): also catch rewritten "
                                      "and recomputed chains, deleted newest or oldest records and deleted nodes")
     v.add_argument("--public-key", help="the signing key's public half (from mqtt-pdp log keygen); needs --anchors")
+    v.add_argument("--incremental", action="store_true",
+                   help="walk only the records after each node's newest signed head the database still holds "
+                        "(needs --anchors); an edit before it that left every hash unchanged needs a full verify")
     v.set_defaults(log_func=cmd_verify)
 
     k = log_sub.add_parser("keygen", help="create the Ed25519 key pair that signs chain heads (anchor_key_file)",
@@ -252,8 +255,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             anchors = read_anchors(args.anchors, load_public_key(args.public_key))
         except AnchorError as exc:
             raise LogCliError(str(exc)) from None
+    if args.incremental and anchors is None:
+        raise LogCliError("--incremental needs --anchors and --public-key")
     store = _open(args)
-    reports = store.verify(args.node, anchors)
+    reports = store.verify(args.node, anchors, incremental=args.incremental)
     broken = gapped = 0
     for problem in anchors.problems if anchors else []:
         broken += 1
@@ -268,7 +273,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if report.problem is None:
             status = "incomplete" if report.gaps else "ok"
             gaps = f", {len(report.gaps)} known gap(s): records lost, see LOST lines" if report.gaps else ""
-            line = f"{status}: node {safe_text(report.node)}: {report.checked} records, chain intact{gaps}"
+            line = f"{status}: node {safe_text(report.node)}: {report.records} records, chain intact{gaps}"
+            if report.skipped:
+                line += (f" (incremental: the {report.checked} after the newest matching signed head walked, "
+                         f"{report.skipped} before it not)")
             if anchors is not None and report.anchored_seq is not None:
                 unpinned = _after(store, report)
                 line += (f", matches {report.anchored} signed heads up to {safe_text(report.node)}:"
@@ -281,7 +289,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             for problem, _ in report.problems:
                 print(f"BROKEN: node {safe_text(report.node)}: {safe_text(problem)}")
     if not args.node:
-        for problem in store.check_identities():
+        after = {r.node: r.verified_after for r in reports} if args.incremental else None
+        for problem in store.check_identities(after):
             broken += 1
             print(f"BROKEN: {safe_text(problem)}")
     return 1 if broken else (3 if gapped else 0)

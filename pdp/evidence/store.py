@@ -68,7 +68,7 @@ _COLUMNS = ", ".join(FIELD_NAMES)
 # hashed it. The other fields are canonicalised in Python.
 _MIDDLE = " || char(31) || ".join(f"coalesce({name}, char(0))" for name in FIELD_NAMES[4:21])
 _VERIFY_SELECT = (f"SELECT record_id, node, seq, ts, {_MIDDLE}, latency_us, peer, prev_hash, hash, action "
-                  "FROM records WHERE node = ? ORDER BY seq")
+                  "FROM records WHERE node = ? AND seq > ? ORDER BY seq")
 _INSERT = f"INSERT OR IGNORE INTO records ({_COLUMNS}) VALUES ({', '.join('?' for _ in FIELD_NAMES)})"
 _INSERT_CONFLICT = f"INSERT OR IGNORE INTO conflicts ({_COLUMNS}) VALUES ({', '.join('?' for _ in FIELD_NAMES)})"
 log = logging.getLogger("mqtt_pdp.assertions")
@@ -108,6 +108,8 @@ class ChainReport:
     anchored_seq: int | None = None  # the newest of them: records after it are not pinned yet
     records: int = 0
     gaps: tuple[tuple[str, str], ...] = ()  # (record id, reason) of gap records: losses the log itself reports
+    skipped: int = 0  # incremental: records up to the newest matching signed head, not walked again
+    verified_after: int = 0  # the sequence number the walk started after
 
 
 def _glob(topic_filter: str) -> str:
@@ -364,7 +366,8 @@ class AssertionStore:
 
     # -- integrity ------------------------------------------------------------------------
 
-    def verify(self, node: str | None = None, anchors: Anchors | None = None) -> list[ChainReport]:
+    def verify(self, node: str | None = None, anchors: Anchors | None = None,
+               incremental: bool = False) -> list[ChainReport]:
         """Walk each node's chain in sequence order and report every record altered, missing or out of place.
 
         With ``anchors`` (signed heads read from outside the database) also: records rewritten with
@@ -379,11 +382,18 @@ class AssertionStore:
             problems: list[tuple[str, str | None]] = []
             checkpoint = self.db.execute("SELECT seq, hash FROM checkpoints WHERE node = ?", (name,)).fetchone()
             prev_seq, prev_hash = checkpoint if checkpoint else (0, GENESIS)
-            checked, count = 0, 0
+            checked, count, skipped = 0, 0, 0
+            if incremental and anchors is not None:
+                start = self._newest_matching_head(name, anchors)
+                if start is not None and start[0] > prev_seq:
+                    prev_seq, prev_hash = start  # the records up to it were verified when it was
+                    skipped = int(self.db.execute("SELECT count(*) FROM records WHERE node = ? AND seq <= ?",
+                                                  (name, prev_seq)).fetchone()[0])
+            walk_from = prev_seq
             gaps: list[tuple[str, str]] = []
             canon, digest_of, sep = _canonical, _digest, "\x1f"
             for record_id, rnode, seq, ts, middle, latency, peer, prev, digest, action in self.db.execute(
-                    _VERIFY_SELECT, (name,)):
+                    _VERIFY_SELECT, (name, prev_seq)):
                 count += 1
                 if action == "gap":  # a broker stopped with captures it never recorded (pdp.evidence.ledger)
                     gaps.append((record_id, self._reason_of(name, seq)))
@@ -410,22 +420,40 @@ class AssertionStore:
                                      f"other content), first {where}; kept in the conflicts table", where))
             anchored, anchored_seq = 0, None
             if anchors is not None:
-                anchored, anchored_seq = self._check_anchors(name, checkpoint, count, anchors, problems)
+                anchored, anchored_seq = self._check_anchors(name, checkpoint, count + skipped, anchors, problems)
             first = problems[0] if problems else (None, None)
             reports.append(ChainReport(name, checked, first[0], first[1], tuple(problems), anchored, anchored_seq,
-                                       count, tuple(gaps)))
+                                       count + skipped, tuple(gaps), skipped, walk_from))
         return reports
+
+    def _newest_matching_head(self, name: str, anchors: Anchors) -> tuple[int, str] | None:
+        """(seq, hash) of the newest signed head the database still holds exactly: an incremental verify starts
+        after it. Records before it are not recomputed (an edit there that left every hash as it was is found
+        only by a full verify); a rewrite with recomputed hashes up to it would not match it."""
+        for head in sorted(anchors.heads.get(name, []), key=lambda h: h.seq, reverse=True):
+            row = self.db.execute("SELECT hash FROM records WHERE node = ? AND seq = ?", (name, head.seq)).fetchone()
+            if row is not None and row[0] == head.hash:
+                return head.seq, head.hash
+        return None
 
     def _reason_of(self, node: str, seq: int) -> str:
         row = self.db.execute("SELECT reason FROM records WHERE node = ? AND seq = ?", (node, seq)).fetchone()
         return str(row[0]) if row else ""
 
-    def check_identities(self) -> list[str]:
+    def check_identities(self, after: dict[str, int] | None = None) -> list[str]:
         """Every (device, client id, fingerprint) the records use must be in ``identities``: queries by client id
-        or fingerprint go through that table, so a deleted row would hide the records from ``--client``."""
-        missing = self.db.execute(
-            "SELECT DISTINCT coalesce(device_id, ''), coalesce(client_id, ''), coalesce(fingerprint, '') FROM records "
-            "EXCEPT SELECT device_id, client_id, fingerprint FROM identities").fetchall()
+        or fingerprint go through that table, so a deleted row would hide the records from ``--client``.
+        ``after``: only the records of each node after that sequence number (an incremental verify)."""
+        used = ("SELECT DISTINCT coalesce(device_id, ''), coalesce(client_id, ''), coalesce(fingerprint, '') "
+                "FROM records")
+        if after is None:
+            missing = self.db.execute(f"{used} EXCEPT SELECT device_id, client_id, fingerprint FROM identities"
+                                      ).fetchall()
+        else:
+            missing = []
+            for name, seq in after.items():
+                missing += self.db.execute(f"{used} WHERE node = ? AND seq > ? EXCEPT SELECT device_id, client_id, "
+                                           "fingerprint FROM identities", (name, seq)).fetchall()
         if not missing:
             return []
         shown = "; ".join(f"device {d or '-'}, client {c or '-'}, fingerprint {f[:16] or '-'}" for d, c, f in missing[:3])
