@@ -42,10 +42,17 @@ def _rows(first: int, count: int, base: float, step: float) -> list[Row]:
     return out
 
 
-def fill(db: Path, state: Path, records: int, batch: int = 5000) -> ChainWriter:
+def fill(db: Path, state: Path, records: int, batch: int = 5000, anchors: Path | None = None) -> ChainWriter:
+    """With ``anchors``: heads signed every 1,000 records as the broker's default, key ``anchors/key``."""
     sessions = _sessions()
     base, step = time.time() - 8 * 86400, 8 * 86400 / records
-    writer = ChainWriter("bench", [SqliteSink(db)], state)
+    anchorer = None
+    if anchors is not None:
+        from pdp.evidence.anchor import Anchorer, generate_key
+
+        generate_key(anchors / "key")
+        anchorer = Anchorer("bench", anchors / "key", anchors, every=1000, interval=3600)
+    writer = ChainWriter("bench", [SqliteSink(db)], state, anchorer)
     for first in range(0, records, batch):
         rows = _rows(first, min(batch, records - first), base, step)
         writer.write(rows, {k: sessions[k] for k in {r[1] for r in rows}}, f"fill:{first + len(rows)}")
@@ -85,7 +92,9 @@ def run(workdir: Path, quick: bool = False, code_root: Path | None = None) -> di
     records = 100_000 if quick else 1_000_000
     db = workdir / "cli.db"
     started = time.perf_counter()
-    writer = fill(db, workdir / "state", records)
+    anchors = workdir / "anchors"
+    anchors.mkdir(exist_ok=True)
+    writer = fill(db, workdir / "state", records, anchors=anchors)
     filled = time.perf_counter() - started
     rate = recording_rate(writer, 20_000 if quick else 200_000)
     writer.close()
@@ -106,13 +115,18 @@ def run(workdir: Path, quick: bool = False, code_root: Path | None = None) -> di
                                                                        "sites/+/secret/#", "--since", "7d", "--format",
                                                                        "jsonl"],
         "stats --since 24h": [*log, "stats", "--db", str(db), "--since", "24h"],
+        "verify --incremental (since the newest signed head)": [
+            *log, "verify", "--db", str(db), "--anchors", str(anchors), "--public-key", str(anchors / "key.pub"),
+            "--incremental"],
         "verify (full)": [*log, "verify", "--db", str(db)],
+        "verify --anchors (full)": [*log, "verify", "--db", str(db), "--anchors", str(anchors), "--public-key",
+                                    str(anchors / "key.pub")],
     }
     times: dict[str, Any] = {}
     before: dict[str, Any] = {}
     for label, args in commands.items():
         reps = 1 if "verify" in label else 3
-        if code_root is not None:
+        if code_root is not None and "incremental" not in label:
             before[label] = time_command(args, reps, code_root)
         times[label] = time_command(args, reps)
     return {"records": records + rate["records"], "fill_seconds": round(filled, 1), "rate": rate, "commands": times,
