@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pdp.evidence.ledger import CaptureLedger, LedgerEntry, loss_of, read_ledger
+from pdp.evidence.ledger import CaptureLedger, LedgerEntry, loss_of, pending_losses, read_ledger
 from pdp.evidence.store import AssertionStore, QueryFilters
 from tests.test_assertion_crashes import GroupBroker
 
@@ -40,6 +40,22 @@ def test_loss_is_counted_from_the_reservation_and_the_stored_batch_id(tmp_path: 
     again.reserve(0, 10)
     again.reserve(25, 10)
     assert again.overrun and "may also be larger" in loss_of(read_ledger(again.path), None).reason(None)
+
+
+def test_a_gap_record_not_yet_stored_is_carried_to_the_next_start(tmp_path: Path) -> None:
+    """A lost A; B started, reserved, and died before storing its gap record for A: C writes A's and B's."""
+    a = LedgerEntry("aaaa", 1000)
+    reasons = pending_losses(a, "aaaa:10", "n1:10")
+    assert len(reasons) == 1 and "captures 11..1000" in reasons[0] and "after record n1:10" in reasons[0]
+    b = CaptureLedger(tmp_path, "n1", "bbbb")
+    b.carried = tuple(reasons)
+    b.reserve(1, 1000)  # what B's start does before shipping anything
+    b_entry = read_ledger(b.path)
+    assert b_entry is not None and b_entry.carried == tuple(reasons)
+    assert pending_losses(b_entry, "aaaa:10", "n1:10") == [reasons[0], pending_losses(
+        LedgerEntry("bbbb", 1001), None, "n1:10")[0]]
+    # B stored its first batch (the gap record first): only B's own loss remains for C.
+    assert pending_losses(b_entry, "bbbb:5", "n1:15") == [loss_of(b_entry, "bbbb:5").reason("n1:15")]
 
 
 class KillableBroker(GroupBroker):

@@ -32,6 +32,9 @@ class LedgerEntry:
     reserved: int
     captured: int | None = None  # set by a graceful stop
     overrun: bool = False  # captures went beyond a reservation before it was written
+    # Gap records this instance still had to write for the instances before it (it died before its first
+    # batch was stored): the next one writes them.
+    carried: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,18 @@ def loss_of(previous: LedgerEntry, head_batch_id: str | None) -> Loss | None:
     return Loss(previous.instance, applied + 1, last, previous.captured is not None, previous.overrun)
 
 
+def pending_losses(previous: LedgerEntry, head_batch_id: str | None, head_record: str | None) -> list[str]:
+    """The reasons of the gap records the new instance writes first: those the previous instance carried and
+    never stored (it stored nothing), then the previous instance's own loss."""
+    reasons: list[str] = []
+    if previous.carried and applied_captures(previous.instance, head_batch_id) == 0:
+        reasons.extend(previous.carried)
+    loss = loss_of(previous, head_batch_id)
+    if loss is not None:
+        reasons.append(loss.reason(head_record))
+    return reasons
+
+
 def ledger_path(spool_dir: str | Path, node: str) -> Path:
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in node)
     return Path(spool_dir) / f"{safe}.captures"
@@ -89,7 +104,8 @@ def read_ledger(path: Path) -> LedgerEntry | None:
     try:
         data = json.loads(path.read_text())
         return LedgerEntry(str(data["instance"]), int(data["reserved"]),
-                           None if data.get("captured") is None else int(data["captured"]), bool(data.get("overrun")))
+                           None if data.get("captured") is None else int(data["captured"]), bool(data.get("overrun")),
+                           tuple(str(reason) for reason in data.get("carried") or ()))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -102,7 +118,7 @@ def write_ledger(path: Path, entry: LedgerEntry) -> None:
     """Atomically and durably (rename, fsync of file and directory): a reservation must survive a host crash."""
     tmp = path.with_name(path.name + ".tmp")
     data = json.dumps({"instance": entry.instance, "reserved": entry.reserved, "captured": entry.captured,
-                       "overrun": entry.overrun}).encode()
+                       "overrun": entry.overrun, "carried": list(entry.carried)}).encode()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, data)
@@ -129,6 +145,7 @@ class CaptureLedger:
         self.reserved = 0
         self.overrun = False
         self.failures = 0
+        self.carried: tuple[str, ...] = ()  # gap records this instance is about to write (see LedgerEntry)
 
     def reserve(self, captured: int, block: int) -> bool:
         """Reserve up to ``captured + block``; False (logged) when the file cannot be written."""
@@ -138,7 +155,7 @@ class CaptureLedger:
                         captured - self.reserved, self.reserved)
         target = captured + max(block, self.min_block)
         try:
-            write_ledger(self.path, LedgerEntry(self.instance, target, None, self.overrun))
+            write_ledger(self.path, LedgerEntry(self.instance, target, None, self.overrun, self.carried))
         except OSError as exc:
             self.failures += 1
             log.error("capture ledger %s: cannot reserve (%s); a kill now could lose records unnoticed",
@@ -150,6 +167,7 @@ class CaptureLedger:
     def close(self, captured: int) -> None:
         """A graceful stop: the exact number of captures, so the next start can tell exactly what was lost."""
         try:
-            write_ledger(self.path, LedgerEntry(self.instance, max(self.reserved, captured), captured, self.overrun))
+            write_ledger(self.path, LedgerEntry(self.instance, max(self.reserved, captured), captured, self.overrun,
+                                                self.carried))
         except OSError as exc:
             log.error("capture ledger %s: cannot record the final count (%s)", self.path, exc)

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from pdp.core.admission import Admission
 from pdp.core.engine import Decision
-from pdp.evidence.ledger import CaptureLedger, loss_of
+from pdp.evidence.ledger import CaptureLedger, pending_losses
 from pdp.evidence.record import Captured, Peer, Row, SessionFields, session_fields
 
 log = logging.getLogger("mqtt_pdp.assertions")
@@ -51,6 +51,7 @@ class AssertionRecorder:
         self.instance = ledger.instance if ledger is not None else uuid.uuid4().hex[:16]
         self._popped = 0  # captures taken from the queue into batches
         self._ledger_executor: ThreadPoolExecutor | None = None
+        self._reserve_task: asyncio.Task[None] | None = None
         self.failing = False  # a batch could be neither stored nor spooled: it waits in memory
         self.gap_reason: str | None = None  # the gap record written at start, if the previous broker lost records
         self._unacked: tuple[str, list[Row], dict[int, SessionFields], int] | None = None
@@ -81,22 +82,25 @@ class AssertionRecorder:
             if not self.ledger.reserve(self.captured, self.ledger.min_block):
                 log.critical("capture ledger unavailable: records lost by a kill of this broker would go unnoticed")
             self._ledger_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capture-ledger")
-            asyncio.get_running_loop().create_task(self._reserve_ahead(), name="mqtt-pdp-capture-ledger")
+            self._reserve_task = asyncio.get_running_loop().create_task(self._reserve_ahead(),
+                                                                        name="mqtt-pdp-capture-ledger")
         self._task = asyncio.get_running_loop().create_task(self._run(), name="mqtt-pdp-assertions")
 
     def _note_previous_loss(self, ledger: CaptureLedger) -> None:
-        """A gap record first, when the previous broker of this node stopped with captures not recorded."""
+        """Gap records first, when the previous broker of this node stopped with captures not recorded (and
+        for what it had to report itself and never stored). Until one of this instance's batches is stored
+        the ledger carries them, so a kill now does not lose them (the next start writes them)."""
         if ledger.previous is None:
             return
-        head = getattr(self.writer, "head_batch_id", None)
-        loss = loss_of(ledger.previous, head)
-        if loss is None:
-            return
-        self.gap_reason = loss.reason(getattr(self.writer, "head_record", None))
-        log.critical("assertion log: %s", self.gap_reason)
-        self._queue.appendleft((time.time(), None, None, None, "gap", None,
-                                Decision(None, None, self.gap_reason),  # type: ignore[arg-type]  # 'lost'
-                                None, 0, None))
+        reasons = pending_losses(ledger.previous, getattr(self.writer, "head_batch_id", None),
+                                 getattr(self.writer, "head_record", None))
+        ledger.carried = tuple(reasons)
+        for reason in reversed(reasons):
+            log.critical("assertion log: %s", reason)
+            self._queue.appendleft((time.time(), None, None, None, "gap", None,
+                                    Decision(None, None, reason),  # type: ignore[arg-type]  # decision 'lost'
+                                    None, 0, None))
+        self.gap_reason = reasons[-1] if reasons else None
 
     async def _reserve_ahead(self) -> None:
         """Keep the durable reservation ahead of the captures: about two seconds of the current rate, at least
@@ -167,6 +171,8 @@ class AssertionRecorder:
             else:
                 self._unacked = None
                 self.shipped += size
+                if self.ledger is not None and self.ledger.carried:
+                    self.ledger.carried = ()  # the gap records were the first captures: stored now
                 if self.failing:
                     self.failing = False
                     log.warning("assertion records are durable again")
@@ -187,6 +193,8 @@ class AssertionRecorder:
         await asyncio.get_running_loop().run_in_executor(self._executor, self.writer.close)
         self._executor.shutdown(wait=True)
         if self.ledger is not None:
+            if self._reserve_task is not None:
+                await self._reserve_task
             if self._ledger_executor is not None:
                 self._ledger_executor.shutdown(wait=True)
             # The exact count: the next start writes a gap record for whatever of it was not stored.
