@@ -277,11 +277,16 @@ class AssertionStore:
         clauses, params = ["rowid > ?"], [after_rowid]
         for column, value in (("client_id", filters.client_id), ("fingerprint", filters.fingerprint)):
             if value is not None:
-                # Through the device index: the devices that ever used this client id or certificate.
-                clauses.append(f"{column} = ? AND (device_id IN (SELECT device_id FROM identities WHERE {column} = ?) "
-                               f"OR (device_id IS NULL AND EXISTS (SELECT 1 FROM identities WHERE {column} = ? "
-                               "AND device_id = '')))")
-                params += [value, value, value]
+                # Through the device index: the devices that ever used this client id or certificate, looked up
+                # first, so that the planner sees a plain IN list (an OR with a subquery made it scan by time).
+                devices = [row[0] for row in self.db.execute(
+                    f"SELECT DISTINCT device_id FROM identities WHERE {column} = ?", (value,))]
+                named = [d for d in devices if d != ""]
+                either = [f"device_id IN ({', '.join('?' for _ in named)})"] if named else []
+                if "" in devices:
+                    either.append("device_id IS NULL")
+                clauses.append(f"{column} = ? AND ({' OR '.join(either) or '0'})")
+                params += [value, *named]
         for column, value in (
             ("device_id", filters.device), ("action", filters.action), ("decision", filters.decision), ("rule_id", filters.rule_id),
             ("node", filters.node),
