@@ -58,3 +58,27 @@ def test_glob_prefilter_keeps_everything_the_filter_selects() -> None:
                 continue
             if selected:
                 assert db.execute("SELECT ? GLOB ?", (topic, pattern)).fetchone()[0] == 1, (query, topic, pattern)
+
+
+def test_verify_in_parallel_parts_reports_exactly_what_one_walk_does(tmp_path: Path, monkeypatch) -> None:
+    import pdp.evidence.store as store_module
+
+    writer = ChainWriter("n1", [SqliteSink(tmp_path / "a.db")], tmp_path / "s")
+    session = {1: ("d1", "ab" * 32, "0a", "CN=ca", "sensor", "x", "y", "z", "active")}
+    for batch in range(8):
+        rows = [(1.0e9 + i, 1, "c1", None, "publish", f"t/{i}", True, "r", "ok", "l1", 900, "rev")
+                for i in range(batch * 25, batch * 25 + 25)]
+        writer.write(rows, session, f"b:{batch}")
+    writer.close()
+    with sqlite3.connect(tmp_path / "a.db") as db:  # a break in several parts, one on a part boundary
+        db.execute("UPDATE records SET topic = 'forged' WHERE seq IN (7, 101, 150)")
+        db.execute("DELETE FROM records WHERE seq IN (51, 52, 120)")
+    db.close()
+    store = AssertionStore(tmp_path / "a.db", readonly=True)
+    one = store.verify()
+    monkeypatch.setattr(store_module, "PARALLEL_WALK", 10)
+    monkeypatch.setattr(store_module.os, "cpu_count", lambda: 4)
+    parts = store.verify()
+    store.close()
+    assert parts == one
+    assert one[0].records == 197 and one[0].checked == 6 and len(one[0].problems) == 5

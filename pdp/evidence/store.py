@@ -17,6 +17,7 @@ device id is stored there as ''.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 from hashlib import sha256
 from collections.abc import Callable, Iterator, Sequence
@@ -69,7 +70,7 @@ _COLUMNS = ", ".join(FIELD_NAMES)
 # hashed it. The other fields are canonicalised in Python.
 _MIDDLE = " || char(31) || ".join(f"coalesce({name}, char(0))" for name in FIELD_NAMES[4:21])
 _VERIFY_SELECT = (f"SELECT record_id, node, seq, ts, {_MIDDLE}, latency_us, peer, prev_hash, hash, action "
-                  "FROM records WHERE node = ? AND seq > ? ORDER BY seq")
+                  "FROM records WHERE node = ? AND seq > ? AND seq <= ? ORDER BY seq")
 _INSERT = f"INSERT OR IGNORE INTO records ({_COLUMNS}) VALUES ({', '.join('?' for _ in FIELD_NAMES)})"
 _INSERT_CONFLICT = f"INSERT OR IGNORE INTO conflicts ({_COLUMNS}) VALUES ({', '.join('?' for _ in FIELD_NAMES)})"
 log = logging.getLogger("mqtt_pdp.assertions")
@@ -111,6 +112,67 @@ class ChainReport:
     gaps: tuple[tuple[str, str], ...] = ()  # (record id, reason) of gap records: losses the log itself reports
     skipped: int = 0  # incremental: records up to the newest matching signed head, not walked again
     verified_after: int = 0  # the sequence number the walk started after
+
+
+@dataclass(frozen=True)
+class _Walk:
+    problems: list[tuple[str, str | None]]
+    checked: int  # records before the first problem
+    count: int
+    gaps: list[tuple[str, str]]
+
+
+def _walk(db: sqlite3.Connection, name: str, prev_seq: int, prev_hash: str, upto: int) -> _Walk:
+    """One node's records after ``prev_seq`` up to ``upto``, in sequence order: each must follow the previous
+    one (sequence number and hash) and hash to its own hash. Resynchronises after a break, so later breaks
+    are reported too."""
+    problems: list[tuple[str, str | None]] = []
+    gaps: list[tuple[str, str]] = []
+    checked = count = 0
+    canon, sep = _canonical, "\x1f"
+    for record_id, rnode, seq, ts, middle, latency, peer, prev, digest, action in db.execute(
+            _VERIFY_SELECT, (name, prev_seq, upto)):
+        count += 1
+        if action == "gap":  # a broker stopped with captures it never recorded (pdp.evidence.ledger)
+            row = db.execute("SELECT reason FROM records WHERE node = ? AND seq = ?", (name, seq)).fetchone()
+            gaps.append((record_id, str(row[0]) if row else ""))
+        if seq != prev_seq + 1:
+            first_missing = prev_seq + 1
+            gap = f"{first_missing}" if seq == first_missing + 1 else f"{first_missing}..{seq - 1}"
+            problems.append((f"record(s) {name}:{gap} missing before {record_id}", record_id))
+        elif prev != prev_hash:
+            problems.append((f"{record_id} does not follow the previous record (removed, reordered or "
+                             "replaced)", record_id))
+        # The record's hash text (record.chain_hash), with the text columns joined by SQLite, and
+        # _canonical inlined for the types the columns hold (a value of another type still goes through it).
+        text = sep.join((
+            record_id if record_id.__class__ is str else canon(record_id),
+            rnode if rnode.__class__ is str else canon(rnode),
+            str(seq) if seq.__class__ is int else canon(seq),
+            repr(ts) if ts.__class__ is float else canon(ts),
+            middle if middle.__class__ is str else canon(middle),
+            "\x00" if latency is None else canon(latency),
+            peer if peer.__class__ is str else canon(peer),
+            prev if prev.__class__ is str else canon(prev)))
+        if sha256(text.encode("utf-8", "surrogatepass")).hexdigest() != digest or record_id != f"{rnode}:{seq}":
+            problems.append((f"{record_id} was altered (its hash does not match its content)", record_id))
+        if not problems:
+            checked += 1
+        prev_seq, prev_hash = seq, digest
+    return _Walk(problems, checked, count, gaps)
+
+
+def _walk_file(path: str, name: str, prev_seq: int, prev_hash: str, upto: int) -> _Walk:
+    """A part of a walk in a worker process, on a connection of its own."""
+    store = AssertionStore(path, readonly=True)
+    try:
+        return _walk(store.db, name, prev_seq, prev_hash, upto)
+    finally:
+        store.close()
+
+
+PARALLEL_WALK = 200_000  # records of one node from which verify walks it in parts, one process per core
+_NO_END = 2**62
 
 
 def _glob(topic_filter: str) -> str:
@@ -398,36 +460,9 @@ class AssertionStore:
                     skipped = int(self.db.execute("SELECT count(*) FROM records WHERE node = ? AND seq <= ?",
                                                   (name, prev_seq)).fetchone()[0])
             walk_from = prev_seq
-            gaps: list[tuple[str, str]] = []
-            canon, sep = _canonical, "\x1f"
-            for record_id, rnode, seq, ts, middle, latency, peer, prev, digest, action in self.db.execute(
-                    _VERIFY_SELECT, (name, prev_seq)):
-                count += 1
-                if action == "gap":  # a broker stopped with captures it never recorded (pdp.evidence.ledger)
-                    gaps.append((record_id, self._reason_of(name, seq)))
-                if seq != prev_seq + 1:
-                    first_missing = prev_seq + 1
-                    gap = f"{first_missing}" if seq == first_missing + 1 else f"{first_missing}..{seq - 1}"
-                    problems.append((f"record(s) {name}:{gap} missing before {record_id}", record_id))
-                elif prev != prev_hash:
-                    problems.append((f"{record_id} does not follow the previous record (removed, reordered or "
-                                     "replaced)", record_id))
-                # The record's hash text (record.chain_hash), with the text columns joined by SQLite.
-                # _canonical inlined for the types the columns hold (a value of another type still goes through it).
-                text = sep.join((
-                    record_id if record_id.__class__ is str else canon(record_id),
-                    rnode if rnode.__class__ is str else canon(rnode),
-                    str(seq) if seq.__class__ is int else canon(seq),
-                    repr(ts) if ts.__class__ is float else canon(ts),
-                    middle if middle.__class__ is str else canon(middle),
-                    "\x00" if latency is None else canon(latency),
-                    peer if peer.__class__ is str else canon(peer),
-                    prev if prev.__class__ is str else canon(prev)))
-                if sha256(text.encode("utf-8", "surrogatepass")).hexdigest() != digest or record_id != f"{rnode}:{seq}":
-                    problems.append((f"{record_id} was altered (its hash does not match its content)", record_id))
-                if not problems:
-                    checked += 1
-                prev_seq, prev_hash = seq, digest  # resynchronise: report later breaks too
+            walked = self._walk_node(name, prev_seq, prev_hash)
+            checked, count, gaps = walked.checked, walked.count, walked.gaps
+            problems.extend(walked.problems)
             if self._has_conflicts_table():
                 row = self.db.execute("SELECT count(*), min(seq) FROM conflicts WHERE node = ?", (name,)).fetchone()
                 if row[0]:
@@ -442,6 +477,44 @@ class AssertionStore:
                                        count + skipped, tuple(gaps), skipped, walk_from))
         return reports
 
+    def _walk_node(self, name: str, prev_seq: int, prev_hash: str) -> _Walk:
+        """The walk, split into contiguous parts walked in parallel when the node is large and there are
+        several cores: each part starts after the record that precedes it, so the result is the same."""
+        workers = min(os.cpu_count() or 1, 4)
+        total = 0
+        if workers > 1 and not self.path.startswith(":"):
+            total = int(self.db.execute("SELECT count(*) FROM records WHERE node = ? AND seq > ?",
+                                        (name, prev_seq)).fetchone()[0])
+        if total < PARALLEL_WALK:
+            return _walk(self.db, name, prev_seq, prev_hash, _NO_END)
+        starts = [prev_seq]
+        hashes = [prev_hash]
+        ends = []
+        for part in range(1, workers):
+            first = self.db.execute("SELECT seq FROM records WHERE node = ? AND seq > ? ORDER BY seq LIMIT 1 OFFSET ?",
+                                    (name, prev_seq, total * part // workers)).fetchone()[0]
+            before = self.db.execute("SELECT seq, hash FROM records WHERE node = ? AND seq < ? ORDER BY seq DESC "
+                                     "LIMIT 1", (name, first)).fetchone()
+            ends.append(first - 1)
+            starts.append(before[0])
+            hashes.append(before[1])
+        ends.append(_NO_END)
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            parts = list(pool.map(_walk_file, [self.path] * workers, [name] * workers, starts, hashes, ends))
+        problems: list[tuple[str, str | None]] = []
+        gaps: list[tuple[str, str]] = []
+        checked = count = 0
+        for part in parts:
+            if not problems:
+                checked += part.checked
+            problems += part.problems
+            gaps += part.gaps
+            count += part.count
+        return _Walk(problems, checked, count, gaps)
+
     def _newest_matching_head(self, name: str, anchors: Anchors) -> tuple[int, str] | None:
         """(seq, hash) of the newest signed head the database still holds exactly: an incremental verify starts
         after it. Records before it are not recomputed (an edit there that left every hash as it was is found
@@ -451,10 +524,6 @@ class AssertionStore:
             if row is not None and row[0] == head.hash:
                 return head.seq, head.hash
         return None
-
-    def _reason_of(self, node: str, seq: int) -> str:
-        row = self.db.execute("SELECT reason FROM records WHERE node = ? AND seq = ?", (node, seq)).fetchone()
-        return str(row[0]) if row else ""
 
     def check_identities(self, after: dict[str, int] | None = None) -> list[str]:
         """Every (device, client id, fingerprint) the records use must be in ``identities``: queries by client id
