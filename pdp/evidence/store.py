@@ -203,6 +203,8 @@ class AssertionStore:
         self.path = str(path)
         self.forked = 0  # records a drain refused to merge into their node's chain (kept as conflicts)
         self.forked_nodes: set[str] = set()
+        self._known_identities: set[tuple[str, str, str]] = set()  # committed by this connection
+        self._stored_identities: set[tuple[str, str, str]] = set()  # in the open transaction
         if readonly:
             if not Path(self.path).exists():
                 raise FileNotFoundError(f"no assertion database at {self.path}")
@@ -230,7 +232,10 @@ class AssertionStore:
         if inserted < len(records):  # some were stored already: exact duplicates are fine, others are not
             self._keep_conflicts(records)
         identities = {(r.device_id or "", r.client_id or "", r.fingerprint or "") for r in records}
-        self.db.executemany("INSERT OR IGNORE INTO identities VALUES (?, ?, ?)", identities)
+        identities -= self._known_identities  # already stored by this connection: no INSERT OR IGNORE each batch
+        if identities:
+            self.db.executemany("INSERT OR IGNORE INTO identities VALUES (?, ?, ?)", identities)
+            self._stored_identities |= identities
         return inserted
 
     def _insert_linked(self, records: Sequence[AssertionRecord]) -> int:
@@ -312,9 +317,22 @@ class AssertionStore:
                 found = Head(int(seq), digest, batch_id or None, f"store {self.path}")
         return found
 
+    def _committed(self) -> None:
+        """Identities are known stored only once their transaction committed (a rollback must not hide them)."""
+        if len(self._known_identities) > 200_000:
+            self._known_identities.clear()
+        self._known_identities |= self._stored_identities
+        self._stored_identities = set()
+
     def insert(self, records: Sequence[AssertionRecord]) -> int:
-        with self.db:
-            return self._insert(records)
+        try:
+            with self.db:
+                inserted = self._insert(records)
+        except BaseException:
+            self._stored_identities = set()
+            raise
+        self._committed()
+        return inserted
 
     def get_meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -327,10 +345,15 @@ class AssertionStore:
         ``linked`` (drain): a record goes in only if it extends the chain stored for its node; one that forks
         from it (two brokers that wrote under one node id) goes to ``conflicts`` with all that follows it.
         """
-        with self.db:
-            inserted = self._insert_linked(records) if linked else self._insert(records)
-            self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
-            return inserted
+        try:
+            with self.db:
+                inserted = self._insert_linked(records) if linked else self._insert(records)
+                self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+        except BaseException:
+            self._stored_identities = set()
+            raise
+        self._committed()
+        return inserted
 
     # -- reading --------------------------------------------------------------------------
 
