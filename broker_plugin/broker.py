@@ -141,7 +141,8 @@ class HardenedBroker(Broker):
         asyncio's own TLS server drops a failed handshake silently (expired, foreign CA, no
         certificate left no line anywhere); done here, each refusal is logged with its peer and reason."""
         if listener_type == ListenerType.TCP and ssl_context is not None:
-            install_certificate_capture(ssl_context)  # the certificate of a failed handshake, for its record
+            # The certificate of a failed handshake, for its record; established connections move to a twin context.
+            install_certificate_capture(ssl_context, self._create_ssl_context(self.listeners_config[listener_name]))
             self._tls_contexts[listener_name] = ssl_context
             ssl_context = None
         return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)

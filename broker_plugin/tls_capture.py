@@ -6,8 +6,8 @@ foreign CA, wrong key usage). OpenSSL's message callback sees every handshake me
 the client's Certificate message included (decrypted, in TLS 1.3 too), so the first
 certificate of that message is kept on the connection's ``SSLObject``; when the
 handshake then fails, ``do_handshake`` attaches it to the exception that asyncio's
-``start_tls`` raises. The callback runs for every TLS record of the listener (a
-few hundred nanoseconds each) and does nothing but for the client's Certificate message.
+``start_tls`` raises. The callback runs for every TLS record during the handshake only:
+once it is done the connection moves to a context without it.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def _on_message(conn: Any, direction: str, version: int, content_type: int, msg_
 
 class CapturingSSLObject(ssl.SSLObject):
     presented_certificate: bytes | None = None
+    after_handshake: ssl.SSLContext | None = None  # the same configuration without the message callback
 
     def do_handshake(self) -> None:
         try:
@@ -60,11 +61,16 @@ class CapturingSSLObject(ssl.SSLObject):
         except ssl.SSLError as exc:
             exc.presented_certificate = self.presented_certificate  # type: ignore[attr-defined]
             raise
+        if self.after_handshake is not None:
+            # Done with the handshake: a context without the callback (CPython then removes it from this
+            # connection), so records of established connections cost nothing extra.
+            self.context = self.after_handshake
 
 
-def install(context: ssl.SSLContext) -> None:
-    """Keep the certificate a client presents, on the SSLObjects of this (server) context."""
-    context.sslobject_class = CapturingSSLObject
+def install(context: ssl.SSLContext, after_handshake: ssl.SSLContext | None = None) -> None:
+    """Keep the certificate a client presents, on the SSLObjects of this (server) context. With
+    ``after_handshake`` (configured like ``context``), connections move to it once their handshake is done."""
+    context.sslobject_class = type("CapturingSSLObject", (CapturingSSLObject,), {"after_handshake": after_handshake})
     # The C-level setter: ssl.SSLContext's own wraps each call in enum conversions, several times dearer.
     ssl._ssl._SSLContext._msg_callback.__set__(context, _on_message)  # type: ignore[attr-defined]
 

@@ -122,3 +122,27 @@ def test_malformed_filters_refused_before_the_policy_are_recorded(make_broker, t
     assert got[:2] == [("sites/#/x", "deny", "sensor-1", "invalid filter"),
                        ("sites/pl+nt/x", "deny", "sensor-1", "invalid filter")]
     assert got[2][:2] == ("sites/plant-a/sensor-1/cmd", "allow")
+
+
+def test_established_connections_leave_the_capturing_context(make_broker, test_pki) -> None:
+    """The message callback that keeps presented certificates runs during handshakes only."""
+    broker = make_broker()
+    sensor = Client(broker.port, "sensor-1", test_pki.device("sensor-1"), test_pki.ca_file)
+    try:
+        assert sensor.connect() == 0
+
+        def contexts() -> tuple[object, object, bytes | None]:
+            session, _ = broker.broker._sessions["sensor-1"]
+            return (session.ssl_object.context, broker.broker._tls_contexts["default"],
+                    session.ssl_object.getpeercert(binary_form=True))
+
+        import hashlib
+        import ssl
+
+        callback = ssl._ssl._SSLContext._msg_callback.__get__  # the C-level one the capture sets
+        established, capturing, peer = broker.run(contexts)
+        assert established is not capturing and callback(capturing) is not None
+        assert callback(established) is None
+        assert peer is not None and hashlib.sha256(peer).hexdigest() == test_pki.device("sensor-1").fingerprint
+    finally:
+        sensor.close()
