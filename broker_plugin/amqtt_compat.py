@@ -10,6 +10,8 @@ parameters we expect. Nothing outside ``broker_plugin`` imports amqtt.
 
 from __future__ import annotations
 
+import asyncio
+
 import inspect
 from importlib.metadata import version
 
@@ -68,6 +70,7 @@ __all__ = [
     "Server",
     "Session",
     "StreamReaderAdapter",
+    "stream_of",
     "StreamWriterAdapter",
     "WriterAdapter",
     "abort_connection",
@@ -115,10 +118,11 @@ BROKER_STATE = ("_sessions", "_subscriptions", "_retained_messages", "_broadcast
                 "plugins_manager", "listeners_config", "config")
 HANDLER_METHODS = ("init_from_connect", "attach", "mqtt_connack_authorize", "start", "stop", "mqtt_publish",
                    "handle_connection_closed", "wait_disconnect", "get_next_pending_subscription",
-                   "get_next_pending_unsubscription", "mqtt_deliver_next_message")
+                   "get_next_pending_unsubscription", "mqtt_deliver_next_message", "handle_publish")
 SESSION_FIELDS = ("client_id", "clean_session", "will_flag", "will_message", "will_topic", "will_qos",
                   "will_retain", "keep_alive", "username", "password", "remote_address", "remote_port",
-                  "ssl_object", "attributes", "retained_messages", "transitions", "parent", "is_anonymous")
+                  "ssl_object", "attributes", "retained_messages", "transitions", "parent", "is_anonymous",
+                  "delivered_message_queue")
 RETAINED_FIELDS = ("source_session", "topic", "data", "qos")
 # The listener's connection accounting, which the hardened broker does itself (refusing, not queueing, when full).
 SERVER_METHODS = ("acquire_connection", "release_connection")
@@ -186,6 +190,12 @@ def abort_writer(writer: WriterAdapter | None) -> bool:
     writer.is_closed = True  # type: ignore[union-attr]
     transport.abort()
     return True
+
+
+def stream_of(reader: ReaderAdapter) -> asyncio.StreamReader | None:
+    """The asyncio stream under amqtt's TCP reader adapter (None for other transports)."""
+    stream = getattr(reader, "_reader", None) if isinstance(reader, StreamReaderAdapter) else None
+    return stream if isinstance(stream, asyncio.StreamReader) else None
 
 
 def check_amqtt() -> None:

@@ -53,13 +53,17 @@ from broker_plugin.amqtt_compat import (
     gen_client_id,
 )
 from broker_plugin.framing import FramingGuard
+from broker_plugin.ordering import PublishTracker
 from broker_plugin.plugin import CONN_KEY, DeviceAuthorizationPlugin, connection_of
 from broker_plugin.subscriptions import FilterIndex
 from broker_plugin.tls_capture import install as install_certificate_capture
 from broker_plugin.tls_capture import presented_certificate
+from pdp.core.gateway import PREFIX as GATEWAY_PREFIX
+from pdp.core.gateway import split as gateway_split
 from pdp.core.admission import Admission
 from pdp.core.enforcement import ConnId, Disconnect, DropSession, DropSubscription
 from pdp.core.topics import TopicError, matches, validate_filter
+from pdp.runtime.admin import AdminError
 
 log = logging.getLogger("mqtt_pdp.broker")
 STOP_HANDLER_TIMEOUT = 2.0
@@ -85,6 +89,10 @@ def tls_failure(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError) or (isinstance(exc, ConnectionAbortedError) and "taking longer" in str(exc)):
         return "no TLS handshake within connect_timeout"  # asyncio aborts a slow handshake with that text
     return str(exc) or type(exc).__name__
+
+
+class ConnectRefused(AMQTTError):
+    """The CONNECT was answered with CONNACK 5; the service has logged why."""
 
 
 @dataclass
@@ -114,6 +122,10 @@ class HardenedBroker(Broker):
         self._retained_publishers: dict[str, Admission] = {}  # retained topic -> how its publisher was admitted
         self._filter_index = FilterIndex()
         self._session_filters: dict[str, set[str]] = {}  # client id -> its filters
+        # Gateways' relay subscriptions 'gw/<child>/<filter>': the inner filters, and per inner filter the children
+        # subscribed for, so a message on a child's topic also reaches the gateways acting for it (pdp.core.gateway).
+        self._relay_index = FilterIndex()
+        self._relay_children: dict[str, set[str]] = {}
         try:
             self.limits = self.authz.config.broker_limits()
         except ValueError as exc:
@@ -125,6 +137,32 @@ class HardenedBroker(Broker):
         self.ended_by_guard = 0  # connections ended for a protocol violation, size or deadline
         self.tls_refused = 0  # TLS handshakes that failed (each logged with peer and reason)
         self._tls_contexts: dict[str, ssl.SSLContext] = {}  # listener -> the context its handshakes use
+        self.admin: Any = None  # the admin socket's server, when admin_socket is set
+
+    # -- the operator's admin interface (broker_plugin.operations) ------------------------
+
+    async def start(self) -> None:
+        from broker_plugin.operations import start_operations
+
+        try:  # first: a socket or port in use stops the start before any listener opens
+            self.admin = await start_operations(self)
+        except (OSError, ValueError, AdminError) as exc:
+            if self.authz.service.metrics is not None:
+                self.authz.service.metrics.close()
+            raise BrokerError(str(exc)) from None
+        try:
+            await super().start()
+        except BaseException:
+            if self.admin is not None:
+                await self.admin.close()
+            if self.authz.service.metrics is not None:
+                self.authz.service.metrics.close()
+            raise
+
+    async def shutdown(self) -> None:
+        if self.admin is not None:
+            await self.admin.close()
+        await super().shutdown()
 
     # -- TLS: require a client certificate at the handshake ------------------------------
 
@@ -160,6 +198,8 @@ class HardenedBroker(Broker):
                 log.warning("TLS handshake refused: %s reason=%s", where, tls_failure(exc))
                 self.authz.service.tls_refused(f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else None,
                                                tls_failure(exc), presented_certificate(exc))
+                if self.authz.service.metrics is not None:
+                    self.authz.service.metrics.tls_refused(tls_failure(exc))
                 writer.transport.abort()
                 return
         await self._client_connected(listener_name, StreamReaderAdapter(reader), StreamWriterAdapter(writer))
@@ -199,8 +239,9 @@ class HardenedBroker(Broker):
             try:
                 handler, session = await self._initialize_client_session(guard, writer, peer[0], peer[1])
             except PEER_ERRORS as exc:
-                if guard.ended is None:
-                    log.warning("%s: no session: %s", where, exc or type(exc).__name__)
+                if guard.ended is None:  # a refused CONNECT was logged once already, by the service
+                    log.log(logging.DEBUG if isinstance(exc, ConnectRefused) else logging.WARNING,
+                            "%s: no session: %s", where, exc or type(exc).__name__)
                 return
             try:
                 await self._handle_client_session(guard, writer, session, handler, server, listener_name)
@@ -242,7 +283,7 @@ class HardenedBroker(Broker):
             with contextlib.suppress(OSError, asyncio.TimeoutError):
                 await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
                 await writer.close()
-            raise AMQTTError(f"{where}: connection refused: {admission.reason}")
+            raise ConnectRefused(f"{where}: connection refused: {admission.reason}")
         for disconnect in superseded:  # [MQTT-3.1.4-2]: the previous connection of this client id goes first
             await self._close_connection(disconnect.conn)
 
@@ -275,6 +316,10 @@ class HardenedBroker(Broker):
         if isinstance(reader, FramingGuard) and incoming.keep_alive > 0:
             # amqtt's own keep-alive timer only logs; the guard ends the connection (and the will goes out).
             reader.idle_limit = math.ceil(incoming.keep_alive * KEEP_ALIVE_FACTOR) + (delay if isinstance(delay, int) else 0)
+        if isinstance(reader, FramingGuard):
+            # With its keep-alive at 0, amqtt's handler skips what would only log: a wait_for (a task) around
+            # every packet read and a timer re-armed after every packet written.
+            session.keep_alive = 0
         return handler, session
 
     async def _authenticate(self, session: Session, _: ListenerConfig) -> bool:
@@ -309,6 +354,8 @@ class HardenedBroker(Broker):
 
         conn = connection_of(client_session)
         assert conn is not None
+        if isinstance(reader, FramingGuard):
+            reader.settle = PublishTracker(handler, self.limits.packet_timeout).settled
         handler.attach(client_session, reader, writer)
         self._sessions[client_session.client_id] = (client_session, handler)  # type: ignore[index]
         self._connections[conn] = _Connection(client_session, handler)
@@ -363,7 +410,21 @@ class HardenedBroker(Broker):
         try:
             while connected:
                 done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-                if disconnect_waiter in done:  # then, as amqtt does, still handle what arrived with it
+                if disconnect_waiter in done:
+                    # First route what the PUBLISHes before it queued (see broker_plugin.ordering), then
+                    # end the session; as amqtt does, still handle the other waiters that completed with it.
+                    while True:
+                        if not wait_deliver.done():
+                            if client_session.delivered_message_queue.empty():
+                                break
+                            await asyncio.wait([wait_deliver], timeout=self.limits.packet_timeout)
+                            if not wait_deliver.done():
+                                break
+                        if wait_deliver.cancelled() or wait_deliver.exception() or wait_deliver.result() is None:
+                            break
+                        if not await self._handle_message_delivery(client_session, handler, wait_deliver):
+                            return handled
+                        wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
                     await self._handle_disconnect(client_session, handler, disconnect_waiter)
                     connected = False
                     handled = True
@@ -403,10 +464,18 @@ class HardenedBroker(Broker):
                         client_session.client_id, topic)
             return False
         # The core refuses '$' topics whatever the policy; the policy side refuses an empty topic as invalid.
-        if not self.authz.allows(client_session, "publish", topic):
+        relay: tuple[str, str] | None = None
+        if topic.startswith(GATEWAY_PREFIX):  # a gateway publishing for a child (pdp.core.gateway)
+            allowed, relay = self.authz.publish_relay(client_session, topic)
+        else:
+            allowed = self.authz.allows(client_session, "publish", topic)
+        if not allowed:
             return True
         await self.plugins_manager.fire_event(
             BrokerEvents.MESSAGE_BROADCAST, client_id=client_session.client_id, message=app_message)
+        if relay is not None:  # delivered as the child's topic; a relayed message is never retained
+            await self._broadcast_message(client_session, relay[1], app_message.data)
+            return True
         await self._broadcast_message(client_session, topic, app_message.data)
         if app_message.publish_packet and app_message.publish_packet.retain_flag:
             await self.retain_message(client_session, topic, app_message.data, app_message.qos)
@@ -538,12 +607,31 @@ class HardenedBroker(Broker):
         if result != 0x80:
             self._filter_index.add(subscription[0])
             self._session_filters.setdefault(session.client_id or "", set()).add(subscription[0])
+            relay = gateway_split(subscription[0])
+            if relay is not None:
+                child_id, inner = relay
+                self._relay_index.add(inner)
+                self._relay_children.setdefault(inner, set()).add(child_id)
         return result
+
+    def _forget_relay(self, wire_filter: str) -> None:
+        """A relay filter nobody holds any more leaves the relay index."""
+        relay = gateway_split(wire_filter)
+        if relay is None or wire_filter in self._subscriptions:
+            return
+        child_id, inner = relay
+        children = self._relay_children.get(inner)
+        if children is not None:
+            children.discard(child_id)
+            if not children:
+                del self._relay_children[inner]
+                self._relay_index.remove(inner)
 
     def _del_subscription(self, a_filter: str, session: Session) -> int:
         deleted = super()._del_subscription(a_filter, session)
         self.authz.unsubscribed(session, a_filter)
         self._session_filters.get(session.client_id or "", set()).discard(a_filter)
+        self._forget_relay(a_filter)
         return deleted
 
     async def _del_all_subscriptions(self, session: Session) -> None:
@@ -558,6 +646,7 @@ class HardenedBroker(Broker):
             else:
                 del self._subscriptions[topic_filter]
                 self._filter_index.remove(topic_filter)
+                self._forget_relay(topic_filter)
 
     def _subscribers_of(self, topic: str) -> list[tuple[Session, int]]:
         """Every (session, qos) whose filter selects ``topic``, taken in one synchronous step."""
@@ -590,6 +679,32 @@ class HardenedBroker(Broker):
             handler = self._get_handler(target)
             if handler is not None:
                 running_tasks.append(asyncio.ensure_future(handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)))
+        if self._relay_children and not topic.startswith(GATEWAY_PREFIX):
+            await self._relay_broadcast(broadcast, topic, running_tasks)
+
+    async def _relay_broadcast(self, broadcast: dict[str, Any], topic: str,
+                               running_tasks: deque[asyncio.Task[OutgoingApplicationMessage]]) -> None:
+        """A message on a child's topic, to each gateway holding 'gw/<child>/<filter>' for a filter that matches:
+        delivered as 'gw/<child>/<topic>', judged (the gateway's and the child's receive) like any delivery."""
+        allows = self.authz.allows
+        deliveries = []
+        for inner in self._relay_index.match(topic):
+            for child_id in sorted(self._relay_children.get(inner, ())):
+                wire_topic = f"{GATEWAY_PREFIX}{child_id}/{topic}"
+                deliveries += [(wire_topic, target, sub_qos) for target, sub_qos in
+                               self._subscriptions.get(f"{GATEWAY_PREFIX}{child_id}/{inner}", [])]
+        for wire_topic, target, sub_qos in deliveries:  # taken in one synchronous step, as _subscribers_of
+            qos = broadcast.get("qos", sub_qos)
+            if not allows(target, "receive", wire_topic):
+                continue
+            if target.transitions.state != "connected":
+                if not target.clean_session and qos in (QOS_1, QOS_2) and not target.is_anonymous:
+                    await self._retain_broadcast_message({**broadcast, "topic": wire_topic}, qos, target)
+                continue
+            handler = self._get_handler(target)
+            if handler is not None:
+                running_tasks.append(asyncio.ensure_future(
+                    handler.mqtt_publish(wire_topic, broadcast["data"], qos, retain=False)))
 
     # -- stopping a session never hangs -------------------------------------------------------
 

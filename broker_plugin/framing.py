@@ -18,9 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
-from broker_plugin.amqtt_compat import ReaderAdapter
+from broker_plugin.amqtt_compat import ReaderAdapter, stream_of
 
 log = logging.getLogger("mqtt_pdp.broker")
 
@@ -167,6 +167,10 @@ class FramingGuard(ReaderAdapter):
     done by a task of the guard's own, so a reader cancelled by amqtt's own timer
     never loses half a packet. ``on_end(reason)`` is called once when the guard
     ends the connection; it should drop the transport.
+
+    Under load the next packet is usually already whole in the stream's buffer; it is then
+    taken from there at once (``_take_buffered``), with no task, timer or await: what the
+    deadlines guard against cannot happen to bytes that have arrived.
     """
 
     def __init__(self, inner: ReaderAdapter, *, max_packet_size: int, connect_timeout: float,
@@ -181,21 +185,16 @@ class FramingGuard(ReaderAdapter):
         self._on_end = on_end
         self._buffer = memoryview(b"")
         self._framing: asyncio.Future[bytes] | None = None
+        # Awaited before amqtt is handed a DISCONNECT or an end, so that the packets before it take effect
+        # first (see broker_plugin.ordering); None until the broker sets it.
+        self.settle: Callable[[], Awaitable[None]] | None = None
+        stream = stream_of(inner)
+        # asyncio.StreamReader's own buffer (CPython private, checked here; without it every packet is awaited)
+        self._stream = stream if isinstance(getattr(stream, "_buffer", None), bytearray) else None
 
     async def read(self, n: int = -1) -> bytes:
         if not self._buffer:
-            if self._framing is None:
-                self._framing = asyncio.ensure_future(self._next_packet())
-                # retrieved here even when amqtt's reader was cancelled and never asks again
-                self._framing.add_done_callback(lambda f: f.cancelled() or f.exception())
-            try:
-                packet = await asyncio.shield(self._framing)
-            except ConnectionEnded:
-                raise asyncio.IncompleteReadError(b"", n if n > 0 else None) from None
-            finally:
-                if self._framing.done():
-                    self._framing = None
-            self._buffer = memoryview(packet)
+            await self._next()
         if n < 0 or n > len(self._buffer):
             if n > len(self._buffer):  # amqtt wants more than the packet holds: check_packet missed a case
                 self._end(f"packet shorter than its fields (parser asked for {n} bytes, {len(self._buffer)} left)")
@@ -204,8 +203,78 @@ class FramingGuard(ReaderAdapter):
         data, self._buffer = bytes(self._buffer[:n]), self._buffer[n:]
         return data
 
+    async def _next(self) -> None:
+        """Put the next whole, checked packet in ``_buffer``; IncompleteReadError when the connection ends."""
+        packet: bytes | None = None
+        if self._framing is None:
+            # One turn of the loop before each packet, as the awaited path gives, so the tasks handling
+            # the previous packets progress before this one is looked at.
+            await asyncio.sleep(0)
+            if self._buffer:
+                return
+            try:
+                packet = self._take_buffered() if self._framing is None else None
+            except ConnectionEnded:
+                await self._settled()
+                raise asyncio.IncompleteReadError(b"", None) from None
+        if packet is None:
+            if self._framing is None:
+                self._framing = asyncio.ensure_future(self._next_packet())
+                # retrieved here even when amqtt's reader was cancelled and never asks again
+                self._framing.add_done_callback(lambda f: f.cancelled() or f.exception())
+            try:
+                packet = await asyncio.shield(self._framing)
+            except ConnectionEnded:
+                await self._settled()
+                raise asyncio.IncompleteReadError(b"", None) from None
+            finally:
+                if self._framing.done():
+                    self._framing = None
+        if packet[0] >> 4 == DISCONNECT:
+            await self._settled()
+        self._buffer = memoryview(packet)
+
+    async def _settled(self) -> None:
+        if self.settle is not None:
+            await self.settle()
+
     def feed_eof(self) -> None:
         self._inner.feed_eof()
+
+    def _take_buffered(self) -> bytes | None:
+        """The next packet if it is already whole in the stream's buffer (checked), else None.
+
+        Anything unusual (too long a length field, a packet over the size limit, a stream error)
+        is left to the awaited path, which handles it.
+        """
+        stream = self._stream
+        if stream is None or stream._exception is not None or self.ended is not None:
+            return None
+        buffered = stream._buffer
+        size = len(buffered)
+        length, multiplier, pos = 0, 1, 1
+        while True:
+            if pos >= size or pos > 4:
+                return None
+            byte = buffered[pos]
+            length += (byte & 0x7F) * multiplier
+            multiplier *= 128
+            pos += 1
+            if not byte & 0x80:
+                break
+        end = pos + length
+        if length > self.max_packet_size or end > size:
+            return None
+        packet = bytes(buffered[:end])
+        del buffered[:end]
+        stream._maybe_resume_transport()
+        try:
+            check_packet(packet[0], packet[pos:], connected=self.connected)
+        except Malformed as exc:
+            self._end(str(exc))
+            raise ConnectionEnded(str(exc)) from None
+        self.connected = True
+        return packet
 
     def cancel(self) -> None:
         """Stop reading (the connection is going away)."""

@@ -418,7 +418,8 @@ def write_cli_config(path: Path, pki_: TestPki, policy_dir: Path, **plugin: Any)
                                           certfile=str(pki_.dir / "server.pem"), keyfile=str(pki_.dir / "server-key.pem"))
     settings = dict(model=str(policy_dir / "model.conf"), policy=str(policy_dir / "policy.csv"),
                     registry=str(policy_dir / "devices.yaml"), trust_domain=TRUST_DOMAIN, node_id=path.stem,
-                    assertion_db=str(path.parent / "assertions.db"), spool_dir=str(path.parent / "spool"))
+                    assertion_db=str(path.parent / "assertions.db"), spool_dir=str(path.parent / "spool"),
+                    admin_socket=str(path.parent / f"{path.stem}.sock"))  # one per config: two brokers may share a directory
     config["plugins"][PLUGIN].update({**settings, **plugin})
     path.write_text(yaml.safe_dump(config))
     return path

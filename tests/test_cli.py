@@ -147,9 +147,9 @@ def test_hostile_inputs_give_one_error_line(tmp_path: Path) -> None:
     binary.write_bytes(bytes(range(256)) * 4)
     cases = [
         (["check", "-c", str(binary)], f"mqtt-pdp: error: {binary}: broker config is not UTF-8 text"),
-        (["log", "query", "--db", str(binary)], "mqtt-pdp: error: cannot read the assertion database: file is not a database"),
-        (["log", "verify", "--db", str(binary)], "mqtt-pdp: error: cannot read the assertion database: file is not a database"),
-        (["pki", "--out", str(binary), "--device", "x"], f"mqtt-pdp: error: [Errno 17] File exists: '{binary}'"),
+        (["log", "query", "--db", str(binary)], f"mqtt-pdp: error: {binary} is not an assertion database: file is not a database"),
+        (["log", "verify", "--db", str(binary)], f"mqtt-pdp: error: {binary} is not an assertion database: file is not a database"),
+        (["pki", "--out", str(binary), "--device", "x"], f"mqtt-pdp: error: cannot write to --out {binary}: File exists: {binary}"),
         (["l2-key", "--out", str(tmp_path / "missing" / "k")], f"mqtt-pdp: error: {tmp_path / 'missing'} is not a directory"),
     ]
     for args, line in cases:

@@ -8,6 +8,7 @@ served. The same attacks are run against stock amqtt where that shows the hole.
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 
@@ -189,3 +190,39 @@ def test_a_packet_over_max_packet_size_closes_only_its_connection(broker, connec
     lab = connect("lab-1")
     lab.publish("a/big", b"y" * 2000)  # just under the limit: served
     assert watcher.next_message().payload == b"y" * 2000
+
+
+def test_pipelined_and_split_packets_are_served_in_order_and_a_bad_one_still_closes(broker, connect, test_pki, caplog):
+    """Packets already whole in the buffer take the guard's fast path, split ones the awaited path; both must
+    give amqtt the same packets in the same order, and a malformed packet behind good ones must still end it."""
+    caplog.set_level(logging.WARNING, logger="mqtt_pdp.broker")
+    watcher = connect("root-2")
+    assert watcher.subscribe("#") == 0
+    root = raw(broker, test_pki, "root-1")
+    try:
+        split = publish_packet("a/split", b"s" * 300)
+        batch = b"".join(publish_packet(f"a/{i}", str(i).encode()) for i in range(20))
+        assert root.send(connect_packet("root-1") + batch + split[:2])  # CONNECT, 20 whole, half a header
+        assert root.read_packet()[0] == 0x20
+        time.sleep(0.1)  # no event to await: the half packet must arrive alone, to wait in the awaited path
+        assert root.send(split[2:] + publish_packet("a/last", b"l") + publish_packet(b"a/\xff", b"bad"))
+        assert root.closed_by_peer()
+    finally:
+        root.close()
+    received = [m.topic for m in watcher.messages_until("a/last")]
+    assert received == [f"a/{i}" for i in range(20)] + ["a/split", "a/last"]
+    assert any("not valid UTF-8 [MQTT-1.5.3-1]" in r.getMessage() for r in caplog.records)
+
+
+def test_publishes_pipelined_with_connect_and_disconnect_are_all_delivered(broker, connect, test_pki):
+    """mosquitto_pub and many devices send CONNECT, PUBLISH and DISCONNECT back to back without waiting."""
+    watcher = connect("root-2")
+    assert watcher.subscribe("#") == 0
+    root = raw(broker, test_pki, "root-1")
+    try:
+        batch = b"".join(publish_packet(f"a/{i}", str(i).encode()) for i in range(30))
+        assert root.send(connect_packet("root-1") + batch + publish_packet("a/last", b"l") + b"\xe0\x00")
+        assert root.closed_by_peer()
+    finally:
+        root.close()
+    assert [m.topic for m in watcher.messages_until("a/last")] == [f"a/{i}" for i in range(30)] + ["a/last"]

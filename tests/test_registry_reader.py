@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pdp.errors import SourceError
 from pdp.registry import file as registry_file
@@ -110,3 +112,22 @@ def test_an_edit_rereads_only_the_changed_device() -> None:
     shifted = "devices:\n" + DEVICE.replace("s1", "new") + devices
     third = parse_registry(shifted, "reg.yaml", first)
     assert dict(third.lines) == dict(registry_file._parse_yaml(shifted, "reg.yaml").lines)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet="ab\n- \u00e9\x01", max_size=80), sep=st.sampled_from(["\n  - ", "a", "- ", "\n- "]))
+def test_piecewise_scan_split_and_hash_equal_the_one_call_versions(text: str, sep: str) -> None:
+    """The reader works on large texts a piece at a time (so a reload thread hands the GIL back between pieces);
+    with tiny pieces every boundary case occurs, and the results must equal the one-call versions."""
+    import hashlib
+
+    from pdp.registry import file as reader
+
+    original = reader._PIECE
+    reader._PIECE = 7
+    try:
+        assert reader._split(text, sep) == text.split(sep)
+        assert reader.text_revision(text) == hashlib.sha256(text.encode()).hexdigest()[:12]
+        assert reader._outside_subset(text) == bool(reader._OUTSIDE_SUBSET.search(text))
+    finally:
+        reader._PIECE = original

@@ -221,3 +221,47 @@ def test_registry_without_devices_is_rejected_not_applied(broker, connect, polic
         "to refuse a device, set its status to suspended or retired)")
     assert not sensor.disconnected.is_set()
     connect("sensor-2")
+
+
+def _loaded(point):
+    """The next snapshot ``load_if_changed`` builds (it returns None while a file still settles)."""
+    box: list = []
+    wait_for(lambda: bool(box.append(point.load_if_changed()) or box[-1]), "the changed file loaded", timeout=5)
+    return box[-1]
+
+
+def test_a_replaced_snapshot_is_released_without_touching_what_the_new_one_shares(tmp_path: Path) -> None:
+    """Old snapshots are emptied piece by piece in a thread (so the event loop is not stalled by one big
+    deallocation); a part the new snapshot still uses must survive that, or decisions would silently change."""
+    from pdp.core.admission import AdmissionSettings
+    from pdp.core.identity import IdentitySettings
+    from pdp.runtime.decision_point import DecisionPoint, PdpSettings, release
+
+    (tmp_path / "model.conf").write_text((ROOT / "policies" / "model.conf").read_text())
+    (tmp_path / "policy.csv").write_text(TEST_POLICY)
+    (tmp_path / "devices.yaml").write_text(registry_yaml(DEVICES))
+    point = DecisionPoint(PdpSettings(str(tmp_path / "model.conf"), str(tmp_path / "policy.csv"),
+                                      str(tmp_path / "devices.yaml"),
+                                      AdmissionSettings(identity=IdentitySettings(trust_domain=TRUST_DOMAIN))))
+    sensor = point.registered("sensor-1")
+    topic = "sites/plant-a/sensor-1/telemetry"
+    assert sensor is not None and point.decide(sensor, "publish", topic).allowed
+
+    # Registry-only change: the index is shared and must keep deciding after the old snapshot is released.
+    write_together({str(tmp_path / "devices.yaml"):
+                    registry_yaml(DEVICES + [("sensor-9", "sensor", "plant-a", "active")]).encode()})
+    first = point.snapshot
+    loaded = _loaded(point)
+    assert loaded.index is first.index and loaded.registry is not first.registry
+    release(point.swap(loaded), loaded)
+    assert point.decide(sensor, "publish", topic).allowed
+    assert point.registered("sensor-9") is not None and len(first.registry) == 0
+
+    # Policy-only change: the registry is shared; the old index is emptied (it would now match nothing).
+    write_together({str(tmp_path / "policy.csv"): (TEST_POLICY + "\n# edited\n").encode()})
+    second = point.snapshot
+    loaded = _loaded(point)
+    assert loaded.registry is second.registry and loaded.index is not second.index
+    release(point.swap(loaded), loaded)
+    assert point.decide(sensor, "publish", topic).allowed and point.registered("sensor-9") is not None
+    assert not second.index.decide(sensor.attrs, "publish", topic).allowed

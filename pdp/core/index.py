@@ -181,6 +181,13 @@ class PolicyIndex:
     def __len__(self) -> int:
         return len(self._rules)
 
+    def release(self) -> None:
+        """Empty a replaced index one bucket at a time (see ``decision_point.release``); it then matches nothing."""
+        self._roots = {}
+        buckets = self._buckets
+        while buckets:
+            buckets.popitem()
+
     def _roots_for(self, action: str, attrs: Mapping[str, str]) -> tuple[_Node, ...]:
         key = (action, attrs["type"], attrs["location"], attrs["purpose"])
         roots = self._roots.get(key)

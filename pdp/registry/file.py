@@ -12,6 +12,7 @@ import logging
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,13 +21,15 @@ import yaml
 from pdp.errors import SourceError
 from pdp.core.identity import normalize_fingerprint
 from pdp.core.topics import level_value_problem
-from pdp.registry.device import ATTRIBUTE_FIELDS, STATUSES, Device
+from pdp.registry.device import ATTRIBUTE_FIELDS, STATUSES, CertBinding, Device
 
 log = logging.getLogger(__name__)
 
 _STATUS = {status: status for status in STATUSES}
 _NO_FINGERPRINTS: frozenset[str] = frozenset()
-_KNOWN_FIELDS = frozenset({"id", "status", "fingerprints", *ATTRIBUTE_FIELDS})
+_KNOWN_FIELDS = frozenset({"id", "status", "fingerprints", "certificates", "gateway", *ATTRIBUTE_FIELDS})
+# The fields of one ``certificates:`` item (a binding): only ``fingerprint`` is required.
+BINDING_FIELDS = ("fingerprint", "serial", "issuer", "expires", "not_after")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,14 @@ class FileRegistry:
 
     def __len__(self) -> int:
         return len(self.devices)
+
+    def release(self, chunk: int = 1000) -> None:
+        """Empty a replaced registry a chunk of entries at a time (see ``decision_point.release``)."""
+        for table in (self.chunks, self.lines, self.devices):
+            if isinstance(table, dict):
+                while table:
+                    for _ in range(min(chunk, len(table))):
+                        table.popitem()
 
 
 def yaml_error(path: str, exc: yaml.YAMLError) -> SourceError:
@@ -64,12 +75,45 @@ def _scalar(node: yaml.Node, path: str, what: str) -> str:
 # One field of a device, as both readers hand it to ``_build_device``: (name, its line, value), the value
 # being the field's text, or for a sequence its items as (text, line), or a SourceError to raise when the
 # value is read (the node reader's "must be a single value" / "must be a list" cases, in their original order).
-Entry = tuple[str, int, "str | list[tuple[str, int]] | SourceError"]
+Entry = tuple[str, int, "str | list[tuple[str, int]] | list[tuple[dict[str, tuple[str, int]], int]] | SourceError"]
 _SAFE_VALUE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,127}")  # certainly passes level_value_problem
 
 
 def _value_problem(value: str) -> str | None:
     return None if _SAFE_VALUE.fullmatch(value) else level_value_problem(value)
+
+
+def parse_time(text: str) -> datetime:
+    """An ISO 8601 time; without a zone it is UTC. ValueError with the text when unreadable."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not an ISO 8601 time (e.g. 2026-12-01T00:00:00Z)") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
+def format_time(moment: datetime | None) -> str:
+    return "" if moment is None else moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _binding(item: dict[str, tuple[str, int]], line: int, path: str) -> CertBinding:
+    for key, (_, key_line) in item.items():
+        if key not in BINDING_FIELDS:
+            raise SourceError(path, key_line, f"unknown certificate field {key!r} (known: {', '.join(BINDING_FIELDS)})")
+    if "fingerprint" not in item:
+        raise SourceError(path, line, "certificate is missing field 'fingerprint'")
+    values: dict[str, object] = {}
+    for key, (text, key_line) in item.items():
+        try:
+            if key == "fingerprint":
+                values[key] = normalize_fingerprint(text)
+            elif key in ("expires", "not_after"):
+                values[key] = parse_time(text) if text else None
+            else:
+                values[key] = text
+        except ValueError as exc:
+            raise SourceError(path, key_line, f"certificate {key}: {exc}") from None
+    return CertBinding(**values)  # type: ignore[arg-type]
 
 
 def _build_device(entries: Iterable[Entry], line: int, path: str, intern: dict[str, str]) -> Device:
@@ -81,11 +125,26 @@ def _build_device(entries: Iterable[Entry], line: int, path: str, intern: dict[s
     values: dict[str, str] = {}
     lines: dict[str, int] = {}
     fingerprints: set[str] = set()
+    bindings: list[CertBinding] | None = None
     for key, key_line, value in entries:
         if key not in _KNOWN_FIELDS:
             raise SourceError(path, key_line, f"unknown field {key!r} (known: {', '.join(sorted(_KNOWN_FIELDS))})")
-        if key in values or (key == "fingerprints" and fingerprints):
+        if key in values or (key == "fingerprints" and fingerprints) or (key == "certificates" and bindings is not None):
             raise SourceError(path, key_line, f"field {key!r} given twice")
+        if key == "certificates":
+            if isinstance(value, SourceError):
+                raise value
+            if not isinstance(value, list):
+                raise SourceError(path, key_line, "certificates must be a list of mappings with a fingerprint")
+            bindings = []
+            for item, item_line in value:
+                if isinstance(item, SourceError):
+                    raise item
+                binding = _binding(item, item_line, path)  # type: ignore[arg-type]
+                if any(b.fingerprint == binding.fingerprint for b in bindings):
+                    raise SourceError(path, item_line, "certificate bound twice")
+                bindings.append(binding)
+            continue
         if key == "fingerprints":
             if not isinstance(value, list):
                 raise SourceError(path, key_line, "fingerprints must be a list of SHA-256 fingerprints")
@@ -119,6 +178,20 @@ def _build_device(entries: Iterable[Entry], line: int, path: str, intern: dict[s
     status = values["status"]
     if status not in STATUSES:
         raise SourceError(path, lines["status"], f"status {status!r} is not one of {', '.join(STATUSES)}")
+    gateway = values.get("gateway", "")
+    if gateway:
+        problem = _value_problem(gateway)
+        if problem is not None:
+            raise SourceError(path, lines["gateway"], f"gateway {gateway!r} {problem}")
+        if gateway == values["id"]:
+            raise SourceError(path, lines["gateway"], "a device cannot be its own gateway")
+    if bindings or gateway:
+        bound = {b.fingerprint for b in bindings or ()}
+        overlap = fingerprints & bound
+        if overlap:
+            raise SourceError(path, line, f"fingerprint {min(overlap)} is under both fingerprints and certificates")
+        return Device(values["id"], values["type"], values["location"], values["purpose"], values["owner"],
+                      _STATUS[status], frozenset(fingerprints | bound), tuple(bindings or ()), gateway)
     return Device(values["id"], values["type"], values["location"], values["purpose"], values["owner"],
                   _STATUS[status], frozenset(fingerprints) if fingerprints else _NO_FINGERPRINTS)
 
@@ -134,11 +207,33 @@ def _node_entries(node: yaml.MappingNode, path: str) -> Iterator[Entry]:
                       item.start_mark.line + 1) for item in value_node.value]
         elif key == "fingerprints":
             value = ""  # not a list: refused by _build_device at this key's line
+        elif key == "certificates":
+            value = _certificate_items(value_node, path)  # type: ignore[assignment]
         elif isinstance(value_node, yaml.ScalarNode):
             value = str(value_node.value)
         else:
             value = SourceError(path, value_node.start_mark.line + 1, f"field {key!r} must be a single value")
         yield key, key_line, value
+
+
+def _certificate_items(node: yaml.Node, path: str) -> list[tuple[object, int]] | SourceError:
+    """``certificates:`` as (field -> (text, line), line) per item; the fast reader leaves these to YAML."""
+    if isinstance(node, yaml.ScalarNode) and node.value in ("", "~", "null"):
+        return []
+    if not isinstance(node, yaml.SequenceNode):
+        return SourceError(path, node.start_mark.line + 1, "certificates must be a list of mappings with a fingerprint")
+    items: list[tuple[object, int]] = []
+    for item in node.value:
+        line = item.start_mark.line + 1
+        if not isinstance(item, yaml.MappingNode):
+            items.append((SourceError(path, line, "each certificate must be a mapping with a fingerprint"), line))
+            continue
+        fields: dict[str, tuple[str, int]] = {}
+        for key_node, value_node in item.value:
+            key = _scalar(key_node, path, "a certificate field name")
+            fields[key] = (_scalar(value_node, path, f"certificate field {key!r}"), value_node.start_mark.line + 1)
+        items.append((fields, line))
+    return items
 
 
 def _device_from_node(node: yaml.Node, path: str, intern: dict[str, str] | None = None) -> Device:
@@ -171,6 +266,37 @@ _LIST_ITEM = re.compile(rf"({_SCALAR}) *(?:,|$)")
 _HEADER = re.compile(r"(?:[ ]*(?:#[^\n]*)?\n)*devices: *(?:#[^\n]*)?\n((?:[ ]*(?:#[^\n]*)?\n)*)( *)- ")
 # What PyYAML's reader accepts, minus tab and CR (left to the YAML reader): anything else goes there.
 _OUTSIDE_SUBSET = re.compile("[^\n\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufefe\uff00-\ufffd\U00010000-\U0010ffff]")
+
+
+# Large texts are scanned, split and hashed this many characters at a time. Each step is one C call that holds
+# the GIL; a reload runs in a worker thread, and over a whole 10 MB registry one such call (the character
+# scan) held the broker's event loop for 70 ms. In pieces, the loop gets the GIL back between them.
+_PIECE = 1 << 16
+
+
+def _outside_subset(text: str) -> bool:
+    return any(_OUTSIDE_SUBSET.search(text, i, i + _PIECE) for i in range(0, len(text), _PIECE))
+
+
+def _split(text: str, sep: str) -> list[str]:
+    """``text.split(sep)``, a piece at a time (see _PIECE)."""
+    out: list[str] = []
+    start = 0
+    while True:
+        cut = text.find(sep, start + _PIECE) if start + _PIECE < len(text) else -1
+        if cut < 0:
+            out += text[start:].split(sep)
+            return out
+        out += text[start:cut].split(sep)
+        start = cut + len(sep)
+
+
+def text_revision(text: str) -> str:
+    """The first 12 hex digits of the SHA-256 of the UTF-8 text, encoded a piece at a time (see _PIECE)."""
+    digest = hashlib.sha256()
+    for i in range(0, len(text), _PIECE):
+        digest.update(text[i:i + _PIECE].encode())
+    return digest.hexdigest()[:12]
 
 
 class _NotSimple(Exception):
@@ -297,14 +423,14 @@ def _canonical(indent: int) -> re.Pattern[str]:
 
 def _parse_simple(text: str, path: str, previous: Mapping[tuple[int, str], Device]) -> FileRegistry:
     """The fast reader; raises _NotSimple when the file is outside its subset."""
-    if _OUTSIDE_SUBSET.search(text) or not text.endswith("\n"):
+    if _outside_subset(text) or not text.endswith("\n"):
         raise _NotSimple
     header = _HEADER.match(text)
     if header is None:
         raise _NotSimple
     indent = len(header.group(2))
     line = text.count("\n", 0, header.end()) + 1  # the first item's line
-    items = text[header.end():].split("\n" + " " * indent + "- ")
+    items = _split(text[header.end():], "\n" + " " * indent + "- ")
     devices: dict[str, Device] = {}
     first_line: dict[str, int] = {}
     chunks: dict[tuple[int, str], Device] = {}
@@ -330,7 +456,7 @@ def _parse_simple(text: str, path: str, previous: Mapping[tuple[int, str], Devic
         devices[device.device_id] = device
         first_line[device.device_id] = line
         line += chunk.count("\n") + 1
-    revision = hashlib.sha256(text.encode()).hexdigest()[:12]
+    revision = text_revision(text)
     return FileRegistry(devices=devices, revision=revision, path=path, lines=first_line, chunks=chunks)
 
 
@@ -367,7 +493,7 @@ def _parse_yaml(text: str, path: str) -> FileRegistry:
             raise SourceError(path, line, f"device {device.device_id!r} already defined at line {first_line[device.device_id]}")
         devices[device.device_id] = device
         first_line[device.device_id] = line
-    revision = hashlib.sha256(text.encode()).hexdigest()[:12]
+    revision = text_revision(text)
     return FileRegistry(devices=devices, revision=revision, path=path, lines=first_line)
 
 

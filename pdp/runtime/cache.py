@@ -73,6 +73,13 @@ class LruCache(Generic[K, V]):
     def clear(self) -> None:
         self._data.clear()
 
+    def release(self, chunk: int = 1000) -> None:
+        """Empty the cache a chunk at a time, so a thread doing it hands the GIL back in between."""
+        data = self._data
+        while data:
+            for _ in range(min(chunk, len(data))):
+                data.popitem()
+
     def __len__(self) -> int:
         return len(self._data)
 

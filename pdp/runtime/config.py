@@ -10,13 +10,13 @@ from pdp.errors import SourceError
 PLUGIN_PATH = "broker_plugin.plugin.DeviceAuthorizationPlugin"
 DEFAULT_CONFIG = "deploy/broker.yaml"
 LISTENER_PATH_KEYS = ("cafile", "capath", "certfile", "keyfile")
-PLUGIN_PATH_KEYS = ("model", "policy", "registry", "assertion_db", "spool_dir", "crl", "l2_key_file")
+PLUGIN_PATH_KEYS = ("model", "policy", "registry", "assertion_db", "spool_dir", "crl", "l2_key_file", "admin_socket")
 
 
 def _resolve(base: Path, value: Any) -> Any:
     if isinstance(value, list):
         return [_resolve(base, item) for item in value]
-    if isinstance(value, str) and value and not Path(value).is_absolute():
+    if isinstance(value, str) and value and not Path(value).is_absolute() and "://" not in value:
         return str((base / value).resolve())
     return value
 

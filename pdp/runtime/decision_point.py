@@ -53,9 +53,19 @@ class PdpSettings:
     l1_size: int = 100_000
     crl_paths: tuple[str, ...] = ()
     settle: float = 0.05  # a file must hold still this long (two equal reads) before it is applied
+    redis_prefix: str = "mqtt-pdp"  # key prefix of a Redis registry (registry_path a redis:// URL)
+
+    @property
+    def registry_in_redis(self) -> bool:
+        from pdp.registry.redis_registry import is_redis_url
+
+        return is_redis_url(self.registry_path)
 
     def sources(self) -> dict[str, tuple[str, ...]]:
-        out = {"policy": (self.model_path, self.policy_path), "registry": (self.registry_path,)}
+        """The files watched; a Redis registry is not one (it is followed by ``RegistryFollower``)."""
+        out: dict[str, tuple[str, ...]] = {"policy": (self.model_path, self.policy_path)}
+        if not self.registry_in_redis:
+            out["registry"] = (self.registry_path,)
         if self.crl_paths:
             out["crl"] = tuple(self.crl_paths)
         return out
@@ -141,11 +151,25 @@ class DecisionPoint:
         self._paths = tuple(path for paths in self._sources.values() for path in paths)
         self._signature, contents = _read_for_start(self._paths, settings.settle)
         parts = {name: parse_source(settings, name, contents) for name in self._sources}
+        if settings.registry_in_redis:
+            from pdp.registry.redis_registry import RedisRegistryStore
+
+            from pdp.runtime.redis_link import REDIS_ERRORS
+
+            store = RedisRegistryStore(settings.registry_path, settings.redis_prefix)
+            try:
+                parts["registry"] = store.load()
+            except REDIS_ERRORS as exc:  # no registry, no admissions: the broker does not start without it
+                raise SourceError(store.location, None, f"cannot read the registry: {exc}") from None
+            finally:
+                store.close()
+            check_registry(settings.admission.client_id_pattern, parts["registry"])
         policy = parts["policy"]
         self.snapshot = Snapshot(policy, parts["registry"], PolicyIndex(policy.rules), LruCache(settings.l1_size),
                                  parts.get("crl", NO_REVOCATIONS))
         self.casbin_mismatches = 0
         self.errors: dict[str, str] = {}  # source -> why its newest version was rejected
+        self.last_rejected: tuple[float, str] | None = None  # when, and why with file:line
         self.on_computed: ComputedHook | None = None  # e.g. L2 write-behind
         self._load_seconds = 0.0
         if settings.verify_with_casbin:
@@ -212,10 +236,12 @@ class DecisionPoint:
             if revoked is not None:
                 return revoked
         current = self.snapshot.registry.lookup(device.device_id)
-        problem = device_problem(current, admission.identity)
+        problem = device_problem(current, admission.identity, datetime.now(timezone.utc))
         if problem is not None:
             return problem
-        if current != device:
+        if current is not None and (current.attrs != device.attrs or current.status != device.status):
+            # Certificate bindings alone do not count: binding a successor during a rotation must not cut the
+            # session of the certificate in use (device_problem above has judged that certificate already).
             return "device attributes changed"
         return None
 
@@ -230,7 +256,21 @@ class DecisionPoint:
         current = self.snapshot.registry.lookup(device.device_id) if device is not None else None
         if current is not None and current.fingerprints and identity.certificate.fingerprint_sha256 not in current.fingerprints:
             return "certificate not bound to device"
+        if current is not None and current.binding_closed(identity.certificate.fingerprint_sha256,
+                                                          datetime.now(timezone.utc)):
+            return "certificate binding window closed"
         return None
+
+    def binding_problem(self, admission: Admission, now: datetime) -> str | None:
+        """Why the binding of the certificate an admission was made with has closed by ``now`` (rotation), or None."""
+        identity, device = admission.identity, admission.device
+        if identity is None or device is None:
+            return None
+        current = self.snapshot.registry.lookup(device.device_id)
+        if current is None or not current.bindings:
+            return None
+        return device_problem(current, identity, now) if current.binding_closed(
+            identity.certificate.fingerprint_sha256, now) else None
 
     def registered(self, device_id: str) -> Device | None:
         return self.snapshot.registry.lookup(device_id)
@@ -273,7 +313,9 @@ class DecisionPoint:
             except SourceError as exc:
                 rejected = True
                 self.errors[name] = str(exc)
-                log.error("%s reload rejected, its previous version stays in force: %s", name, exc)
+                self.last_rejected = (time.time(), str(exc))  # for mqtt-pdp status, after the file is fixed too
+                log.error("%s reload rejected, its previous version stays in force: %s", name, exc,
+                          extra={"event": "reload_rejected", "source": name, "error": str(exc)})
             else:
                 self.errors.pop(name, None)
         self._signature = new_signature
@@ -285,11 +327,36 @@ class DecisionPoint:
         return Snapshot(policy, parts.get("registry", current.registry), index, LruCache(self.settings.l1_size),
                         parts.get("crl", current.crl))
 
-    def swap(self, snapshot: Snapshot) -> None:
-        """Put a loaded snapshot in force; the caller re-judges live sessions in the same synchronous step."""
-        self.snapshot = snapshot
+    def with_registry(self, registry: FileRegistry) -> Snapshot:
+        """The snapshot in force with another registry (a Redis registry's change); SourceError if unusable."""
+        check_registry(self.settings.admission.client_id_pattern, registry)
+        current = self.snapshot
+        return Snapshot(current.policy, registry, current.index, LruCache(self.settings.l1_size), current.crl)
+
+    def swap(self, snapshot: Snapshot) -> Snapshot:
+        """Put a loaded snapshot in force and hand back the one it replaces (see ``release``).
+
+        The caller re-judges live sessions in the same synchronous step.
+        """
+        previous, self.snapshot = self.snapshot, snapshot
         log.info("policy reloaded: revision %s (%d rules, %d devices) in %.3f s", snapshot.snapshot_revision,
                  len(snapshot.policy.rules), len(snapshot.registry), self._load_seconds)
+        return previous
+
+
+def release(old: Snapshot, new: Snapshot) -> None:
+    """Free a replaced snapshot's large parts piece by piece; meant for a worker thread.
+
+    Dropped at once, a 10,000-rule index and a full L1 cache are one C-level cascade of deallocations
+    that holds the GIL for 20-30 ms, stalling every connection. Freed in small pieces from a thread,
+    the event loop gets the GIL back between pieces. Parts the new snapshot still uses are left alone.
+    """
+    if old.index is not new.index:
+        old.index.release()
+    if old.l1 is not new.l1:
+        old.l1.release()
+    if old.registry is not new.registry and old.registry.devices is not new.registry.devices:
+        old.registry.release()
 
 
 def _entries(sig: FileSignature, paths: tuple[str, ...]) -> list[tuple[str, int, int, int]]:
