@@ -58,6 +58,7 @@ from broker_plugin.plugin import CONN_KEY, DeviceAuthorizationPlugin, connection
 from broker_plugin.subscriptions import FilterIndex
 from broker_plugin.tls_capture import install as install_certificate_capture
 from broker_plugin.tls_capture import presented_certificate
+from pdp.evidence.text import safe
 from pdp.core.gateway import PREFIX as GATEWAY_PREFIX
 from pdp.core.gateway import split as gateway_split
 from pdp.core.admission import Admission
@@ -69,6 +70,10 @@ log = logging.getLogger("mqtt_pdp.broker")
 STOP_HANDLER_TIMEOUT = 2.0
 KEEP_ALIVE_FACTOR = 1.5  # [MQTT-3.1.2-24]
 # What a peer can make happen on its own connection; each ends that connection with one log line, no traceback.
+class SessionRevoked(Exception):
+    """A connection whose admission was revoked before its session started."""
+
+
 PEER_ERRORS = (AMQTTError, MQTTError, NoDataError, OSError, EOFError, asyncio.TimeoutError, asyncio.IncompleteReadError)
 
 
@@ -245,14 +250,17 @@ class HardenedBroker(Broker):
                 return
             try:
                 await self._handle_client_session(guard, writer, session, handler, server, listener_name)
+            except SessionRevoked as exc:
+                log.warning("%s (client %s): closed: %s", where, safe(session.client_id or ""), exc)
             except PEER_ERRORS as exc:
                 log.warning("%s (client %s): session ended: %s", where, session.client_id, exc or type(exc).__name__)
         except Exception:  # a bug, not the peer: say so once, with the traceback, and still free the slot
             log.exception("%s: connection failed", where)
         finally:
             guard.cancel()
-            if session is None:
-                abort_writer(writer)
+            # Whatever happened, this connection is over: its socket must not outlive it (a no-op after a
+            # clean end; after a revoked start amqtt never closed it, and the peer kept it open for good).
+            abort_writer(writer)
             server.release_connection()
 
     def _guard_ended(self, writer: WriterAdapter, where: str, reason: str) -> None:
@@ -337,7 +345,9 @@ class HardenedBroker(Broker):
     ) -> None:
         """amqtt's session start, except that retained messages go only to this session's own filters (hole 4)."""
         if not await self._authenticate(client_session, self.listeners_config[listener_name]):
-            raise BrokerError("session reached the message loop without admission")
+            # Revoked between CONNECT and here: superseded by a simultaneous CONNECT of the same client id,
+            # or its device changed meanwhile. Not a bug: the caller closes the connection.
+            raise SessionRevoked("admission revoked before the session started")
         while True:
             try:
                 client_session.transitions.connect()

@@ -60,26 +60,7 @@ def test_check_reports_bad_files(tmp_path: Path) -> None:
     assert_one_line_error(run("check", "-c", str(broken)), "invalid YAML")
 
 
-def test_explain() -> None:
-    result = run("explain", "--device", "dashboard-001", "--topic", "sites/plant-a/secret/key", "--action", "receive")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [
-        "decision: deny",
-        f"rule:     secrets-never ({ROOT / 'policies' / 'policy.csv'}:15)",
-        "reason:   denied by rule secrets-never",
-        "device:   device_id=dashboard-001 type=dashboard location=plant-a purpose=monitoring owner=ops-team status=active",
-        "casbin:   deny (secrets-never)",
-    ]
-    allowed = run("explain", "--device", "sensor-001", "--topic", "sites/plant-a/sensor-001/telemetry", "--action", "publish")
-    assert allowed.returncode == 0, allowed.stderr
-    assert allowed.stdout.splitlines()[:3] == [
-        "decision: allow",
-        f"rule:     sensor-telemetry ({ROOT / 'policies' / 'policy.csv'}:5)",
-        "reason:   allowed by rule sensor-telemetry",
-    ]
-    assert allowed.stdout.splitlines()[4] == "casbin:   allow (sensor-telemetry)"
-    assert_one_line_error(run("explain", "--device", "ghost", "--topic", "a", "--action", "publish"), "unknown device 'ghost'")
-    assert_one_line_error(run("explain", "--device", "sensor-001", "--topic", "a/#", "--action", "publish"), "wildcard")
+# explain: tests/test_toolkit_explain.py
 
 
 def _sha256(out: Path, device: str) -> str:
@@ -156,3 +137,12 @@ def test_hostile_inputs_give_one_error_line(tmp_path: Path) -> None:
         result = run(*args)
         assert (result.returncode, result.stderr.splitlines()) == (2, [line]), args
     assert not (tmp_path / "missing").exists()
+
+
+def test_check_refuses_a_client_id_pattern_the_broker_would_refuse(tmp_path: Path) -> None:
+    config = yaml.safe_load((ROOT / "deploy" / "broker.yaml").read_text())
+    plugin = config["plugins"]["broker_plugin.plugin.DeviceAuthorizationPlugin"]
+    plugin.update(client_id="{device_id}-*-*", model=str(ROOT / "policies" / "model.conf"),
+                  policy=str(ROOT / "policies" / "policy.csv"), registry=str(ROOT / "policies" / "devices.yaml"))
+    (tmp_path / "broker.yaml").write_text(yaml.safe_dump(config))
+    assert_one_line_error(run("check", "-c", str(tmp_path / "broker.yaml")), "'*' is only allowed at the end")

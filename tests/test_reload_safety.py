@@ -265,3 +265,47 @@ def test_a_replaced_snapshot_is_released_without_touching_what_the_new_one_share
     release(point.swap(loaded), loaded)
     assert point.decide(sensor, "publish", topic).allowed and point.registered("sensor-9") is not None
     assert not second.index.decide(sensor.attrs, "publish", topic).allowed
+
+
+def test_a_marker_dated_in_the_future_does_not_hold_reloads_back(tmp_path: Path) -> None:
+    """Found by an outside attack: a leftover marker with a future time (clock skew, a restored backup,
+    touch -d) held every reload back for as long as its date lay ahead, suspensions included."""
+    import os
+    import time
+
+    from pdp.runtime.sources import APPLY_MARKER, STALE_MARKER_SECONDS, change_in_progress, read_stable
+
+    target = tmp_path / "devices.yaml"
+    target.write_text("devices: []\n")
+    marker = tmp_path / APPLY_MARKER
+    marker.write_text("1\n")
+    now = time.time()
+    assert change_in_progress([str(target)], now)  # a fresh marker: a change is in progress
+    os.utime(marker, (now + 3600, now + 3600))
+    assert not change_in_progress([str(target)], now)
+    assert read_stable([str(target)], 0.01) is not None
+    os.utime(marker, (now - STALE_MARKER_SECONDS - 1,) * 2)
+    assert not change_in_progress([str(target)], now)
+
+
+def test_concurrent_applies_never_leave_a_pair_nobody_wrote(tmp_path: Path) -> None:
+    import time
+
+    """Found by an outside attack: two 'apply' runs at once left the policy of one and the registry of the
+    other on disk (3 of 60 rounds). write_together now takes a per-directory lock; each round here runs
+    two writers in separate processes and checks the pair on disk is one of the two written."""
+    policy, registry = tmp_path / "policy.csv", tmp_path / "devices.yaml"
+    script = (
+        "import sys, time\nfrom pdp.runtime.sources import write_together\n"
+        "tag, start, pause = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])\n"
+        "while time.time() < start:\n    pass\n"  # both writers begin at the same moment
+        f"write_together({{{str(policy)!r}: tag.encode(), {str(registry)!r}: tag.encode()}}, "
+        "pause_between_renames=pause)\n"
+    )
+    for round_number in range(3):
+        start = time.time() + 1.0
+        writers = [subprocess.Popen([sys.executable, "-c", script, f"{tag}{round_number}", str(start), pause],
+                                    cwd=ROOT) for tag, pause in (("A", "0.3"), ("B", "0.05"))]
+        for writer in writers:
+            assert writer.wait(timeout=60) == 0
+        assert policy.read_text() == registry.read_text(), f"round {round_number}: a mixed pair"

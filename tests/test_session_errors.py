@@ -215,3 +215,29 @@ def test_stock_amqtt_never_drops_an_idle_client(broker, connect, test_pki):
         assert root.messages.empty()
     finally:
         idle.close()
+
+
+def test_simultaneous_connects_of_one_client_id_leave_one_connection(broker, test_pki):
+    """Found by an outside attack: of several CONNECTs for one client id sent at once, the losers got no
+    CONNACK and their sockets stayed open for good (a traceback each, file descriptors growing)."""
+    import threading
+
+    clients = [raw(broker, test_pki, "sensor-1") for _ in range(8)]
+    try:
+        start = threading.Barrier(len(clients))
+
+        def send(client: RawClient) -> None:
+            start.wait()
+            client.send(connect_packet("sensor-1"))
+
+        threads = [threading.Thread(target=send, args=(client,)) for client in clients]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT)
+        open_ones = [client for client in clients if not client.closed_by_peer(timeout=3)]
+        assert len(open_ones) <= 1, f"{len(open_ones)} connections of one client id still open"
+        wait_for(lambda: broker.run(lambda: len(broker.broker._connections)) <= 1, "one connection left")
+    finally:
+        for client in clients:
+            client.close()

@@ -58,53 +58,28 @@ def _add_policy_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from pdp.policy.load import load_policy
+    from pdp.core.admission import AdmissionSettings, SettingsError
     from pdp.runtime.decision_point import check_client_ids
     from pdp.runtime.settings import ServiceSettings
 
     model, policy_path, registry_path, settings = _pdp_paths(args)
     policy = load_policy(model, policy_path)
     registry = _registry(registry_path, settings)
-    check_client_ids(settings.get("client_id", ServiceSettings().client_id), registry)
+    pattern = settings.get("client_id", ServiceSettings().client_id)
+    try:
+        AdmissionSettings(client_id_pattern=pattern)  # the broker refuses to start on what this refuses
+    except SettingsError as exc:
+        raise CliError(str(exc)) from None
+    check_client_ids(pattern, registry)
     by_status: dict[str, int] = {}
     for device in registry.devices.values():
         by_status[device.status] = by_status.get(device.status, 0) + 1
     statuses = ", ".join(f"{count} {status}" for status, count in sorted(by_status.items())) or "none"
     print(f"ok: {policy_path}: {len(policy.rules)} rules (revision {policy.revision})")
     print(f"ok: {registry_path}: {len(registry)} devices ({statuses}) (revision {registry.revision})")
-    return 0
+    from pdp.cli.policy_commands import report_lint
 
-
-def cmd_explain(args: argparse.Namespace) -> int:
-    from pdp.core.index import PolicyIndex
-    from pdp.core.topics import TopicError, validate_filter, validate_topic
-    from pdp.policy.load import load_policy
-
-    model, policy_path, registry_path, settings = _pdp_paths(args)
-    try:
-        (validate_filter if args.action == "subscribe" else validate_topic)(args.topic)
-    except TopicError as exc:
-        raise CliError(str(exc)) from None
-    policy = load_policy(model, policy_path)
-    registry = _registry(registry_path, settings)
-    device = registry.lookup(args.device)
-    if device is None:
-        raise CliError(f"unknown device {args.device!r} (not in {registry_path})")
-    decision = PolicyIndex(policy.rules).decide(device.attrs, args.action, args.topic)
-    reference = policy.reference.decide(device, args.action, args.topic)
-    lines = {rule.rule_id: rule.line for rule in policy.rules}
-    print(f"decision: {'allow' if decision.allowed else 'deny'}")
-    if decision.rule_id:
-        print(f"rule:     {decision.rule_id} ({policy_path}:{lines.get(decision.rule_id)})")
-    else:
-        print("rule:     none")
-    print(f"reason:   {decision.reason}")
-    print("device:   " + " ".join(f"{k}={v}" for k, v in device.attrs.items()) + f" status={device.status}")
-    if device.status != "active":
-        print(f"note:     device is {device.status}; it is refused at connect whatever the rules say")
-    agree = (reference.allowed, reference.rule_id) == (decision.allowed, decision.rule_id)
-    print(f"casbin:   {'allow' if reference.allowed else 'deny'} ({reference.rule_id or 'no rule'})"
-          f"{'' if agree else '  MISMATCH: please report this'}")
-    return 0 if agree else 1
+    return report_lint(policy, registry, policy_path, args.strict)
 
 
 # -- pki ------------------------------------------------------------------------------------
@@ -295,17 +270,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing key (brokers still using the old one ignore the new entries)")
     p.set_defaults(func=cmd_l2_key)
 
-    p = sub.add_parser("check", help="validate the model, policy and registry", description="Validate model, policy and registry files.")
+    p = sub.add_parser("check", help="validate the model, policy and registry, and lint the rules",
+                       description="Validate model, policy and registry files, then lint the rules (findings with "
+                                   "severity, code and file:line; see README, 'Policy author's workflow'). Exit status: "
+                                   "0 valid (warnings allowed unless --strict), 1 warnings with --strict, 2 error.")
     _add_policy_args(p)
+    p.add_argument("--strict", action="store_true", help="exit 1 when lint reports a warning")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("explain", help="show the decision, deciding rule and reason for one request",
-                       description="Explain the decision for one device, topic and action (Casbin's answer is shown beside it).")
-    _add_policy_args(p)
-    p.add_argument("--device", required=True, help="device id from the registry")
-    p.add_argument("--topic", required=True, help="topic name (publish, receive) or filter (subscribe)")
-    p.add_argument("--action", required=True, choices=["publish", "subscribe", "receive"])
-    p.set_defaults(func=cmd_explain)
+    from pdp.cli import policy_commands
+
+    policy_commands.add_arguments(sub)
 
     p = sub.add_parser("apply", help="validate and replace policy and/or registry together, atomically",
                        description="Validate new versions of the policy and/or registry against each other, then "

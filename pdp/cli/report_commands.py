@@ -141,6 +141,9 @@ def _builtin() -> None:
     register(Report("untrusted", "devices whose last certificate was issued by a CA no longer trusted",
                     ("device_id", "owner", "status", "issuer", "fingerprint", "last_seen"),
                     lambda a, c: r.untrusted(c.registry.devices.values(), c.facts(), _trusted_issuers(a, c)), ca))
+    from pdp.cli.policy_commands import unused_report
+
+    register(unused_report(Report, _since))
 
 
 def add_arguments(sub: Any) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from pdp.errors import SourceError
-from pdp.core.identity import normalize_fingerprint
+from pdp.core.identity import device_id_problem, normalize_fingerprint
 from pdp.core.topics import level_value_problem
 from pdp.registry.device import ATTRIBUTE_FIELDS, STATUSES, CertBinding, Device
 
@@ -170,7 +170,7 @@ def _build_device(entries: Iterable[Entry], line: int, path: str, intern: dict[s
         if value in intern:  # already checked (interned values are valid ones)
             values[name] = intern[value]
             continue
-        problem = _value_problem(value)
+        problem = _value_problem(value) if name != "id" else device_id_problem(value)
         if problem is not None:
             raise SourceError(path, lines[name], f"{name} {value!r} {problem}")
         if name != "id":
@@ -180,7 +180,7 @@ def _build_device(entries: Iterable[Entry], line: int, path: str, intern: dict[s
         raise SourceError(path, lines["status"], f"status {status!r} is not one of {', '.join(STATUSES)}")
     gateway = values.get("gateway", "")
     if gateway:
-        problem = _value_problem(gateway)
+        problem = device_id_problem(gateway)
         if problem is not None:
             raise SourceError(path, lines["gateway"], f"gateway {gateway!r} {problem}")
         if gateway == values["id"]:

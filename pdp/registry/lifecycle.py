@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import datetime
 
+from pdp.core.identity import device_id_problem
 from pdp.core.topics import level_value_problem
 from pdp.registry.device import ATTRIBUTE_FIELDS, CertBinding, Device
 
@@ -37,13 +38,13 @@ def register(device_id: str, attributes: dict[str, str], status: str = "provisio
     if status not in ("provisioned", "active"):
         raise TransitionRefused(f"a new device starts provisioned or active, not {status!r}")
     for name, value in {"id": device_id, **attributes}.items():
-        problem = level_value_problem(value)
+        problem = device_id_problem(value) if name == "id" else level_value_problem(value)
         if problem is not None:
             raise TransitionRefused(f"{name} {value!r} {problem}")
     missing = [name for name in ATTRIBUTE_FIELDS if not attributes.get(name)]
     if missing:
         raise TransitionRefused(f"a new device needs {', '.join(missing)}")
-    if gateway and (level_value_problem(gateway) is not None or gateway == device_id):
+    if gateway and (device_id_problem(gateway) is not None or gateway == device_id):
         raise TransitionRefused(f"gateway {gateway!r} is not a valid gateway device id for {device_id!r}")
     return Device(device_id, attributes["type"], attributes["location"], attributes["purpose"], attributes["owner"],
                   status, gateway=gateway)

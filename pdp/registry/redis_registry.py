@@ -23,7 +23,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pdp.core.identity import normalize_fingerprint
+from pdp.core.identity import device_id_problem, normalize_fingerprint
 from pdp.core.topics import level_value_problem
 from pdp.registry.device import STATUSES, CertBinding, Device
 from pdp.registry.file import FileRegistry, format_time, parse_time
@@ -62,7 +62,7 @@ def decode(device_id: str, text: str | bytes, intern: dict[str, str]) -> Device:
         raise ValueError("not a device entry")
     dtype, location, purpose, owner, status, legacy, bindings = data[:7]
     gateway = data[7] if len(data) == 8 else ""
-    if not isinstance(gateway, str) or (gateway and level_value_problem(gateway) is not None):
+    if not isinstance(gateway, str) or (gateway and device_id_problem(gateway) is not None):
         raise ValueError(f"gateway {gateway!r} is not a device id")
     values = []
     for name, value in (("id", device_id), ("type", dtype), ("location", location), ("purpose", purpose),
@@ -71,7 +71,7 @@ def decode(device_id: str, text: str | bytes, intern: dict[str, str]) -> Device:
             raise ValueError(f"{name} is not a string")
         shared = intern.get(value)
         if shared is None:
-            problem = level_value_problem(value)
+            problem = device_id_problem(value) if name == "id" else level_value_problem(value)
             if problem is not None:
                 raise ValueError(f"{name} {value!r} {problem}")
             shared = intern[value] = value
