@@ -3,6 +3,7 @@
     python -m bench [--quick] [--only throughput,latency,propagation,assertions,connect,fleet,revocation] [--redis URL] [--out FILE]
     python -m bench --only scale [--quick] [--code-root DIR]   (10,000 rules, 100,000 devices; not in the default set)
     python -m bench --only toolkit   (who-can, lint, check and diff at 10,000 rules and 100,000 devices; not in the default set)
+    python -m bench --only assertion_cli [--quick]   (1,000,000 records, whole log CLI commands; not in the default set)
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from bench import (
 )
 
 ALL = ("throughput", "latency", "propagation", "assertions", "connect", "fleet", "revocation")
-EXTRA = ("scale", "toolkit")  # minutes at full size: only when asked for
+EXTRA = ("scale", "toolkit", "assertion_cli")  # minutes at full size: only when asked for
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis for the L2 latency row ('' to skip)")
     parser.add_argument("--out", default="bench/results/latest.json", help="where to write the JSON results")
     parser.add_argument("--code-root", default=None,
-                        help="scale: run check/explain/broker from this checkout (e.g. a previous version)")
+                        help="scale, assertion_cli: run the commands also (assertion_cli) or only (scale) from this "
+                             "checkout, e.g. a previous version")
     args = parser.parse_args(argv)
     chosen = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = sorted(set(chosen) - set(ALL) - set(EXTRA))
@@ -91,6 +93,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n== Revocation: one registry write suspends {size} connected, publishing devices")
             print(revocation.table(result), flush=True)
             results["revocation"] = result
+        if "assertion_cli" in chosen:
+            from bench import assertion_cli
+
+            result = assertion_cli.run(work / "assertion_cli", quick=args.quick,
+                                       code_root=Path(args.code_root) if args.code_root else None)
+            print("\n== Assertion log CLI at 1,000,000 records (whole commands, start-up included)")
+            print(assertion_cli.table(result), flush=True)
+            results["assertion_cli"] = result
         if "scale" in chosen:
             sizes = {"rules": 1000, "devices": 10_000, "policy_edits": 1, "registry_edits": 1} if args.quick else {}
             result = fleet_scale.run(work / "scale", code_root=Path(args.code_root) if args.code_root else None,

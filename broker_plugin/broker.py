@@ -56,12 +56,14 @@ from broker_plugin.framing import FramingGuard
 from broker_plugin.ordering import PublishTracker
 from broker_plugin.plugin import CONN_KEY, DeviceAuthorizationPlugin, connection_of
 from broker_plugin.subscriptions import FilterIndex
+from broker_plugin.tls_capture import install as install_certificate_capture
+from broker_plugin.tls_capture import presented_certificate
 from pdp.evidence.text import safe
 from pdp.core.gateway import PREFIX as GATEWAY_PREFIX
 from pdp.core.gateway import split as gateway_split
 from pdp.core.admission import Admission
 from pdp.core.enforcement import ConnId, Disconnect, DropSession, DropSubscription
-from pdp.core.topics import matches
+from pdp.core.topics import TopicError, matches, validate_filter
 from pdp.runtime.admin import AdminError
 
 log = logging.getLogger("mqtt_pdp.broker")
@@ -73,6 +75,14 @@ class SessionRevoked(Exception):
 
 
 PEER_ERRORS = (AMQTTError, MQTTError, NoDataError, OSError, EOFError, asyncio.TimeoutError, asyncio.IncompleteReadError)
+
+
+def valid_filter(topic_filter: str) -> bool:
+    try:
+        validate_filter(topic_filter)
+    except TopicError:
+        return False
+    return True
 
 
 def tls_failure(exc: BaseException) -> str:
@@ -174,6 +184,8 @@ class HardenedBroker(Broker):
         asyncio's own TLS server drops a failed handshake silently (expired, foreign CA, no
         certificate left no line anywhere); done here, each refusal is logged with its peer and reason."""
         if listener_type == ListenerType.TCP and ssl_context is not None:
+            # The certificate of a failed handshake, for its record; established connections move to a twin context.
+            install_certificate_capture(ssl_context, self._create_ssl_context(self.listeners_config[listener_name]))
             self._tls_contexts[listener_name] = ssl_context
             ssl_context = None
         return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
@@ -189,6 +201,8 @@ class HardenedBroker(Broker):
             except (TimeoutError, ssl.SSLError, OSError, EOFError) as exc:
                 self.tls_refused += 1
                 log.warning("TLS handshake refused: %s reason=%s", where, tls_failure(exc))
+                self.authz.service.tls_refused(f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else None,
+                                               tls_failure(exc), presented_certificate(exc))
                 if self.authz.service.metrics is not None:
                     self.authz.service.metrics.tls_refused(tls_failure(exc))
                 writer.transport.abort()
@@ -596,6 +610,9 @@ class HardenedBroker(Broker):
     # -- subscriptions: indexed, so delivery cost does not grow with every filter in the broker --
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        if not valid_filter(subscription[0]):  # amqtt refuses these before asking: the PDP refuses and records
+            self.authz.allows(session, "subscribe", subscription[0])
+            return 0x80
         result = await super().add_subscription(subscription, session)
         if result != 0x80:
             self._filter_index.add(subscription[0])

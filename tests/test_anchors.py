@@ -262,3 +262,38 @@ def test_bad_signing_key_stops_the_broker_with_one_line(test_pki, policy_dir, tm
     last = result.stderr.splitlines()[-1]
     assert last.startswith(f"mqtt-pdp: error: broker failed: anchor_key_file {bad}: cannot load an Ed25519 private "
                            "key"), result.stderr
+
+
+def test_incremental_verify_walks_only_what_the_newest_signed_head_does_not_pin(store, key: Path) -> None:
+    db, anchors = store
+    heads = anchors / "n1.heads"
+    heads.write_bytes(b"".join(heads.read_bytes().splitlines(keepends=True)[:-1]))  # newest head now at n1:20
+
+    def incremental() -> tuple[int, list[str]]:
+        result = cli("log", "verify", "--db", str(db), "--anchors", str(anchors), "--public-key", f"{key}.pub",
+                     "--incremental")
+        assert result.stderr == ""
+        return result.returncode, result.stdout.splitlines()
+
+    assert incremental() == (0, ["ok: node n1: 25 records, chain intact (incremental: the 5 after the newest matching "
+                                 "signed head walked, 20 before it not), matches 4 signed heads up to n1:20 (5 newer "
+                                 "records not signed yet)"])
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE records SET topic = 'forged' WHERE seq = 23")
+        conn.execute("DELETE FROM identities WHERE client_id = 'c1'")
+    code, lines = incremental()
+    assert code == 1 and "BROKEN: node n1: n1:23 was altered (its hash does not match its content)" in lines
+    assert any(line.startswith("BROKEN: identities table: 1 ") for line in lines)
+    # Before the head: a full verify finds an edit that left the hashes as they were; an incremental one does not.
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE records SET topic = 't/22' WHERE seq = 23")
+        conn.execute("INSERT INTO identities VALUES ('s1', 'c1', ?)", ("ab" * 32,))
+        conn.execute("UPDATE records SET topic = 'forged' WHERE seq = 3")
+    assert incremental()[0] == 0
+    code, lines = verify(db, anchors, key)
+    assert code == 1 and "BROKEN: node n1: n1:3 was altered (its hash does not match its content)" in lines
+    # A rewrite with recomputed hashes matches no signed head: the incremental walk starts from the beginning.
+    rewrite_chain(db, [r._replace(topic="rewritten") for r in records(db)])
+    code, lines = incremental()
+    assert code == 1 and any("differs from signed head" in line for line in lines)
+    assert cli("log", "verify", "--db", str(db), "--incremental").returncode == 2

@@ -369,9 +369,12 @@ def test_broker_and_writer_killed_together_chain_continues(test_pki, policy_dir,
     assert len({(r.ts, r.action, r.client_id) for r in records}) == len(records)
     assert [(r.problem, r.checked) for r in store.verify()] == [(None, len(records))]
     assert store.db.execute("SELECT count(*) FROM conflicts").fetchone()[0] == 0
-    assert 3 + 2 * 20 <= survived <= len(records) - 13 <= 3 + 2 * 40
+    assert 3 + 2 * 20 <= survived <= len(records) - 14 <= 3 + 2 * 40
     restarted = records[-13:]  # every decision of the restarted broker, after whatever survived the kill
     assert sorted((r.action, r.client_id) for r in restarted if r.action in ("connect", "subscribe")) == [
         ("connect", "dash-1"), ("connect", "sensor-1"), ("subscribe", "dash-1")]
     assert [r.action for r in restarted].count("publish") == [r.action for r in restarted].count("receive") == 5
     assert restarted[0].ts > records[-14].ts
+    # The killed broker's unshipped captures are not silently gone: the restarted broker's first record says so.
+    assert (records[-14].action, records[-14].decision) == ("gap", "lost")
+    assert "stopped without flushing" in records[-14].reason

@@ -57,11 +57,12 @@ def add_arguments(sub: Any) -> None:
     q.add_argument("--client", help="MQTT client id")
     q.add_argument("--fingerprint", help="certificate SHA-256 fingerprint: hex, with or without colons or a sha256: prefix")
     q.add_argument("--action", choices=["connect", "publish", "subscribe", "receive", "disconnect", "unsubscribe",
-                                        "admin", "shared-certificate"],
+                                        "admin", "shared-certificate", "gap", "tls"],
                    help="disconnect: sessions the broker ended (revocation, expiry, CRL, takeover); "
                         "unsubscribe: subscriptions a reload dropped; admin: registry changes by mqtt-pdp devices; "
-                        "shared-certificate: one certificate on two connections or addresses")
-    q.add_argument("--decision", choices=["allow", "deny"])
+                        "shared-certificate: one certificate on two connections or addresses; gap: records a "
+                        "stopped broker lost (decision 'lost'); tls: refused TLS handshakes")
+    q.add_argument("--decision", choices=["allow", "deny", "lost"])
     q.add_argument("--topic", help="MQTT filter: records whose topic it matches, e.g. 'sites/+/secret/#'")
     q.add_argument("--rule", help="deciding rule id")
     q.add_argument("--revision", help="snapshot revision as in the records (<policy>.<registry>[.<crl>]), or just "
@@ -83,12 +84,17 @@ def add_arguments(sub: Any) -> None:
     s.set_defaults(log_func=cmd_stats)
 
     v = log_sub.add_parser("verify", help="check every broker's hash chain; report the first altered, removed or reordered record",
-                           description="Verify the hash chains. Exit status 1 if any chain is broken.")
+                           description="Verify the hash chains. Exit status 1 if any chain is broken; 3 if the chains are "
+                                       "intact but hold gap records (LOST lines: a broker stopped with records it "
+                                       "never wrote, e.g. killed with -9).")
     store_args(v)
     v.add_argument("--node", help="only this broker node")
     v.add_argument("--anchors", help="directory of signed heads (the broker's anchor_dir): also catch rewritten "
                                      "and recomputed chains, deleted newest or oldest records and deleted nodes")
     v.add_argument("--public-key", help="the signing key's public half (from mqtt-pdp log keygen); needs --anchors")
+    v.add_argument("--incremental", action="store_true",
+                   help="walk only the records after each node's newest signed head the database still holds "
+                        "(needs --anchors); an edit before it that left every hash unchanged needs a full verify")
     v.set_defaults(log_func=cmd_verify)
 
     k = log_sub.add_parser("keygen", help="create the Ed25519 key pair that signs chain heads (anchor_key_file)",
@@ -300,18 +306,29 @@ def cmd_verify(args: argparse.Namespace) -> int:
             anchors = read_anchors(args.anchors, load_public_key(args.public_key))
         except AnchorError as exc:
             raise LogCliError(str(exc)) from None
+    if args.incremental and anchors is None:
+        raise LogCliError("--incremental needs --anchors and --public-key")
     store = _open(args)
     _check_node(store, args.node)
-    reports = store.verify(args.node, anchors)
-    broken = 0
+    reports = store.verify(args.node, anchors, incremental=args.incremental)
+    broken = gapped = 0
     for problem in anchors.problems if anchors else []:
         broken += 1
         print(f"BROKEN: anchors: {safe_text(problem)}")
     if not reports:
         print("no records")
     for report in reports:
+        for record_id, reason in report.gaps:
+            print(f"LOST: {safe_text(record_id)}: {safe_text(reason)}")
+        if report.gaps:
+            gapped += 1
         if report.problem is None:
-            line = f"ok: node {safe_text(report.node)}: {report.checked} records, chain intact"
+            status = "incomplete" if report.gaps else "ok"
+            gaps = f", {len(report.gaps)} known gap(s): records lost, see LOST lines" if report.gaps else ""
+            line = f"{status}: node {safe_text(report.node)}: {report.records} records, chain intact{gaps}"
+            if report.skipped:
+                line += (f" (incremental: the {report.checked} after the newest matching signed head walked, "
+                         f"{report.skipped} before it not)")
             if anchors is not None and report.anchored_seq is not None:
                 unpinned = _after(store, report)
                 line += (f", matches {report.anchored} signed heads up to {safe_text(report.node)}:"
@@ -324,10 +341,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
             for problem, _ in report.problems:
                 print(f"BROKEN: node {safe_text(report.node)}: {safe_text(problem)}")
     if not args.node:
-        for problem in store.check_identities():
+        after = {r.node: r.verified_after for r in reports} if args.incremental else None
+        for problem in store.check_identities(after):
             broken += 1
             print(f"BROKEN: {safe_text(problem)}")
-    return 1 if broken else 0
+    return 1 if broken else (3 if gapped else 0)
 
 
 def _check_node(store: AssertionStore, node: str | None) -> None:

@@ -11,10 +11,11 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from datetime import datetime, timezone
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from pdp.core.admission import Admission
-from pdp.core.engine import Decision
+if TYPE_CHECKING:  # types only: the log CLI imports this module and should not load the core and its crypto
+    from pdp.core.admission import Admission
+    from pdp.core.engine import Decision
 
 log = logging.getLogger("mqtt_pdp.assertions")
 
@@ -113,7 +114,7 @@ class Head(NamedTuple):
 
 # What the per-message path captures: no formatting, no hashing, just references.
 Peer = str | None  # "address:port", formatted once per session by the caller
-Captured = tuple[float, Admission | None, str | None, Peer, str, str | None, Decision, str | None, int, str | None]
+Captured = tuple[float, "Admission | None", str | None, Peer, str, str | None, "Decision", str | None, int, str | None]
 # What crosses to the writer: the session's identity fields by key, the rest per record.
 # (ts, session key, client id, peer, action, topic, allowed, rule id, reason, tier, latency ns, policy revision)
 Row = tuple[float, int, str | None, Peer, str, str | None, bool, str | None, str, str | None, int, str | None]

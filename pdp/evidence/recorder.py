@@ -16,6 +16,7 @@ from typing import Protocol
 
 from pdp.core.admission import Admission
 from pdp.core.engine import Decision
+from pdp.evidence.ledger import CaptureLedger, pending_losses
 from pdp.evidence.record import Captured, Peer, Row, SessionFields, session_fields
 
 log = logging.getLogger("mqtt_pdp.assertions")
@@ -33,8 +34,10 @@ class BatchWriter(Protocol):
 class AssertionRecorder:
     """The broker's side: captures decisions in O(1) and ships them, in order, to a ``BatchWriter``."""
 
-    def __init__(self, writer: BatchWriter, flush_interval: float = 0.05, batch_size: int = 5000) -> None:
+    def __init__(self, writer: BatchWriter, flush_interval: float = 0.05, batch_size: int = 5000,
+                 ledger: CaptureLedger | None = None) -> None:
         self.writer = writer
+        self.ledger = ledger  # reserves capture numbers durably ahead of use (pdp.evidence.ledger)
         self.flush_interval = flush_interval
         self.batch_size = batch_size
         self._queue: deque[Captured] = deque()
@@ -42,10 +45,15 @@ class AssertionRecorder:
         self._sessions: dict[int, tuple[Admission | None, SessionFields]] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
-        # Batch ids: this recorder's own prefix and a counter. A batch that failed is re-sent
-        # unchanged under the same id, so the writer can recognise one it already applied.
-        self.instance = uuid.uuid4().hex[:16]
-        self._batches = 0
+        # Batch ids: this recorder's instance and the number of its last capture ('I:n'). A batch that
+        # failed is re-sent unchanged under the same id, so the writer can recognise one it already
+        # applied, and the next broker can tell from the stored id how many captures were recorded.
+        self.instance = ledger.instance if ledger is not None else uuid.uuid4().hex[:16]
+        self._popped = 0  # captures taken from the queue into batches
+        self._ledger_executor: ThreadPoolExecutor | None = None
+        self._reserve_task: asyncio.Task[None] | None = None
+        self.failing = False  # a batch could be neither stored nor spooled: it waits in memory
+        self.gap_reason: str | None = None  # the gap record written at start, if the previous broker lost records
         self._unacked: tuple[str, list[Row], dict[int, SessionFields], int] | None = None
         self.shipped = 0
 
@@ -63,8 +71,56 @@ class AssertionRecorder:
 
     # -- background --------------------------------------------------------------------------
 
+    @property
+    def captured(self) -> int:
+        """Captures made by this instance so far (the gap record included)."""
+        return self._popped + len(self._queue)
+
     def start(self) -> None:
+        if self.ledger is not None:
+            self._note_previous_loss(self.ledger)
+            if not self.ledger.reserve(self.captured, self.ledger.min_block):
+                log.critical("capture ledger unavailable: records lost by a kill of this broker would go unnoticed")
+            self._ledger_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capture-ledger")
+            self._reserve_task = asyncio.get_running_loop().create_task(self._reserve_ahead(),
+                                                                        name="mqtt-pdp-capture-ledger")
         self._task = asyncio.get_running_loop().create_task(self._run(), name="mqtt-pdp-assertions")
+
+    def _note_previous_loss(self, ledger: CaptureLedger) -> None:
+        """Gap records first, when the previous broker of this node stopped with captures not recorded (and
+        for what it had to report itself and never stored). Until one of this instance's batches is stored
+        the ledger carries them, so a kill now does not lose them (the next start writes them)."""
+        if ledger.previous is None:
+            return
+        reasons = pending_losses(ledger.previous, getattr(self.writer, "head_batch_id", None),
+                                 getattr(self.writer, "head_record", None))
+        ledger.carried = tuple(reasons)
+        for reason in reversed(reasons):
+            log.critical("assertion log: %s", reason)
+            self._queue.appendleft((time.time(), None, None, None, "gap", None,
+                                    Decision(None, None, reason),  # type: ignore[arg-type]  # decision 'lost'
+                                    None, 0, None))
+        self.gap_reason = reasons[-1] if reasons else None
+
+    async def _reserve_ahead(self) -> None:
+        """Keep the durable reservation ahead of the captures: about two seconds of the current rate, at least
+        the ledger's minimum block; its own thread, so a writer restart does not delay it."""
+        assert self.ledger is not None and self._ledger_executor is not None
+        loop = asyncio.get_running_loop()
+        last_at, last_count = time.monotonic(), self.captured
+        block = self.ledger.min_block
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.flush_interval)
+            except TimeoutError:
+                pass
+            captured = self.captured
+            now = time.monotonic()
+            if now - last_at >= 1.0:
+                block = max(self.ledger.min_block, int(2 * (captured - last_count) / (now - last_at)))
+                last_at, last_count = now, captured
+            if captured + block // 2 > self.ledger.reserved and not self._stopping.is_set():
+                await loop.run_in_executor(self._ledger_executor, self.ledger.reserve, captured, block)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -100,12 +156,13 @@ class AssertionRecorder:
         while self._queue or self._unacked is not None:
             if self._unacked is None:
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.batch_size))]
-                self._batches += 1
-                self._unacked = (f"{self.instance}:{self._batches}", *self._rows(batch), len(batch))
+                self._popped += len(batch)
+                self._unacked = (f"{self.instance}:{self._popped}", *self._rows(batch), len(batch))
             batch_id, rows, sessions, size = self._unacked
             try:
                 await loop.run_in_executor(self._executor, self.writer.write, rows, sessions, batch_id)
             except Exception:  # evidence is never dropped: keep the batch, as it is, and retry
+                self.failing = True
                 log.exception("writing assertion records failed; batch %s (%d records) kept in memory for retry",
                               batch_id, size)
                 await asyncio.sleep(1.0)
@@ -114,6 +171,11 @@ class AssertionRecorder:
             else:
                 self._unacked = None
                 self.shipped += size
+                if self.ledger is not None and self.ledger.carried:
+                    self.ledger.carried = ()  # the gap records were the first captures: stored now
+                if self.failing:
+                    self.failing = False
+                    log.warning("assertion records are durable again")
 
     @property
     def pending(self) -> int:
@@ -130,3 +192,10 @@ class AssertionRecorder:
             log.critical("%d assertion records could not be written at shutdown", self.pending)
         await asyncio.get_running_loop().run_in_executor(self._executor, self.writer.close)
         self._executor.shutdown(wait=True)
+        if self.ledger is not None:
+            if self._reserve_task is not None:
+                await self._reserve_task
+            if self._ledger_executor is not None:
+                self._ledger_executor.shutdown(wait=True)
+            # The exact count: the next start writes a gap record for whatever of it was not stored.
+            self.ledger.close(self.captured)

@@ -108,7 +108,9 @@ def main() -> int:
     except (SinkError, AnchorError, OSError) as exc:
         send(out, ("error", str(exc)))
         return 1
-    send(out, ("ready",))
+    # Where the chain ends and which batch put it there: the broker counts what its previous instance lost.
+    head = writer.chain
+    send(out, ("ready", head.batch_id, f"{writer.node}:{head.seq}" if head.seq else None))
     try:
         while True:
             readable = _readable(inp, 0.5)
@@ -159,7 +161,10 @@ class WriterProcess:
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
+        self.head_batch_id: str | None = None  # as the first writer found the chain (pdp.evidence.ledger)
+        self.head_record: str | None = None
         self._start()
+        self._first = False
 
     def _start(self) -> None:
         root = Path(__file__).resolve().parent.parent
@@ -179,6 +184,8 @@ class WriterProcess:
         if reply[0] == "error":
             self._discard()
             raise SinkError(reply[1])
+        if getattr(self, "_first", True) and len(reply) >= 3:
+            self.head_batch_id, self.head_record = reply[1], reply[2]
 
     def _discard(self) -> None:
         """End the process (if still running) and close its pipes: a broker restarts writers many times."""

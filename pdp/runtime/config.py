@@ -5,10 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pdp.errors import SourceError
-from pdp.registry.file import yaml_error
 
 PLUGIN_PATH = "broker_plugin.plugin.DeviceAuthorizationPlugin"
 DEFAULT_CONFIG = "deploy/broker.yaml"
@@ -33,6 +30,10 @@ def load_broker_config(path: str | Path, *, check_files: bool = True, need_liste
         raise SourceError(str(path), None, f"cannot read broker config: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise SourceError(str(path), None, "broker config is not UTF-8 text") from None
+    import yaml  # lazily: 'mqtt-pdp log' never reads YAML and starts faster without it
+
+    from pdp.registry.file import yaml_error
+
     try:
         config = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -48,6 +48,9 @@ from pdp.core.engine import Decision
 from pdp.core.sharing import MODES as SHARING_MODES, SharedCertificate, SharingTracker
 from pdp.evidence.anchor import prune_signer
 from pdp.evidence.node import default_node_id
+from pdp.core.identity import read_certificate
+from pdp.evidence.ledger import CaptureLedger
+from pdp.evidence.ratelimit import RefusalLimiter
 from pdp.evidence.recorder import AssertionRecorder
 from pdp.errors import SourceError
 from pdp.evidence.text import safe  # device-supplied text in log lines: escaped and bounded
@@ -87,6 +90,9 @@ def _event(conn: ConnId, action: str, topic: str, origin: Origin, publisher: Adm
     raise ValueError(f"unknown action {action!r}")
 
 
+LOG_REFUSAL = "refused: assertion records cannot be made durable (on_log_failure: refuse)"
+
+
 class AuthorizationService:
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
@@ -118,6 +124,9 @@ class AuthorizationService:
                             "reload announcements are unaffected. To share decisions, create a key (mqtt-pdp l2-key) "
                             "and give every broker the same file as l2_key_file")
             self.bus = InvalidationBus(self.redis, settings.redis_prefix, self.instance_id, self._on_event)
+        if settings.refusal_window <= 0:
+            raise ValueError(f"refusal_window must be positive, got {settings.refusal_window}")
+        self._refusals = RefusalLimiter(settings.refusal_window)  # repeated identical refusals: one record with a count
         if settings.shared_certificate not in SHARING_MODES:
             raise ValueError(f"shared_certificate must be one of {', '.join(SHARING_MODES)}, got "
                              f"{settings.shared_certificate!r}")
@@ -149,6 +158,8 @@ class AuthorizationService:
     def _make_recorder(self, cfg: ServiceSettings) -> AssertionRecorder:
         if cfg.assertion_stream and not cfg.redis_url:
             raise ValueError("assertion_stream needs redis_url")
+        if cfg.on_log_failure not in ("alarm", "refuse"):
+            raise ValueError(f"on_log_failure must be 'alarm' or 'refuse', got {cfg.on_log_failure!r}")
         writer = WriterProcess({
             "node": self.node_id, "spool_dir": cfg.spool_dir, "assertion_db": cfg.assertion_db,
             "stream_url": cfg.redis_url if cfg.assertion_stream else "", "stream_prefix": cfg.redis_prefix,
@@ -156,7 +167,7 @@ class AuthorizationService:
             "anchor_interval": cfg.anchor_interval,
             "claim_url": cfg.redis_url, "claim_prefix": cfg.redis_prefix,  # one node id, one writer
         })
-        return AssertionRecorder(writer)
+        return AssertionRecorder(writer, ledger=CaptureLedger(cfg.spool_dir, self.node_id, uuid.uuid4().hex[:16]))
 
     # -- connections ------------------------------------------------------------------------
 
@@ -166,6 +177,8 @@ class AuthorizationService:
     def connect(self, conn: ConnId, request: ConnectRequest, peer: str | None,
                 persistent: bool = False) -> tuple[Admission, list[Disconnect]]:
         """Admit or refuse; the Disconnects returned (a previous connection of this client id) go first."""
+        if self.log_refusing:
+            return self._refuse_unrecordable(conn, request, peer), []
         now = datetime.now(timezone.utc)
         fingerprint = hashlib.sha256(request.certificate_der).hexdigest() if request.certificate_der else None
         shared = (self.sharing.check(fingerprint, request.client_id, peer, now.timestamp())
@@ -179,7 +192,12 @@ class AuthorizationService:
         admission: Admission = outcome.admission  # type: ignore[union-attr]
         self._peers[conn] = (request.client_id, peer)
         if self.recorder is not None:
-            self.recorder.connect(admission, request.client_id, peer, self.pdp.snapshot_revision)
+            if admission.allowed:
+                self.recorder.connect(admission, request.client_id, peer, self.pdp.snapshot_revision)
+            else:
+                self._refused("connect", (admission, request.client_id, peer, self.pdp.snapshot_revision),
+                              request.client_id, peer, admission.reason,
+                              admission.certificate.fingerprint_sha256 if admission.certificate else None)
         if admission.allowed and self.sharing is not None and fingerprint is not None:
             self.sharing.opened(conn, fingerprint, request.client_id, peer, now.timestamp())
             if shared is not None:
@@ -207,6 +225,65 @@ class AuthorizationService:
             log.info("client %s reconnected: closing its previous connection", safe(action.client_id))
             self._record_end(action)
         return admission, superseded
+
+    def tls_refused(self, peer: str | None, reason: str, certificate_der: bytes | None) -> None:
+        """A failed TLS handshake is a refusal too: a ``tls`` record with the peer, the reason, and the
+        certificate's fingerprint, serial, issuer and subject when one was presented."""
+        if self.recorder is None:
+            return
+        cert = None
+        if certificate_der:
+            try:
+                cert = read_certificate(certificate_der)
+            except Exception:  # noqa: BLE001 - unparsable: recorded without it
+                cert = None
+        text = f"TLS handshake refused: {reason}; " + (
+            f"certificate subject {cert.subject}" if cert else "no certificate presented")
+        self._refused("tls", (Admission(False, text, certificate=cert), None, peer, self.pdp.snapshot_revision),
+                      None, peer, text, cert.fingerprint_sha256 if cert else None)
+
+    def _refused(self, action: str, payload: tuple[Admission, str | None, str | None, str], client_id: str | None,
+                 peer: str | None, reason: str, fingerprint: str | None) -> None:
+        """Recorded now, or counted into the open window of identical refusals (same action, client id, peer
+        address, reason and certificate), which ``flush_refusals`` records as one record with the count."""
+        address = peer.rpartition(":")[0] if peer else None
+        if self._refusals.admit((action, client_id, address, reason, fingerprint), (action, payload), time.time()):
+            self._record_refusal(action, payload, None)
+
+    def _record_refusal(self, action: str, payload: tuple[Admission, str | None, str | None, str],
+                        repeats: str | None) -> None:
+        assert self.recorder is not None
+        admission, client_id, peer, revision = payload
+        reason = admission.reason if repeats is None else f"{admission.reason}; {repeats}"
+        self.recorder.decision(admission, client_id, peer, action, None, Decision(False, admission.rule_id, reason),
+                               None, 0, revision)
+
+    def flush_refusals(self, everything: bool = False) -> int:
+        """Record the windows of repeated refusals that ended; returns how many records that made."""
+        due = self._refusals.due(time.time(), everything)
+        if self.recorder is not None:
+            for repeats in due:
+                action, payload = repeats.payload
+                self._record_refusal(action, payload, repeats.note())
+        return len(due)
+
+    @property
+    def log_refusing(self) -> bool:
+        """``on_log_failure: refuse`` and records cannot be made durable now: decide nothing (fail closed)."""
+        return self.recorder is not None and self.recorder.failing and self.settings.on_log_failure == "refuse"
+
+    def _refuse_unrecordable(self, conn: ConnId, request: ConnectRequest, peer: str | None) -> Admission:
+        cert = None
+        if request.certificate_der:
+            try:
+                cert = read_certificate(request.certificate_der)
+            except Exception:  # noqa: BLE001 - refused anyway; the record then lacks the certificate
+                cert = None
+        admission = Admission(False, LOG_REFUSAL, certificate=cert)
+        assert self.recorder is not None
+        self.recorder.connect(admission, request.client_id, peer, self.pdp.snapshot_revision)
+        log.warning("connect refused: client=%s peer=%s reason=%s", safe(request.client_id), peer, LOG_REFUSAL)
+        return admission
 
     def _refuse_shared(self, request: ConnectRequest, peer: str | None, shared: SharedCertificate,
                        now: datetime) -> Admission | None:
@@ -270,6 +347,13 @@ class AuthorizationService:
 
     def verdict(self, conn: ConnId, action: str, topic: str, origin: Origin = "live",
                 publisher: Admission | None = None) -> Verdict:
+        if self.log_refusing:
+            assert self.recorder is not None
+            client_id, peer = self._peers.get(conn, (None, None))
+            refusal = Decision(False, None, LOG_REFUSAL)
+            self.recorder.decision(self.enforcer.admission_of(conn), client_id, peer, action, topic, refusal, None, 0,
+                                   self.pdp.snapshot_revision)
+            return Verdict(conn, action, topic, refusal, "log-refusal", self.pdp.snapshot_revision)
         start = perf_counter_ns()
         verdict: Verdict = self.enforcer.handle(_event(conn, action, topic, origin, publisher))[0]  # type: ignore[assignment]
         if self.metrics is not None:
@@ -321,6 +405,7 @@ class AuthorizationService:
             await asyncio.sleep(self.settings.reload_interval)
             await self.reload(announce=True)
             await self._carry_out(self.enforcer.handle(ClockTick(datetime.now(timezone.utc))))
+            self.flush_refusals()
 
     async def reload(self, announce: bool) -> bool | None:
         """Reload changed files, end what the new snapshot no longer admits, and tell the other brokers."""
@@ -470,6 +555,7 @@ class AuthorizationService:
         }
 
     async def close(self) -> None:
+        self.flush_refusals(everything=True)
         if self.metrics is not None:
             self.metrics.close()
         if self.recorder is not None:

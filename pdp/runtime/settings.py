@@ -59,6 +59,12 @@ class ServiceSettings:
     anchor_dir: str = "var/anchors"  # <node>.heads, append-only, one signed head per line
     anchor_every: int = 1000  # sign after this many records...
     anchor_interval: float = 5.0  # ...or this many seconds after the first unsigned one, whichever comes first
+    # When records can be neither stored nor spooled (full disk): "alarm" keeps deciding (CRITICAL logs, the
+    # batch waits in memory); "refuse" denies every new connect and request until records are durable again.
+    on_log_failure: str = "alarm"
+    # Identical refusals (TLS handshakes, connects: same peer address, client id, reason, certificate) within
+    # this many seconds of the first are one record with a count, written when the window ends.
+    refusal_window: float = 60.0
     # -- what one client may cost the broker (the hardened broker; stock amqtt ignores these) --
     # TLS handshake, then the whole CONNECT packet, each within this many seconds of the previous step.
     connect_timeout: float = 10.0
