@@ -98,7 +98,7 @@ def test_unknown_node_is_an_error(tmp_path: Path) -> None:
 def test_pki_refuses_negative_days_and_unwritable_out(tmp_path: Path) -> None:
     out = tmp_path / "pki"
     line = one_error(run("pki", "--out", str(out), "--device", "a", "--days", "-5"))
-    assert line == "mqtt-pdp: error: --days -5: a certificate must be valid for at least 1 day"
+    assert line == "mqtt-pdp: error: --days -5: a certificate must be valid for 1 to 36500 days"
     assert not out.exists()
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -215,3 +215,25 @@ def test_log_backup_copies_and_verifies_and_never_overwrites(tmp_path: Path) -> 
     assert again == f"mqtt-pdp: error: {out} exists: a backup never overwrites (choose a new name, e.g. with the date)"
     missing = one_error(run("log", "backup", "--db", str(tmp_path / "none.db"), "--out", str(tmp_path / "b2.db")))
     assert "no assertion database at" in missing and not (tmp_path / "b2.db").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["pki", "--days", "99999999999", "--device", "x"],
+    ["pki", "--device", "\u00fcn\u00efcode"],
+    ["pki", "--trust-domain", "EXAMPLE.org"],
+    ["pki", "--trust-domain", ""],
+    ["pki", "--hostname", ""],
+    ["log", "query", "--limit", "abc"],
+    ["log-level", "bogus"],
+    ["log"],
+])
+def test_hostile_values_are_one_line_and_leave_nothing_behind(tmp_path, args):
+    """Found by an outside attack: tracebacks (exit 1) that left a CA behind, certificates the broker would
+    refuse issued with exit 0, and argparse's several-line usage text."""
+    out = tmp_path / "pki"
+    full = [*args, "--out", str(out)] if args[0] == "pki" else args
+    result = subprocess.run([sys.executable, "-m", "pdp.cli", *full], capture_output=True, text=True, timeout=60,
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("mqtt-pdp: error: "), result.stderr
+    assert not out.exists()

@@ -283,8 +283,8 @@ def test_admin_socket_in_use_and_bad_metrics_address_are_one_line(running: Runni
     config = write_cli_config(other / "third.yaml", running.pki, running.policies, metrics="nonsense")
     result = cli("broker", "-c", str(config))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.splitlines()[-1] == ("mqtt-pdp: error: broker failed: metrics 'nonsense': use host:port, "
-                                              "e.g. 127.0.0.1:9883")
+    assert result.stderr.splitlines()[-1] == ("mqtt-pdp: error: broker failed: metrics 'nonsense': use host:port "
+                                              "with a port from 0 to 65535, e.g. 127.0.0.1:9883")
 
 
 def test_redis_outage_shows_in_metrics_and_status(make_broker, own_redis, tmp_path: Path) -> None:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pdp.errors import SourceError
+from pdp.evidence.text import safe
 from pdp.runtime.config import DEFAULT_CONFIG
 
 log = logging.getLogger("mqtt_pdp.cli")
@@ -95,19 +97,28 @@ def cmd_pki(args: argparse.Namespace) -> int:
 
 def _write_pki(args: argparse.Namespace) -> int:
     from pdp import pki
-    from pdp.core.topics import level_value_problem
+    from pdp.core.identity import device_id_problem
     from pdp.registry.file import load_registry
 
     out = Path(args.out)
-    if args.days < 1:
-        raise CliError(f"--days {args.days}: a certificate must be valid for at least 1 day")
+    if not 1 <= args.days <= MAX_CERT_DAYS:
+        raise CliError(f"--days {args.days}: a certificate must be valid for 1 to {MAX_CERT_DAYS} days")
+    domain = args.trust_domain
+    if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?", domain):
+        raise CliError(f"--trust-domain {safe(domain)!r}: use a lower-case DNS name (letters, digits, '.', '-'), "
+                       "as the broker compares it")
+    for hostname in args.hostname:
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", hostname):
+            raise CliError(f"--hostname {safe(hostname)!r}: use an ASCII DNS name")
     device_ids: list[str] = list(args.device or [])
     if not device_ids:
         device_ids = sorted(load_registry(args.registry).devices)
     for device_id in device_ids:
-        problem = level_value_problem(device_id)
+        problem = device_id_problem(device_id)
+        if problem is None and not device_id.isascii():
+            problem = "is not ASCII (a URI SAN cannot carry it; register an ASCII id)"
         if problem is not None:
-            raise CliError(f"device id {device_id!r} {problem}")
+            raise CliError(f"device id {safe(device_id)!r} {problem}")
     ca_cert, ca_key = out / "ca.pem", out / "ca-key.pem"
     if ca_cert.exists() and ca_key.exists() and not args.force:
         try:
@@ -243,7 +254,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mqtt-pdp", description=__doc__)
+    parser = _Parser(prog="mqtt-pdp", description=__doc__)
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -330,6 +341,16 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+MAX_CERT_DAYS = 36_500  # a development PKI; anything longer is a typo
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line like every other error (subcommands inherit the class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"mqtt-pdp: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "hostname", "unset") is None:
@@ -356,6 +377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except OSError as exc:  # a path that cannot be written or read, already reported by the OS
         print(f"mqtt-pdp: error: {exc}", file=sys.stderr)
+        return 2
+    except (OverflowError, ValueError) as exc:  # a number or name out of range that no earlier check named
+        print(f"mqtt-pdp: error: {safe(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -124,10 +124,8 @@ class Metrics:
 
     def serve(self, address: str) -> tuple[str, int]:
         """Start the scrape endpoint at ``host:port`` (port 0: any free one); returns where it listens."""
-        host, sep, port = address.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"metrics {address!r}: use host:port, e.g. 127.0.0.1:9883")
-        server, _ = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+        host, port = metrics_address(address)
+        server, _ = start_http_server(port, addr=host.strip("[]"), registry=self.registry)
         self._server = server
         self.address = (host, server.server_port)
         log.info("metrics on http://%s:%d/metrics", host, server.server_port)
@@ -138,3 +136,11 @@ class Metrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def metrics_address(address: str) -> tuple[str, int]:
+    """``host:port`` checked (port 0-65535; 0 is any free one); ValueError naming the setting otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"metrics {address!r}: use host:port with a port from 0 to 65535, e.g. 127.0.0.1:9883")
+    return host, int(port)

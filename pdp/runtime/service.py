@@ -60,7 +60,7 @@ from pdp.runtime.bus import InvalidationBus
 from pdp.runtime.cache import RedisDecisionCache, load_l2_key
 from pdp.runtime.decision_point import DecisionPoint, Snapshot, release
 from pdp.runtime.logs import PerKeyRateLimit
-from pdp.runtime.metrics import Metrics, directory_bytes
+from pdp.runtime.metrics import Metrics, directory_bytes, metrics_address
 from pdp.runtime.redis_link import RedisLink
 from pdp.runtime.registry_follower import RegistryFollower
 from pdp.runtime.retention import prune_forever
@@ -143,6 +143,7 @@ class AuthorizationService:
                                                       lambda: self.pdp.snapshot.registry, self.apply_registry)
         self.metrics: Metrics | None = None
         if settings.metrics:
+            metrics_address(settings.metrics)  # a bad address stops the start with one line, before any socket
             self.metrics = Metrics()
             self.metrics.sources.append(self._readings)
         self.recorder: AssertionRecorder | None = None
