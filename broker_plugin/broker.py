@@ -52,12 +52,14 @@ from broker_plugin.amqtt_compat import (
     format_client_message,
     gen_client_id,
 )
+from broker_plugin.delivery import SessionSender, take_inflight
 from broker_plugin.framing import FramingGuard
 from broker_plugin.ordering import PublishTracker
 from broker_plugin.plugin import CONN_KEY, DeviceAuthorizationPlugin, connection_of
 from broker_plugin.subscriptions import FilterIndex
 from pdp.core.admission import Admission
 from pdp.core.enforcement import ConnId, Disconnect, DropSession, DropSubscription
+from pdp.core.outbound import OutboundLimits
 from pdp.core.topics import matches
 
 log = logging.getLogger("mqtt_pdp.broker")
@@ -116,6 +118,11 @@ class HardenedBroker(Broker):
         self.ended_by_guard = 0  # connections ended for a protocol violation, size or deadline
         self.tls_refused = 0  # TLS handshakes that failed (each logged with peer and reason)
         self._tls_contexts: dict[str, ssl.SSLContext] = {}  # listener -> the context its handshakes use
+        self._senders: dict[str, SessionSender] = {}  # client id -> the sender of its live connection
+        self._outbound_limits = OutboundLimits(self.limits.max_inflight_messages, self.limits.session_queue_messages,
+                                               self.limits.session_queue_bytes)
+        self.outbound_dropped = 0  # QoS 0 messages dropped from live sessions' full queues, since start
+        self.slow_consumers = 0  # connections closed because their queue stayed full of QoS 1/2 messages
 
     # -- TLS: require a client certificate at the handshake ------------------------------
 
@@ -303,9 +310,19 @@ class HardenedBroker(Broker):
         if isinstance(reader, FramingGuard):
             reader.settle = PublishTracker(handler, self.limits.packet_timeout).settled
         handler.attach(client_session, reader, writer)
+        client_id = client_session.client_id or ""
+        previous = self._senders.pop(client_id, None)
+        if previous is not None:  # a taken-over connection whose end has not run yet: its leftovers come first
+            await self._retire_sender(previous, client_session)
         self._sessions[client_session.client_id] = (client_session, handler)  # type: ignore[index]
         self._connections[conn] = _Connection(client_session, handler)
         self._conn_of_handler[id(handler)] = conn
+        redeliver = take_inflight(client_session)  # out of amqtt's sight: its retry drops them after 5 s
+        if client_session.clean_session:
+            redeliver = []
+        sender = SessionSender(client_session, handler, self._outbound_limits,
+                               lambda reason: self._slow_consumer(conn, client_session, handler, reason))
+        self._senders[client_id] = sender
         ended = False
         try:
             await handler.mqtt_connack_authorize(True)
@@ -313,6 +330,7 @@ class HardenedBroker(Broker):
                 BrokerEvents.CLIENT_CONNECTED, client_id=client_session.client_id, client_session=client_session
             )
             await handler.start()
+            sender.start(redeliver)  # unacknowledged QoS 1/2 of the last connection first, with DUP=1
             await self._publish_session_retained_messages(client_session)
             for subscription in self._own_filters(client_session):
                 await self._publish_retained_messages_for_subscription(subscription, client_session)
@@ -322,9 +340,31 @@ class HardenedBroker(Broker):
                 self.authz.service.ended(conn, client_session.client_id or "", reader.ended)
             if not ended:
                 await self._end_session(client_session, handler)
+            if self._senders.get(client_id) is sender:
+                del self._senders[client_id]
+                await self._retire_sender(sender, client_session)
             self._connections.pop(conn, None)
             self._conn_of_handler.pop(id(handler), None)
             self.authz.service.closed(conn)
+
+    def _slow_consumer(self, conn: ConnId, session: Session, handler: BrokerProtocolHandler, reason: str) -> None:
+        """A live session's queue is full of messages it does not take: end its connection (the will goes out)."""
+        self.slow_consumers += 1
+        log.warning("client %s: connection closed: %s", session.client_id, reason)
+        self.authz.service.ended(conn, session.client_id or "", reason)
+        abort_connection(handler)
+
+    async def _retire_sender(self, sender: SessionSender, session: Session) -> None:
+        """Stop a connection's sender. A persistent session keeps its unacknowledged messages (in
+        ``inflight_out``, resent on reconnect) and its waiting QoS 1/2 ones (in the offline queue, bounded)."""
+        self.outbound_dropped += sender.dropped
+        leftovers = await sender.stop()
+        if session.clean_session or self._sessions.get(session.client_id or "", (None, None))[0] is not session:
+            return
+        for item in leftovers:
+            if item.qos:
+                await self._retain_broadcast_message(
+                    {"session": None, "topic": item.topic, "data": item.data}, item.qos, session)
 
     async def _end_session(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
         """End a session whose loop stopped without a disconnect being handled (an error, a close): amqtt
@@ -474,15 +514,13 @@ class HardenedBroker(Broker):
         handler = self._get_handler(session)
         if handler is None:
             return
-        tasks = []
+        sender = self._senders.get(session.client_id or "")
         self._queued_bytes.pop(session.client_id or "", None)
         self._overflowing.discard(session.client_id or "")
         while not session.retained_messages.empty():
             queued = session.retained_messages.get_nowait()
-            if self.authz.allows(session, "receive", queued.topic, "queued"):
-                tasks.append(asyncio.ensure_future(handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False)))
-        if tasks:
-            await asyncio.wait(tasks)
+            if sender is not None and self.authz.allows(session, "receive", queued.topic, "queued"):
+                sender.offer(queued.topic, bytes(queued.data or b""), queued.qos or 0)
 
     # -- offline queues: bounded in messages and bytes, oldest dropped first ------------------
 
@@ -591,9 +629,13 @@ class HardenedBroker(Broker):
                 if not target.clean_session and qos in (QOS_1, QOS_2) and not target.is_anonymous:
                     await self._retain_broadcast_message(broadcast, qos, target)
                 continue
-            handler = self._get_handler(target)
-            if handler is not None:
-                running_tasks.append(asyncio.ensure_future(handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)))
+            sender = self._senders.get(target.client_id or "")
+            if sender is not None and sender.session is target:
+                sender.offer(topic, bytes(broadcast["data"] or b""), qos or 0)
+            else:  # not this broker's own connection handling (none expected): amqtt's way
+                handler = self._get_handler(target)
+                if handler is not None:
+                    running_tasks.append(asyncio.ensure_future(handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)))
 
     # -- stopping a session never hangs -------------------------------------------------------
 
