@@ -60,6 +60,7 @@ from broker_plugin.subscriptions import FilterIndex
 from pdp.core.admission import Admission
 from pdp.core.enforcement import ConnId, Disconnect, DropSession, DropSubscription
 from pdp.core.outbound import OutboundLimits
+from pdp.core.ratelimit import ConnectRateLimit
 from pdp.core.topics import matches
 
 log = logging.getLogger("mqtt_pdp.broker")
@@ -123,6 +124,9 @@ class HardenedBroker(Broker):
                                                self.limits.session_queue_bytes)
         self.outbound_dropped = 0  # QoS 0 messages dropped from live sessions' full queues, since start
         self.slow_consumers = 0  # connections closed because their queue stayed full of QoS 1/2 messages
+        self._connect_rate = ConnectRateLimit(self.limits.connect_rate, self.limits.connect_burst)
+        self._rate_logged: set[str] = set()  # addresses whose rate overflow was logged (cleared when large)
+        self.refused_rate = 0  # connections closed before any handshake: their address connected too often
 
     # -- TLS: require a client certificate at the handshake ------------------------------
 
@@ -145,10 +149,22 @@ class HardenedBroker(Broker):
 
     async def stream_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                                listener_name: str) -> None:
+        peer = writer.get_extra_info("peername")
+        where = f"peer {peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unknown peer"
+        if isinstance(peer, tuple) and not self._connect_rate.allow(peer[0], asyncio.get_running_loop().time()):
+            # Before the handshake: a flood from one address costs a socket accept, not TLS and admission.
+            self.refused_rate += 1
+            if peer[0] not in self._rate_logged:
+                if len(self._rate_logged) >= 10_000:
+                    self._rate_logged.clear()
+                self._rate_logged.add(peer[0])
+                log.warning("%s: connection rate over %g/s (burst %d) from this address: closing its new "
+                            "connections (logged once per address)", where, self.limits.connect_rate,
+                            self.limits.connect_burst)
+            writer.transport.abort()
+            return
         context = self._tls_contexts.get(listener_name)
         if context is not None:
-            peer = writer.get_extra_info("peername")
-            where = f"peer {peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unknown peer"
             try:
                 await writer.start_tls(context, ssl_handshake_timeout=self.limits.connect_timeout)
             except (TimeoutError, ssl.SSLError, OSError, EOFError) as exc:

@@ -89,8 +89,8 @@ class ServiceSettings:
     session_queue_bytes: int = 1_048_576
     # New connections per source address: a burst of connect_burst, then connect_rate per second (token
     # bucket); beyond, a connection is closed before its TLS handshake (counted, logged once per address).
-    connect_rate: float = 10.0
-    connect_burst: int = 50
+    connect_rate: float = 50.0
+    connect_burst: int = 200
 
     def broker_limits(self) -> BrokerLimits:
         """The limits, checked: each must be positive (a limit of 0 would refuse everything)."""
