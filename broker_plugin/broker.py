@@ -254,7 +254,7 @@ class HardenedBroker(Broker):
                 await writer.close()
             raise AMQTTError(f"{where}: connection refused: {admission.reason}")
         for disconnect in superseded:  # [MQTT-3.1.4-2]: the previous connection of this client id goes first
-            await self._close_connection(disconnect.conn)
+            await self._take_over(disconnect.conn, incoming)
 
         session = incoming
         if incoming.clean_session:
@@ -290,6 +290,29 @@ class HardenedBroker(Broker):
             # every packet read and a timer re-armed after every packet written.
             session.keep_alive = 0
         return handler, session
+
+    async def _take_over(self, conn: ConnId, incoming: Session) -> None:
+        """Close a connection superseded by a new one of its client id; its will goes out, as for any
+        connection that ends without DISCONNECT ([MQTT-3.1.2-8]; amqtt published none on a takeover).
+
+        The old connection is already refused everything by the core, so the will is judged as the new
+        connection's: the same device (the client id is bound to its identity), under the policy in force."""
+        live = self._connections.get(conn)
+        will = None
+        if live is not None and live.session.will_flag and live.session.will_topic:
+            old = live.session
+            will = (old.will_topic, bytes(old.will_message or b""), old.will_qos or 0, bool(old.will_retain))
+            old.will_flag = False  # published here, not again by the old connection's end
+        await self._close_connection(conn)
+        if will is None:
+            return
+        topic, message, qos, retain = will
+        if not self.authz.allows(incoming, "will", topic):
+            log.warning("will of %s on %r suppressed: not permitted", incoming.client_id, topic)
+            return
+        await self._broadcast_message(incoming, topic, message, qos)
+        if retain:
+            await self.retain_message(incoming, topic, message, qos)
 
     async def _authenticate(self, session: Session, _: ListenerConfig) -> bool:
         conn = connection_of(session)

@@ -170,3 +170,27 @@ def test_a_subscriber_that_stops_reading_is_bounded_and_others_are_served(tmp_pa
     finally:
         assert broker.stop() == 0
     assert "Traceback" not in "".join(broker.log)
+
+
+# -- will on takeover -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("clean", [True, False], ids=["clean", "persistent"])
+def test_a_taken_over_connection_publishes_its_will(broker, connect, test_pki, clean):
+    """The old connection of a client id ends without DISCONNECT when a new one takes over: its will goes out
+    ([MQTT-3.1.2-8]); the new connection's will does not."""
+    dashboard = connect("dash-1")
+    assert dashboard.subscribe("sites/plant-a/#") == 0
+    old = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+    new = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+    try:
+        assert old.connect("sensor-1", clean=clean, will=("sites/plant-a/sensor-1/status", b"old gone", 0, False)) == 0
+        assert new.connect("sensor-1", clean=clean, will=("sites/plant-a/sensor-1/status", b"new gone", 0, False)) == 0
+        assert old.closed_by_peer()
+        message = dashboard.next_message()
+        assert (message.topic, message.payload) == ("sites/plant-a/sensor-1/status", b"old gone")
+        dashboard.publish("sites/plant-a/sensor-1/cmd", b"marker")
+        assert [m.payload for m in dashboard.messages_until("sites/plant-a/sensor-1/cmd")] == [b"marker"]
+    finally:
+        old.close()
+        new.close()
