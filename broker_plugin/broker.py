@@ -360,7 +360,8 @@ class HardenedBroker(Broker):
         if client_session.clean_session:
             redeliver = []
         sender = SessionSender(client_session, handler, self._outbound_limits,
-                               lambda reason: self._slow_consumer(conn, client_session, handler, reason))
+                               lambda reason: self._slow_consumer(conn, client_session, handler, reason),
+                               self._outbound_drop)
         self._senders[client_id] = sender
         ended = False
         try:
@@ -386,6 +387,9 @@ class HardenedBroker(Broker):
             self._conn_of_handler.pop(id(handler), None)
             self.authz.service.closed(conn)
 
+    def _outbound_drop(self, count: int) -> None:
+        self.outbound_dropped += count
+
     def _slow_consumer(self, conn: ConnId, session: Session, handler: BrokerProtocolHandler, reason: str) -> None:
         """A live session's queue is full of messages it does not take: end its connection (the will goes out)."""
         self.slow_consumers += 1
@@ -396,7 +400,6 @@ class HardenedBroker(Broker):
     async def _retire_sender(self, sender: SessionSender, session: Session) -> None:
         """Stop a connection's sender. A persistent session keeps its unacknowledged messages (in
         ``inflight_out``, resent on reconnect) and its waiting QoS 1/2 ones (in the offline queue, bounded)."""
-        self.outbound_dropped += sender.dropped
         leftovers = await sender.stop()
         if session.clean_session or self._sessions.get(session.client_id or "", (None, None))[0] is not session:
             return

@@ -34,13 +34,14 @@ class SessionSender:
     """Sends a live session's deliveries through its bounded queue; ``on_overflow(reason)`` ends the connection."""
 
     def __init__(self, session: Session, handler: BrokerProtocolHandler, limits: OutboundLimits,
-                 on_overflow: Callable[[str], None]) -> None:
+                 on_overflow: Callable[[str], None], on_drop: Callable[[int], None] | None = None) -> None:
         self.session = session
         self.handler = handler
         self.queue = OutboundQueue(limits)
         self.dropped = 0  # QoS 0 messages dropped for this connection
         self.overflowed = False
         self._on_overflow = on_overflow
+        self._on_drop = on_drop
         self._wake = asyncio.Event()
         self._room = asyncio.Event()  # an in-flight flow completed
         self._task: asyncio.Task[None] | None = None
@@ -67,6 +68,8 @@ class SessionSender:
         offered = self.queue.offer(Outgoing(topic, data, qos, retain))
         if offered.dropped:
             self.dropped += offered.dropped
+            if self._on_drop is not None:
+                self._on_drop(offered.dropped)
             self._log_once()
         if offered.overflow:
             self.overflowed = True

@@ -7,9 +7,9 @@ test runs `mqtt-pdp broker` in its own process so its memory can be read from /p
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
-import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -74,19 +74,36 @@ def test_unacknowledged_qos_1_is_resent_with_dup_on_reconnect(broker, connect, t
         sensor.close()
 
 
-def test_a_qos_1_message_waits_for_its_puback_beyond_amqtts_5_s(broker, connect, test_pki):
-    """amqtt dropped an unacknowledged message after 5 s; here it is still held (and so resent) later."""
-    sensor = persistent_subscriber(broker, test_pki)
+def test_qos_2_resumes_where_it_stopped_on_reconnect(broker, connect, test_pki):
+    """No PUBREC: the PUBLISH is resent with DUP=1; PUBREC but no PUBCOMP: the PUBREL is resent [MQTT-4.4.0-1]."""
+    sensor = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+    assert sensor.connect("sensor-1", clean=False) == 0
+    assert sensor.send(subscribe_packet([(CMD, 2)], packet_id=1))
+    assert sensor.read_packet() == b"\x90\x03\x00\x01\x02"
     dashboard = connect("dash-1")
     try:
-        dashboard.publish(CMD, b"late", qos=1)
-        _, packet_id, _ = publish_fields(sensor.read_packet())
+        dashboard.publish(CMD, b"two", qos=2)
+        first, packet_id, payload = publish_fields(sensor.read_packet())
+        assert (first, payload) == (0x34, b"two")  # QoS 2, not acknowledged
+    finally:
+        sensor.close()
+    offline(broker)
+    sensor = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+    try:
+        assert sensor.connect("sensor-1", clean=False) == 0
+        assert publish_fields(sensor.read_packet()) == (0x3C, packet_id, b"two")  # DUP=1, same id
+        assert sensor.send(packet(0x50, struct.pack("!H", packet_id)))  # PUBREC, then gone before PUBCOMP
+        assert sensor.read_packet() == packet(0x62, struct.pack("!H", packet_id))  # PUBREL
+    finally:
+        sensor.close()
+    offline(broker)
+    sensor = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+    try:
+        assert sensor.connect("sensor-1", clean=False) == 0
+        assert sensor.read_packet() == packet(0x62, struct.pack("!H", packet_id))  # PUBREL again, no PUBLISH
+        assert sensor.send(packet(0x70, struct.pack("!H", packet_id)))  # PUBCOMP
         session = broker.broker._sessions["sensor-1"][0]
-        # No event marks "5 s passed in amqtt"; the bound is the point of the test, not a wall-clock assertion.
-        time.sleep(6)
-        assert broker.run(lambda: packet_id in session.inflight_out)
-        assert sensor.send(packet(0x40, struct.pack("!H", packet_id)))
-        wait_for(lambda: broker.run(lambda: packet_id not in session.inflight_out), "acknowledged")
+        wait_for(lambda: broker.run(lambda: not session.inflight_out), "flow complete")
     finally:
         sensor.close()
 
@@ -170,6 +187,32 @@ def test_a_subscriber_that_stops_reading_is_bounded_and_others_are_served(tmp_pa
     finally:
         assert broker.stop() == 0
     assert "Traceback" not in "".join(broker.log)
+
+
+@pytest.mark.parametrize("broker_settings", [{"session_queue_bytes": 256 * 1024}], ids=["256KiB"])
+def test_a_qos_0_subscriber_that_stops_reading_loses_its_oldest_messages_and_stays(broker, connect, test_pki, caplog):
+    """Only QoS 0 waiting: the oldest are dropped (counted, logged once), the connection is not closed."""
+    caplog.set_level(logging.WARNING, logger="mqtt_pdp.broker")
+    slow = RawClient(broker.port, test_pki.device("root-1"), test_pki.ca_file)
+    slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        assert slow.connect("root-1") == 0
+        assert slow.send(subscribe_packet([("a/#", 0)], packet_id=1))
+        assert slow.read_packet() == b"\x90\x03\x00\x01\x00"  # and then it stops reading
+        watcher = connect("watcher-1")
+        assert watcher.subscribe("a/#") == 0
+        lab = connect("lab-1")
+        for i in range(2000):  # 8 MB: more than the kernel and asyncio buffers hold on the way
+            lab.client.publish("a/flood", b"%04d" % i + b"y" * 4096, 0)
+        lab.publish("a/end", b"end")
+        assert watcher.messages_until("a/end")[-1].payload == b"end"
+        wait_for(lambda: broker.run(lambda: broker.broker.outbound_dropped) > 0, "oldest QoS 0 dropped")
+        assert broker.run(lambda: broker.broker.slow_consumers) == 0
+        assert not slow.closed_by_peer(timeout=0.5)  # still connected
+    finally:
+        slow.close()
+    full = [r for r in caplog.records if "outbound queue of root-1 is full" in r.getMessage()]
+    assert len(full) == 1
 
 
 # -- will on takeover -------------------------------------------------------------------------------
