@@ -359,6 +359,8 @@ class HardenedBroker(Broker):
         redeliver = take_inflight(client_session)  # out of amqtt's sight: its retry drops them after 5 s
         if client_session.clean_session:
             redeliver = []
+        # Checked again, as queued messages are: the policy or the device may have changed since they were sent.
+        redeliver = [m for m in redeliver if self.authz.allows(client_session, "receive", m.topic, "queued")]
         sender = SessionSender(client_session, handler, self._outbound_limits,
                                lambda reason: self._slow_consumer(conn, client_session, handler, reason),
                                self._outbound_drop)

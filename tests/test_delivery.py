@@ -74,6 +74,30 @@ def test_unacknowledged_qos_1_is_resent_with_dup_on_reconnect(broker, connect, t
         sensor.close()
 
 
+def test_a_message_the_policy_no_longer_grants_is_not_resent(broker, connect, test_pki, policy_dir):
+    sensor = persistent_subscriber(broker, test_pki)
+    dashboard = connect("dash-1")
+    try:
+        dashboard.publish(CMD, b"before", qos=1)
+        assert publish_fields(sensor.read_packet())[2] == b"before"  # not acknowledged
+    finally:
+        sensor.close()
+    offline(broker)
+    policy = policy_dir / "policy.csv"
+    attempts = broker.plugin.service.reload_attempts
+    policy.write_text(policy.read_text() + "p, no-cmd, sensor, *, *, sites/+/+/cmd, receive, deny\n")
+    broker.wait_reload(attempts)
+    assert broker.plugin.service.pdp.last_error is None
+    sensor = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+    try:
+        assert sensor.connect("sensor-1", clean=False) == 0
+        dashboard.publish(CMD, b"after", qos=1)
+        with pytest.raises(TimeoutError):  # neither resent nor delivered
+            sensor.read_packet(timeout=1)
+    finally:
+        sensor.close()
+
+
 def test_qos_2_resumes_where_it_stopped_on_reconnect(broker, connect, test_pki):
     """No PUBREC: the PUBLISH is resent with DUP=1; PUBREC but no PUBCOMP: the PUBREL is resent [MQTT-4.4.0-1]."""
     sensor = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
