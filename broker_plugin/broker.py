@@ -365,6 +365,7 @@ class HardenedBroker(Broker):
                                lambda reason: self._slow_consumer(conn, client_session, handler, reason),
                                self._outbound_drop)
         self._senders[client_id] = sender
+        self._take_offline_queue(client_session)  # before anything live can be routed to the new connection
         ended = False
         try:
             await handler.mqtt_connack_authorize(True)
@@ -554,17 +555,22 @@ class HardenedBroker(Broker):
 
     async def _publish_session_retained_messages(self, session: Session) -> None:
         """Messages queued while offline are checked again: the policy may have changed meanwhile. They go
-        out with RETAIN=0: they reach the session as ordinary deliveries ([MQTT-3.3.1-9]; amqtt set 1)."""
-        handler = self._get_handler(session)
-        if handler is None:
+        out with RETAIN=0: they reach the session as ordinary deliveries ([MQTT-3.3.1-9]; amqtt set 1).
+        The hardened session start has already handed them to the sender (``_take_offline_queue``) before
+        anything live could be; this catches what a stock path queued."""
+        if self._get_handler(session) is None:
             return
+        self._take_offline_queue(session)
+
+    def _take_offline_queue(self, session: Session) -> None:
+        """The offline queue into the session's sender, in one synchronous step: ahead of any live message."""
         sender = self._senders.get(session.client_id or "")
         self._queued_bytes.pop(session.client_id or "", None)
         self._overflowing.discard(session.client_id or "")
         while not session.retained_messages.empty():
             queued = session.retained_messages.get_nowait()
             if sender is not None and self.authz.allows(session, "receive", queued.topic, "queued"):
-                sender.offer(queued.topic, bytes(queued.data or b""), queued.qos or 0)
+                sender.offer_backlog(queued.topic, bytes(queued.data or b""), queued.qos or 0)
 
     # -- offline queues: bounded in messages and bytes, oldest dropped first ------------------
 
@@ -576,8 +582,8 @@ class HardenedBroker(Broker):
         queue = target_session.retained_messages
         data = broadcast["data"] or b""
         limits = self.limits
-        if queue.empty():
-            self._queued_bytes[client_id] = 0
+        if queue.empty() or client_id not in self._queued_bytes:
+            self._queued_bytes[client_id] = sum(len(m.data or b"") for m in list(queue._queue))  # type: ignore[attr-defined]
         if len(data) > limits.offline_queue_bytes:
             self._overflow(client_id, 1)
             return

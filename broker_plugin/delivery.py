@@ -68,11 +68,15 @@ class SessionSender:
             self.session.inflight_out[message.packet_id] = message
             first.append(Outgoing(message.topic, bytes(message.data or b""), message.qos or 1, False, message))
         for item in reversed(first):  # ahead of anything offered meantime, in their original order
-            self.queue.waiting.appendleft(item)
-            self.queue.held_messages += 1
-            self.queue.held_bytes += item.size
+            self.queue.offer_backlog(item, first=True)
         self._started = True
         self._pump()
+
+    def offer_backlog(self, topic: str, data: bytes, qos: int) -> None:
+        """A message queued while the session was offline: bounded by the offline limits already."""
+        if not self._stopped:
+            self.queue.offer_backlog(Outgoing(topic, data, qos))
+            self._pump()
 
     def offer(self, topic: str, data: bytes, qos: int, retain: bool = False) -> None:
         if self.overflowed or self._stopped:

@@ -72,3 +72,13 @@ def test_drain_empties_and_returns_the_waiting_in_order() -> None:
     q.next_to_send()
     assert [i.topic for i in q.drain()] == ["b", "c"]
     assert q.held_messages == 1 and q.inflight == 1
+
+
+def test_a_backlog_is_held_on_top_of_the_live_limits() -> None:
+    q = queue(inflight=1, messages=2, size=1000)
+    for name in ("b1", "b2", "b3"):
+        q.offer_backlog(msg(name, 1))
+    assert not q.offer(msg("live1", 1)).overflow  # the backlog does not count against the live limits
+    assert not q.offer(msg("live2", 1)).overflow
+    assert q.offer(msg("live3", 1)).overflow
+    assert q.offer(msg("live0", 0)).dropped == 1  # a live QoS 0 goes; backlog QoS 0 are not dropped either

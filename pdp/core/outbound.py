@@ -40,6 +40,7 @@ class Outgoing:
     qos: int
     retain: bool = False
     resend: object | None = None  # the amqtt message being redelivered, opaque here
+    backlog: bool = False  # carried over from while the session was offline (or a resend): see OutboundQueue
 
     @property
     def size(self) -> int:
@@ -53,7 +54,12 @@ class Offered:
 
 
 class OutboundQueue:
-    """The messages held for one live session; counts and bytes cover waiting and in-flight ones."""
+    """The messages held for one live session; counts and bytes cover waiting and in-flight ones.
+
+    A reconnecting session's backlog (its offline queue and its unacknowledged messages) is already
+    bounded by the offline limits; it is held on top of the live limits, never counted against them,
+    or a full offline queue would make every reconnect an overflow (and the client reconnect forever).
+    """
 
     def __init__(self, limits: OutboundLimits) -> None:
         self.limits = limits
@@ -61,7 +67,20 @@ class OutboundQueue:
         self.inflight = 0
         self.held_messages = 0
         self.held_bytes = 0
+        self.backlog_messages = 0
+        self.backlog_bytes = 0
         self._waiting_qos0 = 0
+
+    def offer_backlog(self, item: Outgoing, *, first: bool = False) -> None:
+        """Take a message carried over from before this connection; no limit applies (see the class)."""
+        item.backlog = True
+        if first:
+            self.waiting.appendleft(item)
+        else:
+            self.waiting.append(item)
+        self._held(item, +1)
+        if not item.qos:
+            self._waiting_qos0 += 1
 
     def offer(self, item: Outgoing) -> Offered:
         """Take a message; make room by dropping the oldest waiting QoS 0 messages; say if that was not enough."""
@@ -105,15 +124,19 @@ class OutboundQueue:
         return items
 
     def _over(self) -> bool:
-        return self.held_messages > self.limits.queue_messages or self.held_bytes > self.limits.queue_bytes
+        return (self.held_messages - self.backlog_messages > self.limits.queue_messages
+                or self.held_bytes - self.backlog_bytes > self.limits.queue_bytes)
 
     def _held(self, item: Outgoing, sign: int) -> None:
         self.held_messages += sign
         self.held_bytes += sign * item.size
+        if item.backlog:
+            self.backlog_messages += sign
+            self.backlog_bytes += sign * item.size
 
     def _drop_oldest_qos0(self) -> None:
         for index, item in enumerate(self.waiting):
-            if not item.qos:
+            if not item.qos and not item.backlog:
                 del self.waiting[index]
                 self._waiting_qos0 -= 1
                 self._held(item, -1)
