@@ -220,7 +220,7 @@ def test_a_qos_0_subscriber_that_stops_reading_loses_its_oldest_messages_and_sta
     slow = RawClient(broker.port, test_pki.device("root-1"), test_pki.ca_file)
     slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     try:
-        assert slow.connect("root-1") == 0
+        assert slow.connect("root-1", keepalive=0) == 0  # only the queue policy could end it
         assert slow.send(subscribe_packet([("a/#", 0)], packet_id=1))
         assert slow.read_packet() == b"\x90\x03\x00\x01\x00"  # and then it stops reading
         watcher = connect("watcher-1")
