@@ -2,6 +2,7 @@
 
     python -m bench [--quick] [--only throughput,latency,propagation,assertions,connect,fleet,revocation] [--redis URL] [--out FILE]
     python -m bench --only scale [--quick] [--code-root DIR]   (10,000 rules, 100,000 devices; not in the default set)
+    python -m bench --only toolkit   (who-can, lint, check and diff at 10,000 rules and 100,000 devices; not in the default set)
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from bench import (
     propagation,
     revocation,
     throughput,
+    toolkit,
 )
 
 ALL = ("throughput", "latency", "propagation", "assertions", "connect", "fleet", "revocation")
-EXTRA = ("scale",)  # minutes at full size: only when asked for
+EXTRA = ("scale", "toolkit")  # minutes at full size: only when asked for
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
             print("\n== Fleet scale: check, explain, broker start, edits applied, latency during reloads")
             print(fleet_scale.table(result), flush=True)
             results["scale"] = result
+        if "toolkit" in chosen:
+            sizes = {"rules": 1000, "devices": 10_000} if args.quick else {}
+            result = toolkit.run(work / "toolkit", **sizes)  # type: ignore[arg-type]
+            print("\n== Policy author's toolkit at fleet scale: who-can, lint, check, diff")
+            print(toolkit.table(result), flush=True)
+            results["toolkit"] = result
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

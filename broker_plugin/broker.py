@@ -57,16 +57,24 @@ from broker_plugin.framing import FramingGuard
 from broker_plugin.ordering import PublishTracker
 from broker_plugin.plugin import CONN_KEY, DeviceAuthorizationPlugin, connection_of
 from broker_plugin.subscriptions import FilterIndex
+from pdp.evidence.text import safe
+from pdp.core.gateway import PREFIX as GATEWAY_PREFIX
+from pdp.core.gateway import split as gateway_split
 from pdp.core.admission import Admission
 from pdp.core.enforcement import ConnId, Disconnect, DropSession, DropSubscription
 from pdp.core.outbound import OutboundLimits
 from pdp.core.ratelimit import ConnectRateLimit
 from pdp.core.topics import matches
+from pdp.runtime.admin import AdminError
 
 log = logging.getLogger("mqtt_pdp.broker")
 STOP_HANDLER_TIMEOUT = 2.0
 KEEP_ALIVE_FACTOR = 1.5  # [MQTT-3.1.2-24]
 # What a peer can make happen on its own connection; each ends that connection with one log line, no traceback.
+class SessionRevoked(Exception):
+    """A connection whose admission was revoked before its session started."""
+
+
 PEER_ERRORS = (AMQTTError, MQTTError, NoDataError, OSError, EOFError, asyncio.TimeoutError, asyncio.IncompleteReadError)
 
 
@@ -79,6 +87,10 @@ def tls_failure(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError) or (isinstance(exc, ConnectionAbortedError) and "taking longer" in str(exc)):
         return "no TLS handshake within connect_timeout"  # asyncio aborts a slow handshake with that text
     return str(exc) or type(exc).__name__
+
+
+class ConnectRefused(AMQTTError):
+    """The CONNECT was answered with CONNACK 5; the service has logged why."""
 
 
 @dataclass
@@ -108,6 +120,10 @@ class HardenedBroker(Broker):
         self._retained_publishers: dict[str, Admission] = {}  # retained topic -> how its publisher was admitted
         self._filter_index = FilterIndex()
         self._session_filters: dict[str, set[str]] = {}  # client id -> its filters
+        # Gateways' relay subscriptions 'gw/<child>/<filter>': the inner filters, and per inner filter the children
+        # subscribed for, so a message on a child's topic also reaches the gateways acting for it (pdp.core.gateway).
+        self._relay_index = FilterIndex()
+        self._relay_children: dict[str, set[str]] = {}
         try:
             self.limits = self.authz.config.broker_limits()
         except ValueError as exc:
@@ -127,6 +143,32 @@ class HardenedBroker(Broker):
         self._connect_rate = ConnectRateLimit(self.limits.connect_rate, self.limits.connect_burst)
         self._rate_logged: set[str] = set()  # addresses whose rate overflow was logged (cleared when large)
         self.refused_rate = 0  # connections closed before any handshake: their address connected too often
+        self.admin: Any = None  # the admin socket's server, when admin_socket is set
+
+    # -- the operator's admin interface (broker_plugin.operations) ------------------------
+
+    async def start(self) -> None:
+        from broker_plugin.operations import start_operations
+
+        try:  # first: a socket or port in use stops the start before any listener opens
+            self.admin = await start_operations(self)
+        except (OSError, ValueError, AdminError) as exc:
+            if self.authz.service.metrics is not None:
+                self.authz.service.metrics.close()
+            raise BrokerError(str(exc)) from None
+        try:
+            await super().start()
+        except BaseException:
+            if self.admin is not None:
+                await self.admin.close()
+            if self.authz.service.metrics is not None:
+                self.authz.service.metrics.close()
+            raise
+
+    async def shutdown(self) -> None:
+        if self.admin is not None:
+            await self.admin.close()
+        await super().shutdown()
 
     # -- TLS: require a client certificate at the handshake ------------------------------
 
@@ -170,6 +212,8 @@ class HardenedBroker(Broker):
             except (TimeoutError, ssl.SSLError, OSError, EOFError) as exc:
                 self.tls_refused += 1
                 log.warning("TLS handshake refused: %s reason=%s", where, tls_failure(exc))
+                if self.authz.service.metrics is not None:
+                    self.authz.service.metrics.tls_refused(tls_failure(exc))
                 writer.transport.abort()
                 return
         await self._client_connected(listener_name, StreamReaderAdapter(reader), StreamWriterAdapter(writer))
@@ -209,19 +253,23 @@ class HardenedBroker(Broker):
             try:
                 handler, session = await self._initialize_client_session(guard, writer, peer[0], peer[1])
             except PEER_ERRORS as exc:
-                if guard.ended is None:
-                    log.warning("%s: no session: %s", where, exc or type(exc).__name__)
+                if guard.ended is None:  # a refused CONNECT was logged once already, by the service
+                    log.log(logging.DEBUG if isinstance(exc, ConnectRefused) else logging.WARNING,
+                            "%s: no session: %s", where, exc or type(exc).__name__)
                 return
             try:
                 await self._handle_client_session(guard, writer, session, handler, server, listener_name)
+            except SessionRevoked as exc:
+                log.warning("%s (client %s): closed: %s", where, safe(session.client_id or ""), exc)
             except PEER_ERRORS as exc:
                 log.warning("%s (client %s): session ended: %s", where, session.client_id, exc or type(exc).__name__)
         except Exception:  # a bug, not the peer: say so once, with the traceback, and still free the slot
             log.exception("%s: connection failed", where)
         finally:
             guard.cancel()
-            if session is None:
-                abort_writer(writer)
+            # Whatever happened, this connection is over: its socket must not outlive it (a no-op after a
+            # clean end; after a revoked start amqtt never closed it, and the peer kept it open for good).
+            abort_writer(writer)
             server.release_connection()
 
     def _guard_ended(self, writer: WriterAdapter, where: str, reason: str) -> None:
@@ -252,7 +300,7 @@ class HardenedBroker(Broker):
             with contextlib.suppress(OSError, asyncio.TimeoutError):
                 await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
                 await writer.close()
-            raise AMQTTError(f"{where}: connection refused: {admission.reason}")
+            raise ConnectRefused(f"{where}: connection refused: {admission.reason}")
         for disconnect in superseded:  # [MQTT-3.1.4-2]: the previous connection of this client id goes first
             await self._take_over(disconnect.conn, incoming)
 
@@ -329,7 +377,9 @@ class HardenedBroker(Broker):
     ) -> None:
         """amqtt's session start, except that retained messages go only to this session's own filters (hole 4)."""
         if not await self._authenticate(client_session, self.listeners_config[listener_name]):
-            raise BrokerError("session reached the message loop without admission")
+            # Revoked between CONNECT and here: superseded by a simultaneous CONNECT of the same client id,
+            # or its device changed meanwhile. Not a bug: the caller closes the connection.
+            raise SessionRevoked("admission revoked before the session started")
         while True:
             try:
                 client_session.transitions.connect()
@@ -495,10 +545,18 @@ class HardenedBroker(Broker):
                         client_session.client_id, topic)
             return False
         # The core refuses '$' topics whatever the policy; the policy side refuses an empty topic as invalid.
-        if not self.authz.allows(client_session, "publish", topic):
+        relay: tuple[str, str] | None = None
+        if topic.startswith(GATEWAY_PREFIX):  # a gateway publishing for a child (pdp.core.gateway)
+            allowed, relay = self.authz.publish_relay(client_session, topic)
+        else:
+            allowed = self.authz.allows(client_session, "publish", topic)
+        if not allowed:
             return True
         await self.plugins_manager.fire_event(
             BrokerEvents.MESSAGE_BROADCAST, client_id=client_session.client_id, message=app_message)
+        if relay is not None:  # delivered as the child's topic; a relayed message is never retained
+            await self._broadcast_message(client_session, relay[1], app_message.data)
+            return True
         await self._broadcast_message(client_session, topic, app_message.data)
         if app_message.publish_packet and app_message.publish_packet.retain_flag:
             await self.retain_message(client_session, topic, app_message.data, app_message.qos)
@@ -630,12 +688,31 @@ class HardenedBroker(Broker):
         if result != 0x80:
             self._filter_index.add(subscription[0])
             self._session_filters.setdefault(session.client_id or "", set()).add(subscription[0])
+            relay = gateway_split(subscription[0])
+            if relay is not None:
+                child_id, inner = relay
+                self._relay_index.add(inner)
+                self._relay_children.setdefault(inner, set()).add(child_id)
         return result
+
+    def _forget_relay(self, wire_filter: str) -> None:
+        """A relay filter nobody holds any more leaves the relay index."""
+        relay = gateway_split(wire_filter)
+        if relay is None or wire_filter in self._subscriptions:
+            return
+        child_id, inner = relay
+        children = self._relay_children.get(inner)
+        if children is not None:
+            children.discard(child_id)
+            if not children:
+                del self._relay_children[inner]
+                self._relay_index.remove(inner)
 
     def _del_subscription(self, a_filter: str, session: Session) -> int:
         deleted = super()._del_subscription(a_filter, session)
         self.authz.unsubscribed(session, a_filter)
         self._session_filters.get(session.client_id or "", set()).discard(a_filter)
+        self._forget_relay(a_filter)
         return deleted
 
     async def _del_all_subscriptions(self, session: Session) -> None:
@@ -650,6 +727,7 @@ class HardenedBroker(Broker):
             else:
                 del self._subscriptions[topic_filter]
                 self._filter_index.remove(topic_filter)
+                self._forget_relay(topic_filter)
 
     def _subscribers_of(self, topic: str) -> list[tuple[Session, int]]:
         """Every (session, qos) whose filter selects ``topic``, taken in one synchronous step."""
@@ -679,13 +757,41 @@ class HardenedBroker(Broker):
                 if not target.clean_session and qos in (QOS_1, QOS_2) and not target.is_anonymous:
                     await self._retain_broadcast_message(broadcast, qos, target)
                 continue
-            sender = self._senders.get(target.client_id or "")
-            if sender is not None and sender.session is target:
-                sender.offer(topic, bytes(broadcast["data"] or b""), qos or 0)
-            else:  # not this broker's own connection handling (none expected): amqtt's way
-                handler = self._get_handler(target)
-                if handler is not None:
-                    running_tasks.append(asyncio.ensure_future(handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)))
+            self._deliver(target, topic, broadcast["data"], qos, running_tasks)
+        if self._relay_children and not topic.startswith(GATEWAY_PREFIX):
+            await self._relay_broadcast(broadcast, topic, running_tasks)
+
+    async def _relay_broadcast(self, broadcast: dict[str, Any], topic: str,
+                               running_tasks: deque[asyncio.Task[OutgoingApplicationMessage]]) -> None:
+        """A message on a child's topic, to each gateway holding 'gw/<child>/<filter>' for a filter that matches:
+        delivered as 'gw/<child>/<topic>', judged (the gateway's and the child's receive) like any delivery."""
+        allows = self.authz.allows
+        deliveries = []
+        for inner in self._relay_index.match(topic):
+            for child_id in sorted(self._relay_children.get(inner, ())):
+                wire_topic = f"{GATEWAY_PREFIX}{child_id}/{topic}"
+                deliveries += [(wire_topic, target, sub_qos) for target, sub_qos in
+                               self._subscriptions.get(f"{GATEWAY_PREFIX}{child_id}/{inner}", [])]
+        for wire_topic, target, sub_qos in deliveries:  # taken in one synchronous step, as _subscribers_of
+            qos = broadcast.get("qos", sub_qos)
+            if not allows(target, "receive", wire_topic):
+                continue
+            if target.transitions.state != "connected":
+                if not target.clean_session and qos in (QOS_1, QOS_2) and not target.is_anonymous:
+                    await self._retain_broadcast_message({**broadcast, "topic": wire_topic}, qos, target)
+                continue
+            self._deliver(target, wire_topic, broadcast["data"], qos, running_tasks)
+
+    def _deliver(self, target: Session, topic: str, data: Any, qos: int | None,
+                 running_tasks: deque[asyncio.Task[OutgoingApplicationMessage]]) -> None:
+        """To a live session: through its sender's bounded queue (``broker_plugin.delivery``)."""
+        sender = self._senders.get(target.client_id or "")
+        if sender is not None and sender.session is target:
+            sender.offer(topic, bytes(data or b""), qos or 0)
+            return
+        handler = self._get_handler(target)  # not this broker's own connection handling (none expected)
+        if handler is not None:
+            running_tasks.append(asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False)))
 
     # -- stopping a session never hangs -------------------------------------------------------
 

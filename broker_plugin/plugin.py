@@ -86,6 +86,13 @@ class DeviceAuthorizationPlugin(BaseAuthPlugin, BaseTopicPlugin):
             return False
         return self.service.allows(conn, action, topic, origin, publisher)
 
+    def publish_relay(self, session: Session, topic: str) -> tuple[bool, tuple[str, str] | None]:
+        """A publish that may be a gateway relaying for a child: allowed, and (child, inner topic) or None."""
+        conn = connection_of(session)
+        if conn is None:
+            return False, None
+        return self.service.publish_relay(conn, topic)
+
     def publisher(self, session: Session | None) -> Admission | None:
         """What a retained message remembers of its publisher: the device and the certificate it used."""
         admission = self.admission(session) if session is not None else None

@@ -17,9 +17,23 @@ class BrokerFailed(Exception):
     """The broker could not start or stopped with an error; ``str()`` is one line for the user."""
 
 
+class _StartupTraceback(logging.Filter):
+    """Drops amqtt's "Broker startup failed" traceback: the CLI reports the cause in one line (a port in use
+    printed 15 lines of amqtt internals first). Kept at debug level, where the whole story is wanted."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Broker startup failed" or logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
 async def serve(config: dict[str, Any]) -> None:
     broker = HardenedBroker(config)
-    await broker.start()
+    amqtt_log = logging.getLogger("amqtt.broker")
+    quiet = _StartupTraceback()
+    amqtt_log.addFilter(quiet)
+    try:
+        await broker.start()
+    finally:
+        amqtt_log.removeFilter(quiet)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import builtins
+import gc
 import logging
+import threading
 import os
 import shutil
 import uuid
@@ -13,6 +16,36 @@ import pytest
 from tests.support import BrokerThread, Client, RedisServer, TestPki, broker_config
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _serialised_compile() -> None:
+    """One ``compile`` at a time in the test process.
+
+    CPython 3.11 keeps the AST builder's recursion depth per interpreter, not per thread. The tests run
+    brokers in threads beside pytest, and Python 3.11 formats a traceback with ``ast.parse`` (to place its
+    carets): a broker logging a traceback while pytest imported a module (assertion rewriting), or a
+    garbage collection during a parse running a finalizer that logs one ("Task was destroyed but it is
+    pending!"), raised ``SystemError: AST constructor recursion depth mismatch``; once at the end of a
+    run, which failed the whole run. The broker's own Casbin use no longer compiles per request
+    (pdp.policy.oracle._parsing_once); this covers everything else in the test process.
+    """
+    original = builtins.compile
+    lock = threading.RLock()
+
+    def compile(*args: Any, **kwargs: Any) -> Any:  # noqa: A001 - the builtin, serialised
+        with lock:
+            collecting = gc.isenabled()
+            gc.disable()  # a collection inside would run finalizers that log tracebacks: a nested parse
+            try:
+                return original(*args, **kwargs)
+            finally:
+                if collecting:
+                    gc.enable()
+
+    builtins.compile = compile
+
+
+_serialised_compile()
 
 TEST_POLICY = """\
 # rules for the integration tests

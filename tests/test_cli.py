@@ -60,26 +60,7 @@ def test_check_reports_bad_files(tmp_path: Path) -> None:
     assert_one_line_error(run("check", "-c", str(broken)), "invalid YAML")
 
 
-def test_explain() -> None:
-    result = run("explain", "--device", "dashboard-001", "--topic", "sites/plant-a/secret/key", "--action", "receive")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [
-        "decision: deny",
-        f"rule:     secrets-never ({ROOT / 'policies' / 'policy.csv'}:15)",
-        "reason:   denied by rule secrets-never",
-        "device:   device_id=dashboard-001 type=dashboard location=plant-a purpose=monitoring owner=ops-team status=active",
-        "casbin:   deny (secrets-never)",
-    ]
-    allowed = run("explain", "--device", "sensor-001", "--topic", "sites/plant-a/sensor-001/telemetry", "--action", "publish")
-    assert allowed.returncode == 0, allowed.stderr
-    assert allowed.stdout.splitlines()[:3] == [
-        "decision: allow",
-        f"rule:     sensor-telemetry ({ROOT / 'policies' / 'policy.csv'}:5)",
-        "reason:   allowed by rule sensor-telemetry",
-    ]
-    assert allowed.stdout.splitlines()[4] == "casbin:   allow (sensor-telemetry)"
-    assert_one_line_error(run("explain", "--device", "ghost", "--topic", "a", "--action", "publish"), "unknown device 'ghost'")
-    assert_one_line_error(run("explain", "--device", "sensor-001", "--topic", "a/#", "--action", "publish"), "wildcard")
+# explain: tests/test_toolkit_explain.py
 
 
 def _sha256(out: Path, device: str) -> str:
@@ -147,12 +128,36 @@ def test_hostile_inputs_give_one_error_line(tmp_path: Path) -> None:
     binary.write_bytes(bytes(range(256)) * 4)
     cases = [
         (["check", "-c", str(binary)], f"mqtt-pdp: error: {binary}: broker config is not UTF-8 text"),
-        (["log", "query", "--db", str(binary)], "mqtt-pdp: error: cannot read the assertion database: file is not a database"),
-        (["log", "verify", "--db", str(binary)], "mqtt-pdp: error: cannot read the assertion database: file is not a database"),
-        (["pki", "--out", str(binary), "--device", "x"], f"mqtt-pdp: error: [Errno 17] File exists: '{binary}'"),
+        (["log", "query", "--db", str(binary)], f"mqtt-pdp: error: {binary} is not an assertion database: file is not a database"),
+        (["log", "verify", "--db", str(binary)], f"mqtt-pdp: error: {binary} is not an assertion database: file is not a database"),
+        (["pki", "--out", str(binary), "--device", "x"], f"mqtt-pdp: error: cannot write to --out {binary}: File exists: {binary}"),
         (["l2-key", "--out", str(tmp_path / "missing" / "k")], f"mqtt-pdp: error: {tmp_path / 'missing'} is not a directory"),
     ]
     for args, line in cases:
         result = run(*args)
         assert (result.returncode, result.stderr.splitlines()) == (2, [line]), args
     assert not (tmp_path / "missing").exists()
+
+
+def test_check_refuses_a_client_id_pattern_the_broker_would_refuse(tmp_path: Path) -> None:
+    config = yaml.safe_load((ROOT / "deploy" / "broker.yaml").read_text())
+    plugin = config["plugins"]["broker_plugin.plugin.DeviceAuthorizationPlugin"]
+    plugin.update(client_id="{device_id}-*-*", model=str(ROOT / "policies" / "model.conf"),
+                  policy=str(ROOT / "policies" / "policy.csv"), registry=str(ROOT / "policies" / "devices.yaml"))
+    (tmp_path / "broker.yaml").write_text(yaml.safe_dump(config))
+    assert_one_line_error(run("check", "-c", str(tmp_path / "broker.yaml")), "'*' is only allowed at the end")
+
+
+def test_cli_commands_read_a_config_with_only_the_plugin_section(tmp_path: Path) -> None:
+    """Found by an outside attack: 'apply -c' and 'check -c' refused a config without 'listeners',
+    which only 'mqtt-pdp broker' needs."""
+    for name in ("model.conf", "policy.csv", "devices.yaml"):
+        shutil.copy(ROOT / "policies" / name, tmp_path / name)
+    config = tmp_path / "plugin-only.yaml"
+    config.write_text(yaml.safe_dump({"plugins": {"broker_plugin.plugin.DeviceAuthorizationPlugin": {
+        "model": "model.conf", "policy": "policy.csv", "registry": "devices.yaml"}}}))
+    shutil.copy(tmp_path / "policy.csv", tmp_path / "new.csv")
+    assert run("check", "-c", str(config)).returncode == 0
+    applied = run("apply", "-c", str(config), "--new-policy", str(tmp_path / "new.csv"))
+    assert applied.returncode == 0 and applied.stdout.startswith("applied: "), applied
+    assert_one_line_error(run("broker", "-c", str(config)), "'listeners' must be a mapping")

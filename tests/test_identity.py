@@ -56,6 +56,7 @@ def test_validity_window(at: datetime, reason: str) -> None:
         (["spiffe://t.example/workload/x"], "path is not /device/"),
         (["spiffe://t.example/device/a", "spiffe://t.example/device/b"], "several device identities"),
         (["spiffe://t.example/device/a+b"], "contains '+'"),
+        (["spiffe://t.example/device/sens*"], "contains '*' (the client id pattern's wildcard)"),
         # exactly one URI SAN: an extra identity is refused, not ignored
         (["spiffe://t.example/device/a", "spiffe://evil.example/device/a"],
          "URI SAN 'spiffe://evil.example/device/a' beside the device's SPIFFE id"),

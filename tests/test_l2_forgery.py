@@ -262,3 +262,18 @@ def test_l2_key_command_writes_an_owner_only_key_once(tmp_path):
     assert again.returncode == 2 and again.stderr.startswith("mqtt-pdp: error: ") and "exists" in again.stderr
     assert path.read_bytes() == key
     assert run("--out", str(path), "--force").returncode == 0 and path.read_bytes() != key
+
+
+def test_a_subscribe_deny_entry_is_checked_by_overlap_as_the_index_decides_it() -> None:
+    """Found by an outside attack: the broker's own L2 entry for a subscribe refused by an overlapping deny was
+    rejected at the next connect as possible tampering (a false alarm on every connect of a dashboard)."""
+    from pdp.core.engine import Rule
+    from pdp.runtime.cache import _policy_problem
+
+    rules = {"no-secrets": Rule("no-secrets", "*", "*", "*", "sites/+/secret/#", "subscribe", "deny", 3),
+             "dash": Rule("dash", "*", "*", "*", "sites/{location}/#", "subscribe", "allow", 4)}
+    attrs = {"type": "dashboard", "location": "plant-a", "purpose": "ops", "owner": "o", "device_id": "d1"}
+    assert _policy_problem(rules, attrs, "subscribe", "sites/plant-a/#", False, "no-secrets", {}) is None
+    assert _policy_problem(rules, attrs, "subscribe", "sites/plant-a/open", False, "no-secrets", {}) is not None
+    assert _policy_problem(rules, attrs, "subscribe", "sites/plant-a/#", True, "dash", {}) is None
+    assert _policy_problem(rules, attrs, "subscribe", "sites/#", True, "dash", {}) is not None  # allow must cover

@@ -126,7 +126,8 @@ def test_log_query_filters_return_exactly_the_matching_records(session_log):
     assert short(query(db, "--revision", registry1)) == pick(0, 1, 2, 3, 4, 5, 6, 7, 8, 9)
     assert short(query(db, "--revision", registry1[:6])) == []  # whole parts only
     assert short(query(db, "--node", session_log["node"])) == SESSION
-    assert query(db, "--node", "some-other-node") == []
+    unknown = cli("log", "query", "--db", str(db), "--node", "some-other-node")  # a typo, not an empty result
+    assert unknown.returncode == 2 and unknown.stderr.startswith("mqtt-pdp: error: no records of node 'some-other-node'")
     assert short(query(db, "--decision", "deny")) == pick(4, 7)
     assert short(query(db, "--decision", "allow", "--action", "publish")) == pick(5, 8)
     assert short(query(db, "--action", "connect", "--decision", "deny")) == pick(4)

@@ -131,3 +131,14 @@ def test_piecewise_scan_split_and_hash_equal_the_one_call_versions(text: str, se
         assert reader._outside_subset(text) == bool(reader._OUTSIDE_SUBSET.search(text))
     finally:
         reader._PIECE = original
+
+
+@pytest.mark.parametrize("device_id", ["sens*", "*", "a*b"])
+def test_a_device_id_with_the_client_id_wildcard_is_refused_at_its_line(device_id: str) -> None:
+    """'*' is the client id pattern's wildcard: a device 'sens*' could claim the client id 'sensor-1'
+    and take over that device's session (found by an outside attack). Both readers refuse it."""
+    text = "devices:\n" + DEVICE + DEVICE.replace("id: s1", f"id: '{device_id}'")
+    for reader_text in (text, text.replace("devices:\n", "devices:   # a comment keeps the fast path off\n")):
+        with pytest.raises(SourceError) as refused:
+            parse_registry(reader_text, "devices.yaml")
+        assert refused.value.line == 8 and "'*'" in str(refused.value)

@@ -192,9 +192,30 @@ def test_broken_crl_is_rejected_and_the_previous_one_stays(make_broker, connect_
     attempts = broker.plugin.service.reload_attempts
     crl_path.write_bytes(b"not a crl")
     broker.wait_reload(attempts)
-    assert broker.plugin.service.pdp.errors["crl"].startswith(f"{crl_path}: not a PEM or DER CRL")
+    assert broker.plugin.service.pdp.errors[f"crl:{crl_path}"].startswith(f"{crl_path}: not a PEM or DER CRL")
     connect_to(broker, "sensor-2", expect=5)
     connect_to(broker, "sensor-1", expect=0)
+
+
+def test_a_broken_crl_file_does_not_block_a_revocation_in_another(make_broker, connect_to, test_pki: TestPki,
+                                                                  policy_dir: Path) -> None:
+    """Found by an outside attack: with two CRL files, a broken second one blocked a new revocation in the
+    first (the revoked device stayed connected and could reconnect). Each file is now its own source."""
+    first, second = policy_dir / "a.crl", policy_dir / "b.crl"
+    for path in (first, second):
+        path.write_bytes(pki.make_crl(test_pki.ca, []).public_bytes(Encoding.PEM))
+    broker = make_broker(crl=[str(first), str(second)])
+    sensor = connect_to(broker, "sensor-1")
+    attempts = broker.plugin.service.reload_attempts
+    second.write_bytes(b"not a crl")
+    broker.wait_reload(attempts)
+    serial = int(pki.load_issued(test_pki.device("sensor-1").cert, test_pki.device("sensor-1").key).cert.serial_number)
+    attempts = broker.plugin.service.reload_attempts
+    first.write_bytes(pki.make_crl(test_pki.ca, [serial]).public_bytes(Encoding.PEM))
+    broker.wait_reload(attempts)
+    assert sensor.wait_disconnected(), "the revocation in a.crl was blocked by the broken b.crl"
+    connect_to(broker, "sensor-1", expect=5)
+    assert f"crl:{second}" in broker.plugin.service.pdp.errors
 
 
 def test_session_is_cut_when_its_certificate_expires(make_broker, connect_to, test_pki: TestPki,
@@ -265,3 +286,72 @@ def test_a_replaced_snapshot_is_released_without_touching_what_the_new_one_share
     release(point.swap(loaded), loaded)
     assert point.decide(sensor, "publish", topic).allowed and point.registered("sensor-9") is not None
     assert not second.index.decide(sensor.attrs, "publish", topic).allowed
+
+
+def test_a_marker_dated_in_the_future_does_not_hold_reloads_back(tmp_path: Path) -> None:
+    """Found by an outside attack: a leftover marker with a future time (clock skew, a restored backup,
+    touch -d) held every reload back for as long as its date lay ahead, suspensions included."""
+    import os
+    import time
+
+    from pdp.runtime.sources import APPLY_MARKER, STALE_MARKER_SECONDS, change_in_progress, read_stable
+
+    target = tmp_path / "devices.yaml"
+    target.write_text("devices: []\n")
+    marker = tmp_path / APPLY_MARKER
+    marker.write_text("1\n")
+    now = time.time()
+    assert change_in_progress([str(target)], now)  # a fresh marker: a change is in progress
+    os.utime(marker, (now + 3600, now + 3600))
+    assert not change_in_progress([str(target)], now)
+    assert read_stable([str(target)], 0.01) is not None
+    os.utime(marker, (now - STALE_MARKER_SECONDS - 1,) * 2)
+    assert not change_in_progress([str(target)], now)
+
+
+def test_concurrent_applies_never_leave_a_pair_nobody_wrote(tmp_path: Path) -> None:
+    import time
+
+    """Found by an outside attack: two 'apply' runs at once left the policy of one and the registry of the
+    other on disk (3 of 60 rounds). write_together now takes a per-directory lock; each round here runs
+    two writers in separate processes and checks the pair on disk is one of the two written."""
+    policy, registry = tmp_path / "policy.csv", tmp_path / "devices.yaml"
+    script = (
+        "import sys, time\nfrom pdp.runtime.sources import write_together\n"
+        "tag, start, pause = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])\n"
+        "while time.time() < start:\n    pass\n"  # both writers begin at the same moment
+        f"write_together({{{str(policy)!r}: tag.encode(), {str(registry)!r}: tag.encode()}}, "
+        "pause_between_renames=pause)\n"
+    )
+    for round_number in range(3):
+        start = time.time() + 1.0
+        writers = [subprocess.Popen([sys.executable, "-c", script, f"{tag}{round_number}", str(start), pause],
+                                    cwd=ROOT) for tag, pause in (("A", "0.3"), ("B", "0.05"))]
+        for writer in writers:
+            assert writer.wait(timeout=60) == 0
+        assert policy.read_text() == registry.read_text(), f"round {round_number}: a mixed pair"
+
+
+def test_decisions_on_very_long_topics_are_not_cached(tmp_path: Path) -> None:
+    """The caches are bounded in entries, not bytes: long distinct topics must not fill them."""
+    from pdp.core.admission import AdmissionSettings
+    from pdp.core.identity import IdentitySettings
+    from pdp.runtime.decision_point import CACHED_TOPIC_LENGTH, DecisionPoint, PdpSettings
+
+    (tmp_path / "model.conf").write_text((ROOT / "policies" / "model.conf").read_text())
+    (tmp_path / "policy.csv").write_text(TEST_POLICY)
+    (tmp_path / "devices.yaml").write_text(registry_yaml(DEVICES))
+    point = DecisionPoint(PdpSettings(str(tmp_path / "model.conf"), str(tmp_path / "policy.csv"),
+                                      str(tmp_path / "devices.yaml"),
+                                      AdmissionSettings(identity=IdentitySettings(trust_domain=TRUST_DOMAIN))))
+    computed: list[str] = []
+    point.on_computed = lambda revision, device, action, topic, decision: computed.append(topic)
+    sensor = point.registered("sensor-1")
+    long_filter = "sites/plant-a/" + "x" * CACHED_TOPIC_LENGTH + "/#"
+    for _ in range(2):
+        decision, tier, _ = point.lookup(sensor, "subscribe", long_filter)
+        assert tier == "index" and not decision.allowed
+    assert len(point.snapshot.l1) == 0 and computed == []
+    short = "sites/plant-a/sensor-1/telemetry"
+    assert point.lookup(sensor, "publish", short)[1] == "index" and point.lookup(sensor, "publish", short)[1] == "l1"
+    assert computed == [short]

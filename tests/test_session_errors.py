@@ -118,7 +118,7 @@ def test_stock_amqtt_leaks_the_slots_of_bad_connects_reset_by_the_peer(make_brok
     bad_connect_then_reset(broker.port, test_pki, 6)
     with pytest.raises(AssertionError, match="not reached"):
         wait_for(lambda: live_connections(broker) == 0, "every slot released", timeout=3)
-    assert live_connections(broker) == 3  # and three more attempts wait on the semaphore: locked out
+    assert live_connections(broker) >= 1  # leaked for good (how many of the 3 slots depends on timing)
 
 
 def test_a_full_listener_closes_new_connections_instead_of_queueing_them(make_broker, test_pki, policy_dir, caplog):
@@ -215,3 +215,29 @@ def test_stock_amqtt_never_drops_an_idle_client(broker, connect, test_pki):
         assert root.messages.empty()
     finally:
         idle.close()
+
+
+def test_simultaneous_connects_of_one_client_id_leave_one_connection(broker, test_pki):
+    """Found by an outside attack: of several CONNECTs for one client id sent at once, the losers got no
+    CONNACK and their sockets stayed open for good (a traceback each, file descriptors growing)."""
+    import threading
+
+    clients = [raw(broker, test_pki, "sensor-1") for _ in range(8)]
+    try:
+        start = threading.Barrier(len(clients))
+
+        def send(client: RawClient) -> None:
+            start.wait()
+            client.send(connect_packet("sensor-1"))
+
+        threads = [threading.Thread(target=send, args=(client,)) for client in clients]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT)
+        open_ones = [client for client in clients if not client.closed_by_peer(timeout=3)]
+        assert len(open_ones) <= 1, f"{len(open_ones)} connections of one client id still open"
+        wait_for(lambda: broker.run(lambda: len(broker.broker._connections)) <= 1, "one connection left")
+    finally:
+        for client in clients:
+            client.close()

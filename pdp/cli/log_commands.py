@@ -6,9 +6,11 @@ import argparse
 import csv
 import json
 import re
+import sqlite3
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, TextIO
 
 from pdp.evidence.record import FIELD_NAMES, AssertionRecord
@@ -54,9 +56,11 @@ def add_arguments(sub: Any) -> None:
     q.add_argument("--device", help="device id")
     q.add_argument("--client", help="MQTT client id")
     q.add_argument("--fingerprint", help="certificate SHA-256 fingerprint: hex, with or without colons or a sha256: prefix")
-    q.add_argument("--action", choices=["connect", "publish", "subscribe", "receive", "disconnect", "unsubscribe"],
+    q.add_argument("--action", choices=["connect", "publish", "subscribe", "receive", "disconnect", "unsubscribe",
+                                        "admin", "shared-certificate"],
                    help="disconnect: sessions the broker ended (revocation, expiry, CRL, takeover); "
-                        "unsubscribe: subscriptions a reload dropped")
+                        "unsubscribe: subscriptions a reload dropped; admin: registry changes by mqtt-pdp devices; "
+                        "shared-certificate: one certificate on two connections or addresses")
     q.add_argument("--decision", choices=["allow", "deny"])
     q.add_argument("--topic", help="MQTT filter: records whose topic it matches, e.g. 'sites/+/secret/#'")
     q.add_argument("--rule", help="deciding rule id")
@@ -102,6 +106,13 @@ def add_arguments(sub: Any) -> None:
     p.add_argument("--anchors", help="where the signed checkpoints go (default: anchor_dir of the broker config)")
     p.set_defaults(log_func=cmd_prune)
 
+    b = log_sub.add_parser("backup", help="copy the database consistently while the broker writes, then verify the copy",
+                           description="Online backup (SQLite's backup API: a consistent copy while the broker keeps "
+                                       "writing), mode 0600, then every chain of the copy verified. Never overwrites.")
+    store_args(b)
+    b.add_argument("--out", required=True, help="backup file to create")
+    b.set_defaults(log_func=cmd_backup)
+
     d = log_sub.add_parser("drain", help="move records from the shared Redis Stream into the database",
                            description="Move records that brokers appended to the Redis Stream into the database (idempotent).")
     store_args(d)
@@ -123,21 +134,56 @@ def _db_path(args: argparse.Namespace) -> str:
     return str(_settings(args).get("assertion_db") or "var/assertions.db")
 
 
-def _open(args: argparse.Namespace, readonly: bool = True) -> AssertionStore:
-    path = _db_path(args)
+def check_database(path: str, may_create: bool = False) -> None:
+    """Refuse, in one line, anything at ``path`` that is not an assertion database, before SQLite touches it.
+
+    Without this a typo in --db made prune create an empty database and report success, and an empty
+    file, a directory or another application's SQLite file gave SQLite's own terse message or a schema
+    written into someone else's file. Only ``log drain`` (which fills a database) may create a new one.
+    """
+    where = Path(path)
+    if where.is_dir():
+        raise LogCliError(f"{path} is a directory, not an assertion database")
+    if not where.exists():
+        if may_create:
+            return
+        raise LogCliError(f"no assertion database at {path} (has the broker run? use --db or -c)")
+    if where.stat().st_size == 0:
+        raise LogCliError(f"{path} is an empty file, not an assertion database")
     try:
-        return AssertionStore(path, readonly=readonly)
-    except FileNotFoundError:
-        raise LogCliError(f"no assertion database at {path} (has the broker run? use --db)") from None
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            found = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'records'").fetchone()
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        raise LogCliError(f"{path} is not an assertion database: {exc}") from None
+    if found is None:
+        raise LogCliError(f"{path} is an SQLite database without a records table, not an assertion database")
 
 
-def _write_table(records: list[AssertionRecord], out: TextIO) -> None:
+def _open(args: argparse.Namespace, readonly: bool = True, may_create: bool = False) -> AssertionStore:
+    path = _db_path(args)
+    check_database(path, may_create)
+    return AssertionStore(path, readonly=readonly)
+
+
+# Fixed column widths for --follow in table mode: the header is printed once, and later rows line up with it.
+FOLLOW_WIDTHS = {"timestamp": 27, "device_id": 20, "client_id": 20, "action": 11, "topic": 40, "decision": 8,
+                 "rule_id": 20, "reason": 40, "cache_tier": 10}
+
+
+def _write_table(records: list[AssertionRecord], out: TextIO, header: bool = True, fixed: bool = False) -> None:
     """Device-supplied text is escaped (a newline in a topic cannot forge a row) and long values are cut with
     a marker, so a cut value is never read as the whole one."""
     rows = [[_cell(r, c) for c in TABLE_COLUMNS] for r in records]
-    widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(TABLE_COLUMNS)]
-    widths = [min(w, TABLE_WIDTH) for w in widths]
-    out.write("  ".join(c.upper().ljust(w) for c, w in zip(TABLE_COLUMNS, widths)).rstrip() + "\n")
+    if fixed:
+        widths = [FOLLOW_WIDTHS[c] for c in TABLE_COLUMNS]
+    else:
+        widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(TABLE_COLUMNS)]
+        widths = [min(w, TABLE_WIDTH) for w in widths]
+    if header:
+        out.write("  ".join(c.upper().ljust(w) for c, w in zip(TABLE_COLUMNS, widths)).rstrip() + "\n")
     for row in rows:
         out.write("  ".join(cut(v, w).ljust(w) for v, w in zip(row, widths)).rstrip() + "\n")
 
@@ -151,7 +197,7 @@ def _cell(record: AssertionRecord, column: str) -> str:
 JSONL_FIRST = ("decision", "device_id", "action")
 
 
-def _emit(records: list[AssertionRecord], fmt: str, out: TextIO, header: bool) -> None:
+def _emit(records: list[AssertionRecord], fmt: str, out: TextIO, header: bool, fixed: bool = False) -> None:
     if fmt == "jsonl":  # json escapes control characters itself
         for record in records:
             data = record.to_json_dict()
@@ -164,7 +210,7 @@ def _emit(records: list[AssertionRecord], fmt: str, out: TextIO, header: bool) -
         for record in records:
             writer.writerow([record.timestamp, *(csv_cell(getattr(record, n)) for n in FIELD_NAMES)])
     else:
-        _write_table(records, out)
+        _write_table(records, out, header, fixed)
     out.flush()
 
 
@@ -193,12 +239,19 @@ def cmd_query(args: argparse.Namespace) -> int:
         since=parse_time(args.since) if args.since else None, until=parse_time(args.until) if args.until else None,
     )
     store = _open(args)
+    _check_node(store, args.node)
     limit = args.limit if args.limit is not None else (100 if args.format == "table" and not args.follow else None)
-    if limit is not None:
-        rows = list(store.query(filters, limit=limit, newest_first=True))[::-1]
+    truncated = False
+    if limit is not None:  # one more than asked for: whether the output is cut is then known, not guessed
+        rows = list(store.query(filters, limit=limit + 1, newest_first=True))[::-1]
+        truncated = len(rows) > limit
+        rows = rows[1:] if truncated else rows
     else:
         rows = list(store.query(filters))
-    _emit([r for _, r in rows], args.format, sys.stdout, header=True)
+    _emit([r for _, r in rows], args.format, sys.stdout, header=True, fixed=args.follow)
+    if truncated:  # on stderr: a pipe of jsonl or csv gets only records
+        sys.stderr.write(f"mqtt-pdp: showing the newest {limit} matching records; more match "
+                         "(use --limit N, --since or more filters)\n")
     if not args.follow:
         return 0
     last = max((rowid for rowid, _ in rows), default=0)
@@ -208,8 +261,7 @@ def cmd_query(args: argparse.Namespace) -> int:
             new = list(store.query(filters, after_rowid=last))
             if new:
                 last = new[-1][0]
-                _emit([r for _, r in new], "jsonl" if args.format == "jsonl" else args.format, sys.stdout,
-                      header=False)
+                _emit([r for _, r in new], args.format, sys.stdout, header=False, fixed=True)
     except KeyboardInterrupt:
         return 0
 
@@ -249,6 +301,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         except AnchorError as exc:
             raise LogCliError(str(exc)) from None
     store = _open(args)
+    _check_node(store, args.node)
     reports = store.verify(args.node, anchors)
     broken = 0
     for problem in anchors.problems if anchors else []:
@@ -275,6 +328,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
             broken += 1
             print(f"BROKEN: {safe_text(problem)}")
     return 1 if broken else 0
+
+
+def _check_node(store: AssertionStore, node: str | None) -> None:
+    """A node id nobody records under is a typo, not an empty result ("0 records, chain intact" misled)."""
+    if node is None:
+        return
+    if store.db.execute("SELECT 1 FROM records WHERE node = ? LIMIT 1", (node,)).fetchone() is not None:
+        return
+    nodes = [row[0] for row in store.db.execute("SELECT DISTINCT node FROM records ORDER BY node LIMIT 11")]
+    known = ", ".join(safe_text(n, 40) for n in nodes[:10]) + (", ..." if len(nodes) > 10 else "")
+    raise LogCliError(f"no records of node {safe_text(node, 60)!r} in {store.path} (nodes: {known or 'none'})")
 
 
 def _after(store: AssertionStore, report: Any) -> int:
@@ -317,6 +381,40 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    import os
+
+    out = Path(args.out)
+    if out.exists():
+        raise LogCliError(f"{out} exists: a backup never overwrites (choose a new name, e.g. with the date)")
+    if not out.parent.is_dir():
+        raise LogCliError(f"{out.parent} is not a directory")
+    store = _open(args)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # evidence: owner-only from the first byte
+    os.close(fd)
+    try:
+        target = sqlite3.connect(out)
+        try:
+            store.db.backup(target)
+        finally:
+            target.close()
+    except (sqlite3.Error, OSError):
+        out.unlink(missing_ok=True)
+        raise
+    copy = AssertionStore(out, readonly=True)
+    try:
+        reports = copy.verify()
+        count = copy.count()
+    finally:
+        copy.close()
+    broken = [r for r in reports if r.problem is not None]
+    if broken:
+        print(f"backed up {count} records to {out}, but {len(broken)} chain(s) are broken: run mqtt-pdp log verify")
+        return 1
+    print(f"backed up {count} records of {len(reports)} node(s) to {out}; every chain verified")
+    return 0
+
+
 def cmd_drain(args: argparse.Namespace) -> int:
     import redis
 
@@ -327,8 +425,11 @@ def cmd_drain(args: argparse.Namespace) -> int:
     if not url:
         raise LogCliError("no Redis URL: give --redis or redis_url in the broker config")
     prefix = args.prefix or settings.get("redis_prefix") or "mqtt-pdp"
-    client = redis.Redis.from_url(url, socket_timeout=5)
-    store = AssertionStore(_db_path(args))
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=5)
+    except ValueError as exc:
+        raise LogCliError(f"Redis URL {url!r}: {exc}") from None
+    store = _open(args, readonly=False, may_create=True)
     try:
         while True:
             try:

@@ -16,6 +16,9 @@ from pdp.runtime.config import DEFAULT_CONFIG
 log = logging.getLogger("mqtt_pdp.cli")
 
 
+LOG_LEVELS = ["debug", "info", "warning", "error"]  # as pdp.runtime.logs.LEVELS (not imported: --help stays fast)
+
+
 class CliError(Exception):
     """One line for the user, exit status 2."""
 
@@ -36,6 +39,13 @@ def _pdp_paths(args: argparse.Namespace) -> tuple[str, str, str, dict[str, Any]]
     return model, policy, registry, settings
 
 
+def _registry(location: str, settings: dict[str, Any]) -> Any:
+    """The registry file, or the Redis registry when the location is a redis:// URL."""
+    from pdp.cli.device_commands import _load
+
+    return _load(location, argparse.Namespace(), settings)[1]
+
+
 def _add_policy_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", help=f"broker config to take file paths from (default: {DEFAULT_CONFIG} if present)")
     parser.add_argument("--model", help="Casbin model file (default: from config, else policies/model.conf)")
@@ -48,66 +58,49 @@ def _add_policy_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from pdp.policy.load import load_policy
-    from pdp.registry.file import load_registry
+    from pdp.core.admission import AdmissionSettings, SettingsError
     from pdp.runtime.decision_point import check_client_ids
     from pdp.runtime.settings import ServiceSettings
 
     model, policy_path, registry_path, settings = _pdp_paths(args)
     policy = load_policy(model, policy_path)
-    registry = load_registry(registry_path)
-    check_client_ids(settings.get("client_id", ServiceSettings().client_id), registry)
+    registry = _registry(registry_path, settings)
+    pattern = settings.get("client_id", ServiceSettings().client_id)
+    try:
+        AdmissionSettings(client_id_pattern=pattern)  # the broker refuses to start on what this refuses
+    except SettingsError as exc:
+        raise CliError(str(exc)) from None
+    check_client_ids(pattern, registry)
     by_status: dict[str, int] = {}
     for device in registry.devices.values():
         by_status[device.status] = by_status.get(device.status, 0) + 1
     statuses = ", ".join(f"{count} {status}" for status, count in sorted(by_status.items())) or "none"
     print(f"ok: {policy_path}: {len(policy.rules)} rules (revision {policy.revision})")
     print(f"ok: {registry_path}: {len(registry)} devices ({statuses}) (revision {registry.revision})")
-    return 0
+    from pdp.cli.policy_commands import report_lint
 
-
-def cmd_explain(args: argparse.Namespace) -> int:
-    from pdp.core.index import PolicyIndex
-    from pdp.core.topics import TopicError, validate_filter, validate_topic
-    from pdp.policy.load import load_policy
-    from pdp.registry.file import load_registry
-
-    model, policy_path, registry_path, _ = _pdp_paths(args)
-    try:
-        (validate_filter if args.action == "subscribe" else validate_topic)(args.topic)
-    except TopicError as exc:
-        raise CliError(str(exc)) from None
-    policy = load_policy(model, policy_path)
-    registry = load_registry(registry_path)
-    device = registry.lookup(args.device)
-    if device is None:
-        raise CliError(f"unknown device {args.device!r} (not in {registry_path})")
-    decision = PolicyIndex(policy.rules).decide(device.attrs, args.action, args.topic)
-    reference = policy.reference.decide(device, args.action, args.topic)
-    lines = {rule.rule_id: rule.line for rule in policy.rules}
-    print(f"decision: {'allow' if decision.allowed else 'deny'}")
-    if decision.rule_id:
-        print(f"rule:     {decision.rule_id} ({policy_path}:{lines.get(decision.rule_id)})")
-    else:
-        print("rule:     none")
-    print(f"reason:   {decision.reason}")
-    print("device:   " + " ".join(f"{k}={v}" for k, v in device.attrs.items()) + f" status={device.status}")
-    if device.status != "active":
-        print(f"note:     device is {device.status}; it is refused at connect whatever the rules say")
-    agree = (reference.allowed, reference.rule_id) == (decision.allowed, decision.rule_id)
-    print(f"casbin:   {'allow' if reference.allowed else 'deny'} ({reference.rule_id or 'no rule'})"
-          f"{'' if agree else '  MISMATCH: please report this'}")
-    return 0 if agree else 1
+    return report_lint(policy, registry, policy_path, args.strict)
 
 
 # -- pki ------------------------------------------------------------------------------------
 
 
 def cmd_pki(args: argparse.Namespace) -> int:
+    try:
+        return _write_pki(args)
+    except OSError as exc:  # where --out cannot be written: say which path and why, in one line
+        raise CliError(f"cannot write to --out {args.out}: {exc.strerror or exc}"
+                       + (f": {exc.filename}" if exc.filename else "")) from None
+
+
+def _write_pki(args: argparse.Namespace) -> int:
     from pdp import pki
     from pdp.core.topics import level_value_problem
     from pdp.registry.file import load_registry
 
     out = Path(args.out)
+    if args.days < 1:
+        raise CliError(f"--days {args.days}: a certificate must be valid for at least 1 day")
     device_ids: list[str] = list(args.device or [])
     if not device_ids:
         device_ids = sorted(load_registry(args.registry).devices)
@@ -173,8 +166,16 @@ def cmd_broker(args: argparse.Namespace) -> int:
         raise CliError(f"{args.config}: unknown plugin settings: {', '.join(sorted(unknown))}")
     defaults = ServiceSettings()
     load_policy(settings.get("model", defaults.model), settings.get("policy", defaults.policy))
-    load_registry(settings.get("registry", defaults.registry))
+    from pdp.registry.redis_registry import is_redis_url
+
+    if not is_redis_url(settings.get("registry", defaults.registry)):  # a Redis registry is loaded by the broker
+        load_registry(settings.get("registry", defaults.registry))
     _check_tls_files(args.config, config)
+    from pdp.runtime import logs
+
+    if settings.get("log_format", "text") not in logs.FORMATS:
+        raise CliError(f"{args.config}: log_format {settings['log_format']!r} is not one of {', '.join(logs.FORMATS)}")
+    logs.use_format(settings.get("log_format", "text"))
     try:
         run_broker(config)
     except BrokerFailed as exc:
@@ -224,6 +225,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
         targets[policy_path] = text.encode()
         summary.append(f"applied: {policy_path} ({len(policy.rules)} rules, revision {policy.revision})")
     if args.new_registry:
+        from pdp.registry.redis_registry import is_redis_url
+
+        if is_redis_url(registry_path):
+            raise CliError(f"the registry is in Redis ({registry_path}); use mqtt-pdp devices import {args.new_registry}")
         text = read_text(args.new_registry, "registry")
         registry = parse_registry(text, args.new_registry)
         check_registry(settings.get("client_id", ServiceSettings().client_id), registry)
@@ -239,7 +244,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mqtt-pdp", description=__doc__)
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("broker", help="run the hardened amqtt broker with device authorization",
@@ -264,17 +270,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing key (brokers still using the old one ignore the new entries)")
     p.set_defaults(func=cmd_l2_key)
 
-    p = sub.add_parser("check", help="validate the model, policy and registry", description="Validate model, policy and registry files.")
+    p = sub.add_parser("check", help="validate the model, policy and registry, and lint the rules",
+                       description="Validate model, policy and registry files, then lint the rules (findings with "
+                                   "severity, code and file:line; see README, 'Policy author's workflow'). Exit status: "
+                                   "0 valid (warnings allowed unless --strict), 1 warnings with --strict, 2 error.")
     _add_policy_args(p)
+    p.add_argument("--strict", action="store_true", help="exit 1 when lint reports a warning")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("explain", help="show the decision, deciding rule and reason for one request",
-                       description="Explain the decision for one device, topic and action (Casbin's answer is shown beside it).")
-    _add_policy_args(p)
-    p.add_argument("--device", required=True, help="device id from the registry")
-    p.add_argument("--topic", required=True, help="topic name (publish, receive) or filter (subscribe)")
-    p.add_argument("--action", required=True, choices=["publish", "subscribe", "receive"])
-    p.set_defaults(func=cmd_explain)
+    from pdp.cli import policy_commands
+
+    policy_commands.add_arguments(sub)
 
     p = sub.add_parser("apply", help="validate and replace policy and/or registry together, atomically",
                        description="Validate new versions of the policy and/or registry against each other, then "
@@ -287,20 +293,54 @@ def build_parser() -> argparse.ArgumentParser:
     from pdp.cli import log_commands as log_cli
 
     log_cli.add_arguments(sub)
+    from pdp.cli import device_commands
+
+    device_commands.add_arguments(sub)
+    from pdp.cli import report_commands
+
+    report_commands.add_arguments(sub)
+    from pdp.cli import admin_commands
+
+    admin_commands.add_arguments(sub)
+    _global_options_everywhere(parser)
     return parser
+
+
+def _global_options_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Accept ``--log-level`` after the subcommand too (``mqtt-pdp log query --log-level debug``).
+
+    Added to every subparser, however deep, with a suppressed default so it only overrides the
+    top-level value when given; done once here so new subcommands get it without a line of their own.
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in set(action.choices.values()):
+                if "--log-level" not in subparser._option_string_actions:
+                    subparser.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS,
+                                           help="log level (also accepted before the command)")
+                _global_options_everywhere(subparser)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mqtt-pdp")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "hostname", "unset") is None:
         args.hostname = ["localhost"]
-    level = getattr(logging, args.log_level.upper())
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if level > logging.DEBUG:
-        logging.getLogger("amqtt").setLevel(logging.WARNING)
-        logging.getLogger("transitions").setLevel(logging.WARNING)
-    logging.getLogger("casbin").setLevel(logging.WARNING)
+    from pdp.runtime import logs
+
+    logs.configure(args.log_level)
+    from pdp.cli.device_commands import DeviceCliError
+    from pdp.cli.report_commands import ReportCliError
     from pdp.cli.log_commands import LogCliError
+    from pdp.runtime.admin import AdminError
 
     try:
         if args.command == "log":
@@ -308,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return log_cli.run(args)
         return int(args.func(args))
-    except (CliError, SourceError, LogCliError) as exc:
+    except (CliError, SourceError, LogCliError, AdminError, DeviceCliError, ReportCliError) as exc:
         print(f"mqtt-pdp: error: {exc}", file=sys.stderr)
         return 2
     except sqlite3.DatabaseError as exc:  # --db names something that is not an assertion database

@@ -96,14 +96,22 @@ def client_id_overlap(pattern: str, device_ids: Iterable[str]) -> tuple[str, str
     return None
 
 
-def device_problem(device: Device | None, identity: DeviceIdentity | None) -> str | None:
-    """Why a registered device (with this certificate) may not be connected now, or None."""
+BINDING_CLOSED = "certificate binding window closed"
+
+
+def device_problem(device: Device | None, identity: DeviceIdentity | None, now: datetime | None = None) -> str | None:
+    """Why a registered device (with this certificate) may not be connected now, or None.
+
+    ``now`` also checks the binding's window (a rotated-out certificate); without it only the binding itself.
+    """
     if device is None:
         return "unknown device"
     if device.status != "active":
         return f"device {device.status}"
     if device.fingerprints and (identity is None or identity.certificate.fingerprint_sha256 not in device.fingerprints):
         return "certificate not bound to device"
+    if now is not None and identity is not None and device.binding_closed(identity.certificate.fingerprint_sha256, now):
+        return BINDING_CLOSED
     return None
 
 
@@ -134,7 +142,7 @@ def admit(
         device_id = identity.device_id
 
     device = registry.lookup(device_id)
-    problem = device_problem(device, identity)
+    problem = device_problem(device, identity, now)
     if problem is not None or device is None:
         return Admission(False, problem or "unknown device", identity, device)
     if not client_id_permitted(settings.client_id_pattern, device_id, request.client_id):

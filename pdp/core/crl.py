@@ -68,3 +68,17 @@ def parse_crls(files: Sequence[tuple[str, bytes]]) -> RevocationList:
             revoked.update((issuer, format(entry.serial_number, "x")) for entry in crl)
             next_updates.append((path, crl.next_update_utc))
     return RevocationList(frozenset(revoked), tuple(next_updates), digest.hexdigest()[:12] if files else "")
+
+
+def merge_crls(parts: Sequence[RevocationList]) -> RevocationList:
+    """The CRL files read one by one (each keeps its own last good version), as one list."""
+    parts = [part for part in parts if part.revision]
+    if not parts:
+        return NO_REVOCATIONS
+    if len(parts) == 1:
+        return parts[0]
+    revoked: set[tuple[str, str]] = set()
+    for part in parts:
+        revoked |= part.revoked
+    digest = hashlib.sha256("\0".join(part.revision for part in parts).encode()).hexdigest()[:12]
+    return RevocationList(frozenset(revoked), tuple(u for part in parts for u in part.next_updates), digest)

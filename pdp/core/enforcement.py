@@ -20,7 +20,8 @@ be tested in microseconds without a broker:
 * snapshot swapped, subscriptions: every filter a connection (or offline
   session) holds is judged again; one the new snapshot no longer grants is
   dropped (MQTT 3.1.1 cannot tell the client; deliveries on it simply end).
-* clock: a connection whose certificate's notAfter has passed is revoked.
+* clock: a connection whose certificate's notAfter has passed, or whose certificate binding's
+  window has closed (the old certificate of a rotation), is revoked.
 * retained messages carry their publisher's rights (as Mosquitto's
   ``check_retain_source``): one is served only while its publisher is still
   registered, active and allowed to publish to that topic.
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
 
+from pdp.core import gateway
 from pdp.core.admission import Admission, ConnectRequest
 from pdp.core.engine import Decision
 from pdp.registry.device import Device
@@ -63,6 +65,10 @@ class Authority(Protocol):
 
     def credential_problem(self, admission: Admission) -> str | None:
         """Why the certificate an admission was made with is no longer good (CRL, unbound), or None."""
+        ...
+
+    def binding_problem(self, admission: Admission, now: datetime) -> str | None:
+        """Why the admission's certificate binding has closed by ``now`` (a rotation window), or None."""
         ...
 
     @property
@@ -157,6 +163,7 @@ class Verdict:
     decision: Decision
     tier: str
     snapshot_revision: str
+    relay: tuple[str, str] | None = None  # a gateway's publish: deliver as (child id, inner topic)
 
     @property
     def allowed(self) -> bool:
@@ -283,7 +290,7 @@ class Enforcer:
         return actions
 
     def _subscribe(self, event: SubscribeRequested) -> list[Action]:
-        verdict = self.verdict(event.conn, "subscribe", event.topic_filter)
+        verdict = self._judged(event.conn, "subscribe", event.topic_filter)
         if verdict.allowed:
             self._connections[event.conn].filters.add(event.topic_filter)
         return [verdict]
@@ -295,7 +302,23 @@ class Enforcer:
         return []
 
     def _publish(self, event: PublishReceived) -> list[Action]:
-        return [self._reserved(event.conn, event.topic) or self.verdict(event.conn, "publish", event.topic)]
+        reserved = self._reserved(event.conn, event.topic)
+        return [reserved or self._judged(event.conn, "publish", event.topic)]
+
+    def _judged(self, conn: ConnId, action: str, topic: str) -> Verdict:
+        """``verdict``, and for a gateway's wire topic or filter (``gw/<child>/...``) the child's side too."""
+        own = self.verdict(conn, action, topic)
+        if not own.allowed or not topic.startswith(gateway.PREFIX):
+            return own
+        parts = gateway.split(topic)
+        device = self._connections[conn].admission.device
+        if parts is None or device is None:
+            return own  # not a relay topic (e.g. 'gw/x'): an ordinary request the rules allowed
+        child_id, inner = parts
+        decision = gateway.child_decision(device, child_id, self.authority.registered(child_id), inner,
+                                          lambda d, a, t: self.authority.lookup(d, a, t)[0], action)
+        return Verdict(conn, action, topic, decision, own.tier, own.snapshot_revision,
+                       relay=(child_id, inner) if decision.allowed else None)
 
     def _reserved(self, conn: ConnId, topic: str) -> Verdict | None:
         """``$`` topics are the broker's ([MQTT-4.7.2-1]): no client publishes there, whatever the policy grants."""
@@ -311,7 +334,7 @@ class Enforcer:
             if refusal is not None:
                 return [Verdict(event.conn, "receive", event.topic, Decision(False, None, refusal), PUBLISHER_TIER,
                                 self.authority.snapshot_revision)]
-        return [self.verdict(event.conn, "receive", event.topic)]
+        return [self._judged(event.conn, "receive", event.topic)]
 
     def _retained_source_problem(self, admission: Admission, topic: str) -> str | None:
         publisher_id = admission.device.device_id if admission.device is not None else "?"
@@ -353,7 +376,7 @@ class Enforcer:
     def _recheck_filters(self, conn: ConnId, state: _Connection) -> list[Action]:
         dropped: list[Action] = []
         for topic_filter in sorted(state.filters):
-            verdict = self.verdict(conn, "subscribe", topic_filter)
+            verdict = self._judged(conn, "subscribe", topic_filter)
             if not verdict.allowed:
                 state.filters.discard(topic_filter)
                 dropped.append(DropSubscription(conn, state.client_id, topic_filter,
@@ -364,9 +387,16 @@ class Enforcer:
         actions: list[Action] = []
         for conn, state in self._connections.items():
             identity = state.admission.identity
-            if state.online and state.revoked is None and identity is not None and identity.certificate.not_after <= event.now:
+            if not state.online or state.revoked is not None or identity is None:
+                continue
+            if identity.certificate.not_after <= event.now:
                 state.revoked = "certificate expired"
                 actions.append(Disconnect(conn, state.client_id, "certificate expired"))
+                continue
+            closed = self.authority.binding_problem(state.admission, event.now)
+            if closed is not None:  # the old certificate of a rotation: its window has just closed
+                state.revoked = closed
+                actions.append(Disconnect(conn, state.client_id, closed))
         return actions
 
     def _closed(self, event: ConnectionClosed) -> list[Action]:

@@ -168,6 +168,19 @@ def _device_id_from_uris(uris: tuple[str, ...], trust_domain: str) -> str:
     return path[len(DEVICE_PATH):]
 
 
+def device_id_problem(device_id: str) -> str | None:
+    """Why a device id cannot be used, or None.
+
+    An id is bound into topic patterns (so it must be a valid topic level) and into client ids, where a
+    trailing '*' is the pattern's wildcard: a registered device 'sens*' could claim 'sensor-1' and take
+    over its session. So '*' is refused anywhere in an id.
+    """
+    problem = level_value_problem(device_id)
+    if problem is None and "*" in device_id:
+        return "contains '*' (the client id pattern's wildcard)"
+    return problem
+
+
 def derive_identity(cert: CertificateInfo, settings: IdentitySettings, now: datetime) -> DeviceIdentity:
     """The device identity the certificate proves at ``now``, or IdentityRefused."""
     if now < cert.not_before:
@@ -186,7 +199,7 @@ def derive_identity(cert: CertificateInfo, settings: IdentitySettings, now: date
             device_id = _device_id_from_uris(cert.uris, settings.trust_domain)
     except IdentityRefused as refused:
         raise IdentityRefused(refused.reason, cert) from None
-    problem = level_value_problem(device_id)
+    problem = device_id_problem(device_id)
     if problem is not None:
         raise IdentityRefused(f"invalid device id {device_id!r}: {problem}", cert)
     return DeviceIdentity(device_id=device_id, certificate=cert)

@@ -100,6 +100,12 @@ def _check_rule(tokens: list[str], path: str, line: int) -> Rule:
             path, line, f"expected {len(POLICY_FIELDS)} fields after 'p' ({', '.join(POLICY_FIELDS)}), got {len(values)}"
         )
     rule_id, dtype, location, purpose, topic, action, effect = values
+    for value in values:
+        # CSV habit: a quoted field keeps its quotes here and in Casbin ('"sites/x"' is a topic with quotes in
+        # it), so the rule silently never matched.
+        if value[:1] in ('"', "'") or value[-1:] in ('"', "'"):
+            raise SourceError(path, line, f"field {value!r} is quoted: write policy fields without quotes "
+                                          "(quotes would be part of the value and the rule would never match)")
     if not RULE_ID_RE.match(rule_id):
         raise SourceError(path, line, f"rule id {rule_id!r} must be 1-128 of letters, digits, '_', '.', ':', '-'")
     for name, value in (("type", dtype), ("location", location), ("purpose", purpose)):

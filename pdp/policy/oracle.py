@@ -32,6 +32,7 @@ from functools import lru_cache
 
 import casbin
 from casbin.persist import Adapter, load_policy_line
+from casbin.util.expression import SimpleEval
 
 from pdp.core.engine import Decision, decision_for
 from pdp.registry.device import Device
@@ -193,7 +194,7 @@ class CasbinReference:
         self._policy_text = policy_text
         model = casbin.model.Model()
         model.load_model_from_text(model_text)
-        self.enforcer = casbin.Enforcer(model, TextAdapter(policy_text))
+        self.enforcer = _parsing_once(casbin.Enforcer(model, TextAdapter(policy_text)))
         self.enforcer.add_function("topicMatch", _topic_match)
         self._first_allow_enforcer: casbin.Enforcer | None = None
 
@@ -204,7 +205,7 @@ class CasbinReference:
             allow_model = casbin.model.Model()
             allow_model.load_model_from_text(self._model_text)
             allow_model.add_def("e", "e", FIRST_ALLOW_EFFECT)
-            enforcer = casbin.Enforcer(allow_model, TextAdapter(self._policy_text))
+            enforcer = _parsing_once(casbin.Enforcer(allow_model, TextAdapter(self._policy_text)))
             enforcer.add_function("topicMatch", _topic_match)
             self._first_allow_enforcer = enforcer
         return self._first_allow_enforcer
@@ -218,3 +219,26 @@ class CasbinReference:
             return decision_for(False, explain[0] if explain else None)
         _, allow_explain = self._first_allow.enforce_ex(device, topic, action)
         return decision_for(True, allow_explain[0])
+
+
+def _parsing_once(enforcer: casbin.Enforcer) -> casbin.Enforcer:
+    """Casbin parses the model's matcher with ``ast.parse`` on every request; here once per enforcer.
+
+    Besides the cost, CPython 3.11's AST builder keeps its recursion depth per interpreter, not per
+    thread: two threads compiling at once (two brokers' verifications in one test process) fail with
+    ``SystemError: AST constructor recursion depth mismatch``, which killed a broadcast task. Each
+    request still gets its own evaluator (it holds the request's names); only the parsed tree is shared.
+    """
+    parsed: dict[str, object] = {}
+    build = enforcer._get_expression
+
+    def get_expression(expr: str, functions: object = None) -> SimpleEval:
+        tree = parsed.get(expr)
+        if tree is None:
+            tree = parsed[expr] = build(expr, functions).ast_parsed_value
+        evaluator = SimpleEval("", functions)
+        evaluator.expr, evaluator.ast_parsed_value = expr, tree
+        return evaluator
+
+    enforcer._get_expression = get_expression  # type: ignore[method-assign]
+    return enforcer

@@ -8,12 +8,32 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cached_property
 from types import MappingProxyType
 from typing import Protocol
 
 STATUSES: tuple[str, ...] = ("provisioned", "active", "suspended", "retired")
 ATTRIBUTE_FIELDS: tuple[str, ...] = ("type", "location", "purpose", "owner")
+
+
+@dataclass(frozen=True)
+class CertBinding:
+    """One certificate bound to a device, with what ``bind-cert`` read from it.
+
+    ``not_after`` closes the binding (the rotation window of an old certificate): from then on the
+    certificate no longer admits the device, whatever its own validity. ``expires`` is the
+    certificate's own notAfter, kept for the expiry report.
+    """
+
+    fingerprint: str
+    not_after: datetime | None = None
+    serial: str = ""
+    issuer: str = ""
+    expires: datetime | None = None
+
+    def closed(self, now: datetime) -> bool:
+        return self.not_after is not None and self.not_after <= now
 
 
 @dataclass(frozen=True)
@@ -24,7 +44,20 @@ class Device:
     purpose: str
     owner: str
     status: str
-    fingerprints: frozenset[str] = field(default_factory=frozenset)
+    fingerprints: frozenset[str] = field(default_factory=frozenset)  # every bound certificate, bindings' too
+    bindings: tuple[CertBinding, ...] = ()  # bound with metadata and an optional window (``certificates:``)
+    gateway: str = ""  # the gateway device that may act for this one (a legacy device without a certificate)
+
+    def binding(self, fingerprint: str) -> CertBinding | None:
+        for binding in self.bindings:
+            if binding.fingerprint == fingerprint:
+                return binding
+        return None
+
+    def binding_closed(self, fingerprint: str, now: datetime) -> bool:
+        """True once the window of this certificate's binding has closed (rotation: the old certificate)."""
+        binding = self.binding(fingerprint) if self.bindings else None
+        return binding is not None and binding.closed(now)
 
     @cached_property
     def attrs(self) -> Mapping[str, str]:
@@ -43,7 +76,8 @@ class Device:
     @cached_property
     def attributes_revision(self) -> str:
         """Changes whenever anything a decision or admission depends on changes; part of cache keys."""
-        text = "\0".join([*self.attrs.values(), self.status, *sorted(self.fingerprints)])
+        windows = sorted(f"{b.fingerprint}@{b.not_after.isoformat() if b.not_after else ''}" for b in self.bindings)
+        text = "\0".join([*self.attrs.values(), self.status, *sorted(self.fingerprints), *windows, self.gateway])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

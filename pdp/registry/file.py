@@ -12,21 +12,24 @@ import logging
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 
 import yaml
 
 from pdp.errors import SourceError
-from pdp.core.identity import normalize_fingerprint
+from pdp.core.identity import device_id_problem, normalize_fingerprint
 from pdp.core.topics import level_value_problem
-from pdp.registry.device import ATTRIBUTE_FIELDS, STATUSES, Device
+from pdp.registry.device import ATTRIBUTE_FIELDS, STATUSES, CertBinding, Device
 
 log = logging.getLogger(__name__)
 
 _STATUS = {status: status for status in STATUSES}
 _NO_FINGERPRINTS: frozenset[str] = frozenset()
-_KNOWN_FIELDS = frozenset({"id", "status", "fingerprints", *ATTRIBUTE_FIELDS})
+_KNOWN_FIELDS = frozenset({"id", "status", "fingerprints", "certificates", "gateway", *ATTRIBUTE_FIELDS})
+# The fields of one ``certificates:`` item (a binding): only ``fingerprint`` is required.
+BINDING_FIELDS = ("fingerprint", "serial", "issuer", "expires", "not_after")
 
 
 @dataclass(frozen=True)
@@ -72,12 +75,45 @@ def _scalar(node: yaml.Node, path: str, what: str) -> str:
 # One field of a device, as both readers hand it to ``_build_device``: (name, its line, value), the value
 # being the field's text, or for a sequence its items as (text, line), or a SourceError to raise when the
 # value is read (the node reader's "must be a single value" / "must be a list" cases, in their original order).
-Entry = tuple[str, int, "str | list[tuple[str, int]] | SourceError"]
+Entry = tuple[str, int, "str | list[tuple[str, int]] | list[tuple[dict[str, tuple[str, int]], int]] | SourceError"]
 _SAFE_VALUE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,127}")  # certainly passes level_value_problem
 
 
 def _value_problem(value: str) -> str | None:
     return None if _SAFE_VALUE.fullmatch(value) else level_value_problem(value)
+
+
+def parse_time(text: str) -> datetime:
+    """An ISO 8601 time; without a zone it is UTC. ValueError with the text when unreadable."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not an ISO 8601 time (e.g. 2026-12-01T00:00:00Z)") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
+def format_time(moment: datetime | None) -> str:
+    return "" if moment is None else moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _binding(item: dict[str, tuple[str, int]], line: int, path: str) -> CertBinding:
+    for key, (_, key_line) in item.items():
+        if key not in BINDING_FIELDS:
+            raise SourceError(path, key_line, f"unknown certificate field {key!r} (known: {', '.join(BINDING_FIELDS)})")
+    if "fingerprint" not in item:
+        raise SourceError(path, line, "certificate is missing field 'fingerprint'")
+    values: dict[str, object] = {}
+    for key, (text, key_line) in item.items():
+        try:
+            if key == "fingerprint":
+                values[key] = normalize_fingerprint(text)
+            elif key in ("expires", "not_after"):
+                values[key] = parse_time(text) if text else None
+            else:
+                values[key] = text
+        except ValueError as exc:
+            raise SourceError(path, key_line, f"certificate {key}: {exc}") from None
+    return CertBinding(**values)  # type: ignore[arg-type]
 
 
 def _build_device(entries: Iterable[Entry], line: int, path: str, intern: dict[str, str]) -> Device:
@@ -89,11 +125,26 @@ def _build_device(entries: Iterable[Entry], line: int, path: str, intern: dict[s
     values: dict[str, str] = {}
     lines: dict[str, int] = {}
     fingerprints: set[str] = set()
+    bindings: list[CertBinding] | None = None
     for key, key_line, value in entries:
         if key not in _KNOWN_FIELDS:
             raise SourceError(path, key_line, f"unknown field {key!r} (known: {', '.join(sorted(_KNOWN_FIELDS))})")
-        if key in values or (key == "fingerprints" and fingerprints):
+        if key in values or (key == "fingerprints" and fingerprints) or (key == "certificates" and bindings is not None):
             raise SourceError(path, key_line, f"field {key!r} given twice")
+        if key == "certificates":
+            if isinstance(value, SourceError):
+                raise value
+            if not isinstance(value, list):
+                raise SourceError(path, key_line, "certificates must be a list of mappings with a fingerprint")
+            bindings = []
+            for item, item_line in value:
+                if isinstance(item, SourceError):
+                    raise item
+                binding = _binding(item, item_line, path)  # type: ignore[arg-type]
+                if any(b.fingerprint == binding.fingerprint for b in bindings):
+                    raise SourceError(path, item_line, "certificate bound twice")
+                bindings.append(binding)
+            continue
         if key == "fingerprints":
             if not isinstance(value, list):
                 raise SourceError(path, key_line, "fingerprints must be a list of SHA-256 fingerprints")
@@ -119,7 +170,7 @@ def _build_device(entries: Iterable[Entry], line: int, path: str, intern: dict[s
         if value in intern:  # already checked (interned values are valid ones)
             values[name] = intern[value]
             continue
-        problem = _value_problem(value)
+        problem = _value_problem(value) if name != "id" else device_id_problem(value)
         if problem is not None:
             raise SourceError(path, lines[name], f"{name} {value!r} {problem}")
         if name != "id":
@@ -127,6 +178,20 @@ def _build_device(entries: Iterable[Entry], line: int, path: str, intern: dict[s
     status = values["status"]
     if status not in STATUSES:
         raise SourceError(path, lines["status"], f"status {status!r} is not one of {', '.join(STATUSES)}")
+    gateway = values.get("gateway", "")
+    if gateway:
+        problem = device_id_problem(gateway)
+        if problem is not None:
+            raise SourceError(path, lines["gateway"], f"gateway {gateway!r} {problem}")
+        if gateway == values["id"]:
+            raise SourceError(path, lines["gateway"], "a device cannot be its own gateway")
+    if bindings or gateway:
+        bound = {b.fingerprint for b in bindings or ()}
+        overlap = fingerprints & bound
+        if overlap:
+            raise SourceError(path, line, f"fingerprint {min(overlap)} is under both fingerprints and certificates")
+        return Device(values["id"], values["type"], values["location"], values["purpose"], values["owner"],
+                      _STATUS[status], frozenset(fingerprints | bound), tuple(bindings or ()), gateway)
     return Device(values["id"], values["type"], values["location"], values["purpose"], values["owner"],
                   _STATUS[status], frozenset(fingerprints) if fingerprints else _NO_FINGERPRINTS)
 
@@ -142,11 +207,33 @@ def _node_entries(node: yaml.MappingNode, path: str) -> Iterator[Entry]:
                       item.start_mark.line + 1) for item in value_node.value]
         elif key == "fingerprints":
             value = ""  # not a list: refused by _build_device at this key's line
+        elif key == "certificates":
+            value = _certificate_items(value_node, path)  # type: ignore[assignment]
         elif isinstance(value_node, yaml.ScalarNode):
             value = str(value_node.value)
         else:
             value = SourceError(path, value_node.start_mark.line + 1, f"field {key!r} must be a single value")
         yield key, key_line, value
+
+
+def _certificate_items(node: yaml.Node, path: str) -> list[tuple[object, int]] | SourceError:
+    """``certificates:`` as (field -> (text, line), line) per item; the fast reader leaves these to YAML."""
+    if isinstance(node, yaml.ScalarNode) and node.value in ("", "~", "null"):
+        return []
+    if not isinstance(node, yaml.SequenceNode):
+        return SourceError(path, node.start_mark.line + 1, "certificates must be a list of mappings with a fingerprint")
+    items: list[tuple[object, int]] = []
+    for item in node.value:
+        line = item.start_mark.line + 1
+        if not isinstance(item, yaml.MappingNode):
+            items.append((SourceError(path, line, "each certificate must be a mapping with a fingerprint"), line))
+            continue
+        fields: dict[str, tuple[str, int]] = {}
+        for key_node, value_node in item.value:
+            key = _scalar(key_node, path, "a certificate field name")
+            fields[key] = (_scalar(value_node, path, f"certificate field {key!r}"), value_node.start_mark.line + 1)
+        items.append((fields, line))
+    return items
 
 
 def _device_from_node(node: yaml.Node, path: str, intern: dict[str, str] | None = None) -> Device:

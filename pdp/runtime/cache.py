@@ -30,6 +30,7 @@ from pdp.core.topics import (
     bind,
     covers,
     matches,
+    overlaps,
     validate_filter,
     validate_topic,
 )
@@ -154,7 +155,7 @@ def _policy_problem(rules: Mapping[str, Rule], attributes: Mapping[str, str], ac
     """Why an authenticated entry still cannot be used under the current policy, if it cannot.
 
     The named rule must exist, be of this action and effect, select this device (the engine's selector
-    semantics) and cover this topic: one rule evaluated, not the whole policy. ``bound`` memoizes each
+    semantics) and apply to this topic as the index applies it (a subscribe deny by overlap): one rule evaluated, not the whole policy. ``bound`` memoizes each
     rule's pattern bound to this device for one fetch, since binding costs more than matching.
     A deny by no rule needs nothing: it can only refuse.
     """
@@ -171,9 +172,14 @@ def _policy_problem(rules: Mapping[str, Rule], attributes: Mapping[str, str], ac
     if rule_id not in bound:
         bound[rule_id] = bind(rule.topic, attributes)
     pattern = bound[rule_id]
-    if pattern is None or not (covers if action == "subscribe" else matches)(pattern, topic):
+    if pattern is None:
         return "rule does not cover the topic"
-    return None
+    if action != "subscribe":
+        return None if matches(pattern, topic) else "rule does not cover the topic"
+    # The index's subscribe semantics: an allow covers the filter, a deny needs only to overlap it.
+    if (covers if allowed else overlaps)(pattern, topic):
+        return None
+    return "rule does not cover the topic" if allowed else "rule does not overlap the filter"
 
 
 class RedisDecisionCache:

@@ -13,18 +13,18 @@ from pdp.registry.file import yaml_error
 PLUGIN_PATH = "broker_plugin.plugin.DeviceAuthorizationPlugin"
 DEFAULT_CONFIG = "deploy/broker.yaml"
 LISTENER_PATH_KEYS = ("cafile", "capath", "certfile", "keyfile")
-PLUGIN_PATH_KEYS = ("model", "policy", "registry", "assertion_db", "spool_dir", "crl", "l2_key_file")
+PLUGIN_PATH_KEYS = ("model", "policy", "registry", "assertion_db", "spool_dir", "crl", "l2_key_file", "admin_socket")
 
 
 def _resolve(base: Path, value: Any) -> Any:
     if isinstance(value, list):
         return [_resolve(base, item) for item in value]
-    if isinstance(value, str) and value and not Path(value).is_absolute():
+    if isinstance(value, str) and value and not Path(value).is_absolute() and "://" not in value:
         return str((base / value).resolve())
     return value
 
 
-def load_broker_config(path: str | Path, *, check_files: bool = True) -> dict[str, Any]:
+def load_broker_config(path: str | Path, *, check_files: bool = True, need_listeners: bool = True) -> dict[str, Any]:
     """The amqtt configuration dict with every relative file path made absolute; SourceError if unusable."""
     path = Path(path)
     try:
@@ -41,7 +41,9 @@ def load_broker_config(path: str | Path, *, check_files: bool = True) -> dict[st
         raise SourceError(str(path), None, "broker config must be a mapping with 'listeners' and 'plugins'")
     base = path.resolve().parent
     listeners = config.get("listeners")
-    if not isinstance(listeners, dict) or "default" not in listeners:
+    if listeners is None and not need_listeners:  # the CLI's commands read only the plugin's settings
+        listeners = {}
+    elif not isinstance(listeners, dict) or "default" not in listeners:
         raise SourceError(str(path), None, "'listeners' must be a mapping with a 'default' listener")
     for name, listener in listeners.items():
         if not isinstance(listener, dict):
@@ -72,4 +74,4 @@ def plugin_settings(config: dict[str, Any]) -> dict[str, Any]:
 def settings_of(config_path: str | None) -> dict[str, Any]:
     """The plugin settings of ``config_path``, else of deploy/broker.yaml if present, else none (for the CLI)."""
     path = config_path or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None)
-    return plugin_settings(load_broker_config(path, check_files=False)) if path else {}
+    return plugin_settings(load_broker_config(path, check_files=False, need_listeners=False)) if path else {}

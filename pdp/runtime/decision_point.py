@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -28,7 +28,7 @@ from pdp.runtime.cache import LruCache
 from pdp.core.engine import Decision
 from pdp.errors import SourceError
 from pdp.core.index import PolicyIndex
-from pdp.core.crl import NO_REVOCATIONS, RevocationList, parse_crls
+from pdp.core.crl import NO_REVOCATIONS, RevocationList, merge_crls, parse_crls
 from pdp.policy.load import Policy, decode, parse_policy
 from pdp.registry.device import Device
 from pdp.registry.file import FileRegistry, parse_registry
@@ -42,6 +42,9 @@ ComputedHook = Callable[[str, Device, str, str, Decision], None]
 START_READ_ATTEMPTS = 40  # at start, wait this many settle intervals for files being written
 
 
+CRL_SOURCE = "crl:"  # a CRL file's source name is this and its path
+
+
 @dataclass(frozen=True)
 class PdpSettings:
     model_path: str
@@ -53,11 +56,21 @@ class PdpSettings:
     l1_size: int = 100_000
     crl_paths: tuple[str, ...] = ()
     settle: float = 0.05  # a file must hold still this long (two equal reads) before it is applied
+    redis_prefix: str = "mqtt-pdp"  # key prefix of a Redis registry (registry_path a redis:// URL)
+
+    @property
+    def registry_in_redis(self) -> bool:
+        from pdp.registry.redis_registry import is_redis_url
+
+        return is_redis_url(self.registry_path)
 
     def sources(self) -> dict[str, tuple[str, ...]]:
-        out = {"policy": (self.model_path, self.policy_path), "registry": (self.registry_path,)}
-        if self.crl_paths:
-            out["crl"] = tuple(self.crl_paths)
+        """The files watched; a Redis registry is not one (it is followed by ``RegistryFollower``)."""
+        out: dict[str, tuple[str, ...]] = {"policy": (self.model_path, self.policy_path)}
+        if not self.registry_in_redis:
+            out["registry"] = (self.registry_path,)
+        for path in self.crl_paths:  # each CRL file its own source: a broken one does not block the others
+            out[CRL_SOURCE + path] = (path,)
         return out
 
 
@@ -70,6 +83,7 @@ class Snapshot:
     index: PolicyIndex
     l1: LruCache[tuple[str, str, str], Decision]
     crl: RevocationList = NO_REVOCATIONS
+    crl_files: Mapping[str, RevocationList] = field(default_factory=dict)  # per CRL source, each its last good
 
     @property
     def snapshot_revision(self) -> str:
@@ -123,7 +137,8 @@ def parse_source(settings: PdpSettings, name: str, contents: dict[str, bytes | O
                                   current.registry if current is not None else None)
         check_registry(settings.admission.client_id_pattern, registry)
         return registry
-    return parse_crls([(path, _bytes(contents, path, "CRL")) for path in settings.crl_paths])
+    path = name[len(CRL_SOURCE):]
+    return parse_crls([(path, _bytes(contents, path, "CRL"))])
 
 
 def _read_for_start(paths: tuple[str, ...], settle: float) -> tuple[FileSignature, dict[str, bytes | OSError]]:
@@ -134,6 +149,12 @@ def _read_for_start(paths: tuple[str, ...], settle: float) -> tuple[FileSignatur
     raise SourceError(paths[0], None, "files kept changing while the broker started; try again")
 
 
+# Decisions on longer topics are computed each time, never cached (L1 or Redis): the caches are bounded in
+# entries, and distinct 60 KB filters would otherwise let one client fill 100,000 of them (an outside attack
+# added 100 MB to the broker and 187 MB to Redis with 3,000). Real topics are far shorter.
+CACHED_TOPIC_LENGTH = 1024
+
+
 class DecisionPoint:
     def __init__(self, settings: PdpSettings) -> None:
         self.settings = settings
@@ -141,11 +162,26 @@ class DecisionPoint:
         self._paths = tuple(path for paths in self._sources.values() for path in paths)
         self._signature, contents = _read_for_start(self._paths, settings.settle)
         parts = {name: parse_source(settings, name, contents) for name in self._sources}
+        if settings.registry_in_redis:
+            from pdp.registry.redis_registry import RedisRegistryStore
+
+            from pdp.runtime.redis_link import REDIS_ERRORS
+
+            store = RedisRegistryStore(settings.registry_path, settings.redis_prefix)
+            try:
+                parts["registry"] = store.load()
+            except REDIS_ERRORS as exc:  # no registry, no admissions: the broker does not start without it
+                raise SourceError(store.location, None, f"cannot read the registry: {exc}") from None
+            finally:
+                store.close()
+            check_registry(settings.admission.client_id_pattern, parts["registry"])
         policy = parts["policy"]
+        crl_files = {name: part for name, part in parts.items() if name.startswith(CRL_SOURCE)}
         self.snapshot = Snapshot(policy, parts["registry"], PolicyIndex(policy.rules), LruCache(settings.l1_size),
-                                 parts.get("crl", NO_REVOCATIONS))
+                                 merge_crls(list(crl_files.values())), crl_files)
         self.casbin_mismatches = 0
         self.errors: dict[str, str] = {}  # source -> why its newest version was rejected
+        self.last_rejected: tuple[float, str] | None = None  # when, and why with file:line
         self.on_computed: ComputedHook | None = None  # e.g. L2 write-behind
         self._load_seconds = 0.0
         if settings.verify_with_casbin:
@@ -170,12 +206,14 @@ class DecisionPoint:
             (validate_filter if action == "subscribe" else validate_topic)(topic)
         except TopicError as exc:  # never reaches the rules, so no pattern can grant it
             decision = Decision(False, None, f"invalid {'filter' if action == 'subscribe' else 'topic'}: {exc}")
-            snap.l1.put(key, decision)
+            if len(topic) <= CACHED_TOPIC_LENGTH:
+                snap.l1.put(key, decision)
             return decision, "index", snap.snapshot_revision
         decision = snap.index.decide(device.attrs, action, topic)
-        snap.l1.put(key, decision)
-        if self.on_computed is not None:
-            self.on_computed(snap.policy.revision, device, action, topic, decision)
+        if len(topic) <= CACHED_TOPIC_LENGTH:
+            snap.l1.put(key, decision)
+            if self.on_computed is not None:
+                self.on_computed(snap.policy.revision, device, action, topic, decision)
         return decision, "index", snap.snapshot_revision
 
     def _verified_lookup(self, device: Device, action: str, topic: str) -> tuple[Decision, str, str]:
@@ -212,10 +250,12 @@ class DecisionPoint:
             if revoked is not None:
                 return revoked
         current = self.snapshot.registry.lookup(device.device_id)
-        problem = device_problem(current, admission.identity)
+        problem = device_problem(current, admission.identity, datetime.now(timezone.utc))
         if problem is not None:
             return problem
-        if current != device:
+        if current is not None and (current.attrs != device.attrs or current.status != device.status):
+            # Certificate bindings alone do not count: binding a successor during a rotation must not cut the
+            # session of the certificate in use (device_problem above has judged that certificate already).
             return "device attributes changed"
         return None
 
@@ -230,7 +270,21 @@ class DecisionPoint:
         current = self.snapshot.registry.lookup(device.device_id) if device is not None else None
         if current is not None and current.fingerprints and identity.certificate.fingerprint_sha256 not in current.fingerprints:
             return "certificate not bound to device"
+        if current is not None and current.binding_closed(identity.certificate.fingerprint_sha256,
+                                                          datetime.now(timezone.utc)):
+            return "certificate binding window closed"
         return None
+
+    def binding_problem(self, admission: Admission, now: datetime) -> str | None:
+        """Why the binding of the certificate an admission was made with has closed by ``now`` (rotation), or None."""
+        identity, device = admission.identity, admission.device
+        if identity is None or device is None:
+            return None
+        current = self.snapshot.registry.lookup(device.device_id)
+        if current is None or not current.bindings:
+            return None
+        return device_problem(current, identity, now) if current.binding_closed(
+            identity.certificate.fingerprint_sha256, now) else None
 
     def registered(self, device_id: str) -> Device | None:
         return self.snapshot.registry.lookup(device_id)
@@ -273,7 +327,9 @@ class DecisionPoint:
             except SourceError as exc:
                 rejected = True
                 self.errors[name] = str(exc)
-                log.error("%s reload rejected, its previous version stays in force: %s", name, exc)
+                self.last_rejected = (time.time(), str(exc))  # for mqtt-pdp status, after the file is fixed too
+                log.error("%s reload rejected, its previous version stays in force: %s", name, exc,
+                          extra={"event": "reload_rejected", "source": name, "error": str(exc)})
             else:
                 self.errors.pop(name, None)
         self._signature = new_signature
@@ -282,8 +338,18 @@ class DecisionPoint:
         policy = parts.get("policy", current.policy)
         index = PolicyIndex(policy.rules) if "policy" in parts else current.index
         self._load_seconds = time.perf_counter() - started
+        crl_files = {**current.crl_files, **{n: part for n, part in parts.items() if n.startswith(CRL_SOURCE)}}
+        crl = merge_crls([crl_files[n] for n in self._sources if n in crl_files]) \
+            if crl_files != current.crl_files else current.crl
         return Snapshot(policy, parts.get("registry", current.registry), index, LruCache(self.settings.l1_size),
-                        parts.get("crl", current.crl))
+                        crl, crl_files)
+
+    def with_registry(self, registry: FileRegistry) -> Snapshot:
+        """The snapshot in force with another registry (a Redis registry's change); SourceError if unusable."""
+        check_registry(self.settings.admission.client_id_pattern, registry)
+        current = self.snapshot
+        return Snapshot(current.policy, registry, current.index, LruCache(self.settings.l1_size), current.crl,
+                        current.crl_files)
 
     def swap(self, snapshot: Snapshot) -> Snapshot:
         """Put a loaded snapshot in force and hand back the one it replaces (see ``release``).
@@ -307,7 +373,7 @@ def release(old: Snapshot, new: Snapshot) -> None:
         old.index.release()
     if old.l1 is not new.l1:
         old.l1.release()
-    if old.registry is not new.registry:
+    if old.registry is not new.registry and old.registry.devices is not new.registry.devices:
         old.registry.release()
 
 

@@ -9,7 +9,9 @@ another broker.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
+import hashlib
 import itertools
 import logging
 import os
@@ -43,21 +45,27 @@ from pdp.core.enforcement import (
     WillDue,
 )
 from pdp.core.engine import Decision
+from pdp.core.sharing import MODES as SHARING_MODES, SharedCertificate, SharingTracker
 from pdp.evidence.anchor import prune_signer
 from pdp.evidence.node import default_node_id
 from pdp.evidence.recorder import AssertionRecorder
+from pdp.errors import SourceError
 from pdp.evidence.text import safe  # device-supplied text in log lines: escaped and bounded
 from pdp.evidence.writer import WriterProcess
 from pdp.registry.device import Device
 from pdp.runtime.bus import InvalidationBus
 from pdp.runtime.cache import RedisDecisionCache, load_l2_key
 from pdp.runtime.decision_point import DecisionPoint, Snapshot, release
+from pdp.runtime.logs import PerKeyRateLimit
+from pdp.runtime.metrics import Metrics, directory_bytes
 from pdp.runtime.redis_link import RedisLink
+from pdp.runtime.registry_follower import RegistryFollower
 from pdp.runtime.retention import prune_forever
 from pdp.runtime.settings import ServiceSettings
 
 log = logging.getLogger("mqtt_pdp.service")
 MISMATCH_LOG_INTERVAL = 60.0  # seconds between warnings about announcements this node's files do not match
+DENIAL_LOG_INTERVAL = 10.0  # seconds: at most one "denied" line per client this often, with a count of the rest
 RELOAD_SWITCH_INTERVAL = 0.0005  # seconds; see AuthorizationService._load_yielding
 
 # Carries out a Disconnect or DropSession in the broker; without one, revoked connections stay open but
@@ -88,6 +96,9 @@ class AuthorizationService:
         self.aborter: Aborter | None = None
         self._conn_ids = itertools.count(1)
         self._peers: dict[ConnId, tuple[str | None, str | None]] = {}  # client id and peer, for the records
+        self.connected_at: dict[ConnId, float] = {}  # admitted connections: when (for mqtt-pdp sessions)
+        self._denials_logged = PerKeyRateLimit(DENIAL_LOG_INTERVAL)
+        self.started_at = time.time()
         self._tasks: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
         self.node_id = settings.node_id or default_node_id(settings.spool_dir)
@@ -107,6 +118,24 @@ class AuthorizationService:
                             "reload announcements are unaffected. To share decisions, create a key (mqtt-pdp l2-key) "
                             "and give every broker the same file as l2_key_file")
             self.bus = InvalidationBus(self.redis, settings.redis_prefix, self.instance_id, self._on_event)
+        if settings.shared_certificate not in SHARING_MODES:
+            raise ValueError(f"shared_certificate must be one of {', '.join(SHARING_MODES)}, got "
+                             f"{settings.shared_certificate!r}")
+        if settings.shared_certificate_window <= 0:
+            raise ValueError(f"shared_certificate_window must be positive, got {settings.shared_certificate_window}")
+        self.sharing = (SharingTracker(settings.shared_certificate_window)
+                        if settings.shared_certificate != "off" else None)
+        self.shared_certificates = 0  # connections seen sharing a certificate (refused ones included)
+        self.registry_follower: RegistryFollower | None = None
+        if self.pdp.settings.registry_in_redis:
+            registry = self.pdp.snapshot.registry
+            self.registry_follower = RegistryFollower(settings.registry, settings.redis_prefix,
+                                                      int(registry.revision.lstrip("r") or 0),
+                                                      lambda: self.pdp.snapshot.registry, self.apply_registry)
+        self.metrics: Metrics | None = None
+        if settings.metrics:
+            self.metrics = Metrics()
+            self.metrics.sources.append(self._readings)
         self.recorder: AssertionRecorder | None = None
         if settings.assertions:  # last: it starts the writer process, so every other setting is checked first
             self.recorder = self._make_recorder(settings)
@@ -137,12 +166,26 @@ class AuthorizationService:
     def connect(self, conn: ConnId, request: ConnectRequest, peer: str | None,
                 persistent: bool = False) -> tuple[Admission, list[Disconnect]]:
         """Admit or refuse; the Disconnects returned (a previous connection of this client id) go first."""
-        actions = self.enforcer.handle(ConnectRequested(conn, request, datetime.now(timezone.utc), persistent))
+        now = datetime.now(timezone.utc)
+        fingerprint = hashlib.sha256(request.certificate_der).hexdigest() if request.certificate_der else None
+        shared = (self.sharing.check(fingerprint, request.client_id, peer, now.timestamp())
+                  if self.sharing is not None and fingerprint is not None else None)
+        if shared is not None and self.settings.shared_certificate == "refuse":
+            refused = self._refuse_shared(request, peer, shared, now)
+            if refused is not None:
+                return refused, []
+        actions = self.enforcer.handle(ConnectRequested(conn, request, now, persistent))
         outcome = actions[-1]
         admission: Admission = outcome.admission  # type: ignore[union-attr]
         self._peers[conn] = (request.client_id, peer)
         if self.recorder is not None:
             self.recorder.connect(admission, request.client_id, peer, self.pdp.snapshot_revision)
+        if admission.allowed and self.sharing is not None and fingerprint is not None:
+            self.sharing.opened(conn, fingerprint, request.client_id, peer, now.timestamp())
+            if shared is not None:
+                self._shared(admission, request.client_id, peer, shared, refused=False)
+        if self.metrics is not None:
+            self.metrics.connect(admission.allowed, admission.reason)
         if admission.allowed and admission.device is not None and self.l2 is not None:
             self._spawn(self._warm(admission.device))
         cert = admission.identity.certificate if admission.identity else admission.certificate
@@ -150,17 +193,47 @@ class AuthorizationService:
             admission.device.device_id if admission.device else None)
         fingerprint = cert.fingerprint_sha256 if cert else None
         if admission.allowed:
+            self.connected_at[conn] = time.time()
             log.info("connect accepted: client=%s device=%s fingerprint=%s peer=%s",
                      safe(request.client_id), safe(device_id), fingerprint, peer)
         else:
             self._peers.pop(conn, None)
             log.warning("connect refused: client=%s device=%s fingerprint=%s peer=%s reason=%s",
-                        safe(request.client_id), safe(device_id), fingerprint, peer, safe(admission.reason))
+                        safe(request.client_id), safe(device_id), fingerprint, peer, safe(admission.reason),
+                        extra={"event": "connect_refused", "client_id": request.client_id, "device_id": device_id,
+                               "fingerprint": fingerprint, "peer": peer, "reason": admission.reason})
         superseded = [a for a in actions if isinstance(a, Disconnect)]
         for action in superseded:
             log.info("client %s reconnected: closing its previous connection", safe(action.client_id))
             self._record_end(action)
         return admission, superseded
+
+    def _refuse_shared(self, request: ConnectRequest, peer: str | None, shared: SharedCertificate,
+                       now: datetime) -> Admission | None:
+        """``shared_certificate: refuse``: the second connection of an otherwise admitted certificate is refused
+        before it touches any session (a takeover of the first included); None when it is refused anyway."""
+        admission = self.pdp.admit(request, now)  # pure: the enforcer's state is untouched
+        if not admission.allowed:
+            return None
+        admission = dataclasses.replace(admission, allowed=False, reason=shared.reason)
+        if self.recorder is not None:
+            self.recorder.connect(admission, request.client_id, peer, self.pdp.snapshot_revision)
+        self._shared(admission, request.client_id, peer, shared, refused=True)
+        log.warning("connect refused: client=%s device=%s fingerprint=%s peer=%s reason=%s", safe(request.client_id),
+                    safe(admission.device.device_id if admission.device else None), shared.fingerprint, peer,
+                    safe(admission.reason))
+        return admission
+
+    def _shared(self, admission: Admission, client_id: str, peer: str | None, shared: SharedCertificate,
+                refused: bool) -> None:
+        self.shared_certificates += 1
+        device_id = admission.device.device_id if admission.device else None
+        log.warning("shared certificate%s: client=%s device=%s fingerprint=%s peer=%s: %s",
+                    " (connection refused)" if refused else "", safe(client_id), safe(device_id),
+                    shared.fingerprint, peer, safe(shared.reason))
+        if self.recorder is not None:
+            self.recorder.decision(admission, client_id, peer, "shared-certificate", None,
+                                   Decision(not refused, None, shared.reason), None, 0, self.pdp.snapshot_revision)
 
     def _record_end(self, action: Disconnect) -> None:
         """Every session the broker ends (revocation, expiry, CRL, takeover) is evidence, with its reason."""
@@ -179,24 +252,44 @@ class AuthorizationService:
 
     def closed(self, conn: ConnId) -> None:
         self.enforcer.handle(ConnectionClosed(conn))
+        if self.sharing is not None:
+            self.sharing.closed(conn)
         self._peers.pop(conn, None)
+        self.connected_at.pop(conn, None)
 
     def allows(self, conn: ConnId, action: str, topic: str, origin: Origin = "live",
                publisher: Admission | None = None) -> bool:
         """One synchronous verdict, recorded; a connection that is not admitted now gets nothing."""
+        return self.verdict(conn, action, topic, origin, publisher).allowed
+
+    def publish_relay(self, conn: ConnId, topic: str) -> tuple[bool, tuple[str, str] | None]:
+        """A publish that may be a gateway's relay (``pdp.core.gateway``): allowed, and (child, inner topic) to
+        deliver it as, or None for an ordinary publish."""
+        verdict = self.verdict(conn, "publish", topic)
+        return verdict.allowed, verdict.relay
+
+    def verdict(self, conn: ConnId, action: str, topic: str, origin: Origin = "live",
+                publisher: Admission | None = None) -> Verdict:
         start = perf_counter_ns()
         verdict: Verdict = self.enforcer.handle(_event(conn, action, topic, origin, publisher))[0]  # type: ignore[assignment]
+        if self.metrics is not None:
+            self.metrics.decided(verdict.action, verdict.allowed, verdict.tier, perf_counter_ns() - start)
         if self.recorder is not None:
             client_id, peer = self._peers.get(conn, (None, None))
             self.recorder.decision(self.enforcer.admission_of(conn), client_id, peer, verdict.action, topic,
                                    verdict.decision, verdict.tier, perf_counter_ns() - start, verdict.snapshot_revision)
         if not verdict.allowed and action != "receive":
-            log.info("%s %s %s denied: %s", safe(self._peers.get(conn, (None,))[0]), verdict.action, safe(topic),
-                     safe(verdict.decision.reason))
+            client_id = self._peers.get(conn, (None,))[0]
+            held = self._denials_logged.admit(client_id or "", time.monotonic())
+            if held is not None:
+                log.info("%s %s %s denied: %s%s", safe(client_id), verdict.action, safe(topic),
+                         safe(verdict.decision.reason), f" ({held} more denials of this client not logged)" if held else "",
+                         extra={"event": "denied", "client_id": client_id, "action": verdict.action, "topic": topic,
+                                "reason": verdict.decision.reason, "not_logged_before": held})
         elif log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s %s %s: %s", safe(self._peers.get(conn, (None,))[0]), verdict.action, safe(topic),
                       "allowed" if verdict.allowed else "denied", safe(verdict.decision.reason))
-        return verdict.allowed
+        return verdict
 
     # -- background: reloads, clock, Redis, retention ---------------------------------------------
 
@@ -220,6 +313,8 @@ class AuthorizationService:
             self._spawn(self.l2.run())
         if self.bus is not None:
             self._spawn(self.bus.run())
+        if self.registry_follower is not None:
+            self._spawn(self.registry_follower.run())
 
     async def _watch(self) -> None:
         while True:
@@ -245,10 +340,27 @@ class AuthorizationService:
                 log.exception("policy reload failed")
                 result = False
         if result is not None:
+            if self.metrics is not None:
+                self.metrics.reloaded(bool(result))
             with self.reload_condition:
                 self.reload_attempts += 1
                 self.reload_condition.notify_all()
         return result
+
+    async def apply_registry(self, registry: Any, revision: int) -> bool:
+        """A new version of a Redis registry: swapped in and live sessions re-judged in one step, as a reload."""
+        async with self._reload_lock:
+            try:
+                snapshot = self.pdp.with_registry(registry)
+            except SourceError as exc:
+                log.error("registry revision %d rejected, the previous version stays in force: %s", revision, exc)
+                return False
+            self.pdp.swap(snapshot)
+            await self._carry_out(self.enforcer.handle(SnapshotSwapped()))
+        with self.reload_condition:
+            self.reload_attempts += 1
+            self.reload_condition.notify_all()
+        return True
 
     def _load_yielding(self) -> Snapshot | bool | None:
         """``load_if_changed`` with the GIL handed back to the event loop quickly while it runs.
@@ -288,10 +400,14 @@ class AuthorizationService:
                 if self.aborter is not None:
                     self.aborter(action.conn)  # before any await: no backlog of other work delays the close
                 admission = self.enforcer.admission_of(action.conn)
-                log.warning("session revoked: client=%s device=%s reason=%s", safe(action.client_id),
-                            admission.device.device_id if admission and admission.device else None, action.reason)
+                device_id = admission.device.device_id if admission and admission.device else None
+                log.warning("session revoked: client=%s device=%s reason=%s", safe(action.client_id), device_id,
+                            action.reason, extra={"event": "revoked", "client_id": action.client_id,
+                                                  "device_id": device_id, "reason": action.reason})
                 self._record_end(action)
                 ending.append(action)
+                if self.metrics is not None:
+                    self.metrics.revoked("disconnect")
             elif isinstance(action, DropSession):
                 log.warning("offline session dropped: client=%s reason=%s", safe(action.client_id),
                             safe(action.reason))
@@ -335,12 +451,37 @@ class AuthorizationService:
         entries = await self.l2.fetch(snapshot.policy.revision, snapshot.policy.rules, device.attributes_revision, device.attrs)
         self.pdp.warm(snapshot, device, entries)
 
+    def _readings(self) -> dict[str, tuple[str, str, float]]:
+        """What the metrics endpoint reads at each scrape (nothing here is counted per message)."""
+        recorder = self.recorder
+        return {
+            "mqtt_pdp_connections": ("gauge", "Admitted connections open now", len(self.connected_at)),
+            "mqtt_pdp_assertion_backlog": ("gauge", "Decisions captured, not yet acknowledged by the writer",
+                                           recorder.pending if recorder is not None else 0),
+            "mqtt_pdp_spool_bytes": ("gauge", "Bytes of records spooled to disk while a sink is down",
+                                     directory_bytes(self.settings.spool_dir) if recorder is not None else 0),
+            "mqtt_pdp_records_written": ("counter", "Assertion records acknowledged by the writer",
+                                         recorder.shipped if recorder is not None else 0),
+            "mqtt_pdp_redis_outages": ("counter", "Times Redis became unavailable",
+                                       self.redis.outages if self.redis is not None else 0),
+            "mqtt_pdp_redis_up": ("gauge", "1 while Redis is reachable (0 also when none is configured)",
+                                  1 if self.redis is not None and self.redis.available else 0),
+            "mqtt_pdp_uptime_seconds": ("gauge", "Seconds since this service started", time.time() - self.started_at),
+        }
+
     async def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
         if self.recorder is not None:
             await self.recorder.close()
         # Bounded: redis-py's asyncio clients can swallow a cancellation while closing a socket
         # (seen at shutdown, Python 3.11), and a broker must still stop.
         await finish(list(self._tasks), "background task")
+        if self.registry_follower is not None:
+            try:
+                await asyncio.wait_for(self.registry_follower.close(), 2.0)
+            except (Exception, asyncio.TimeoutError):  # noqa: BLE001 - shutting down: a stuck socket must not stop it
+                log.debug("registry follower close failed", exc_info=True)
         if self.redis is not None:
             closing = asyncio.ensure_future(self.redis.close())
             if not (await asyncio.wait({closing}, timeout=2.0))[0]:

@@ -34,7 +34,7 @@ class BrokerLimits:
 class ServiceSettings:
     model: str = "policies/model.conf"
     policy: str = "policies/policy.csv"
-    registry: str = "policies/devices.yaml"
+    registry: str = "policies/devices.yaml"  # or redis://host:port/db: the shared registry (pdp.registry.redis_registry)
     trust_domain: str = "example.org"
     identity_source: str = "uri-san"
     client_id: str = "{device_id}"
@@ -91,6 +91,19 @@ class ServiceSettings:
     # bucket); beyond, a connection is closed before its TLS handshake (counted, logged once per address).
     connect_rate: float = 50.0
     connect_burst: int = 200
+    # -- shared certificates (pdp.core.sharing): one fingerprint on two live connections with different client
+    # ids, or from two source addresses within the window: a warning, a 'shared-certificate' record and a count;
+    # 'refuse' also refuses the second connection; 'off' tracks nothing.
+    shared_certificate: str = "warn"
+    shared_certificate_window: float = 60.0  # seconds
+    # -- operating it (issue 11) --
+    # Unix socket for mqtt-pdp status / sessions / kick / log-level (mode 0600, the broker's user or root
+    # only); "" for none. deploy/broker.yaml sets ../var/admin.sock.
+    admin_socket: str = ""
+    # Prometheus metrics over HTTP at host:port, e.g. "127.0.0.1:9883" (port 0: any free port, logged);
+    # "" for none. Keep it on loopback or a management interface: it is not authenticated.
+    metrics: str = ""
+    log_format: str = "text"  # or "json": one JSON object per line (mqtt-pdp broker)
 
     def broker_limits(self) -> BrokerLimits:
         """The limits, checked: each must be positive (a limit of 0 would refuse everything)."""
@@ -119,4 +132,5 @@ class ServiceSettings:
             l1_size=self.l1_size,
             crl_paths=tuple([self.crl] if isinstance(self.crl, str) and self.crl else self.crl or ()),
             settle=self.settle_interval,
+            redis_prefix=self.redis_prefix,
         )

@@ -13,14 +13,21 @@ reads, waits for the next poll, so it never applies half of such a change.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 APPLY_MARKER = ".mqtt-pdp-apply"
-STALE_MARKER_SECONDS = 5.0  # a marker older than this was left by a crashed writer and is ignored
+# A marker is honoured only within this many seconds of its time, on either side: an older one was left by a
+# crashed writer, and one dated in the future (clock skew, a restored backup, touch -d) would otherwise hold
+# every reload back for as long as its date lies ahead.
+STALE_MARKER_SECONDS = 5.0
+APPLY_LOCK = ".mqtt-pdp-apply.lock"  # held by one write_together at a time per directory (never removed)
+LOCK_WAIT_SECONDS = 30.0
 
 FileSignature = tuple[tuple[str, int, int, int], ...]
 
@@ -44,7 +51,7 @@ def change_in_progress(paths: Sequence[str], now: float | None = None) -> bool:
             started = os.stat(os.path.join(directory, APPLY_MARKER)).st_mtime
         except OSError:
             continue
-        if now - started < STALE_MARKER_SECONDS:
+        if abs(now - started) < STALE_MARKER_SECONDS:
             return True
     return False
 
@@ -89,6 +96,31 @@ def write_together(contents: Mapping[str, bytes], pause_between_renames: float =
     window between two renames (a slow disk), so tests can show that readers wait for all of them.
     """
     directories = sorted({os.path.dirname(os.path.abspath(p)) for p in contents})
+    with _locked(directories):
+        _write_together(contents, directories, pause_between_renames)
+
+
+@contextlib.contextmanager
+def _locked(directories: Sequence[str]) -> Iterator[None]:
+    """One ``write_together`` at a time per directory: two run at once could leave a pair nobody wrote
+    (the policy of one and the registry of the other). Locks are taken in sorted order (no deadlock)."""
+    with contextlib.ExitStack() as stack:
+        for directory in directories:
+            handle = stack.enter_context(open(os.path.join(directory, APPLY_LOCK), "a+b"))
+            deadline = time.monotonic() + LOCK_WAIT_SECONDS
+            while True:
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise OSError(f"another change to the files in {directory} has been in progress for "
+                                      f"{LOCK_WAIT_SECONDS:g} s (lock {APPLY_LOCK}); try again") from None
+                    time.sleep(0.05)
+        yield
+
+
+def _write_together(contents: Mapping[str, bytes], directories: list[str], pause_between_renames: float) -> None:
     staged: list[tuple[str, str]] = []
     try:
         for target, data in contents.items():

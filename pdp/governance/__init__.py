@@ -1,0 +1,1 @@
+"""Governance reports over the registry and the assertion log."""
