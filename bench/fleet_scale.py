@@ -30,7 +30,7 @@ import paho.mqtt.client as mqtt
 import yaml
 
 from bench import latency
-from bench.setup import ROOT, TRUST_DOMAIN, BenchEnv
+from bench.setup import ROOT, TRUST_DOMAIN, UNLIMITED, BenchEnv
 from pdp import pki
 
 TYPES = ["sensor", "valve", "pump", "meter", "camera", "gateway", "dashboard", "plc", "drive", "hvac",
@@ -236,7 +236,7 @@ def setup(workdir: Path, rules: int, devices: int) -> tuple[BenchEnv, dict[str, 
     config["plugins"]["broker_plugin.plugin.DeviceAuthorizationPlugin"].update(
         model=str(files["model"]), policy=str(files["policy"]), registry=str(files["registry"]),
         trust_domain=TRUST_DOMAIN, node_id="fleet-scale", assertion_db=str(workdir / "assertions.db"),
-        spool_dir=str(workdir / "spool"))
+        spool_dir=str(workdir / "spool"), **UNLIMITED)
     files["config"] = workdir / "broker.yaml"
     files["config"].write_text(yaml.safe_dump(config))
     return env, files

@@ -43,7 +43,7 @@ from typing import Any
 
 import yaml
 
-from bench.setup import ROOT, TRUST_DOMAIN, BenchEnv, make_env
+from bench.setup import ROOT, TRUST_DOMAIN, UNLIMITED, BenchEnv, make_env
 from pdp.runtime.sources import write_together
 
 log = logging.getLogger("bench.revocation")
@@ -279,7 +279,7 @@ def write_config(path: Path, env: BenchEnv, reload_interval: float) -> Path:
     config["plugins"]["broker_plugin.plugin.DeviceAuthorizationPlugin"].update(
         model=str(env.dir / "model.conf"), policy=str(env.dir / "policy.csv"), registry=str(env.dir / "devices.yaml"),
         trust_domain=TRUST_DOMAIN, node_id="revocation-bench", reload_interval=reload_interval,
-        assertion_db=str(path.parent / "assertions.db"), spool_dir=str(path.parent / "spool"))
+        assertion_db=str(path.parent / "assertions.db"), spool_dir=str(path.parent / "spool"), **UNLIMITED)
     path.write_text(yaml.safe_dump(config))
     return path
 

@@ -13,6 +13,8 @@ from pdp import pki
 ROOT = Path(__file__).resolve().parent.parent
 TRUST_DOMAIN = "bench.example"
 PLUGIN = "broker_plugin.plugin.DeviceAuthorizationPlugin"
+# The load generators dial thousands of connections from one address and measure throughput, not the limits.
+UNLIMITED = {"connect_rate": 1e6, "connect_burst": 10**6, "session_queue_messages": 10**7, "session_queue_bytes": 2**40}
 MODES = ("bare", "acl", "ours", "ours-nolog")
 
 BENCH_POLICY = """\
@@ -78,7 +80,7 @@ def broker_config(env: BenchEnv, mode: str, port: int = 0, **plugin: Any) -> dic
             "model": str(env.dir / "model.conf"), "policy": str(env.dir / "policy.csv"),
             "registry": str(env.dir / "devices.yaml"), "trust_domain": TRUST_DOMAIN,
             "assertions": mode == "ours", "assertion_db": str(env.dir / f"{node}.db"),
-            "spool_dir": str(env.dir / "spool"), "node_id": node, **plugin,
+            "spool_dir": str(env.dir / "spool"), "node_id": node, **UNLIMITED, **plugin,
         }}
     else:
         raise ValueError(f"unknown broker mode {mode!r}")

@@ -35,6 +35,8 @@ from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.disconnect import DisconnectPacket
+from amqtt.mqtt.publish import PublishPacket
+from amqtt.mqtt.pubrel import PubrelPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import OutgoingApplicationMessage, Session
@@ -65,6 +67,8 @@ __all__ = [
     "OutgoingApplicationMessage",
     "PluginError",
     "PluginLoadError",
+    "PublishPacket",
+    "PubrelPacket",
     "ReaderAdapter",
     "RetainedApplicationMessage",
     "Server",
@@ -118,8 +122,12 @@ BROKER_STATE = ("_sessions", "_subscriptions", "_retained_messages", "_broadcast
                 "plugins_manager", "listeners_config", "config")
 HANDLER_METHODS = ("init_from_connect", "attach", "mqtt_connack_authorize", "start", "stop", "mqtt_publish",
                    "handle_connection_closed", "wait_disconnect", "get_next_pending_subscription",
-                   "get_next_pending_unsubscription", "mqtt_deliver_next_message", "handle_publish")
-SESSION_FIELDS = ("client_id", "clean_session", "will_flag", "will_message", "will_topic", "will_qos",
+                   "get_next_pending_unsubscription", "mqtt_deliver_next_message", "handle_publish", "_send_packet",
+                   "_retry_deliveries")
+# The acknowledgement waiters amqtt's reader completes, which the per-session sender (delivery.py) registers.
+HANDLER_STATE = ("_puback_waiters", "_pubrec_waiters", "_pubcomp_waiters")
+SESSION_FIELDS = ("inflight_out", "next_packet_id", "client_id", "clean_session", "will_flag", "will_message",
+                  "will_topic", "will_qos",
                   "will_retain", "keep_alive", "username", "password", "remote_address", "remote_port",
                   "ssl_object", "attributes", "retained_messages", "transitions", "parent", "is_anonymous",
                   "delivered_message_queue")
@@ -150,6 +158,10 @@ def amqtt_shape_problems(installed_version: str | None = None) -> list[str]:
     for name in HANDLER_METHODS:
         if not callable(getattr(BrokerProtocolHandler, name, None)):
             problems.append(f"BrokerProtocolHandler.{name} is missing")
+    handler_init = inspect.getsource(inspect.getmro(BrokerProtocolHandler)[1].__init__)
+    for name in HANDLER_STATE:
+        if f"self.{name}" not in handler_init:
+            problems.append(f"ProtocolHandler no longer sets {name}")
     if "self._writer" not in inspect.getsource(StreamWriterAdapter.__init__):
         problems.append("StreamWriterAdapter no longer keeps the asyncio writer as _writer")
     for name in SERVER_METHODS:

@@ -52,6 +52,7 @@ from broker_plugin.amqtt_compat import (
     format_client_message,
     gen_client_id,
 )
+from broker_plugin.delivery import SessionSender, take_inflight
 from broker_plugin.framing import FramingGuard
 from broker_plugin.ordering import PublishTracker
 from broker_plugin.plugin import CONN_KEY, DeviceAuthorizationPlugin, connection_of
@@ -63,6 +64,8 @@ from pdp.core.gateway import PREFIX as GATEWAY_PREFIX
 from pdp.core.gateway import split as gateway_split
 from pdp.core.admission import Admission
 from pdp.core.enforcement import ConnId, Disconnect, DropSession, DropSubscription
+from pdp.core.outbound import OutboundLimits
+from pdp.core.ratelimit import ConnectRateLimit
 from pdp.core.topics import TopicError, matches, validate_filter
 from pdp.runtime.admin import AdminError
 
@@ -142,6 +145,14 @@ class HardenedBroker(Broker):
         self.ended_by_guard = 0  # connections ended for a protocol violation, size or deadline
         self.tls_refused = 0  # TLS handshakes that failed (each logged with peer and reason)
         self._tls_contexts: dict[str, ssl.SSLContext] = {}  # listener -> the context its handshakes use
+        self._senders: dict[str, SessionSender] = {}  # client id -> the sender of its live connection
+        self._outbound_limits = OutboundLimits(self.limits.max_inflight_messages, self.limits.session_queue_messages,
+                                               self.limits.session_queue_bytes)
+        self.outbound_dropped = 0  # QoS 0 messages dropped from live sessions' full queues, since start
+        self.slow_consumers = 0  # connections closed because their queue stayed full of QoS 1/2 messages
+        self._connect_rate = ConnectRateLimit(self.limits.connect_rate, self.limits.connect_burst)
+        self._rate_logged: set[str] = set()  # addresses whose rate overflow was logged (cleared when large)
+        self.refused_rate = 0  # connections closed before any handshake: their address connected too often
         self.admin: Any = None  # the admin socket's server, when admin_socket is set
 
     # -- the operator's admin interface (broker_plugin.operations) ------------------------
@@ -192,10 +203,22 @@ class HardenedBroker(Broker):
 
     async def stream_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                                listener_name: str) -> None:
+        peer = writer.get_extra_info("peername")
+        where = f"peer {peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unknown peer"
+        if isinstance(peer, tuple) and not self._connect_rate.allow(peer[0], asyncio.get_running_loop().time()):
+            # Before the handshake: a flood from one address costs a socket accept, not TLS and admission.
+            self.refused_rate += 1
+            if peer[0] not in self._rate_logged:
+                if len(self._rate_logged) >= 10_000:
+                    self._rate_logged.clear()
+                self._rate_logged.add(peer[0])
+                log.warning("%s: connection rate over %g/s (burst %d) from this address: closing its new "
+                            "connections (logged once per address)", where, self.limits.connect_rate,
+                            self.limits.connect_burst)
+            writer.transport.abort()
+            return
         context = self._tls_contexts.get(listener_name)
         if context is not None:
-            peer = writer.get_extra_info("peername")
-            where = f"peer {peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unknown peer"
             try:
                 await writer.start_tls(context, ssl_handshake_timeout=self.limits.connect_timeout)
             except (TimeoutError, ssl.SSLError, OSError, EOFError) as exc:
@@ -293,7 +316,7 @@ class HardenedBroker(Broker):
                 await writer.close()
             raise ConnectRefused(f"{where}: connection refused: {admission.reason}")
         for disconnect in superseded:  # [MQTT-3.1.4-2]: the previous connection of this client id goes first
-            await self._close_connection(disconnect.conn)
+            await self._take_over(disconnect.conn, incoming)
 
         session = incoming
         if incoming.clean_session:
@@ -329,6 +352,29 @@ class HardenedBroker(Broker):
             # every packet read and a timer re-armed after every packet written.
             session.keep_alive = 0
         return handler, session
+
+    async def _take_over(self, conn: ConnId, incoming: Session) -> None:
+        """Close a connection superseded by a new one of its client id; its will goes out, as for any
+        connection that ends without DISCONNECT ([MQTT-3.1.2-8]; amqtt published none on a takeover).
+
+        The old connection is already refused everything by the core, so the will is judged as the new
+        connection's: the same device (the client id is bound to its identity), under the policy in force."""
+        live = self._connections.get(conn)
+        will = None
+        if live is not None and live.session.will_flag and live.session.will_topic:
+            old = live.session
+            will = (old.will_topic, bytes(old.will_message or b""), old.will_qos or 0, bool(old.will_retain))
+            old.will_flag = False  # published here, not again by the old connection's end
+        await self._close_connection(conn)
+        if will is None:
+            return
+        topic, message, qos, retain = will
+        if not self.authz.allows(incoming, "will", topic):
+            log.warning("will of %s on %r suppressed: not permitted", incoming.client_id, topic)
+            return
+        await self._broadcast_message(incoming, topic, message, qos)
+        if retain:
+            await self.retain_message(incoming, topic, message, qos)
 
     async def _authenticate(self, session: Session, _: ListenerConfig) -> bool:
         conn = connection_of(session)
@@ -367,9 +413,23 @@ class HardenedBroker(Broker):
         if isinstance(reader, FramingGuard):
             reader.settle = PublishTracker(handler, self.limits.packet_timeout).settled
         handler.attach(client_session, reader, writer)
+        client_id = client_session.client_id or ""
+        previous = self._senders.pop(client_id, None)
+        if previous is not None:  # a taken-over connection whose end has not run yet: its leftovers come first
+            await self._retire_sender(previous, client_session)
         self._sessions[client_session.client_id] = (client_session, handler)  # type: ignore[index]
         self._connections[conn] = _Connection(client_session, handler)
         self._conn_of_handler[id(handler)] = conn
+        redeliver = take_inflight(client_session)  # out of amqtt's sight: its retry drops them after 5 s
+        if client_session.clean_session:
+            redeliver = []
+        # Checked again, as queued messages are: the policy or the device may have changed since they were sent.
+        redeliver = [m for m in redeliver if self.authz.allows(client_session, "receive", m.topic, "queued")]
+        sender = SessionSender(client_session, handler, self._outbound_limits,
+                               lambda reason: self._slow_consumer(conn, client_session, handler, reason),
+                               self._outbound_drop)
+        self._senders[client_id] = sender
+        self._take_offline_queue(client_session)  # before anything live can be routed to the new connection
         ended = False
         try:
             await handler.mqtt_connack_authorize(True)
@@ -377,6 +437,7 @@ class HardenedBroker(Broker):
                 BrokerEvents.CLIENT_CONNECTED, client_id=client_session.client_id, client_session=client_session
             )
             await handler.start()
+            sender.start(redeliver)  # unacknowledged QoS 1/2 of the last connection first, with DUP=1
             await self._publish_session_retained_messages(client_session)
             for subscription in self._own_filters(client_session):
                 await self._publish_retained_messages_for_subscription(subscription, client_session)
@@ -386,9 +447,33 @@ class HardenedBroker(Broker):
                 self.authz.service.ended(conn, client_session.client_id or "", reader.ended)
             if not ended:
                 await self._end_session(client_session, handler)
+            if self._senders.get(client_id) is sender:
+                del self._senders[client_id]
+                await self._retire_sender(sender, client_session)
             self._connections.pop(conn, None)
             self._conn_of_handler.pop(id(handler), None)
             self.authz.service.closed(conn)
+
+    def _outbound_drop(self, count: int) -> None:
+        self.outbound_dropped += count
+
+    def _slow_consumer(self, conn: ConnId, session: Session, handler: BrokerProtocolHandler, reason: str) -> None:
+        """A live session's queue is full of messages it does not take: end its connection (the will goes out)."""
+        self.slow_consumers += 1
+        log.warning("client %s: connection closed: %s", session.client_id, reason)
+        self.authz.service.ended(conn, session.client_id or "", reason)
+        abort_connection(handler)
+
+    async def _retire_sender(self, sender: SessionSender, session: Session) -> None:
+        """Stop a connection's sender. A persistent session keeps its unacknowledged messages (in
+        ``inflight_out``, resent on reconnect) and its waiting QoS 1/2 ones (in the offline queue, bounded)."""
+        leftovers = await sender.stop()
+        if session.clean_session or self._sessions.get(session.client_id or "", (None, None))[0] is not session:
+            return
+        for item in leftovers:
+            if item.qos:
+                await self._retain_broadcast_message(
+                    {"session": None, "topic": item.topic, "data": item.data}, item.qos, session)
 
     async def _end_session(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
         """End a session whose loop stopped without a disconnect being handled (an error, a close): amqtt
@@ -542,19 +627,22 @@ class HardenedBroker(Broker):
 
     async def _publish_session_retained_messages(self, session: Session) -> None:
         """Messages queued while offline are checked again: the policy may have changed meanwhile. They go
-        out with RETAIN=0: they reach the session as ordinary deliveries ([MQTT-3.3.1-9]; amqtt set 1)."""
-        handler = self._get_handler(session)
-        if handler is None:
+        out with RETAIN=0: they reach the session as ordinary deliveries ([MQTT-3.3.1-9]; amqtt set 1).
+        The hardened session start has already handed them to the sender (``_take_offline_queue``) before
+        anything live could be; this catches what a stock path queued."""
+        if self._get_handler(session) is None:
             return
-        tasks = []
+        self._take_offline_queue(session)
+
+    def _take_offline_queue(self, session: Session) -> None:
+        """The offline queue into the session's sender, in one synchronous step: ahead of any live message."""
+        sender = self._senders.get(session.client_id or "")
         self._queued_bytes.pop(session.client_id or "", None)
         self._overflowing.discard(session.client_id or "")
         while not session.retained_messages.empty():
             queued = session.retained_messages.get_nowait()
-            if self.authz.allows(session, "receive", queued.topic, "queued"):
-                tasks.append(asyncio.ensure_future(handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False)))
-        if tasks:
-            await asyncio.wait(tasks)
+            if sender is not None and self.authz.allows(session, "receive", queued.topic, "queued"):
+                sender.offer_backlog(queued.topic, bytes(queued.data or b""), queued.qos or 0)
 
     # -- offline queues: bounded in messages and bytes, oldest dropped first ------------------
 
@@ -566,8 +654,8 @@ class HardenedBroker(Broker):
         queue = target_session.retained_messages
         data = broadcast["data"] or b""
         limits = self.limits
-        if queue.empty():
-            self._queued_bytes[client_id] = 0
+        if queue.empty() or client_id not in self._queued_bytes:
+            self._queued_bytes[client_id] = sum(len(m.data or b"") for m in list(queue._queue))  # type: ignore[attr-defined]
         if len(data) > limits.offline_queue_bytes:
             self._overflow(client_id, 1)
             return
@@ -686,9 +774,7 @@ class HardenedBroker(Broker):
                 if not target.clean_session and qos in (QOS_1, QOS_2) and not target.is_anonymous:
                     await self._retain_broadcast_message(broadcast, qos, target)
                 continue
-            handler = self._get_handler(target)
-            if handler is not None:
-                running_tasks.append(asyncio.ensure_future(handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)))
+            self._deliver(target, topic, broadcast["data"], qos, running_tasks)
         if self._relay_children and not topic.startswith(GATEWAY_PREFIX):
             await self._relay_broadcast(broadcast, topic, running_tasks)
 
@@ -711,10 +797,18 @@ class HardenedBroker(Broker):
                 if not target.clean_session and qos in (QOS_1, QOS_2) and not target.is_anonymous:
                     await self._retain_broadcast_message({**broadcast, "topic": wire_topic}, qos, target)
                 continue
-            handler = self._get_handler(target)
-            if handler is not None:
-                running_tasks.append(asyncio.ensure_future(
-                    handler.mqtt_publish(wire_topic, broadcast["data"], qos, retain=False)))
+            self._deliver(target, wire_topic, broadcast["data"], qos, running_tasks)
+
+    def _deliver(self, target: Session, topic: str, data: Any, qos: int | None,
+                 running_tasks: deque[asyncio.Task[OutgoingApplicationMessage]]) -> None:
+        """To a live session: through its sender's bounded queue (``broker_plugin.delivery``)."""
+        sender = self._senders.get(target.client_id or "")
+        if sender is not None and sender.session is target:
+            sender.offer(topic, bytes(data or b""), qos or 0)
+            return
+        handler = self._get_handler(target)  # not this broker's own connection handling (none expected)
+        if handler is not None:
+            running_tasks.append(asyncio.ensure_future(handler.mqtt_publish(topic, data, qos, retain=False)))
 
     # -- stopping a session never hangs -------------------------------------------------------
 

@@ -76,6 +76,7 @@ def broker_config(pki_: TestPki, policy_dir: Path, **plugin: Any) -> dict[str, A
         "node_id": f"test-{uuid.uuid4().hex[:8]}",
         "assertion_db": str(policy_dir.parent / "assertions.db"),
         "spool_dir": str(policy_dir.parent / "spool"),
+        "connect_rate": 10_000, "connect_burst": 10_000,  # every test client dials from 127.0.0.1
     }
     settings.update(plugin)
     return {
@@ -419,6 +420,7 @@ def write_cli_config(path: Path, pki_: TestPki, policy_dir: Path, **plugin: Any)
     settings = dict(model=str(policy_dir / "model.conf"), policy=str(policy_dir / "policy.csv"),
                     registry=str(policy_dir / "devices.yaml"), trust_domain=TRUST_DOMAIN, node_id=path.stem,
                     assertion_db=str(path.parent / "assertions.db"), spool_dir=str(path.parent / "spool"),
+                    connect_rate=10_000, connect_burst=10_000,
                     admin_socket=str(path.parent / f"{path.stem}.sock"))  # one per config: two brokers may share a directory
     config["plugins"][PLUGIN].update({**settings, **plugin})
     path.write_text(yaml.safe_dump(config))

@@ -23,6 +23,11 @@ class BrokerLimits:
     max_connections: int
     offline_queue_messages: int
     offline_queue_bytes: int
+    max_inflight_messages: int
+    session_queue_messages: int
+    session_queue_bytes: int
+    connect_rate: float
+    connect_burst: int
 
 
 @dataclass
@@ -81,6 +86,17 @@ class ServiceSettings:
     # beyond either, the oldest queued message is dropped (counted, logged once per client per offline spell).
     offline_queue_messages: int = 1000
     offline_queue_bytes: int = 1_048_576
+    # A live session: at most this many QoS 1/2 messages sent and not yet acknowledged (the rest wait, in order)...
+    max_inflight_messages: int = 20
+    # ...and at most this many messages and payload bytes held for it in all (waiting and in flight). Beyond
+    # either, its oldest waiting QoS 0 message is dropped; with only QoS 1/2 left, the slow consumer is
+    # disconnected (a persistent session keeps what was held, within the offline queue limits).
+    session_queue_messages: int = 1000
+    session_queue_bytes: int = 1_048_576
+    # New connections per source address: a burst of connect_burst, then connect_rate per second (token
+    # bucket); beyond, a connection is closed before its TLS handshake (counted, logged once per address).
+    connect_rate: float = 50.0
+    connect_burst: int = 200
     # -- shared certificates (pdp.core.sharing): one fingerprint on two live connections with different client
     # ids, or from two source addresses within the window: a warning, a 'shared-certificate' record and a count;
     # 'refuse' also refuses the second connection; 'off' tracks nothing.

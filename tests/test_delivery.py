@@ -1,0 +1,263 @@
+"""Deliveries to live sessions are bounded and survive reconnects (issue 10: slow consumers, QoS 1 redelivery).
+
+Real broker, real TLS, real clients: a raw client where the attack or the check needs
+control of acknowledgements (tests/rawmqtt.py), paho elsewhere; the slow-consumer
+test runs `mqtt-pdp broker` in its own process so its memory can be read from /proc.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from broker_plugin.amqtt_compat import Broker
+from tests.rawmqtt import RawClient, packet, subscribe_packet
+from tests.support import WAIT, BrokerProcess, Client, wait_for, write_cli_config
+
+CMD = "sites/plant-a/sensor-1/cmd"
+
+
+def persistent_subscriber(broker, test_pki) -> RawClient:
+    sensor = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+    assert sensor.connect("sensor-1", clean=False) == 0
+    assert sensor.send(subscribe_packet([(CMD, 1)], packet_id=1))
+    assert sensor.read_packet() == b"\x90\x03\x00\x01\x01"
+    return sensor
+
+
+def publish_fields(data: bytes) -> tuple[int, int, bytes]:
+    """(first byte, packet id, payload) of a QoS 1 PUBLISH to CMD."""
+    topic_len = struct.unpack("!H", data[2:4])[0]
+    pos = 4 + topic_len
+    assert data[4:pos] == CMD.encode()
+    return data[0], struct.unpack("!H", data[pos:pos + 2])[0], data[pos + 2:]
+
+
+def offline(broker) -> None:
+    sessions = broker.broker._sessions
+    wait_for(lambda: broker.run(lambda: sessions["sensor-1"][0].transitions.state == "disconnected"), "offline")
+
+
+def test_unacknowledged_qos_1_is_resent_with_dup_on_reconnect(broker, connect, test_pki):
+    sensor = persistent_subscriber(broker, test_pki)
+    dashboard = connect("dash-1")
+    try:
+        dashboard.publish(CMD, b"c1", qos=1)
+        first, packet_id, payload = publish_fields(sensor.read_packet())
+        assert (first, payload) == (0x32, b"c1")  # QoS 1, DUP=0; not acknowledged
+    finally:
+        sensor.close()
+    offline(broker)
+    sensor = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+    try:
+        assert sensor.connect("sensor-1", clean=False) == 0
+        assert publish_fields(sensor.read_packet()) == (0x3A, packet_id, b"c1")  # DUP=1, same id [MQTT-4.4.0-1]
+        assert sensor.send(packet(0x40, struct.pack("!H", packet_id)))  # PUBACK
+        dashboard.publish(CMD, b"c2", qos=1)
+        first, next_id, payload = publish_fields(sensor.read_packet())
+        assert (first, payload) == (0x32, b"c2")
+        assert sensor.send(packet(0x40, struct.pack("!H", next_id)))
+    finally:
+        sensor.close()
+    offline(broker)
+    sensor = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+    try:  # acknowledged messages are not sent again
+        assert sensor.connect("sensor-1", clean=False) == 0
+        dashboard.publish(CMD, b"c3", qos=1)
+        assert publish_fields(sensor.read_packet())[2] == b"c3"
+    finally:
+        sensor.close()
+
+
+def test_a_message_the_policy_no_longer_grants_is_not_resent(broker, connect, test_pki, policy_dir):
+    sensor = persistent_subscriber(broker, test_pki)
+    dashboard = connect("dash-1")
+    try:
+        dashboard.publish(CMD, b"before", qos=1)
+        assert publish_fields(sensor.read_packet())[2] == b"before"  # not acknowledged
+    finally:
+        sensor.close()
+    offline(broker)
+    policy = policy_dir / "policy.csv"
+    attempts = broker.plugin.service.reload_attempts
+    policy.write_text(policy.read_text() + "p, no-cmd, sensor, *, *, sites/+/+/cmd, receive, deny\n")
+    broker.wait_reload(attempts)
+    assert broker.plugin.service.pdp.last_error is None
+    sensor = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+    try:
+        assert sensor.connect("sensor-1", clean=False) == 0
+        dashboard.publish(CMD, b"after", qos=1)
+        with pytest.raises(TimeoutError):  # neither resent nor delivered
+            sensor.read_packet(timeout=1)
+    finally:
+        sensor.close()
+
+
+def test_qos_2_resumes_where_it_stopped_on_reconnect(broker, connect, test_pki):
+    """No PUBREC: the PUBLISH is resent with DUP=1; PUBREC but no PUBCOMP: the PUBREL is resent [MQTT-4.4.0-1]."""
+    sensor = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+    assert sensor.connect("sensor-1", clean=False) == 0
+    assert sensor.send(subscribe_packet([(CMD, 2)], packet_id=1))
+    assert sensor.read_packet() == b"\x90\x03\x00\x01\x02"
+    dashboard = connect("dash-1")
+    try:
+        dashboard.publish(CMD, b"two", qos=2)
+        first, packet_id, payload = publish_fields(sensor.read_packet())
+        assert (first, payload) == (0x34, b"two")  # QoS 2, not acknowledged
+    finally:
+        sensor.close()
+    offline(broker)
+    sensor = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+    try:
+        assert sensor.connect("sensor-1", clean=False) == 0
+        assert publish_fields(sensor.read_packet()) == (0x3C, packet_id, b"two")  # DUP=1, same id
+        assert sensor.send(packet(0x50, struct.pack("!H", packet_id)))  # PUBREC, then gone before PUBCOMP
+        assert sensor.read_packet() == packet(0x62, struct.pack("!H", packet_id))  # PUBREL
+    finally:
+        sensor.close()
+    offline(broker)
+    sensor = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+    try:
+        assert sensor.connect("sensor-1", clean=False) == 0
+        assert sensor.read_packet() == packet(0x62, struct.pack("!H", packet_id))  # PUBREL again, no PUBLISH
+        assert sensor.send(packet(0x70, struct.pack("!H", packet_id)))  # PUBCOMP
+        session = broker.broker._sessions["sensor-1"][0]
+        wait_for(lambda: broker.run(lambda: not session.inflight_out), "flow complete")
+    finally:
+        sensor.close()
+
+
+@pytest.mark.parametrize("broker_class", [Broker], ids=["stock-amqtt"])
+def test_stock_amqtt_forgets_unacknowledged_qos_1_on_disconnect(broker, connect, test_pki):
+    sensor = persistent_subscriber(broker, test_pki)
+    dashboard = connect("dash-1")
+    try:
+        dashboard.publish(CMD, b"c1", qos=1)
+        sensor.read_packet()
+    finally:
+        sensor.close()
+    offline(broker)
+    sensor = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+    try:
+        assert sensor.connect("sensor-1", clean=False) == 0
+        with pytest.raises(TimeoutError):
+            sensor.read_packet(timeout=2)
+    finally:
+        sensor.close()
+
+
+# -- a live subscriber that stops reading ------------------------------------------------------------
+
+
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+MESSAGES = 6000
+PAYLOAD = 2048
+
+
+def flood(port: int, test_pki, count: int, healthy: Client) -> list[bytes]:
+    """root-2 publishes ``count`` QoS 1 messages, up to 250 at a time in flight; after each 250 the healthy
+    subscriber must have received them (so only the slow consumer falls behind). What the healthy one got."""
+    publisher = Client(port, "root-2", test_pki.device("root-2"), test_pki.ca_file)
+    publisher.client.max_inflight_messages_set(250)
+    assert publisher.connect() == 0
+    received: list[bytes] = []
+    try:
+        for start in range(0, count, 250):
+            infos = [publisher.client.publish("a/flood", b"%06d" % i + b"x" * (PAYLOAD - 6), 1)
+                     for i in range(start, min(count, start + 250))]
+            for info in infos:
+                info.wait_for_publish(WAIT)
+                assert info.is_published()
+            received += [healthy.next_message().payload[:6] for _ in infos]
+    finally:
+        publisher.close()
+    return received
+
+
+def test_a_subscriber_that_stops_reading_is_bounded_and_others_are_served(tmp_path, test_pki, policy_dir):
+    config = write_cli_config(tmp_path / "slow.yaml", test_pki, policy_dir, session_queue_messages=500,
+                              assertions=False)
+    broker = BrokerProcess(config, tmp_path)
+    try:
+        healthy = Client(broker.port, "watcher-1", test_pki.device("watcher-1"), test_pki.ca_file)
+        assert healthy.connect() == 0
+        assert healthy.subscribe("a/#", qos=1) == 1
+        slow = RawClient(broker.port, test_pki.device("root-1"), test_pki.ca_file)
+        slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        assert slow.connect("root-1") == 0
+        assert slow.send(subscribe_packet([("a/#", 1)], packet_id=1))
+        assert slow.read_packet() == b"\x90\x03\x00\x01\x01"  # and then it never reads again
+        before = rss_kib(broker.proc.pid)
+        received = flood(broker.port, test_pki, MESSAGES, healthy)
+        assert received == [b"%06d" % i for i in range(MESSAGES)]  # every one, in order
+        broker.wait_line(r"client root-1: connection closed: slow consumer")
+        peak = rss_kib(broker.proc.pid, "VmHWM")
+        # Measured here: +2.7 MB with these limits; +14.8 MB with the limits raised out of reach (the slow
+        # consumer then holds all 12 MB of payload). The bound sits between.
+        assert peak - before < 8 * 1024, f"RSS grew by {peak - before} KiB"
+        healthy.close()
+        slow.close()
+    finally:
+        assert broker.stop() == 0
+    assert "Traceback" not in "".join(broker.log)
+
+
+@pytest.mark.parametrize("broker_settings", [{"session_queue_bytes": 256 * 1024}], ids=["256KiB"])
+def test_a_qos_0_subscriber_that_stops_reading_loses_its_oldest_messages_and_stays(broker, connect, test_pki, caplog):
+    """Only QoS 0 waiting: the oldest are dropped (counted, logged once), the connection is not closed."""
+    caplog.set_level(logging.WARNING, logger="mqtt_pdp.broker")
+    slow = RawClient(broker.port, test_pki.device("root-1"), test_pki.ca_file)
+    slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        assert slow.connect("root-1", keepalive=0) == 0  # only the queue policy could end it
+        assert slow.send(subscribe_packet([("a/#", 0)], packet_id=1))
+        assert slow.read_packet() == b"\x90\x03\x00\x01\x00"  # and then it stops reading
+        watcher = connect("watcher-1")
+        assert watcher.subscribe("a/#") == 0
+        lab = connect("lab-1")
+        for i in range(2000):  # 8 MB: more than the kernel and asyncio buffers hold on the way
+            lab.client.publish("a/flood", b"%04d" % i + b"y" * 4096, 0)
+        lab.publish("a/end", b"end")
+        assert watcher.messages_until("a/end")[-1].payload == b"end"
+        wait_for(lambda: broker.run(lambda: broker.broker.outbound_dropped) > 0, "oldest QoS 0 dropped")
+        assert broker.run(lambda: broker.broker.slow_consumers) == 0
+        assert not slow.closed_by_peer(timeout=0.5)  # still connected
+    finally:
+        slow.close()
+    full = [r for r in caplog.records if "outbound queue of root-1 is full" in r.getMessage()]
+    assert len(full) == 1
+
+
+# -- will on takeover -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("clean", [True, False], ids=["clean", "persistent"])
+def test_a_taken_over_connection_publishes_its_will(broker, connect, test_pki, clean):
+    """The old connection of a client id ends without DISCONNECT when a new one takes over: its will goes out
+    ([MQTT-3.1.2-8]); the new connection's will does not."""
+    dashboard = connect("dash-1")
+    assert dashboard.subscribe("sites/plant-a/#") == 0
+    old = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+    new = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+    try:
+        assert old.connect("sensor-1", clean=clean, will=("sites/plant-a/sensor-1/status", b"old gone", 0, False)) == 0
+        assert new.connect("sensor-1", clean=clean, will=("sites/plant-a/sensor-1/status", b"new gone", 0, False)) == 0
+        assert old.closed_by_peer()
+        message = dashboard.next_message()
+        assert (message.topic, message.payload) == ("sites/plant-a/sensor-1/status", b"old gone")
+        dashboard.publish("sites/plant-a/sensor-1/cmd", b"marker")
+        assert [m.payload for m in dashboard.messages_until("sites/plant-a/sensor-1/cmd")] == [b"marker"]
+    finally:
+        old.close()
+        new.close()
