@@ -128,6 +128,17 @@ def test_hole_2_will_is_checked_at_connect_and_when_published(world: World) -> N
     assert (late.allowed, late.action, late.decision.reason) == (False, "publish", "no matching rule")
 
 
+def test_a_will_is_never_relayed_for_a_gateway_child(world: World) -> None:
+    """Found by an outside attack: a gateway's will on 'gw/<another gateway's child>/...' skipped every relay
+    check and reached that child's gateway. root-1 may publish '#', so only the relay rule refuses it."""
+    _, refused = world.connect("root-1", will="gw/legacy-2/sites/plant-a/legacy-2/cmd")
+    assert [type(a) for a in refused] == [Refused]
+    assert "a will cannot be relayed" in refused[0].admission.reason
+    conn = world.admitted("root-1", will="sites/x")
+    late = world.verdict(WillDue(conn, "gw/legacy-2/sites/plant-a/legacy-2/cmd"))
+    assert (late.allowed, late.decision.reason) == (False, "a will cannot be relayed for a gateway's child")
+
+
 def test_hole_3_another_device_can_neither_take_nor_kick_a_client_id(world: World) -> None:
     victim = world.admitted("sensor-1", persistent=True)
     for persistent in (False, True):

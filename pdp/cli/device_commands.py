@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pdp.evidence.text import safe
 from pdp.registry.device import CertBinding, Device
 
 COMMANDS = ("list", "show", "register", "activate", "suspend", "retire", "transfer", "bind-cert", "unbind-cert",
@@ -418,6 +419,14 @@ def cmd_import(args: argparse.Namespace) -> int:
                              args.reason or "")
 
         def write() -> str:
+            current = _redis_call(store.get, url, list(registry.devices))
+            revived = sorted(device_id for device_id, device in current.items()
+                             if device is not None and device.status == "retired"
+                             and registry.devices[device_id].status != "retired")
+            if revived:
+                raise DeviceCliError(f"{args.file}: import would bring back retired device(s) "
+                                     f"{', '.join(safe(d) for d in revived[:5])}{' ...' if len(revived) > 5 else ''}"
+                                     " (retirement is final: register a new device id instead)")
             revision = _redis_call(store.replace_all, url, registry.devices.values())
             summary.append(f"imported {len(registry)} devices from {args.file} into {store.location} "
                            f"(revision r{revision})")

@@ -11,6 +11,7 @@ from datetime import datetime
 
 from pdp.core.crl import NO_REVOCATIONS, RevocationList
 from pdp.core.engine import Decision
+from pdp.core.gateway import PREFIX as GATEWAY_PREFIX
 from pdp.core.identity import (
     CertificateInfo,
     DeviceIdentity,
@@ -27,6 +28,12 @@ Decider = Callable[[Device, str, str], Decision]
 
 class SettingsError(ValueError):
     """A configuration value that cannot work; the message names the setting."""
+
+
+# A will is published by the broker after the connection is gone, outside the gateway relay's checks (is this
+# the child's gateway, is the child active, may the child publish the inner topic): an outside attack had one
+# gateway inject messages for another gateway's child through its will. So a will is never relayed.
+WILL_NOT_RELAYED = "a will cannot be relayed for a gateway's child"
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,8 @@ def admit(
             return Admission(False, f"invalid will topic: {exc}", identity, device)
         if request.will_topic.startswith("$"):
             return Admission(False, "will topic starts with '$'", identity, device)
+        if request.will_topic.startswith(GATEWAY_PREFIX):
+            return Admission(False, f"will topic not permitted ({WILL_NOT_RELAYED})", identity, device)
         will = decide(device, "publish", request.will_topic)
         if not will.allowed:
             return Admission(False, f"will topic not permitted ({will.reason})", identity, device, will.rule_id)

@@ -38,7 +38,7 @@ from datetime import datetime
 from typing import Literal, Protocol
 
 from pdp.core import gateway
-from pdp.core.admission import Admission, ConnectRequest
+from pdp.core.admission import WILL_NOT_RELAYED, Admission, ConnectRequest
 from pdp.core.engine import Decision
 from pdp.registry.device import Device
 
@@ -352,6 +352,9 @@ class Enforcer:
 
     def _will(self, event: WillDue) -> list[Action]:
         # Checked when published, not only at connect: the policy may have changed meanwhile (hole 2).
+        if event.topic.startswith(gateway.PREFIX):  # see admission: a will is never relayed for a child
+            return [Verdict(event.conn, "publish", event.topic, Decision(False, None, WILL_NOT_RELAYED), SESSION_TIER,
+                            self.authority.snapshot_revision)]
         return [self._reserved(event.conn, event.topic) or self.verdict(event.conn, "publish", event.topic)]
 
     def _swapped(self, _: SnapshotSwapped) -> list[Action]:

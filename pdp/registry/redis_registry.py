@@ -96,7 +96,7 @@ def decode_all(entries: Iterable[tuple[Any, Any]], location: str) -> dict[str, D
             continue
         try:
             devices[device_id] = decode(device_id, text, intern)
-        except (ValueError, TypeError, KeyError) as exc:
+        except Exception as exc:  # any shape Redis may hold: a bad entry costs its device, never the registry
             log.error("%s: device %r left out (malformed entry: %s); it is refused until it is rewritten",
                       location, device_id[:128], exc)
     return devices

@@ -39,6 +39,7 @@ class RegistryFollower:
         self.subscribed = asyncio.Event()
         self.changes = 0  # changes applied (partial and full)
         self.full_loads = 0
+        self.failures = 0  # unexpected errors survived (a malformed revision counter, say)
 
     async def run(self) -> None:
         backoff = 0.05
@@ -64,6 +65,14 @@ class RegistryFollower:
                             exc or type(exc).__name__)
                 await asyncio.sleep(backoff)
                 backoff = min(1.0, backoff * 2)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # whatever Redis holds, the follower must not die silently and stop all changes
+                self.subscribed.clear()
+                self.failures += 1
+                log.exception("following the registry at %s failed; the registry in force stays; retrying",
+                              self.location)
+                await asyncio.sleep(1.0)
             finally:
                 try:
                     await pubsub.aclose()
@@ -71,7 +80,7 @@ class RegistryFollower:
                     pass
 
     async def _revision(self) -> int:
-        return int(await self.client.get(self.revision_key) or 0)
+        return _revision_of(await self.client.get(self.revision_key), self.location)
 
     async def _on_message(self, data: bytes | str) -> None:
         try:
@@ -104,7 +113,9 @@ class RegistryFollower:
         pipe.get(self.revision_key)
         pipe.hgetall(self.devices_key)
         revision_raw, entries = await pipe.execute()
-        revision = int(revision_raw or 0)
+        revision = _revision_of(revision_raw, self.location)
+        if revision < 0:
+            return  # nothing trustworthy to apply; the registry in force stays until the counter is repaired
         devices = await asyncio.to_thread(decode_all, list(entries.items()), self.location)
         self.full_loads += 1
         if await self.apply(registry_of(devices, revision, self.location), revision):
@@ -115,3 +126,13 @@ class RegistryFollower:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def _revision_of(raw: bytes | str | None, location: str) -> int:
+    """The revision counter's value; -1 (logged) when it is not an integer, which no change can follow."""
+    try:
+        return int(raw or 0)
+    except (TypeError, ValueError):
+        log.error("registry at %s: revision counter %r is not an integer; changes wait until it is repaired",
+                  location, str(raw)[:40])
+        return -1
