@@ -59,7 +59,7 @@ from broker_plugin.plugin import CONN_KEY, DeviceAuthorizationPlugin, connection
 from broker_plugin.subscriptions import FilterIndex
 from broker_plugin.tls_capture import install as install_certificate_capture
 from broker_plugin.tls_capture import presented_certificate
-from pdp.evidence.text import safe
+from pdp.evidence.text import field
 from pdp.core.gateway import PREFIX as GATEWAY_PREFIX
 from pdp.core.gateway import split as gateway_split
 from pdp.core.admission import Admission
@@ -274,7 +274,7 @@ class HardenedBroker(Broker):
             try:
                 await self._handle_client_session(guard, writer, session, handler, server, listener_name)
             except SessionRevoked as exc:
-                log.warning("%s (client %s): closed: %s", where, safe(session.client_id or ""), exc)
+                log.warning("%s (client %s): closed: %s", where, field(session.client_id or ""), exc)
             except PEER_ERRORS as exc:
                 log.warning("%s (client %s): session ended: %s", where, session.client_id, exc or type(exc).__name__)
         except Exception:  # a bug, not the peer: say so once, with the traceback, and still free the slot

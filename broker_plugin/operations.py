@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from pdp.evidence.text import safe
+from pdp.evidence.text import field, safe
 from pdp.runtime import logs
 from pdp.runtime.admin import AdminError, AdminServer, Handler, Operator
 from pdp.runtime.metrics import directory_bytes
@@ -102,7 +102,7 @@ class BrokerOperations:
         if isinstance(actor, str) and actor:
             who = f"{safe(actor)} as {who}"
         reason = f"kicked by operator {who}"
-        log.warning("client %s kicked: %s", safe(client_id), reason)
+        log.warning("client %s kicked: %s", field(client_id), reason)
         self.service.ended(conn, client_id, reason)  # the evidence first: a disconnect record naming the operator
         live.session.will_flag = False
         await self.broker._close_connection(conn)

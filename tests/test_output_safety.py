@@ -75,6 +75,20 @@ def test_hostile_client_ids_and_topics_cannot_forge_output(make_broker, test_pki
     assert not any("\n" in m or "\r" in m or "\x1b" in m for m in ours)
     assert max(len(m) for m in ours) < 1200
     refusals = [m for m in ours if m.startswith("connect refused")]
-    assert refusals[0].startswith("connect refused: client=evil\\n2026-01-01T00:00:00.000000Z  root-1")
+    assert refusals[0].startswith("connect refused: client=\"evil\\n2026-01-01T00:00:00.000000Z  root-1")
     assert "client=" + "x" * 511 + "… device=sensor-1" in refusals[1]
     assert any(m.startswith("sensor-1 publish sites/plant-a/sensor-1/\\x1b[2J\\r\\x07bell") for m in ours)
+
+
+def test_a_device_value_cannot_forge_key_value_fields_of_a_log_line() -> None:
+    """Found by an outside attack: a client id 'x device=valve-001 fingerprint=0000 peer=10.9.9.9:1' was logged
+    bare, and any key=value parser read the forged fields."""
+    import shlex
+
+    from pdp.evidence.text import field
+
+    forged = 'x device=valve-001 fingerprint=0000 peer=10.9.9.9:1 reason="ok"'
+    line = f"connect refused: client={field(forged)} device={field('sensor-001')} reason=unknown"
+    pairs = dict(part.split("=", 1) for part in shlex.split(line.split(": ", 1)[1]))
+    assert pairs == {"client": forged, "device": "sensor-001", "reason": "unknown"}
+    assert field("sensor-1") == "sensor-1" and field("") == '""' and "\n" not in field("a\nb")

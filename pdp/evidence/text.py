@@ -48,6 +48,18 @@ def safe(value: object, limit: int = 512) -> str:
     return safe_text(value, limit)
 
 
+def field(value: object, limit: int = 512) -> str:
+    """A device's value (client id, device id, topic) as one ``key=value`` field of a log line.
+
+    ``safe``, then quoted (inner quotes escaped) when it is empty or holds a space, '=' or '"': otherwise a
+    client id ``x device=valve-001 peer=10.9.9.9:1`` read as fields of its own to any key=value parser.
+    """
+    text = safe(value, limit)
+    if text and not any(ch in text for ch in ' ="'):
+        return text
+    return '"' + text.replace('"', '\\"') + '"'
+
+
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 

@@ -53,7 +53,7 @@ from pdp.evidence.ledger import CaptureLedger
 from pdp.evidence.ratelimit import RefusalLimiter
 from pdp.evidence.recorder import AssertionRecorder
 from pdp.errors import SourceError
-from pdp.evidence.text import safe  # device-supplied text in log lines: escaped and bounded
+from pdp.evidence.text import field, safe  # device-supplied text in log lines: escaped and bounded
 from pdp.evidence.writer import WriterProcess
 from pdp.registry.device import Device
 from pdp.runtime.bus import InvalidationBus
@@ -214,16 +214,16 @@ class AuthorizationService:
         if admission.allowed:
             self.connected_at[conn] = time.time()
             log.info("connect accepted: client=%s device=%s fingerprint=%s peer=%s",
-                     safe(request.client_id), safe(device_id), fingerprint, peer)
+                     field(request.client_id), field(device_id), fingerprint, peer)
         else:
             self._peers.pop(conn, None)
             log.warning("connect refused: client=%s device=%s fingerprint=%s peer=%s reason=%s",
-                        safe(request.client_id), safe(device_id), fingerprint, peer, safe(admission.reason),
+                        field(request.client_id), field(device_id), fingerprint, peer, safe(admission.reason),
                         extra={"event": "connect_refused", "client_id": request.client_id, "device_id": device_id,
                                "fingerprint": fingerprint, "peer": peer, "reason": admission.reason})
         superseded = [a for a in actions if isinstance(a, Disconnect)]
         for action in superseded:
-            log.info("client %s reconnected: closing its previous connection", safe(action.client_id))
+            log.info("client %s reconnected: closing its previous connection", field(action.client_id))
             self._record_end(action)
         return admission, superseded
 
@@ -283,7 +283,7 @@ class AuthorizationService:
         admission = Admission(False, LOG_REFUSAL, certificate=cert)
         assert self.recorder is not None
         self.recorder.connect(admission, request.client_id, peer, self.pdp.snapshot_revision)
-        log.warning("connect refused: client=%s peer=%s reason=%s", safe(request.client_id), peer, LOG_REFUSAL)
+        log.warning("connect refused: client=%s peer=%s reason=%s", field(request.client_id), peer, LOG_REFUSAL)
         return admission
 
     def _refuse_shared(self, request: ConnectRequest, peer: str | None, shared: SharedCertificate,
@@ -297,8 +297,8 @@ class AuthorizationService:
         if self.recorder is not None:
             self.recorder.connect(admission, request.client_id, peer, self.pdp.snapshot_revision)
         self._shared(admission, request.client_id, peer, shared, refused=True)
-        log.warning("connect refused: client=%s device=%s fingerprint=%s peer=%s reason=%s", safe(request.client_id),
-                    safe(admission.device.device_id if admission.device else None), shared.fingerprint, peer,
+        log.warning("connect refused: client=%s device=%s fingerprint=%s peer=%s reason=%s", field(request.client_id),
+                    field(admission.device.device_id if admission.device else None), shared.fingerprint, peer,
                     safe(admission.reason))
         return admission
 
@@ -307,7 +307,7 @@ class AuthorizationService:
         self.shared_certificates += 1
         device_id = admission.device.device_id if admission.device else None
         log.warning("shared certificate%s: client=%s device=%s fingerprint=%s peer=%s: %s",
-                    " (connection refused)" if refused else "", safe(client_id), safe(device_id),
+                    " (connection refused)" if refused else "", field(client_id), field(device_id),
                     shared.fingerprint, peer, safe(shared.reason))
         if self.recorder is not None:
             self.recorder.decision(admission, client_id, peer, "shared-certificate", None,
@@ -367,12 +367,12 @@ class AuthorizationService:
             client_id = self._peers.get(conn, (None,))[0]
             held = self._denials_logged.admit(client_id or "", time.monotonic())
             if held is not None:
-                log.info("%s %s %s denied: %s%s", safe(client_id), verdict.action, safe(topic),
+                log.info("%s %s %s denied: %s%s", field(client_id), verdict.action, field(topic),
                          safe(verdict.decision.reason), f" ({held} more denials of this client not logged)" if held else "",
                          extra={"event": "denied", "client_id": client_id, "action": verdict.action, "topic": topic,
                                 "reason": verdict.decision.reason, "not_logged_before": held})
         elif log.isEnabledFor(logging.DEBUG):
-            log.debug("%s %s %s %s: %s", safe(self._peers.get(conn, (None,))[0]), verdict.action, safe(topic),
+            log.debug("%s %s %s %s: %s", field(self._peers.get(conn, (None,))[0]), verdict.action, field(topic),
                       "allowed" if verdict.allowed else "denied", safe(verdict.decision.reason))
         return verdict
 
@@ -487,7 +487,7 @@ class AuthorizationService:
                     self.aborter(action.conn)  # before any await: no backlog of other work delays the close
                 admission = self.enforcer.admission_of(action.conn)
                 device_id = admission.device.device_id if admission and admission.device else None
-                log.warning("session revoked: client=%s device=%s reason=%s", safe(action.client_id), device_id,
+                log.warning("session revoked: client=%s device=%s reason=%s", field(action.client_id), device_id,
                             action.reason, extra={"event": "revoked", "client_id": action.client_id,
                                                   "device_id": device_id, "reason": action.reason})
                 self._record_end(action)
@@ -495,12 +495,12 @@ class AuthorizationService:
                 if self.metrics is not None:
                     self.metrics.revoked("disconnect")
             elif isinstance(action, DropSession):
-                log.warning("offline session dropped: client=%s reason=%s", safe(action.client_id),
+                log.warning("offline session dropped: client=%s reason=%s", field(action.client_id),
                             safe(action.reason))
                 ending.append(action)
             elif isinstance(action, DropSubscription):
-                log.warning("subscription dropped: client=%s filter=%s reason=%s", safe(action.client_id),
-                            safe(action.topic_filter), safe(action.reason))
+                log.warning("subscription dropped: client=%s filter=%s reason=%s", field(action.client_id),
+                            field(action.topic_filter), safe(action.reason))
                 if self.recorder is not None:
                     peer = self._peers.get(action.conn, (None, None))[1]
                     self.recorder.decision(self.enforcer.admission_of(action.conn), action.client_id, peer,
