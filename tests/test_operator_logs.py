@@ -68,7 +68,9 @@ def test_default_level_one_line_per_event_and_no_amqtt_chatter(tmp_path: Path) -
 
 
 def test_json_lines(tmp_path: Path) -> None:
-    broker, pki = run_broker(tmp_path, log_format="json")
+    # An unreachable Redis makes the assertion writer (a process of its own) log too: found by an outside
+    # attack, its lines were plain text in JSON mode.
+    broker, pki = run_broker(tmp_path, log_format="json", redis_url="redis://127.0.0.1:1/0")
     try:
         refused = Client(broker.port, "sensor-900", pki.device("sensor-900"), pki.ca_file)
         try:
@@ -81,6 +83,7 @@ def test_json_lines(tmp_path: Path) -> None:
     broker.wait_line("shutting down")
     records = [json.loads(l) for l in broker.log]  # every line is one JSON object
     assert all({"ts", "level", "logger", "message"} <= set(r) for r in records)
+    assert any(r["logger"] == "mqtt_pdp.assertions" for r in records), broker.log
     event = json.loads(line)
     assert (event["level"], event["logger"], event["client_id"], event["device_id"], event["reason"]) == (
         "warning", "mqtt_pdp.service", "sensor-900", "sensor-900", "device suspended")

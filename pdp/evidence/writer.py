@@ -91,8 +91,10 @@ def main() -> int:
     # Ctrl-C reaches the whole process group; the broker decides when this process ends.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = json.loads(sys.argv[1])
+    from pdp.runtime import logs
+
+    logs.configure("info", settings.get("log_format", "text"))
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     claim = None
     try:

@@ -167,6 +167,7 @@ class AuthorizationService:
             "anchor_key_file": cfg.anchor_key_file, "anchor_dir": cfg.anchor_dir, "anchor_every": cfg.anchor_every,
             "anchor_interval": cfg.anchor_interval,
             "claim_url": cfg.redis_url, "claim_prefix": cfg.redis_prefix,  # one node id, one writer
+            "log_format": cfg.log_format,  # its own log lines in the broker's format (JSON lines for a shipper)
         })
         return AssertionRecorder(writer, ledger=CaptureLedger(cfg.spool_dir, self.node_id, uuid.uuid4().hex[:16]))
 
