@@ -40,7 +40,7 @@ def command_lines(block: str) -> list[str]:
 
 def test_quickstart_blocks_are_exact() -> None:
     blocks = quickstart_blocks()
-    assert [command_lines(b)[0] for b in blocks] == ["make run", "cd mqtt-pdp", "make test"]
+    assert [command_lines(b)[0] for b in blocks] == ["make run", "P=deploy/pki", "make test"]
     makefile = (ROOT / "Makefile").read_text()
     registry = yaml.safe_load((ROOT / "policies" / "devices.yaml").read_text())
     devices = {d["id"] for d in registry["devices"]}
@@ -140,7 +140,7 @@ def test_quickstart_runs_as_written(tmp_path: Path) -> None:
                 ready.set()
 
     threading.Thread(target=read, daemon=True).start()
-    user = Shell(tmp_path, env)
+    user = Shell(clone, env)  # shell 2 is in the repository, as shell 1
     try:
         assert ready.wait(60), "".join(log)
         statuses: dict[str, int] = {}
