@@ -89,12 +89,21 @@ def test_symbolic_diff_equals_brute_force(old: list[Rule], new_extra: list[Rule]
                 d_hold, d_other = (before, after) if c.kind == "lose" else (after, before)
                 held = [t for t in inside if _allowed(holder, d_hold, action, t)]
                 changed = [t for t in held if not _allowed(other, d_other, action, t)]
-                if c.whole:
-                    assert changed == held, (device_id, c, held, changed)
+                if c.whole:  # every topic of the pattern: a part still denied afterwards makes it a part
+                    assert changed == inside, (device_id, c, inside, changed)
                 else:
                     assert c.example is not None
                     if c.example in universe:  # the example is one of the topics that change
                         assert c.example in changed, (device_id, c)
+
+
+def test_a_gain_next_to_a_deny_that_stays_is_a_part() -> None:
+    """Found by an outside attack: 'gain publish on pub/#' was printed although pub/secret stays denied."""
+    deny = Rule("p3", "*", "*", "*", "pub/secret", "publish", "deny", 1)
+    device = Device("d1", "sensor", "a", "t", "o", "active")
+    (change,) = device_changes([deny], [Rule("p1", "*", "*", "*", "pub/#", "publish", "allow", 1), deny],
+                               {"d1": device}, {"d1": device})[0].changes
+    assert (change.kind, change.pattern, change.whole) == ("gain", "pub/#", False)
 
 
 def test_rule_changes_ignore_order_and_ids() -> None:

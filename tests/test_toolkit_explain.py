@@ -146,3 +146,12 @@ def test_help_of_the_policy_author_commands() -> None:
         result = run(*command, "--help")
         assert (result.returncode, result.stderr) == (0, ""), command
         assert result.stdout.startswith(" ".join(["usage: mqtt-pdp", *command]) + " [-h]"), result.stdout.splitlines()[0]
+
+
+def test_explain_refuses_values_no_registry_could_hold() -> None:
+    """Found by an outside attack: 'explain --device a/b' was a silent deny (exit 1) where 'test' says why (2)."""
+    for option, value in (("--device", "a/b"), ("--type", "sen+sor")):
+        extra = ["--type", "sensor"] if option != "--type" else ["--device", "d1"]
+        result = run("explain", option, value, *extra, "--location", "a", "--purpose", "t", "--topic", "x",
+                     "--action", "publish")
+        assert_one_line_error(result, f"{option} {value!r}")

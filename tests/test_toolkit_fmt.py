@@ -58,3 +58,21 @@ def test_cli_fmt_check_write_and_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text("p, r1, *, *, *, a/#, publish, allow\np, r2, *, *, *, a/#/b, publish, allow\n")
     assert_one_line_error(run("fmt", str(bad)), f"{bad}:2: ")
+
+
+def test_fmt_writes_through_a_symlink_and_keeps_the_mode(tmp_path: Path) -> None:
+    """Found by an outside attack: fmt replaced a symlink by a file (the target stayed unformatted) and turned
+    mode 640 into 644."""
+    import os
+    import stat
+
+    target = tmp_path / "real" / "policy.csv"
+    target.parent.mkdir()
+    target.write_text("p,r1,*,*,*,a/#,publish,allow\n")
+    target.chmod(0o640)
+    link = tmp_path / "policy.csv"
+    link.symlink_to(target)
+    result = run("fmt", str(link), "--model", str(ROOT / "policies" / "model.conf"))
+    assert result.returncode == 0, result.stderr
+    assert link.is_symlink() and target.read_text() == "p, r1, *, *, *, a/#, publish, allow\n"
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o640

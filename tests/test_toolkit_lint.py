@@ -85,3 +85,15 @@ def test_check_prints_findings_and_strict_fails(tmp_path: Path) -> None:
     assert strict.returncode == 1 and strict.stdout.splitlines()[-1] == "lint: 10 findings (9 warnings) (--strict: failing)"
     clean = run("check", "--policy", "policies/policy.csv", "--strict")
     assert clean.returncode == 0 and len(clean.stdout.splitlines()) == 2, clean.stdout
+
+
+def test_a_placeholder_fixed_by_the_rules_own_selector_is_not_a_cross_location_write() -> None:
+    """Found by an outside attack: '{type}/#' for type sensor was flagged W304 (it can only be 'sensor/#')."""
+    from pdp.policy.load import parse_rules
+    from pdp.toolkit.lint import lint
+
+    rules = parse_rules("p, keep, *, *, *, sites/{location}/{device_id}/cmd, subscribe, allow\n"
+                        "p, wide3, sensor, *, *, {type}/#, publish, allow\n"
+                        "p, wide4, *, *, *, {type}/#, publish, allow\n", "policy.csv")
+    codes = {(f.rule_id, f.code) for f in lint(rules, [{"type": "sensor", "location": "a", "purpose": "t"}])}
+    assert ("wide3", "W304") not in codes and ("wide4", "W304") in codes

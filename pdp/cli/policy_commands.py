@@ -36,6 +36,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
              if getattr(args, name) is not None}
     if args.device is None and not adhoc:
         raise CliError("give --device ID, or --type, --location and --purpose for a device not yet registered")
+    from pdp.core.identity import device_id_problem
+    from pdp.core.topics import level_value_problem
+
+    # The same values a registry or a policy test would refuse are refused here (not explained as a deny).
+    for name, value in ([("device", args.device)] if args.device is not None else []) + list(adhoc.items()):
+        problem = device_id_problem(value) if name == "device" else level_value_problem(value)
+        if problem is not None:
+            raise CliError(f"--{name} {value!r} {problem}")
     policy = load_policy(model, policy_path)
     registry = _registry(registry_path, settings)
     device = registry.lookup(args.device) if args.device is not None else None
@@ -379,9 +387,11 @@ def cmd_fmt(args: argparse.Namespace) -> int:
         else:
             _out([f"{path}: would be reformatted"])
         return 1
-    tmp = Path(path).with_name(Path(path).name + ".fmt.tmp")
-    tmp.write_text(formatted, encoding="utf-8")
-    os.replace(tmp, path)  # a running broker sees the old or the new file, never half of one
+    from pdp.runtime.sources import write_together
+
+    # Through a symlink to its target, with the file's mode kept, under the apply lock: a running broker sees
+    # the old or the new file, never half of one (an outside attack saw a symlink replaced and 640 become 644).
+    write_together({os.path.realpath(path): formatted.encode("utf-8")})
     _out([f"{path}: formatted ({len(after.rules)} rules, same meaning)"])
     return 0
 

@@ -163,10 +163,12 @@ class _Space:
                 changed = [t for t in reps if self.allowed(before, t) and not self.allowed(after, t)]
                 if not changed:
                     continue
-                kept = any(self.allowed(before, t) and self.allowed(after, t) for t in reps)
-                example = None if not kept else "/".join(
+                # Whole only when every region of the pattern changed: a region that was denied before and
+                # stays denied after (another rule's deny) makes it a part, like one that stays granted.
+                whole = len(changed) == len(reps)
+                example = None if whole else "/".join(
                     self.shown_fresh if level == self.fresh else level for level in changed[0].split("/"))
-                out.append(Change(kind, self.action, pattern, not kept, example, complete))
+                out.append(Change(kind, self.action, pattern, whole, example, complete))
         return out
 
 

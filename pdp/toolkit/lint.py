@@ -227,8 +227,13 @@ def _cross_location(rules: Sequence[Rule]) -> list[Finding]:
     for rule in rules:
         if rule.action != "publish" or rule.effect != "allow":
             continue
-        levels = rule.topic.split("/")
-        relaxed = _template_free(rule.topic)
+        topic = rule.topic
+        for name in SELECTORS:  # a placeholder the rule's own selector fixes is that value, not any level
+            value = getattr(rule, name)
+            if value != "*" and name != "location":
+                topic = topic.replace("{" + name + "}", value)
+        levels = topic.split("/")
+        relaxed = _template_free(topic)
         if relaxed not in meets:
             meets[relaxed] = [tree for tree in trees if overlaps(relaxed, tree)]
         for tree in meets[relaxed]:
