@@ -18,6 +18,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -84,12 +85,15 @@ def _replace(path: Path, text: str) -> float:
 def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> dict[str, Any]:
     """Wall time and peak RSS of one child process (``wait4`` reports that child's own maximum)."""
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    out = proc.stdout.read().decode() if proc.stdout else ""
-    err = proc.stderr.read().decode() if proc.stderr else ""
+    # Output to a file, not a pipe: a child writing more than a pipe holds (check's lint findings at this
+    # size) would block forever while we wait for it to exit.
+    with tempfile.TemporaryFile() as output:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        output.seek(0)
+        out, err = output.read().decode(errors="replace"), ""
     return {"s": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "exit": proc.returncode,
             "output": (out + err).strip()[-300:]}
 
