@@ -569,9 +569,9 @@ class HardenedBroker(Broker):
         await self.plugins_manager.fire_event(
             BrokerEvents.MESSAGE_BROADCAST, client_id=client_session.client_id, message=app_message)
         if relay is not None:  # delivered as the child's topic; a relayed message is never retained
-            await self._broadcast_message(client_session, relay[1], app_message.data)
+            await self._broadcast_message(client_session, relay[1], app_message.data, app_message.qos)
             return True
-        await self._broadcast_message(client_session, topic, app_message.data)
+        await self._broadcast_message(client_session, topic, app_message.data, app_message.qos)
         if app_message.publish_packet and app_message.publish_packet.retain_flag:
             await self.retain_message(client_session, topic, app_message.data, app_message.qos)
         return True
@@ -602,7 +602,7 @@ class HardenedBroker(Broker):
             return
         publishers = self._retained_publishers
         tasks = [
-            asyncio.ensure_future(handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True))
+            asyncio.ensure_future(handler.mqtt_publish(retained.topic, retained.data, min(qos, qos if retained.qos is None else retained.qos), retain=True))
             for topic, retained in list(self._retained_messages.items())
             if matches(topic_filter, topic)
             and self.authz.allows(session, "receive", topic, "retained", publishers.get(topic))
@@ -766,7 +766,7 @@ class HardenedBroker(Broker):
         targets = self._subscribers_of(topic)
         allows = self.authz.allows
         for target, sub_qos in targets:
-            qos = broadcast.get("qos", sub_qos)
+            qos = min(broadcast["qos"], sub_qos) if "qos" in broadcast else sub_qos  # [MQTT-3.8.4-6]
             if not allows(target, "receive", topic):
                 continue
             connected = target.transitions.state == "connected"
@@ -790,7 +790,7 @@ class HardenedBroker(Broker):
                 deliveries += [(wire_topic, target, sub_qos) for target, sub_qos in
                                self._subscriptions.get(f"{GATEWAY_PREFIX}{child_id}/{inner}", [])]
         for wire_topic, target, sub_qos in deliveries:  # taken in one synchronous step, as _subscribers_of
-            qos = broadcast.get("qos", sub_qos)
+            qos = min(broadcast["qos"], sub_qos) if "qos" in broadcast else sub_qos  # [MQTT-3.8.4-6]
             if not allows(target, "receive", wire_topic):
                 continue
             if target.transitions.state != "connected":

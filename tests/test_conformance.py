@@ -226,3 +226,19 @@ def test_publishes_pipelined_with_connect_and_disconnect_are_all_delivered(broke
     finally:
         root.close()
     assert [m.topic for m in watcher.messages_until("a/last")] == [f"a/{i}" for i in range(30)] + ["a/last"]
+
+
+def test_delivery_qos_is_the_lower_of_publish_and_granted(broker, connect):
+    """[MQTT-3.8.4-6], found by an outside attack (inherited from amqtt): a QoS 0 publish reached a QoS 2
+    subscriber as QoS 2, and a retained QoS 0 message was replayed as QoS 1; so 'drop the oldest QoS 0 first'
+    never applied to a subscriber granted QoS 1 or 2."""
+    publisher = connect("root-1")
+    publisher.publish("a/retained", b"r0", qos=0, retain=True)
+    watcher = connect("root-2")
+    assert watcher.subscribe("a/#", qos=2) == 2
+    retained = watcher.next_message()
+    assert (retained.topic, retained.qos) == ("a/retained", 0)
+    publisher.publish("a/q0", b"0", qos=0)
+    publisher.publish("a/q1", b"1", qos=1)
+    got = {m.topic: m.qos for m in watcher.messages_until("a/q1")}
+    assert got == {"a/q0": 0, "a/q1": 1}
