@@ -244,6 +244,21 @@ def test_registry_without_devices_is_rejected_not_applied(broker, connect, polic
     connect("sensor-2")
 
 
+def _decision_point(tmp_path: Path):
+    """A decision point over the test policy and registry, written to ``tmp_path``."""
+    from pdp.core.admission import AdmissionSettings
+    from pdp.core.identity import IdentitySettings
+    from pdp.runtime.decision_point import DecisionPoint, PdpSettings
+
+    (tmp_path / "model.conf").write_text((ROOT / "policies" / "model.conf").read_text())
+    (tmp_path / "policy.csv").write_text(TEST_POLICY)
+    (tmp_path / "devices.yaml").write_text(registry_yaml(DEVICES))
+    point = DecisionPoint(PdpSettings(str(tmp_path / "model.conf"), str(tmp_path / "policy.csv"),
+                                      str(tmp_path / "devices.yaml"),
+                                      AdmissionSettings(identity=IdentitySettings(trust_domain=TRUST_DOMAIN))))
+    return point
+
+
 def _loaded(point):
     """The next snapshot ``load_if_changed`` builds (it returns None while a file still settles)."""
     box: list = []
@@ -254,16 +269,9 @@ def _loaded(point):
 def test_a_replaced_snapshot_is_released_without_touching_what_the_new_one_shares(tmp_path: Path) -> None:
     """Old snapshots are emptied piece by piece in a thread (so the event loop is not stalled by one big
     deallocation); a part the new snapshot still uses must survive that, or decisions would silently change."""
-    from pdp.core.admission import AdmissionSettings
-    from pdp.core.identity import IdentitySettings
-    from pdp.runtime.decision_point import DecisionPoint, PdpSettings, release
+    from pdp.runtime.decision_point import release
 
-    (tmp_path / "model.conf").write_text((ROOT / "policies" / "model.conf").read_text())
-    (tmp_path / "policy.csv").write_text(TEST_POLICY)
-    (tmp_path / "devices.yaml").write_text(registry_yaml(DEVICES))
-    point = DecisionPoint(PdpSettings(str(tmp_path / "model.conf"), str(tmp_path / "policy.csv"),
-                                      str(tmp_path / "devices.yaml"),
-                                      AdmissionSettings(identity=IdentitySettings(trust_domain=TRUST_DOMAIN))))
+    point = _decision_point(tmp_path)
     sensor = point.registered("sensor-1")
     topic = "sites/plant-a/sensor-1/telemetry"
     assert sensor is not None and point.decide(sensor, "publish", topic).allowed
@@ -334,16 +342,9 @@ def test_concurrent_applies_never_leave_a_pair_nobody_wrote(tmp_path: Path) -> N
 
 def test_decisions_on_very_long_topics_are_not_cached(tmp_path: Path) -> None:
     """The caches are bounded in entries, not bytes: long distinct topics must not fill them."""
-    from pdp.core.admission import AdmissionSettings
-    from pdp.core.identity import IdentitySettings
-    from pdp.runtime.decision_point import CACHED_TOPIC_LENGTH, DecisionPoint, PdpSettings
+    from pdp.runtime.decision_point import CACHED_TOPIC_LENGTH
 
-    (tmp_path / "model.conf").write_text((ROOT / "policies" / "model.conf").read_text())
-    (tmp_path / "policy.csv").write_text(TEST_POLICY)
-    (tmp_path / "devices.yaml").write_text(registry_yaml(DEVICES))
-    point = DecisionPoint(PdpSettings(str(tmp_path / "model.conf"), str(tmp_path / "policy.csv"),
-                                      str(tmp_path / "devices.yaml"),
-                                      AdmissionSettings(identity=IdentitySettings(trust_domain=TRUST_DOMAIN))))
+    point = _decision_point(tmp_path)
     computed: list[str] = []
     point.on_computed = lambda revision, device, action, topic, decision: computed.append(topic)
     sensor = point.registered("sensor-1")

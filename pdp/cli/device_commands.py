@@ -14,6 +14,7 @@ import argparse
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from pdp.evidence.text import safe
@@ -342,7 +343,7 @@ def cmd_change(args: argparse.Namespace) -> int:
 def _change_in_redis(args: argparse.Namespace, settings: dict[str, Any], url: str, actor: str, pattern: str) -> int:
     """The same change against the Redis registry: the device read, changed, written and announced atomically
     (every broker applies it within its next message), recorded like a file change."""
-    from pdp.evidence.admin import AdminChange, admin_node, record_change
+    from pdp.evidence.admin import AdminChange
     from pdp.registry.lifecycle import TransitionRefused, describe
     from pdp.runtime.decision_point import check_client_ids
 
@@ -373,12 +374,7 @@ def _change_in_redis(args: argparse.Namespace, settings: dict[str, Any], url: st
 
         return change, write
 
-    try:
-        record = record_change(db_path(args, settings), make, node=args.node or admin_node())
-    finally:
-        store.close()
-    sys.stdout.write("\n".join(summary) + "\n" + _recorded(settings, record))
-    return 0
+    return _record_in_redis(args, settings, store, make, summary)
 
 
 def _recorded(settings: dict[str, Any], record: Any) -> str:
@@ -398,7 +394,7 @@ def _recorded(settings: dict[str, Any], record: Any) -> str:
 
 def cmd_import(args: argparse.Namespace) -> int:
     """File -> Redis: every device replaced at once (brokers load it all), recorded as one admin record."""
-    from pdp.evidence.admin import AdminChange, admin_node, default_actor, record_change
+    from pdp.evidence.admin import AdminChange, default_actor
     from pdp.registry.file import load_registry
     from pdp.registry.redis_registry import is_redis_url
     from pdp.runtime.decision_point import check_registry
@@ -433,6 +429,14 @@ def cmd_import(args: argparse.Namespace) -> int:
             return f"r{revision}"
 
         return change, write
+
+    return _record_in_redis(args, settings, store, make, summary)
+
+
+def _record_in_redis(args: argparse.Namespace, settings: dict[str, Any], store: Any,
+                     make: Callable[[], tuple[Any, Callable[[], str]]], summary: list[str]) -> int:
+    """Make one change to the Redis registry together with its admin record, then report both."""
+    from pdp.evidence.admin import admin_node, record_change
 
     try:
         record = record_change(db_path(args, settings), make, node=args.node or admin_node())
