@@ -229,7 +229,7 @@ def test_publishes_pipelined_with_connect_and_disconnect_are_all_delivered(broke
 
 
 def test_delivery_qos_is_the_lower_of_publish_and_granted(broker, connect):
-    """[MQTT-3.8.4-6], found by an outside attack (inherited from amqtt): a QoS 0 publish reached a QoS 2
+    """[MQTT-3.8.4-6], found by an outside attack (amqtt does the same): a QoS 0 publish reached a QoS 2
     subscriber as QoS 2, and a retained QoS 0 message was replayed as QoS 1; so 'drop the oldest QoS 0 first'
     never applied to a subscriber granted QoS 1 or 2."""
     publisher = connect("root-1")
