@@ -22,16 +22,22 @@ def _out(lines: list[str]) -> None:
 # -- explain --------------------------------------------------------------------------------
 
 
-def cmd_explain(args: argparse.Namespace) -> int:
+def _check_topic(action: str, topic: str) -> None:
+    """A filter for subscribe, a topic name otherwise; a bad one is a one-line error, never a silent deny."""
     from pdp.core.topics import TopicError, validate_filter, validate_topic
+
+    try:
+        (validate_filter if action == "subscribe" else validate_topic)(topic)
+    except TopicError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
     from pdp.policy.load import load_policy
     from pdp.toolkit.explain import explain, render
 
     model, policy_path, registry_path, settings = _pdp_paths(args)
-    try:
-        (validate_filter if args.action == "subscribe" else validate_topic)(args.topic)
-    except TopicError as exc:
-        raise CliError(str(exc)) from None
+    _check_topic(args.action, args.topic)
     adhoc = {name: getattr(args, name) for name in ("type", "location", "purpose", "owner")
              if getattr(args, name) is not None}
     if args.device is None and not adhoc:
@@ -185,15 +191,11 @@ def add_test(sub: Any) -> None:
 def cmd_who_can(args: argparse.Namespace) -> int:
     import time
 
-    from pdp.core.topics import TopicError, validate_filter, validate_topic
     from pdp.policy.load import load_policy
     from pdp.toolkit.whocan import FleetIndex, GroupTotals, group_devices, who_can
 
     model, policy_path, registry_path, settings = _pdp_paths(args)
-    try:
-        (validate_filter if args.action == "subscribe" else validate_topic)(args.topic)
-    except TopicError as exc:
-        raise CliError(str(exc)) from None
+    _check_topic(args.action, args.topic)
     policy = load_policy(model, policy_path)
     registry = _registry(registry_path, settings)
     started = time.perf_counter()
