@@ -305,6 +305,10 @@ def run(workdir: Path, rules: int = 10_000, devices: int = 100_000, policy_edits
                   if any(r["window"][0] <= sent <= r["window"][1] for r in reloads)]
         result["latency_idle"] = _stats(idle)
         result["latency_reload"] = _stats(during)
+        for kind in ("policy", "registry"):
+            result[f"latency_reload_{kind}"] = _stats([
+                lat for sent, lat in probe.samples
+                if any(r["kind"] == kind and r["window"][0] <= sent <= r["window"][1] for r in reloads)])
         result["messages"] = {"sent_about": len(probe.samples)}
         for r in reloads:
             r.pop("window")
@@ -343,6 +347,10 @@ def table(result: dict[str, Any]) -> str:
          f"{idle.get('p50_ms')}/{idle.get('p99_ms')}/{idle.get('max_ms')} ms (n={idle.get('n')})", ""),
         ("message latency during reload p50/p99/max",
          f"{during.get('p50_ms')}/{during.get('p99_ms')}/{during.get('max_ms')} ms (n={during.get('n')})", ""),
+        *((f"  during {kind} reloads p50/p99/max",
+           "{p50_ms}/{p99_ms}/{max_ms} ms (n={n})".format(**{"p50_ms": None, "p99_ms": None, "max_ms": None,
+                                                          **result.get(f"latency_reload_{kind}", {"n": 0})}), "")
+          for kind in ("policy", "registry")),
         ("p99 during reload / idle", fmt(round(ratio, 2) if ratio else None, "x"), f"<= {t['p99_ratio']}x"),
     ]
     width = max(len(r[0]) for r in rows)

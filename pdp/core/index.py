@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from pdp.core.engine import Decision, Rule, decision_for
+from pdp.core.layered import overlaying, releasing
 
 NO_MATCH_DECISION = decision_for(False, None)
 
@@ -169,7 +170,7 @@ class _Bucket:
     orders: tuple[int, ...]
 
 
-_STEP = 256  # rules handled between two yields of a build (well under a millisecond)
+_STEP = 64  # rules or buckets handled between two yields of a build (about a tenth of a millisecond)
 
 
 def _trie(patterns: Sequence[str]) -> Generator[None, None, _Node]:
@@ -198,31 +199,46 @@ def run_to_end(steps: Generator[None, None, T]) -> T:
             return done.value  # type: ignore[no-any-return]
 
 
+def _bucket_keys(rule: Rule) -> tuple[tuple[str, str, str, str], ...]:
+    """The buckets a rule is in: its action's, and for a subscribe deny also the overlap bucket."""
+    key = (rule.action, rule.type, rule.location, rule.purpose)
+    if rule.action == "subscribe" and rule.effect == "deny":
+        return key, (_SUBSCRIBE_DENY, rule.type, rule.location, rule.purpose)
+    return (key,)
+
+
 class PolicyIndex:
     _rules: tuple[Rule, ...]
     _deny: tuple[bool, ...]
-    _buckets: dict[tuple[str, str, str, str], _Bucket]
+    _buckets: Mapping[tuple[str, str, str, str], _Bucket]  # a dict, or a layer over the previous index's
     _roots: dict[tuple[str, str, str, str], tuple[_Bucket, ...]]
 
-    def __new__(cls, rules: Sequence[Rule], previous: PolicyIndex | None = None) -> PolicyIndex:
+    def __new__(cls, rules: Sequence[Rule], previous: PolicyIndex | None = None,
+                replaced: tuple[int, int, int] | None = None) -> PolicyIndex:
         """Built in one go; ``building`` is the same in steps."""
-        return run_to_end(PolicyIndex.building(rules, previous))
+        return run_to_end(PolicyIndex.building(rules, previous, replaced))
 
     @staticmethod
-    def building(rules: Sequence[Rule], previous: PolicyIndex | None = None) -> Generator[None, None, PolicyIndex]:
+    def building(rules: Sequence[Rule], previous: PolicyIndex | None = None,
+                 replaced: tuple[int, int, int] | None = None) -> Generator[None, None, PolicyIndex]:
         """The index (the generator's return value), built in steps of well under a millisecond each.
 
         The broker builds a reloaded policy's index on its event loop between messages, a step at a time:
         built in a worker thread, it held the interpreter lock against message delivery for the whole build.
         With ``previous`` (the index in force), a bucket whose patterns are unchanged keeps its trie, so a
-        one-line edit rebuilds only the buckets it touches.
+        one-line edit rebuilds only the buckets it touches. ``replaced`` = (start, old end, new end) says
+        that ``rules[start:new end]`` took the place of ``previous``'s ``[start:old end]`` and every other rule
+        is unchanged (a loader's delta knows it): when no rule moved, only the buckets of the replaced rules
+        are visited at all.
         """
+        if previous is not None and replaced is not None and replaced[1] == replaced[2]:
+            return (yield from PolicyIndex._patched(tuple(rules), previous, replaced[0], replaced[1]))
         groups: dict[tuple[str, str, str, str], tuple[list[str], list[int]]] = {}
         ordered = tuple(rules)
+        deny: list[bool] = []
         for order, rule in enumerate(ordered):
-            key = (rule.action, rule.type, rule.location, rule.purpose)
-            for bucket_key in (key, (_SUBSCRIBE_DENY, *key[1:])) \
-                    if rule.action == "subscribe" and rule.effect == "deny" else (key,):
+            deny.append(rule.effect == "deny")
+            for bucket_key in _bucket_keys(rule):
                 group = groups.get(bucket_key)
                 if group is None:
                     group = groups[bucket_key] = ([], [])
@@ -232,28 +248,66 @@ class PolicyIndex:
                 yield None
         before = previous._buckets if previous is not None else {}
         buckets: dict[tuple[str, str, str, str], _Bucket] = {}
-        for key, (topics, orders) in groups.items():
+        for count, (key, (topics, orders)) in enumerate(groups.items()):
+            if count % _STEP == _STEP - 1:
+                yield None
             patterns = tuple(topics)
             old = before.get(key)
-            root = old.root if old is not None and old.patterns == patterns else (yield from _trie(patterns))
-            buckets[key] = _Bucket(root, patterns, tuple(orders))
+            if old is not None and old.patterns == patterns:
+                # The same object when nothing moved: a reload then leaves no new long-lived objects behind
+                # for the collector's next full pass over the heap.
+                buckets[key] = old if old.orders == tuple(orders) else _Bucket(old.root, patterns, tuple(orders))
+            else:
+                buckets[key] = _Bucket((yield from _trie(patterns)), patterns, tuple(orders))
         index = object.__new__(PolicyIndex)
         index._rules = ordered
-        index._deny = tuple(rule.effect == "deny" for rule in ordered)
+        index._deny = tuple(deny)
         index._buckets = buckets
+        index._roots = {}
+        return index
+
+    @staticmethod
+    def _patched(rules: tuple[Rule, ...], previous: PolicyIndex, start: int,
+                 end: int) -> Generator[None, None, PolicyIndex]:
+        """``previous`` with rules[start:end] replaced in place (positions unchanged): only their buckets change."""
+        affected: dict[tuple[str, str, str, str], list[int]] = {}
+        for rule in (*previous._rules[start:end], *rules[start:end]):
+            for key in _bucket_keys(rule):
+                affected.setdefault(key, [])
+        for order in range(start, end):
+            for key in _bucket_keys(rules[order]):
+                affected[key].append(order)
+        removed: list[tuple[str, str, str, str]] = []
+        put: list[tuple[tuple[str, str, str, str], _Bucket]] = []
+        for key, added in affected.items():
+            old = previous._buckets.get(key)
+            orders = sorted([order for order in old.orders if not start <= order < end] + added) if old else added
+            if not orders:
+                removed.append(key)
+                continue
+            patterns = tuple(rules[order].topic for order in orders)
+            if old is not None and old.patterns == patterns:
+                put.append((key, _Bucket(old.root, patterns, tuple(orders))))
+            else:
+                put.append((key, _Bucket((yield from _trie(patterns)), patterns, tuple(orders))))
+            yield None
+        deny = previous._deny
+        index = object.__new__(PolicyIndex)
+        index._rules = rules
+        index._deny = (*deny[:start], *(rule.effect == "deny" for rule in rules[start:end]), *deny[end:])
+        index._buckets = yield from overlaying(previous._buckets, removed, [put])
         index._roots = {}
         return index
 
     def __len__(self) -> int:
         return len(self._rules)
 
-    def release(self) -> None:
-        """Empty a replaced index one bucket at a time (see ``decision_point.release``); it then matches nothing.
-        Tries the index in force shares stay alive through it."""
+    def releasing(self, successor: PolicyIndex | None = None) -> Generator[None, None, None]:
+        """Empty a replaced index in steps, yielding in between (see ``decision_point.releasing``); it then
+        matches nothing. What ``successor`` shares with it (tries, a base of buckets) survives."""
         self._roots = {}
-        buckets = self._buckets
-        while buckets:
-            buckets.popitem()
+        yield from releasing(self._buckets, successor._buckets if successor is not None else None)
+        self._buckets = {}
 
     def _roots_for(self, action: str, attrs: Mapping[str, str]) -> tuple[_Bucket, ...]:
         key = (action, attrs["type"], attrs["location"], attrs["purpose"])

@@ -54,6 +54,9 @@ class Policy:
     def reference(self) -> CasbinReference:
         """Casbin over the same texts, built on first use: only ``explain`` and ``verify_with_casbin`` ask it,
         and at 10,000 rules it costs more than the rest of a reload (the load-time cross-check does not need it)."""
+        if not self.model_text:
+            raise ValueError("this version of the policy was loaded without its texts (pdp.runtime.delta); "
+                             "Casbin's reference needs them")
         return CasbinReference(self.model_text, self.policy_text)
 
 

@@ -10,7 +10,7 @@ import gc
 import hashlib
 import logging
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from pdp.core.layered import releasing
 from pdp.errors import SourceError
 from pdp.core.identity import device_id_problem, normalize_fingerprint
 from pdp.core.topics import level_value_problem
@@ -47,13 +48,13 @@ class FileRegistry:
     def __len__(self) -> int:
         return len(self.devices)
 
-    def release(self, chunk: int = 1000) -> None:
-        """Empty a replaced registry a chunk of entries at a time (see ``decision_point.release``)."""
-        for table in (self.chunks, self.lines, self.devices):
-            if isinstance(table, dict):
-                while table:
-                    for _ in range(min(chunk, len(table))):
-                        table.popitem()
+    def releasing(self, successor: FileRegistry | None = None) -> Generator[None, None, None]:
+        """Empty a replaced registry in steps, yielding in between (see ``decision_point.releasing``);
+        what ``successor`` shares with it survives."""
+        for table, kept in ((self.chunks, successor.chunks if successor else None),
+                            (self.lines, successor.lines if successor else None),
+                            (self.devices, successor.devices if successor else None)):
+            yield from releasing(table, kept)
 
 
 def yaml_error(path: str, exc: yaml.YAMLError) -> SourceError:

@@ -20,7 +20,7 @@ import hashlib
 import hmac
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -74,12 +74,13 @@ class LruCache(Generic[K, V]):
     def clear(self) -> None:
         self._data.clear()
 
-    def release(self, chunk: int = 1000) -> None:
-        """Empty the cache a chunk at a time, so a thread doing it hands the GIL back in between."""
+    def releasing(self, chunk: int = 1000) -> Generator[None, None, None]:
+        """Empty the cache a chunk at a time, yielding in between (see ``decision_point.releasing``)."""
         data = self._data
         while data:
             for _ in range(min(chunk, len(data))):
                 data.popitem()
+            yield None
 
     def __len__(self) -> int:
         return len(self._data)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -27,7 +27,7 @@ from pdp.core.admission import (
 from pdp.runtime.cache import LruCache
 from pdp.core.engine import Decision
 from pdp.errors import SourceError
-from pdp.core.index import PolicyIndex
+from pdp.core.index import PolicyIndex, run_to_end
 from pdp.core.crl import NO_REVOCATIONS, RevocationList, merge_crls, parse_crls
 from pdp.policy.load import Policy, decode, parse_policy
 from pdp.registry.device import Device
@@ -119,10 +119,10 @@ def _bytes(contents: dict[str, bytes | OSError], path: str, what: str) -> bytes:
 
 
 def parse_source(settings: PdpSettings, name: str, contents: dict[str, bytes | OSError],
-                 current: Snapshot | None = None) -> Any:
+                 previous_registry: FileRegistry | None = None) -> Any:
     """One source's new version from the bytes read; SourceError (with file:line) if it cannot be used.
 
-    ``current`` (the snapshot in force) lets the registry reader re-read only the devices that changed.
+    ``previous_registry`` (the version in force) lets the registry reader re-read only the devices that changed.
     """
     if name == "policy":
         model, policy_path = settings.model_path, settings.policy_path
@@ -134,11 +134,53 @@ def parse_source(settings: PdpSettings, name: str, contents: dict[str, bytes | O
     if name == "registry":
         path = settings.registry_path
         registry = parse_registry(decode(_bytes(contents, path, "registry"), path, "registry"), path,
-                                  current.registry if current is not None else None)
+                                  previous_registry)
         check_registry(settings.admission.client_id_pattern, registry)
         return registry
     path = name[len(CRL_SOURCE):]
     return parse_crls([(path, _bytes(contents, path, "CRL"))])
+
+
+@dataclass
+class ParsedChange:
+    """The sources that changed since ``signature`` was read, parsed: what ``parse_changes`` found."""
+
+    signature: FileSignature  # of the files as read
+    parts: dict[str, Any]  # source name -> its new version
+    rejected: dict[str, str]  # source name -> why its new version cannot be used (file:line)
+    seconds: float
+    # The new policy's rules[start:new end] replaced the ones in force at [start:old end], the rest the same
+    # objects (a loader's delta knows it): the index is then patched instead of regrouped.
+    policy_replaced: tuple[int, int, int] | None = None
+
+
+def parse_changes(settings: PdpSettings, sources: Mapping[str, tuple[str, ...]], old: FileSignature,
+                  previous_registry: FileRegistry | None) -> ParsedChange | None:
+    """Read the files once they hold still and parse each source whose files differ from ``old``.
+
+    None when nothing changed or a file is still being written (it is read again at the next poll). All
+    files are read in one stable read, so sources changed together (``mqtt-pdp apply``) come together.
+    Pure apart from reading the files: the broker runs it in the loader process (``pdp.runtime.loader``).
+    """
+    paths = tuple(path for group in sources.values() for path in group)
+    if signature(paths) == old:
+        return None
+    stable = read_stable(paths, settings.settle)
+    if stable is None:
+        return None
+    new_signature, contents = stable
+    before = {entry[0]: entry for entry in old}
+    started = time.perf_counter()
+    change = ParsedChange(new_signature, {}, {}, 0.0)
+    for name, group in sources.items():
+        if all(before.get(p) == entry for p, entry in zip(group, _entries(new_signature, group))):
+            continue
+        try:
+            change.parts[name] = parse_source(settings, name, contents, previous_registry)
+        except SourceError as exc:
+            change.rejected[name] = str(exc)
+    change.seconds = time.perf_counter() - started
+    return change
 
 
 def _read_for_start(paths: tuple[str, ...], settle: float) -> tuple[FileSignature, dict[str, bytes | OSError]]:
@@ -297,6 +339,15 @@ class DecisionPoint:
     def last_error(self) -> str | None:
         return "; ".join(self.errors.values()) or None
 
+    @property
+    def file_signature(self) -> FileSignature:
+        """The files as last read (``parse_changes`` looks for changes since then)."""
+        return self._signature
+
+    def in_force(self) -> dict[str, str]:
+        """The revision of each versioned source in force (what a loader's delta must apply to)."""
+        return {"policy": self.snapshot.policy.revision, "registry": self.snapshot.registry.revision}
+
     def may_have_changed(self) -> bool:
         """A cheap stat of the files: False means ``load_if_changed`` would find nothing to do."""
         return signature(self._paths) != self._signature
@@ -305,39 +356,40 @@ class DecisionPoint:
         """A new snapshot when a source changed (not yet in force), False when every change was rejected,
         None when nothing changed (or a file is still being written: it is read again at the next poll).
 
-        Safe to run in a worker thread: it reads files and builds, and swaps nothing. All files are read in
-        one stable read, so sources changed together (``mqtt-pdp apply``) are applied together.
+        Safe to run in a worker thread: it reads files and builds, and swaps nothing. The broker instead
+        parses in the loader process and builds on its event loop in steps (``pdp.runtime.loader``).
         """
-        if signature(self._paths) == self._signature:
+        change = parse_changes(self.settings, self._sources, self._signature, self.snapshot.registry)
+        if change is None:
             return None
-        stable = read_stable(self._paths, self.settings.settle)
-        if stable is None:
-            return None
-        new_signature, contents = stable
-        old = {entry[0]: entry for entry in self._signature}
-        started = time.perf_counter()
-        current = self.snapshot
-        parts: dict[str, Any] = {}
-        rejected = False
-        for name, paths in self._sources.items():
-            if all(old.get(p) == entry for p, entry in zip(paths, _entries(new_signature, paths))):
-                continue
-            try:
-                parts[name] = parse_source(self.settings, name, contents, current)
-            except SourceError as exc:
-                rejected = True
-                self.errors[name] = str(exc)
-                self.last_rejected = (time.time(), str(exc))  # for mqtt-pdp status, after the file is fixed too
-                log.error("%s reload rejected, its previous version stays in force: %s", name, exc,
-                          extra={"event": "reload_rejected", "source": name, "error": str(exc)})
-            else:
+        return run_to_end(self.accept(change))
+
+    def accept(self, change: ParsedChange) -> Generator[None, None, Snapshot | bool | None]:
+        """Note what ``parse_changes`` found and build the next snapshot from it, in steps (see
+        ``PolicyIndex.building``): the new snapshot, False when every change was rejected, None when none."""
+        for name in self._sources:
+            if name in change.rejected:
+                error = change.rejected[name]
+                self.errors[name] = error
+                self.last_rejected = (time.time(), error)  # for mqtt-pdp status, after the file is fixed too
+                log.error("%s reload rejected, its previous version stays in force: %s", name, error,
+                          extra={"event": "reload_rejected", "source": name, "error": error})
+            elif name in change.parts:
                 self.errors.pop(name, None)
-        self._signature = new_signature
-        if not parts:
-            return False if rejected else None
+        self._signature = change.signature
+        if not change.parts:
+            return False if change.rejected else None
+        started = time.perf_counter()
+        snapshot = yield from self._assemble(change.parts, change.policy_replaced)
+        self._load_seconds = change.seconds + time.perf_counter() - started
+        return snapshot
+
+    def _assemble(self, parts: Mapping[str, Any],
+                  replaced: tuple[int, int, int] | None) -> Generator[None, None, Snapshot]:
+        current = self.snapshot
         policy = parts.get("policy", current.policy)
-        index = PolicyIndex(policy.rules) if "policy" in parts else current.index
-        self._load_seconds = time.perf_counter() - started
+        index = (yield from PolicyIndex.building(policy.rules, current.index, replaced)) \
+            if "policy" in parts else current.index
         crl_files = {**current.crl_files, **{n: part for n, part in parts.items() if n.startswith(CRL_SOURCE)}}
         crl = merge_crls([crl_files[n] for n in self._sources if n in crl_files]) \
             if crl_files != current.crl_files else current.crl
@@ -363,18 +415,23 @@ class DecisionPoint:
 
 
 def release(old: Snapshot, new: Snapshot) -> None:
-    """Free a replaced snapshot's large parts piece by piece; meant for a worker thread.
+    """``releasing`` in one go."""
+    run_to_end(releasing(old, new))
+
+
+def releasing(old: Snapshot, new: Snapshot) -> Generator[None, None, None]:
+    """Free a replaced snapshot's large parts piece by piece, yielding between pieces.
 
     Dropped at once, a 10,000-rule index and a full L1 cache are one C-level cascade of deallocations
-    that holds the GIL for 20-30 ms, stalling every connection. Freed in small pieces from a thread,
-    the event loop gets the GIL back between pieces. Parts the new snapshot still uses are left alone.
+    that holds the GIL for 20-30 ms, stalling every connection; the broker runs this on its event loop
+    a step at a time instead. Parts the new snapshot still uses are left alone.
     """
     if old.index is not new.index:
-        old.index.release()
+        yield from old.index.releasing(new.index)
     if old.l1 is not new.l1:
-        old.l1.release()
-    if old.registry is not new.registry and old.registry.devices is not new.registry.devices:
-        old.registry.release()
+        yield from old.l1.releasing()
+    if old.registry is not new.registry:
+        yield from old.registry.releasing(new.registry)
 
 
 def _entries(sig: FileSignature, paths: tuple[str, ...]) -> list[tuple[str, int, int, int]]:

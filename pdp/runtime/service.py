@@ -9,6 +9,7 @@ another broker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import hashlib
@@ -19,7 +20,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from time import perf_counter_ns
 from typing import Any
@@ -58,7 +59,9 @@ from pdp.evidence.writer import WriterProcess
 from pdp.registry.device import Device
 from pdp.runtime.bus import InvalidationBus
 from pdp.runtime.cache import RedisDecisionCache, load_l2_key
-from pdp.runtime.decision_point import DecisionPoint, Snapshot, release
+from pdp.runtime.decision_point import DecisionPoint, Snapshot, releasing
+from pdp.runtime.delta import DeltaMismatch
+from pdp.runtime.loader import LoaderError, LoaderProcess, applying, run_in_steps
 from pdp.runtime.logs import PerKeyRateLimit
 from pdp.runtime.metrics import Metrics, directory_bytes, metrics_address
 from pdp.runtime.redis_link import RedisLink
@@ -107,6 +110,9 @@ class AuthorizationService:
         self.started_at = time.time()
         self._tasks: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
+        # Parses changed files in another process (see pdp.runtime.loader); None: in a thread of this one.
+        self.loader: LoaderProcess | None = LoaderProcess(self.pdp.settings) if settings.reload_process else None
+        self.loads = {"loader": 0, "broker": 0}  # changes loaded by each way (tests, mqtt-pdp status)
         self.node_id = settings.node_id or default_node_id(settings.spool_dir)
         self.instance_id = f"{self.node_id}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.redis: RedisLink | None = None
@@ -386,6 +392,8 @@ class AuthorizationService:
 
     def start(self) -> None:
         cfg = self.settings
+        if self.loader is not None:
+            self._spawn(self.loader.start())
         self._spawn(self._watch())
         if self.recorder is not None:
             self.recorder.start()
@@ -413,16 +421,19 @@ class AuthorizationService:
         """Reload changed files, end what the new snapshot no longer admits, and tell the other brokers."""
         async with self._reload_lock:
             try:
-                loaded = await asyncio.to_thread(self._load_yielding)
-                result = loaded if loaded is None or loaded is False else True
-                if isinstance(loaded, Snapshot):
-                    # Swap and revoke in one synchronous step: no decision after the swap sees stale attributes.
-                    previous = self.pdp.swap(loaded)
-                    revocations = self.enforcer.handle(SnapshotSwapped())
-                    await self._carry_out(revocations)
-                    await asyncio.to_thread(release, previous, loaded)
-                    if announce and self.bus is not None:
-                        await self.bus.publish({"type": "reload", "revision": self.pdp.snapshot_revision})
+                if not self.pdp.may_have_changed():
+                    return None
+                with collector_paused():
+                    loaded = await self._load()
+                    result = loaded if loaded is None or loaded is False else True
+                    if isinstance(loaded, Snapshot):
+                        # Swap and revoke in one synchronous step: no decision after the swap sees stale attributes.
+                        previous = self.pdp.swap(loaded)
+                        revocations = self.enforcer.handle(SnapshotSwapped())
+                        await self._carry_out(revocations)
+                        await run_in_steps(releasing(previous, loaded))
+                if isinstance(loaded, Snapshot) and announce and self.bus is not None:
+                    await self.bus.publish({"type": "reload", "revision": self.pdp.snapshot_revision})
             except Exception:  # the watcher must outlive any single bad reload
                 log.exception("policy reload failed")
                 result = False
@@ -449,35 +460,38 @@ class AuthorizationService:
             self.reload_condition.notify_all()
         return True
 
+    async def _load(self) -> Snapshot | bool | None:
+        """The next snapshot (see ``DecisionPoint.load_if_changed``): parsed by the loader process and built
+        here in steps between messages; if that process fails, parsed in a thread of this one instead."""
+        if self.loader is not None:
+            try:
+                reply = await self.loader.load(self.pdp.file_signature, self.pdp.in_force())
+                if reply is None:
+                    return None
+                loaded = await run_in_steps(applying(self.pdp, reply))
+                self.loads["loader"] += 1
+                return loaded
+            except (LoaderError, DeltaMismatch) as exc:
+                log.warning("the loader process failed (%s); this change is loaded in the broker, and a new "
+                            "loader process is started for the next one", exc)
+                await self.loader.close()
+        loaded = await asyncio.to_thread(self._load_yielding)
+        self.loads["broker"] += loaded is not None
+        return loaded
+
     def _load_yielding(self) -> Snapshot | bool | None:
-        """``load_if_changed`` with the GIL handed back to the event loop quickly while it runs.
+        """``load_if_changed`` in a thread, with the GIL handed back to the event loop quickly while it runs.
 
         A load is pure Python and holds the GIL; with the default 5 ms switch interval every message the
         loop handles meanwhile waits up to 5 ms at each of its GIL hand-overs, so while a changed file is
-        loaded the interval is 0.5 ms. Worse, the load's allocations trigger full garbage collections over
-        the whole heap (100,000 devices, the index), each one holding the GIL for a few hundred milliseconds:
-        so the collector is paused during the load. When it is switched back on, everything the load allocated
-        is still in the youngest generation, and the first young collection would walk all of it with the GIL
-        held (60-130 ms at 10,000 rules); ``gc.freeze()`` then ``gc.unfreeze()`` moves every tracked object to
-        the oldest generation instead, a list splice, so the new snapshot is examined only by the next full
-        collection, like any long-lived object. (Freezing *without* unfreezing made later collections cheaper
-        but kept every garbage cycle pending at that moment, connections and sockets included, for good: a leak
-        per reload.)
+        loaded the interval is 0.5 ms. (Only when the loader process failed: see ``_load``.)
         """
-        if not self.pdp.may_have_changed():
-            return None
         previous = sys.getswitchinterval()
-        collecting = gc.isenabled()
         sys.setswitchinterval(RELOAD_SWITCH_INTERVAL)
-        gc.disable()
         try:
             return self.pdp.load_if_changed()
         finally:
             sys.setswitchinterval(previous)
-            gc.freeze()
-            gc.unfreeze()
-            if collecting:
-                gc.enable()
 
     async def _carry_out(self, actions: Sequence[Any]) -> None:
         """Close what the core revoked, all at once: each is already denied everything, so order does not matter."""
@@ -558,6 +572,8 @@ class AuthorizationService:
 
     async def close(self) -> None:
         self.flush_refusals(everything=True)
+        if self.loader is not None:
+            await self.loader.close()
         if self.metrics is not None:
             self.metrics.close()
         if self.recorder is not None:
@@ -574,6 +590,30 @@ class AuthorizationService:
             closing = asyncio.ensure_future(self.redis.close())
             if not (await asyncio.wait({closing}, timeout=2.0))[0]:
                 await finish([closing], "Redis connection close")
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Keep the garbage collector out of a reload, and out of what it leaves behind.
+
+    A reload allocates while messages flow; a collection it triggers meanwhile can be a full pass over the
+    heap (100,000 devices, the index: 120 ms with the GIL held, every message waiting). So the collector is
+    paused until the swap is done. When it is switched back on, everything allocated meanwhile is still in
+    the youngest generation, and the first young collection would walk all of it; ``gc.freeze()`` then
+    ``gc.unfreeze()`` moves every tracked object to the oldest generation instead, a list splice, so the new
+    snapshot is examined only by the next full collection, like any long-lived object. (Freezing *without*
+    unfreezing made later collections cheaper but kept every garbage cycle pending at that moment,
+    connections and sockets included, for good: a leak per reload.)
+    """
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.unfreeze()
+        if collecting:
+            gc.enable()
 
 
 async def finish(tasks: list[asyncio.Future[Any]], what: str, timeout: float = 2.0) -> None:

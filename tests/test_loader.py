@@ -1,0 +1,97 @@
+"""Changed files are parsed in the loader process; the broker applies what changed. If that process dies,
+reloads go on (parsed in the broker, as before) and a new process takes the next change."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from pdp.core.layered import Layered
+from pdp.runtime.decision_point import DecisionPoint, PdpSettings
+from pdp.runtime.loader import LoaderState
+from pdp.core.admission import AdmissionSettings
+from pdp.core.identity import IdentitySettings
+from tests.conftest import DEVICES, registry_yaml
+from tests.support import TRUST_DOMAIN, wait_for
+
+
+def _edit(broker, path: Path, text: str) -> None:
+    attempts = broker.plugin.service.reload_attempts
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    broker.wait_reload(attempts)
+
+
+def test_edits_are_parsed_in_the_loader_process_and_applied_as_deltas(broker, connect, policy_dir):
+    service = broker.plugin.service
+    wait_for(lambda: service.loader.pid is not None, "the loader process started")
+    assert service.loader.pid != os.getpid()
+    dashboard = connect("dash-1")
+    assert dashboard.subscribe("sites/plant-a/#") == 0
+    sensor = connect("sensor-1")
+    policy = policy_dir / "policy.csv"
+    _edit(broker, policy, policy.read_text() + "p, sensor-debug, sensor, *, *, sites/{location}/{device_id}/debug, "
+                                                 "publish, allow\n")
+    sensor.publish("sites/plant-a/sensor-1/debug", b"allowed by the new rule")
+    assert dashboard.next_message().payload == b"allowed by the new rule"
+    # A registry change: the device's new attributes are laid over the version in force.
+    registry = policy_dir / "devices.yaml"
+    _edit(broker, registry, registry_yaml([d if d[0] != "sensor-2" else ("sensor-2", "sensor", "plant-b", "active")
+                                           for d in DEVICES]))
+    assert service.loads == {"loader": 2, "broker": 0}
+    assert isinstance(service.pdp.snapshot.registry.devices, Layered)
+    assert service.pdp.registered("sensor-2").location == "plant-b"
+    assert service.pdp.registered("sensor-1").location == "plant-a"
+
+
+def test_a_dead_or_stuck_loader_process_does_not_stop_revocations(broker, connect, policy_dir):
+    service = broker.plugin.service
+    wait_for(lambda: service.loader.pid is not None, "the loader process started")
+    registry = policy_dir / "devices.yaml"
+    suspended = [d if d[0] != "sensor-1" else ("sensor-1", "sensor", "plant-a", "suspended") for d in DEVICES]
+    # Killed between changes: the next change starts a new one.
+    os.kill(service.loader.pid, signal.SIGKILL)
+    sensor = connect("sensor-1")
+    _edit(broker, registry, registry_yaml(suspended))
+    assert sensor.wait_disconnected()
+    assert service.loads == {"loader": 1, "broker": 0} and service.loader.starts == 2
+    connect("sensor-1", expect=5)
+    # Stuck in the middle of a change: given up on, the change is parsed in the broker instead.
+    service.loader.reply_timeout = 0.5
+    stuck = service.loader.pid
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        _edit(broker, registry, registry_yaml(DEVICES))
+    finally:
+        try:
+            os.kill(stuck, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert service.loads == {"loader": 1, "broker": 1}
+    connect("sensor-1", expect=0)
+    wait_for(lambda: not os.path.exists(f"/proc/{stuck}") or "Z" in open(f"/proc/{stuck}/stat").read().split()[2],
+             "the stuck loader process ended")
+    # And the next change goes through a new loader process again.
+    _edit(broker, registry, registry_yaml(suspended))
+    assert service.loads == {"loader": 2, "broker": 1} and service.loader.starts == 3
+    connect("sensor-1", expect=5)
+
+
+def test_a_loader_out_of_step_sends_whole_versions(tmp_path: Path, policy_dir: Path) -> None:
+    """A delta is computed against the loader's own last version only when it is the one in force."""
+    settings = PdpSettings(str(policy_dir / "model.conf"), str(policy_dir / "policy.csv"),
+                           str(policy_dir / "devices.yaml"),
+                           AdmissionSettings(identity=IdentitySettings(trust_domain=TRUST_DOMAIN)), settle=0)
+    point = DecisionPoint(settings)
+    state = LoaderState(settings)
+    (policy_dir / "devices.yaml").write_text(registry_yaml(DEVICES[:-1]))
+    meta, _ = state.load(point.file_signature, point.in_force())
+    assert meta is not None and [(name, delta.base) for name, delta, _ in meta["parts"]] == \
+        [("registry", point.snapshot.registry.revision)]
+    (policy_dir / "devices.yaml").write_text(registry_yaml(DEVICES))
+    # The broker did not apply the first delta: its version in force is still the original one.
+    meta, blobs = state.load(point.file_signature, {"registry": "something else", "policy": "x"})
+    assert meta is not None and [(name, delta.base) for name, delta, _ in meta["parts"]] == [("registry", None)]
+    assert len(blobs) == 1  # every device, in frames
