@@ -151,7 +151,10 @@ class LoaderProcess:
 
     async def start(self) -> None:
         """Start the process now, so that it has read the versions in force before the first change."""
-        await self._started()
+        try:
+            await self._started()
+        except OSError as exc:  # tried again at the first change; loaded in the broker if it fails then too
+            log.warning("the loader process did not start (%s); changes will be parsed in the broker", exc)
 
     @property
     def pid(self) -> int | None:
