@@ -98,6 +98,14 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> dict[str, Any]:
             "output": (out + err).strip()[-300:]}
 
 
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
 class Broker:
     """``python -m pdp.cli broker`` with its log lines in a queue (the way tests.support runs it)."""
 
@@ -146,13 +154,6 @@ class Broker:
                 continue
         return None
 
-
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    return 0.0
 
     def stop(self) -> None:
         if self.proc.poll() is None:

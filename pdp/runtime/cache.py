@@ -74,7 +74,7 @@ class LruCache(Generic[K, V]):
     def clear(self) -> None:
         self._data.clear()
 
-    def releasing(self, chunk: int = 1000) -> Generator[None, None, None]:
+    def releasing(self, chunk: int = 256) -> Generator[None, None, None]:
         """Empty the cache a chunk at a time, yielding in between (see ``decision_point.releasing``)."""
         data = self._data
         while data:
