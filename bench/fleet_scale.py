@@ -263,7 +263,7 @@ def setup(workdir: Path, rules: int, devices: int) -> tuple[BenchEnv, dict[str, 
     return env, files
 
 
-def run(workdir: Path, rules: int = 10_000, devices: int = 100_000, policy_edits: int = 6, registry_edits: int = 4,
+def run(workdir: Path, rules: int = 10_000, devices: int = 100_000, policy_edits: int = 10, registry_edits: int = 8,
         rate: float = 200.0, idle_seconds: float = 4.0, code_root: Path | None = None,
         timeout: float = 300.0) -> dict[str, Any]:
     code = Path(code_root or ROOT).resolve()

@@ -103,6 +103,8 @@ def main() -> int:
     # a few hundred milliseconds alone may take longer; nothing waits on it but the change itself).
     try:
         os.nice(LOADER_NICENESS)
+        if hasattr(os, "sched_setscheduler"):  # Linux: a CPU-bound batch job, never preempting on wake-up
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     except OSError:
         pass
     inp, out = sys.stdin.buffer, sys.stdout.buffer
