@@ -280,7 +280,25 @@ def run(workdir: Path, rules: int = 10_000, devices: int = 100_000, policy_edits
             result[name]["error"] = result[name]["output"]
     for _, device_id in enumerate(PAIR):
         env.device(device_id)
-    broker = Broker(files["config"], workdir, env_vars, timeout)
+    result.update(_reloads(env, files, files["config"], workdir, env_vars, policy_edits, registry_edits, rate,
+                           idle_seconds, timeout))
+    if code_root is None:
+        # The same broker parsing in a thread of its own (as before the loader process), side by side.
+        config = yaml.safe_load(files["config"].read_text())
+        config["plugins"]["broker_plugin.plugin.DeviceAuthorizationPlugin"]["reload_process"] = False
+        threaded = workdir / "broker-thread.yaml"
+        threaded.write_text(yaml.safe_dump(config))
+        result["in_thread"] = _reloads(env, files, threaded, workdir, env_vars, policy_edits, registry_edits, rate,
+                                       idle_seconds, timeout)
+    return result
+
+
+def _reloads(env: BenchEnv, files: dict[str, Path], config: Path, workdir: Path, env_vars: dict[str, str],
+             policy_edits: int, registry_edits: int, rate: float, idle_seconds: float,
+             timeout: float) -> dict[str, Any]:
+    """One broker: its start, memory, edits applied and message latency while idle and during reloads."""
+    result: dict[str, Any] = {}
+    broker = Broker(config, workdir, env_vars, timeout)
     try:
         result["start_s"] = round(broker.start_s, 2)
         time.sleep(1.0)
@@ -372,6 +390,20 @@ def table(result: dict[str, Any]) -> str:
           for kind in ("policy", "registry")),
         ("p99 during reload / idle", fmt(round(ratio, 2) if ratio else None, "x"), f"<= {t['p99_ratio']}x"),
     ]
+    threaded = result.get("in_thread")
+    if threaded:
+        idle_t, during_t = threaded.get("latency_idle", {}), threaded.get("latency_reload", {})
+        rows += [
+            ("same broker, reload_process: false (parsed in a thread):", "", ""),
+            ("  message latency idle p50/p99/max",
+             f"{idle_t.get('p50_ms')}/{idle_t.get('p99_ms')}/{idle_t.get('max_ms')} ms (n={idle_t.get('n')})", ""),
+            ("  message latency during reload p50/p99/max",
+             f"{during_t.get('p50_ms')}/{during_t.get('p99_ms')}/{during_t.get('max_ms')} ms (n={during_t.get('n')})", ""),
+            ("  p99 during reload / idle", fmt(round(during_t["p99_ms"] / idle_t["p99_ms"], 2)
+                                               if idle_t.get("p99_ms") and during_t.get("p99_ms") else None, "x"), ""),
+            ("  policy / registry edit applied (max)",
+             f"{threaded.get('policy_edit_s')} / {threaded.get('registry_edit_s')} s", ""),
+        ]
     width = max(len(r[0]) for r in rows)
     lines = [f"{result['rules']} rules, {result['devices']} devices ({result['code_root']})",
              f"{'':{width}}  {'measured':>28}  target"]
