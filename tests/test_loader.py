@@ -59,7 +59,7 @@ def test_a_dead_or_stuck_loader_process_does_not_stop_revocations(broker, connec
     assert service.loads == {"loader": 1, "broker": 0} and service.loader.starts == 2
     connect("sensor-1", expect=5)
     # Stuck in the middle of a change: given up on, the change is parsed in the broker instead.
-    service.loader.reply_timeout = 0.5
+    service.loader.timeout_floor = 0.5
     stuck = service.loader.pid
     os.kill(stuck, signal.SIGSTOP)
     try:
@@ -95,3 +95,25 @@ def test_a_loader_out_of_step_sends_whole_versions(tmp_path: Path, policy_dir: P
     meta, blobs = state.load(point.file_signature, {"registry": "something else", "policy": "x"})
     assert meta is not None and [(name, delta.base) for name, delta, _ in meta["parts"]] == [("registry", None)]
     assert len(blobs) == 1  # every device, in frames
+
+
+def test_a_change_back_to_the_start_up_text_is_applied_after_the_loader_fails(broker, connect, policy_dir):
+    """Found by an outside attack: the broker's own reader kept the version it parsed at start; once a
+    loader's delta had replaced it, that version was emptied, and a fallback parse of the same text got
+    the emptied one back: "registry has no devices", rejected, and the suspension in it never applied."""
+    service = broker.plugin.service
+    registry = policy_dir / "devices.yaml"
+    start_up = registry.read_text()
+    suspended = start_up.replace("id: sensor-1\n    type: sensor\n    location: plant-a\n    purpose: test\n"
+                                 "    owner: qa\n    status: active", "id: sensor-1\n    type: sensor\n"
+                                 "    location: plant-a\n    purpose: test\n    owner: qa\n    status: suspended")
+    assert suspended != start_up
+    _edit(broker, registry, suspended)  # through the loader: the start-up version is released
+    assert service.loads == {"loader": 1, "broker": 0}
+    wait_for(lambda: service.loader.pid is not None, "the loader process is up")
+    service.loader.timeout_floor = 0.5
+    os.kill(service.loader.pid, signal.SIGSTOP)
+    _edit(broker, registry, start_up)  # parsed in the broker: the start-up text again
+    assert service.loads == {"loader": 1, "broker": 1}
+    assert service.pdp.last_error is None
+    connect("sensor-1", expect=0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import shutil
 import socket
 import stat
@@ -305,3 +306,22 @@ def test_redis_outage_shows_in_metrics_and_status(make_broker, own_redis, tmp_pa
     own_redis.start()
     wait_for(lambda: scrape(url)[("mqtt_pdp_redis_up", ())] == 1, "Redis back")
     assert json.loads(cli("status", "--socket", admin, "--json").stdout)["redis"]["available"] is True
+
+
+def test_status_shows_the_loader_and_a_reload_in_progress(running: Running) -> None:
+    """A stuck loader process holds a change back (up to its timeout): the operator must be able to see it."""
+    wait_for(lambda: running.admin("status")["reloads"]["loader_pid"] is not None, "the loader process started")
+    reloads = running.admin("status")["reloads"]
+    loader = reloads["loader_pid"]
+    assert reloads["pending_since"] is None and reloads["loader_starts"] == 1
+    os.kill(loader, signal.SIGSTOP)
+    try:
+        policy = running.policies / "policy.csv"
+        policy.write_text(policy.read_text() + "# edited\n")
+        wait_for(lambda: running.admin("status")["reloads"]["pending_since"] is not None, "the reload to wait")
+        text = cli("status", "--socket", running.socket).stdout
+        assert f"parsed by the loader process (pid {loader})" in text and "one in progress since" in text
+    finally:
+        os.kill(loader, signal.SIGCONT)
+    wait_for(lambda: running.admin("status")["reloads"]["by_loader"] == 1, "the change applied by the loader")
+    assert running.admin("status")["reloads"]["pending_since"] is None

@@ -88,6 +88,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     ]
     for source, error in sorted(status["reload_errors_in_force"].items()):
         lines.append(f"  still rejected:  {source}: {safe_text(error)} (previous version in force)")
+    reloads = status["reloads"]
+    loader = f"pid {reloads['loader_pid']}" if reloads["loader_pid"] else "not running"
+    lines.append(f"reloads:           {reloads['by_loader']} parsed by the loader process ({loader}), "
+                 f"{reloads['in_broker']} in the broker"
+                 + (f"; one in progress since {_when(reloads['pending_since'])}" if reloads["pending_since"] else ""))
     lines += [
         f"connections:       {status['connections']}",
         f"sessions:          {status['sessions']} ({status['offline_sessions']} offline)",

@@ -520,6 +520,7 @@ def _compose(text: str) -> yaml.Node | None:
 
 _last: FileRegistry | None = None
 _last_text: str = ""
+_last_count = 0
 
 
 def parse_registry(text: str, path: str, previous: FileRegistry | None = None) -> FileRegistry:
@@ -529,16 +530,18 @@ def parse_registry(text: str, path: str, previous: FileRegistry | None = None) -
     changed. The same text at the same path gives the same (immutable) registry without reading it
     again: ``mqtt-pdp broker`` validates the files before the broker starts and the plugin then loads them.
     """
-    global _last, _last_text
+    global _last, _last_text, _last_count
     last = _last
-    if last is not None and last.path == path and _last_text == text:
+    # Not if it has been released meanwhile (``FileRegistry.releasing`` empties a replaced version in place):
+    # an outside attack saw a reverted file parsed as that emptied version, "no devices", and rejected.
+    if last is not None and last.path == path and _last_text == text and len(last.devices) == _last_count:
         return last
     try:
         registry = _parse_simple(text, path, previous.chunks if previous is not None else {})
     except _NotSimple:
         log.debug("%s: outside the fast reader's subset; reading it as YAML", path)
         registry = _parse_yaml(text, path)
-    _last, _last_text = registry, text
+    _last, _last_text, _last_count = registry, text, len(registry.devices)
     return registry
 
 

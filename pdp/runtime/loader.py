@@ -38,7 +38,12 @@ log = logging.getLogger("mqtt_pdp.loader")
 T = TypeVar("T")
 STEP_BUDGET = 0.0001  # seconds of work between two hand-backs to the event loop
 LOADER_NICENESS = 10
-REPLY_TIMEOUT = 300.0  # a full parse of a large fleet takes seconds; a process silent this long is stuck
+# A loader silent for this long is stuck (stopped, swapping): the change is then parsed in the broker. A
+# revocation waits that long, so it is short: 10 s, or 5 times the slowest parse seen (the broker's own
+# parse at start counts), whichever is longer: a whole 100,000-device registry takes 1-3 s.
+MIN_REPLY_TIMEOUT = 10.0
+REPLY_TIMEOUT_FACTOR = 5.0
+IN_BROKER = object()  # no loader reply: parse this change in the broker
 
 
 class LoaderError(Exception):
@@ -113,17 +118,22 @@ def main() -> int:
     except EOFError:
         return 0
     state = LoaderState(settings)
-    send(out, ("ready",))
-    while True:
-        try:
-            old, in_force = receive(inp)
-        except EOFError:
-            return 0  # the broker is gone
-        started = time.perf_counter()
-        meta, blobs = state.load(old, in_force)
-        if meta is not None:
-            meta["seconds"] = time.perf_counter() - started
-        send_raw(out, [pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL), *blobs])
+    try:
+        send(out, ("ready",))
+        while True:
+            try:
+                old, in_force = receive(inp)
+            except EOFError:
+                return 0  # the broker is gone
+            started = time.perf_counter()
+            meta, blobs = state.load(old, in_force)
+            if meta is not None:
+                meta["seconds"] = time.perf_counter() - started
+            send_raw(out, [pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL), *blobs])
+    except BrokenPipeError:
+        # The broker is gone (killed mid-parse). Python would report the pipe again when flushing at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 # -- the broker's side ------------------------------------------------------------------------------------
@@ -132,11 +142,16 @@ def main() -> int:
 class LoaderProcess:
     """The broker's handle on its loader process; started again after it dies."""
 
-    def __init__(self, settings: PdpSettings) -> None:
+    def __init__(self, settings: PdpSettings, slowest: float = 0.0) -> None:
         self.settings = settings
         self.proc: asyncio.subprocess.Process | None = None
         self.starts = 0
-        self.reply_timeout = REPLY_TIMEOUT
+        self.timeout_floor = MIN_REPLY_TIMEOUT
+        self.slowest = slowest  # seconds: the longest parse seen, the broker's own at start included
+
+    @property
+    def reply_timeout(self) -> float:
+        return max(self.timeout_floor, REPLY_TIMEOUT_FACTOR * self.slowest)
 
     async def _started(self) -> asyncio.subprocess.Process:
         if self.proc is not None and self.proc.returncode is None:
@@ -144,7 +159,8 @@ class LoaderProcess:
         root = Path(__file__).resolve().parent.parent.parent
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pdp.runtime.loader", stdin=asyncio.subprocess.PIPE,
+            # -P: never import from the working directory (code planted there would run as the broker).
+            sys.executable, "-P", "-m", "pdp.runtime.loader", stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, env=env)
         self.starts += 1
         assert self.proc.stdin is not None
@@ -164,11 +180,17 @@ class LoaderProcess:
 
     async def load(self, old: FileSignature, in_force: Mapping[str, str]) -> Reply | None:
         """What changed since ``old``, or None if nothing did; LoaderError if the process failed."""
+        started = time.perf_counter()
         try:
-            return await asyncio.wait_for(self._exchange(old, in_force), self.reply_timeout)
-        except (EOFError, OSError, ConnectionError, asyncio.TimeoutError, pickle.UnpicklingError) as exc:
-            await self.close()
+            reply = await asyncio.wait_for(self._exchange(old, in_force), self.reply_timeout)
+        except asyncio.TimeoutError:
+            await self.close(kill=True)
+            raise LoaderError(f"no answer within {self.reply_timeout:.0f} s") from None
+        except (EOFError, OSError, ConnectionError, pickle.UnpicklingError) as exc:
+            await self.close(kill=True)
             raise LoaderError(f"{type(exc).__name__}: {exc}") from None
+        self.slowest = max(self.slowest, time.perf_counter() - started)
+        return reply
 
     async def _exchange(self, old: FileSignature, in_force: Mapping[str, str]) -> Reply | None:
         proc = await self._started()
@@ -184,12 +206,15 @@ class LoaderProcess:
         blobs = [await read_frame(proc.stdout) for _, _, count in message["parts"] for _ in range(count)]
         return Reply(message["signature"], message["rejected"], message["seconds"], message["parts"], blobs)
 
-    async def close(self) -> None:
+    async def close(self, kill: bool = False) -> None:
+        """End the process: closing its stdin ends it; ``kill`` (a failed one) does not wait for that."""
         proc, self.proc = self.proc, None
         if proc is None:
             return
         if proc.stdin is not None:
             proc.stdin.close()
+        if kill and proc.returncode is None:
+            proc.kill()
         try:
             await asyncio.wait_for(proc.wait(), 5)
         except asyncio.TimeoutError:

@@ -61,7 +61,7 @@ from pdp.runtime.bus import InvalidationBus
 from pdp.runtime.cache import RedisDecisionCache, load_l2_key
 from pdp.runtime.decision_point import DecisionPoint, Snapshot, releasing
 from pdp.runtime.delta import DeltaMismatch
-from pdp.runtime.loader import LoaderError, LoaderProcess, applying, run_in_steps
+from pdp.runtime.loader import IN_BROKER, LoaderError, LoaderProcess, Reply, applying, run_in_steps
 from pdp.runtime.logs import PerKeyRateLimit
 from pdp.runtime.metrics import Metrics, directory_bytes, metrics_address
 from pdp.runtime.redis_link import RedisLink
@@ -99,7 +99,9 @@ LOG_REFUSAL = "refused: assertion records cannot be made durable (on_log_failure
 class AuthorizationService:
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
+        started = time.perf_counter()
         self.pdp = DecisionPoint(settings.pdp_settings())
+        first_load = time.perf_counter() - started
         self.enforcer = Enforcer(self.pdp)
         self.closer: Closer | None = None
         self.aborter: Aborter | None = None
@@ -111,8 +113,10 @@ class AuthorizationService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
         # Parses changed files in another process (see pdp.runtime.loader); None: in a thread of this one.
-        self.loader: LoaderProcess | None = LoaderProcess(self.pdp.settings) if settings.reload_process else None
+        self.loader: LoaderProcess | None = LoaderProcess(self.pdp.settings, first_load) \
+            if settings.reload_process else None
         self.loads = {"loader": 0, "broker": 0}  # changes loaded by each way (tests, mqtt-pdp status)
+        self.reload_pending_since: float | None = None  # a change is being loaded since (mqtt-pdp status)
         self.node_id = settings.node_id or default_node_id(settings.spool_dir)
         self.instance_id = f"{self.node_id}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.redis: RedisLink | None = None
@@ -423,8 +427,12 @@ class AuthorizationService:
             try:
                 if not self.pdp.may_have_changed():
                     return None
+                self.reload_pending_since = time.time()
+                reply = await self._ask_loader()
+                # The collector is paused from here to the swap, not while the loader parses: a stuck loader
+                # must not stop collection (an outside attack grew the broker by 85 MB waiting on one).
                 with collector_paused():
-                    loaded = await self._load()
+                    loaded = None if reply is None else await self._build(reply)
                     result = loaded if loaded is None or loaded is False else True
                     if isinstance(loaded, Snapshot):
                         # Swap and revoke in one synchronous step: no decision after the swap sees stale attributes.
@@ -437,6 +445,8 @@ class AuthorizationService:
             except Exception:  # the watcher must outlive any single bad reload
                 log.exception("policy reload failed")
                 result = False
+            finally:
+                self.reload_pending_since = None
         if result is not None:
             if self.metrics is not None:
                 self.metrics.reloaded(bool(result))
@@ -460,21 +470,32 @@ class AuthorizationService:
             self.reload_condition.notify_all()
         return True
 
-    async def _load(self) -> Snapshot | bool | None:
-        """The next snapshot (see ``DecisionPoint.load_if_changed``): parsed by the loader process and built
-        here in steps between messages; if that process fails, parsed in a thread of this one instead."""
-        if self.loader is not None:
+    async def _ask_loader(self) -> Reply | None | object:
+        """What the loader process found changed (None: nothing), or ``IN_BROKER`` when there is no loader
+        or it failed: the change is then parsed in a thread of this process (see ``_build``)."""
+        if self.loader is None:
+            return IN_BROKER
+        try:
+            return await self.loader.load(self.pdp.file_signature, self.pdp.in_force())
+        except LoaderError as exc:
+            log.warning("the loader process failed (%s); this change is loaded in the broker, and a new "
+                        "loader process is started for the next one", exc)
+            return IN_BROKER
+
+    async def _build(self, reply: Reply | object) -> Snapshot | bool | None:
+        """The next snapshot (see ``DecisionPoint.load_if_changed``): from the loader's reply, built here in
+        steps between messages; or parsed and built in a thread of this process."""
+        if isinstance(reply, Reply):
             try:
-                reply = await self.loader.load(self.pdp.file_signature, self.pdp.in_force())
-                if reply is None:
-                    return None
                 loaded = await run_in_steps(applying(self.pdp, reply))
+            except DeltaMismatch as exc:
+                log.warning("the loader process sent a change that does not fit the version in force (%s); this "
+                            "change is loaded in the broker, and a new loader process is started", exc)
+                if self.loader is not None:
+                    await self.loader.close()
+            else:
                 self.loads["loader"] += 1
                 return loaded
-            except (LoaderError, DeltaMismatch) as exc:
-                log.warning("the loader process failed (%s); this change is loaded in the broker, and a new "
-                            "loader process is started for the next one", exc)
-                await self.loader.close()
         loaded = await asyncio.to_thread(self._load_yielding)
         self.loads["broker"] += loaded is not None
         return loaded
