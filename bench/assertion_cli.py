@@ -9,6 +9,7 @@ a quarter denied, spread evenly over the last eight days.
 from __future__ import annotations
 
 import os
+import pickle
 import statistics
 import subprocess
 import sys
@@ -60,14 +61,20 @@ def fill(db: Path, state: Path, records: int, batch: int = 5000, anchors: Path |
 
 
 def recording_rate(writer: ChainWriter, records: int, batch: int = 5000) -> dict[str, Any]:
-    """Batches of 5,000 into the store that already holds the fill: chain, hashes, SQLite transaction."""
+    """Batches of 5,000 into the store that already holds the fill, as the writer process takes them: the
+    broker's pickled frame unpickled, chain and hashes, the in-flight copy, the SQLite transaction, signed heads."""
     sessions = _sessions()
     start_n = writer.chain.seq
     base = time.time()
-    batches = [_rows(start_n + i, batch, base, 0.0001) for i in range(0, records, batch)]
+    frames = []
+    for i in range(0, records, batch):
+        rows = _rows(start_n + i, batch, base, 0.0001)
+        frames.append(pickle.dumps(("batch", rows, {k: sessions[k] for k in {r[1] for r in rows}}, f"rate:{i}"),
+                                   pickle.HIGHEST_PROTOCOL))
     started = time.perf_counter()
-    for i, rows in enumerate(batches):
-        writer.write(rows, {k: sessions[k] for k in {r[1] for r in rows}}, f"rate:{i}")
+    for frame in frames:
+        _, rows, batch_sessions, batch_id = pickle.loads(frame)
+        writer.write(rows, batch_sessions, batch_id, frame)
     seconds = time.perf_counter() - started
     return {"records": records, "seconds": round(seconds, 2), "records_per_s": round(records / seconds)}
 
