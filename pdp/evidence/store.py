@@ -573,23 +573,31 @@ class AssertionStore:
         """The walk, split into contiguous parts walked in parallel when the node is large and there are
         several cores: each part starts after the record that precedes it, so the result is the same."""
         workers = min(os.cpu_count() or 1, 4)
-        total = 0
+        span = 0  # sequence numbers after prev_seq: the record count when the chain has no gap
         if workers > 1 and not self.path.startswith(":"):
-            total = int(self.db.execute("SELECT count(*) FROM records WHERE node = ? AND seq > ?",
-                                        (name, prev_seq)).fetchone()[0])
-        if total < PARALLEL_WALK:
+            last = self.db.execute("SELECT max(seq) FROM records WHERE node = ?", (name,)).fetchone()[0]
+            span = last - prev_seq if isinstance(last, int) else 0  # (a seq of another type: one walk)
+        if span < PARALLEL_WALK:
             return _walk(self.db, name, prev_seq, prev_hash, _NO_END)
+        # Parts by sequence number (two index seeks each; counting and OFFSET walked the index: 0.1 s at 1.2M).
+        firsts: list[int] = []
+        for part in range(1, workers):
+            row = self.db.execute("SELECT seq FROM records WHERE node = ? AND seq > ? ORDER BY seq LIMIT 1",
+                                  (name, prev_seq + span * part // workers)).fetchone()
+            if row is not None and isinstance(row[0], int) and (not firsts or row[0] > firsts[-1]):
+                firsts.append(row[0])
         starts = [prev_seq]
         hashes = [prev_hash]
         ends = []
-        for part in range(1, workers):
-            first = self.db.execute("SELECT seq FROM records WHERE node = ? AND seq > ? ORDER BY seq LIMIT 1 OFFSET ?",
-                                    (name, prev_seq, total * part // workers)).fetchone()[0]
+        for first in firsts:
             before = self.db.execute("SELECT seq, hash FROM records WHERE node = ? AND seq < ? ORDER BY seq DESC "
                                      "LIMIT 1", (name, first)).fetchone()
+            if before is None or not isinstance(before[0], int) or before[0] <= starts[-1]:
+                continue  # nothing between the previous start and this one (records deleted): one part fewer
             ends.append(first - 1)
             starts.append(before[0])
             hashes.append(before[1])
+        workers = len(starts)
         ends.append(_NO_END)
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
