@@ -144,8 +144,8 @@ def table(result: dict[str, Any]) -> str:
     rate = result["rate"]
     lines = [f"store: {result['records']:,} records (filled in {result['fill_seconds']} s); load average at the end "
              f"{', '.join(f'{x:.2f}' for x in result['load'])}",
-             f"recording into it: {rate['records_per_s']:,} records/s ({rate['records']:,} records in batches of 5,000, "
-             "ChainWriter + SQLite, no pipe)"]
+             f"recording into it: {rate['records_per_s']:,} records/s ({rate['records']:,} records in batches of 5,000 "
+             "as the writer process takes them: frame unpickled, chain, in-flight copy, SQLite, signed heads; no pipe)"]
     before = result.get("before") or {}
     if before:
         lines.append(f"  (before: the same command with the code in {result['code_root']}, interleaved)")
