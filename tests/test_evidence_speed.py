@@ -125,10 +125,11 @@ def _earlier_store(path: Path) -> None:
 
 def test_queries_by_device_and_topic_find_records_in_every_block_of_every_node(tmp_path: Path) -> None:
     """The block index is only a shortcut: a record is found whatever its block, node or the store's indexes."""
-    blocks = [1, 65535, 65536, 65537, 3 * 65536 + 5]
+    size = 1 << store_module.BLOCK_BITS
+    blocks = [1, size - 1, size, size + 1, 3 * size + 5]
     records = [_record(node, seq, f"d{seq % 3}", f"s/{seq % 2}/t", f"r{seq % 4}")
                for node, offset in (("n1", 0), ("n2", 7)) for seq in [b + offset for b in blocks]]
-    records.append(_record("n3", 10 * 65536, None, None))
+    records.append(_record("n3", 10 * size, None, None))
     queries = [QueryFilters(device="d1"), QueryFilters(client_id="d2"), QueryFilters(device="d0", node="n2"),
                QueryFilters(topic="s/1/t"), QueryFilters(topic="s/+/t"), QueryFilters(topic="#", node="n1"),
                QueryFilters(rule_id="r3"), QueryFilters(device="nobody"), QueryFilters(node="n3")]
