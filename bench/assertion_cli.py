@@ -8,7 +8,9 @@ a quarter denied, spread evenly over the last eight days.
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import statistics
 import subprocess
 import sys
@@ -60,14 +62,20 @@ def fill(db: Path, state: Path, records: int, batch: int = 5000, anchors: Path |
 
 
 def recording_rate(writer: ChainWriter, records: int, batch: int = 5000) -> dict[str, Any]:
-    """Batches of 5,000 into the store that already holds the fill: chain, hashes, SQLite transaction."""
+    """Batches of 5,000 into the store that already holds the fill, as the writer process takes them: the
+    broker's pickled frame unpickled, chain and hashes, the in-flight copy, the SQLite transaction, signed heads."""
     sessions = _sessions()
     start_n = writer.chain.seq
     base = time.time()
-    batches = [_rows(start_n + i, batch, base, 0.0001) for i in range(0, records, batch)]
+    frames = []
+    for i in range(0, records, batch):
+        rows = _rows(start_n + i, batch, base, 0.0001)
+        frames.append(pickle.dumps(("batch", rows, {k: sessions[k] for k in {r[1] for r in rows}}, f"rate:{i}"),
+                                   pickle.HIGHEST_PROTOCOL))
     started = time.perf_counter()
-    for i, rows in enumerate(batches):
-        writer.write(rows, {k: sessions[k] for k in {r[1] for r in rows}}, f"rate:{i}")
+    for frame in frames:
+        _, rows, batch_sessions, batch_id = pickle.loads(frame)
+        writer.write(rows, batch_sessions, batch_id, frame)
     seconds = time.perf_counter() - started
     return {"records": records, "seconds": round(seconds, 2), "records_per_s": round(records / seconds)}
 
@@ -85,22 +93,33 @@ def time_command(args: list[str], reps: int, root: Path = ROOT) -> dict[str, Any
     return {"median_ms": round(statistics.median(timings) * 1000), "max_ms": round(max(timings) * 1000)}
 
 
-def run(workdir: Path, quick: bool = False, code_root: Path | None = None) -> dict[str, Any]:
-    """With ``code_root`` (e.g. a checkout of the previous version) each command is also timed with that
-    code, interleaved with this one's, on the same store: a side-by-side comparison under the same load."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    records = 100_000 if quick else 1_000_000
-    db = workdir / "cli.db"
-    started = time.perf_counter()
-    anchors = workdir / "anchors"
-    anchors.mkdir(exist_ok=True)
-    writer = fill(db, workdir / "state", records, anchors=anchors)
-    filled = time.perf_counter() - started
-    rate = recording_rate(writer, 20_000 if quick else 200_000)
-    writer.close()
+_FILL_ELSEWHERE = """
+import json, sys, time
+from pathlib import Path
+from bench.assertion_cli import fill, recording_rate
+db, anchors, records, rate_records = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+anchors.mkdir(exist_ok=True)
+started = time.perf_counter()
+writer = fill(db, db.parent / (db.stem + "-state"), records, anchors=anchors)
+filled = time.perf_counter() - started
+rate = recording_rate(writer, rate_records)
+writer.close()
+print(json.dumps({"fill_seconds": round(filled, 1), "rate": rate}))
+"""
+
+
+def fill_with(code_root: Path, db: Path, anchors: Path, records: int, rate_records: int) -> dict[str, Any]:
+    """The fill and the recording rate with another checkout's code, into a store of that code's own format."""
+    env = {**os.environ, "PYTHONPATH": str(code_root)}
+    done = subprocess.run([sys.executable, "-c", _FILL_ELSEWHERE, str(db), str(anchors), str(records),
+                           str(rate_records)], capture_output=True, text=True, env=env, cwd=code_root, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def commands_for(db: Path, anchors: Path) -> dict[str, list[str]]:
     log = ["-m", "pdp.cli", "log"]
     device = f"dev-{1234:06d}"
-    commands = {
+    return {
         "python -c pass (interpreter alone)": ["-c", "pass"],
         "query --device (table)": [*log, "query", "--db", str(db), "--device", device],
         "query --client (table)": [*log, "query", "--db", str(db), "--client", device],
@@ -122,26 +141,54 @@ def run(workdir: Path, quick: bool = False, code_root: Path | None = None) -> di
         "verify --anchors (full)": [*log, "verify", "--db", str(db), "--anchors", str(anchors), "--public-key",
                                     str(anchors / "key.pub")],
     }
+
+
+def run(workdir: Path, quick: bool = False, code_root: Path | None = None) -> dict[str, Any]:
+    """With ``code_root`` (e.g. a checkout of the previous version) that code also fills a store of its own
+    (its own indexes and format) and measures its recording rate, and each command is also timed with that
+    code on that store, interleaved with this one's: a side-by-side comparison under the same load."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    records = 100_000 if quick else 1_000_000
+    rate_records = 20_000 if quick else 200_000
+    before_fill = None
+    if code_root is not None:
+        before_fill = fill_with(code_root, workdir / "before.db", workdir / "before-anchors", records, rate_records)
+    db = workdir / "cli.db"
+    started = time.perf_counter()
+    anchors = workdir / "anchors"
+    anchors.mkdir(exist_ok=True)
+    writer = fill(db, workdir / "state", records, anchors=anchors)
+    filled = time.perf_counter() - started
+    rate = recording_rate(writer, rate_records)
+    writer.close()
+    commands = commands_for(db, anchors)
+    before_commands = commands_for(workdir / "before.db", workdir / "before-anchors")
     times: dict[str, Any] = {}
     before: dict[str, Any] = {}
     for label, args in commands.items():
         reps = 1 if "verify" in label else 3
-        if code_root is not None and "incremental" not in label:
-            before[label] = time_command(args, reps, code_root)
+        if code_root is not None:
+            before[label] = time_command(before_commands[label], reps, code_root)
         times[label] = time_command(args, reps)
     return {"records": records + rate["records"], "fill_seconds": round(filled, 1), "rate": rate, "commands": times,
-            "before": before, "code_root": str(code_root) if code_root else None, "load": os.getloadavg()}
+            "before": before, "before_fill": before_fill, "code_root": str(code_root) if code_root else None,
+            "load": os.getloadavg()}
 
 
 def table(result: dict[str, Any]) -> str:
     rate = result["rate"]
     lines = [f"store: {result['records']:,} records (filled in {result['fill_seconds']} s); load average at the end "
              f"{', '.join(f'{x:.2f}' for x in result['load'])}",
-             f"recording into it: {rate['records_per_s']:,} records/s ({rate['records']:,} records in batches of 5,000, "
-             "ChainWriter + SQLite, no pipe)"]
+             f"recording into it: {rate['records_per_s']:,} records/s ({rate['records']:,} records in batches of 5,000 "
+             "as the writer process takes them: frame unpickled, chain, in-flight copy, SQLite, signed heads; no pipe)"]
     before = result.get("before") or {}
+    if result.get("before_fill"):
+        was = result["before_fill"]["rate"]
+        lines.append(f"  before ({result['code_root']}, into a store it filled, in {result['before_fill']['fill_seconds']}"
+                     f" s): {was['records_per_s']:,} records/s")
     if before:
-        lines.append(f"  (before: the same command with the code in {result['code_root']}, interleaved)")
+        lines.append(f"  (before: the same command with the code in {result['code_root']} on the store it filled, "
+                     "interleaved)")
     for label, t in result["commands"].items():
         line = f"  {label:<62} median {t['median_ms']:>6} ms  max {t['max_ms']:>6} ms"
         if label in before:

@@ -7,9 +7,12 @@ import itertools
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from pdp.core.topics import covers, matches
+import pdp.evidence.store as store_module
 from pdp.evidence.chain import ChainWriter
-from pdp.evidence.record import record_hash
+from pdp.evidence.record import AssertionRecord, record_hash
 from pdp.evidence.sinks import SqliteSink
 from pdp.evidence.store import AssertionStore, QueryFilters, _glob
 
@@ -60,6 +63,30 @@ def test_glob_prefilter_keeps_everything_the_filter_selects() -> None:
                 assert db.execute("SELECT ? GLOB ?", (topic, pattern)).fetchone()[0] == 1, (query, topic, pattern)
 
 
+@pytest.mark.parametrize("deleted", ["seq BETWEEN 2 AND 120", "seq <= 160", "seq > 30 AND seq < 199"])
+def test_verify_in_parallel_parts_after_large_deletions_reports_what_one_walk_does(tmp_path: Path, monkeypatch,
+                                                                                  deleted: str) -> None:
+    """Parts are cut by sequence number: a deleted range over a cut must neither crash nor change the report."""
+    import pdp.evidence.store as store_module
+
+    writer = ChainWriter("n1", [SqliteSink(tmp_path / "a.db")], tmp_path / "s")
+    session = {1: ("d1", "ab" * 32, "0a", "CN=ca", "sensor", "x", "y", "z", "active")}
+    writer.write([(1.0e9 + i, 1, "c1", None, "publish", f"t/{i}", True, "r", "ok", "l1", 900, "rev")
+                  for i in range(200)], session, "b:1")
+    writer.close()
+    with sqlite3.connect(tmp_path / "a.db") as db:
+        db.execute(f"DELETE FROM records WHERE {deleted}")
+    db.close()
+    store = AssertionStore(tmp_path / "a.db", readonly=True)
+    one = store.verify()
+    monkeypatch.setattr(store_module, "PARALLEL_WALK", 10)
+    monkeypatch.setattr(store_module.os, "cpu_count", lambda: 4)
+    parts = store.verify()
+    store.close()
+    assert parts == one
+    assert one[0].problems and one[0].problems[0][0].startswith("record(s) n1:")
+
+
 def test_verify_in_parallel_parts_reports_exactly_what_one_walk_does(tmp_path: Path, monkeypatch) -> None:
     import pdp.evidence.store as store_module
 
@@ -82,3 +109,102 @@ def test_verify_in_parallel_parts_reports_exactly_what_one_walk_does(tmp_path: P
     store.close()
     assert parts == one
     assert one[0].records == 197 and one[0].checked == 6 and len(one[0].problems) == 5
+
+
+def _record(node: str, seq: int, device: str | None, topic: str | None, rule: str | None = "r1") -> AssertionRecord:
+    return AssertionRecord(f"{node}:{seq}", node, seq, 1.0e9 + seq, device, device, None, None, None, None, None, None,
+                           None, None, "publish", topic, "allow", rule, "ok", "rev", "l1", 1.0, None, "0" * 64, "0" * 64)
+
+
+def _earlier_store(path: Path) -> None:
+    """A database as versions before the block index created it: the five indexes on the records."""
+    store = AssertionStore(path)
+    store.db.executescript("DROP INDEX records_block; DROP INDEX records_time;" + store_module.EARLIER_INDEXES)
+    store.close()
+
+
+def test_queries_by_device_and_topic_find_records_in_every_block_of_every_node(tmp_path: Path) -> None:
+    """The block index is only a shortcut: a record is found whatever its block, node or the store's indexes."""
+    size = 1 << store_module.BLOCK_BITS
+    blocks = [1, size - 1, size, size + 1, 3 * size + 5]
+    records = [_record(node, seq, f"d{seq % 3}", f"s/{seq % 2}/t", f"r{seq % 4}")
+               for node, offset in (("n1", 0), ("n2", 7)) for seq in [b + offset for b in blocks]]
+    records.append(_record("n3", 10 * size, None, None))
+    queries = [QueryFilters(device="d1"), QueryFilters(client_id="d2"), QueryFilters(device="d0", node="n2"),
+               QueryFilters(topic="s/1/t"), QueryFilters(topic="s/+/t"), QueryFilters(topic="#", node="n1"),
+               QueryFilters(rule_id="r3"), QueryFilters(device="nobody"), QueryFilters(node="n3")]
+
+    def expected(f: QueryFilters) -> list[str]:
+        return sorted(r.record_id for r in records
+                      if (f.device is None or r.device_id == f.device) and (f.client_id is None or r.client_id == f.client_id)
+                      and (f.node is None or r.node == f.node) and (f.rule_id is None or r.rule_id == f.rule_id)
+                      and (f.topic is None or (r.topic is not None and matches(f.topic, r.topic))))
+
+    answers = []
+    for name, earlier in (("new.db", False), ("earlier.db", True)):
+        if earlier:
+            _earlier_store(tmp_path / name)
+        store = AssertionStore(tmp_path / name)
+        assert store.unblocked == earlier
+        store.insert(records)
+        answers.append([sorted(r.record_id for _, r in store.query(f)) for f in queries])
+        if earlier:
+            assert store.reindex() and not store.unblocked and not store.reindex()
+            names = {row[0] for row in store.db.execute("SELECT name FROM sqlite_master WHERE type = 'index' "
+                                                        "AND tbl_name = 'records' AND sql IS NOT NULL")}
+            assert names == {"records_block", "records_time"}
+            answers.append([sorted(r.record_id for _, r in store.query(f)) for f in queries])
+        store.close()
+    assert answers[0] == [expected(f) for f in queries]
+    assert answers[0] == answers[1] == answers[2]
+    assert all(answers[0][:-2]) and answers[0][-2] == []
+
+
+def test_a_store_of_an_earlier_version_keeps_its_indexes_records_and_verifies(tmp_path: Path) -> None:
+    _earlier_store(tmp_path / "a.db")
+    writer = ChainWriter("n1", [SqliteSink(tmp_path / "a.db")], tmp_path / "s")
+    session = {1: ("d1", "ab" * 32, "0a", "CN=ca", "sensor", "x", "y", "z", "active")}
+    writer.write([(1.0e9, 1, "c1", None, "publish", "t/1", True, "r", "ok", "l1", 900, "rev")], session, "b:1")
+    writer.close()
+    store = AssertionStore(tmp_path / "a.db")
+    assert store.unblocked
+    assert [(r.problem, r.records) for r in store.verify()] == [(None, 1)]
+    assert store.reindex()
+    assert [(r.problem, r.records) for r in store.verify()] == [(None, 1)]
+    store.close()
+
+
+def test_an_in_flight_batch_kept_as_the_brokers_frame_is_read_back(tmp_path: Path) -> None:
+    """The writer keeps the pickled frame it received instead of pickling the batch again."""
+    import pickle
+
+    from pdp.evidence.chain import ChainState
+    from pdp.evidence.record import Head
+
+    rows = [(1.0e9, 1, "c1", None, "publish", "t/1", True, "r", "ok", "l1", 900, "rev")]
+    sessions = {1: ("d1", None, None, None, None, None, None, None, None)}
+    state = ChainState(tmp_path, "n1")
+    state.save_inflight(Head(4, "h" * 64), "i:1", rows, sessions,
+                        pickle.dumps(("batch", rows, sessions, "i:1"), pickle.HIGHEST_PROTOCOL))
+    assert state.load_inflight() == (4, "h" * 64, "i:1", rows, sessions)
+    state.save_inflight(Head(5, "g" * 64), "i:2", rows, sessions)  # without a frame: pickled here, as before
+    assert state.load_inflight() == (5, "g" * 64, "i:2", rows, sessions)
+    state.close()
+
+
+def test_log_reindex_command_converts_once(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    _earlier_store(tmp_path / "a.db")
+
+    def reindex() -> tuple[int, str]:
+        done = subprocess.run([sys.executable, "-m", "pdp.cli", "log", "reindex", "--db", str(tmp_path / "a.db")],
+                              cwd=root, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHONPATH": str(root)})
+        return done.returncode, done.stdout
+
+    assert reindex() == (0, f"{tmp_path / 'a.db'}: indexes of an earlier version replaced by this version's\n")
+    assert reindex() == (0, f"{tmp_path / 'a.db'}: already has this version's indexes\n")

@@ -118,7 +118,8 @@ def certificate_rows(device: Device, store: Any | None) -> list[dict[str, Any]]:
     if store is not None:
         for fingerprint, last, count, peer in store.db.execute(
                 "SELECT fingerprint, max(ts), count(*), peer FROM records WHERE device_id = ? AND action = 'connect' "
-                "AND decision = 'allow' AND fingerprint IS NOT NULL GROUP BY fingerprint", (device.device_id,)):
+                f"AND decision = 'allow' AND fingerprint IS NOT NULL AND {store.block_clause()} GROUP BY fingerprint",
+                (device.device_id,)):
             seen[fingerprint] = (last, count, peer)
     rows = []
     for fingerprint in sorted(device.fingerprints | set(seen)):

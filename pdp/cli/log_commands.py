@@ -119,6 +119,14 @@ def add_arguments(sub: Any) -> None:
     b.add_argument("--out", required=True, help="backup file to create")
     b.set_defaults(log_func=cmd_backup)
 
+    r = log_sub.add_parser("reindex", help="give a database made by an earlier version the faster indexes",
+                           description="Replace the four indexes on the records of a database created by an earlier version by "
+                                       "this version's two (recording into it is about three times faster at 1M "
+                                       "records). Takes a few seconds per million records; stop the broker first. "
+                                       "Records and hashes are not touched.")
+    store_args(r)
+    r.set_defaults(log_func=cmd_reindex)
+
     d = log_sub.add_parser("drain", help="move records from the shared Redis Stream into the database",
                            description="Move records that brokers appended to the Redis Stream into the database (idempotent).")
     store_args(d)
@@ -346,6 +354,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
             broken += 1
             print(f"BROKEN: {safe_text(problem)}")
     return 1 if broken else (3 if gapped else 0)
+
+
+def cmd_reindex(args: argparse.Namespace) -> int:
+    store = _open(args, readonly=False)
+    try:
+        changed = store.reindex()
+    finally:
+        store.close()
+    print(f"{store.path}: " + ("indexes of an earlier version replaced by this version's" if changed
+                               else "already has this version's indexes"))
+    return 0
 
 
 def _check_node(store: AssertionStore, node: str | None) -> None:

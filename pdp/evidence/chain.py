@@ -70,11 +70,17 @@ class ChainState:
         except OSError as exc:
             log.warning("cannot save the chain head file %s (%s); the stores still hold the head", self.path, exc)
 
-    def save_inflight(self, start: Head, batch_id: str, rows: list[Row], sessions: dict[int, SessionFields]) -> None:
-        """Atomically (rename): a crash leaves the previous batch or this one, never half of one."""
+    def save_inflight(self, start: Head, batch_id: str, rows: list[Row], sessions: dict[int, SessionFields],
+                      frame: bytes | None = None) -> None:
+        """Atomically (rename): a crash leaves the previous batch or this one, never half of one.
+
+        ``frame``: the batch as the broker pickled it (``("batch", rows, sessions, batch_id)``), written as it
+        came instead of pickled again (that was 1.5 us a record, 7% of the writer's time)."""
         tmp = self.inflight_path.with_suffix(".inflight-tmp")
+        state = ((start.seq, start.hash, batch_id, frame) if frame is not None
+                 else (start.seq, start.hash, batch_id, rows, sessions))
         try:
-            tmp.write_bytes(pickle.dumps((start.seq, start.hash, batch_id, rows, sessions), pickle.HIGHEST_PROTOCOL))
+            tmp.write_bytes(pickle.dumps(state, pickle.HIGHEST_PROTOCOL))
             os.replace(tmp, self.inflight_path)
         except OSError as exc:  # an older in-flight file starts below the head, so it is never applied again
             log.warning("cannot save the in-flight batch file %s (%s)", self.inflight_path, exc)
@@ -85,7 +91,11 @@ class ChainState:
         except FileNotFoundError:
             return None
         try:
-            return pickle.loads(data)  # type: ignore[no-any-return]  # noqa: S301 - written by this class
+            state = pickle.loads(data)  # noqa: S301 - written by this class
+            if len(state) == 4:  # the broker's frame, kept as it came
+                _, rows, sessions, _ = pickle.loads(state[3])  # noqa: S301 - the broker's, as above
+                state = (*state[:3], rows, sessions)
+            return state  # type: ignore[no-any-return]
         except Exception:  # a damaged file: the batch it held is re-sent by a live broker or was lost with it
             log.critical("unreadable in-flight batch file %s; set aside as %s.corrupt", self.inflight_path,
                          self.inflight_path.name)
@@ -156,7 +166,10 @@ class ChainWriter:
         Deterministic: the same rows from the same head give the same records, so a batch written
         again after a crash duplicates records exactly or not at all.
         """
-        texts = {key: "\x1f".join(map(_canonical, values)) for key, values in sessions.items()}
+        canon = _canonical
+        # _canonical inlined for str (as is) and None (U+0000): a bench batch has a session per record.
+        texts = {key: "\x1f".join([v if v.__class__ is str else ("\x00" if v is None else canon(v)) for v in values])
+                 for key, values in sessions.items()}
         records = []
         seq, prev = self.chain.seq, self.chain.hash
         node = self.node
@@ -185,8 +198,10 @@ class ChainWriter:
             prev = digest
         return records
 
-    def write(self, rows: list[Row], sessions: dict[int, SessionFields], batch_id: str | None = None) -> int:
-        """Store (or spool) the batch, or raise to have it re-sent; returns the number of records it holds."""
+    def write(self, rows: list[Row], sessions: dict[int, SessionFields], batch_id: str | None = None,
+              frame: bytes | None = None) -> int:
+        """Store (or spool) the batch, or raise to have it re-sent; returns the number of records it holds.
+        ``frame``: the pickled message the batch came in, if any (kept as the in-flight copy)."""
         if batch_id is not None and batch_id == self.chain.batch_id:
             self.duplicates += 1
             log.info("node %s: batch %s was applied before the writer restarted; acknowledged, not written again",
@@ -195,7 +210,7 @@ class ChainWriter:
         if not rows:
             return 0
         if batch_id is not None:
-            self.chain.save_inflight(self.chain.head, batch_id, rows, sessions)
+            self.chain.save_inflight(self.chain.head, batch_id, rows, sessions, frame)
         records = self.materialize(rows, sessions)
         for sink in self.sinks:
             sink.write(records, batch_id)  # spooling sinks raise only when neither backend nor spool took the batch

@@ -151,7 +151,11 @@ class AssertionRecorder:
                          tier, latency_ns, revision))
         return rows, sessions
 
-    async def _drain(self) -> None:
+    async def _drain(self, everything: bool = False) -> None:
+        """Ship what is queued. Between flushes: one batch, then more only while a full batch waits (a
+        backlog). Shipping again as soon as the writer acknowledged made batches of the few records that
+        arrived during one round trip (30-80 at 4,000 msg/s): a transaction, an in-flight file and a
+        round trip each, which cost the broker more CPU than the records (0.75x of bare amqtt on 1x1 QoS 0)."""
         loop = asyncio.get_running_loop()
         while self._queue or self._unacked is not None:
             if self._unacked is None:
@@ -176,6 +180,8 @@ class AssertionRecorder:
                 if self.failing:
                     self.failing = False
                     log.warning("assertion records are durable again")
+                if not everything and len(self._queue) < self.batch_size:
+                    return  # the rest goes with the next flush, flush_interval from now
 
     @property
     def pending(self) -> int:
@@ -187,7 +193,7 @@ class AssertionRecorder:
         self._stopping.set()
         if self._task is not None:
             await self._task
-        await self._drain()
+        await self._drain(everything=True)
         if self.pending:
             log.critical("%d assertion records could not be written at shutdown", self.pending)
         await asyncio.get_running_loop().run_in_executor(self._executor, self.writer.close)

@@ -46,6 +46,10 @@ def send(stream: IO[bytes], message: Any) -> None:
 
 
 def receive(stream: IO[bytes]) -> Any:
+    return pickle.loads(receive_frame(stream))
+
+
+def receive_frame(stream: IO[bytes]) -> bytes:
     header = stream.read(_LEN.size)
     if len(header) < _LEN.size:
         raise EOFError("writer pipe closed")
@@ -53,7 +57,7 @@ def receive(stream: IO[bytes]) -> Any:
     data = stream.read(size)
     if len(data) < size:
         raise EOFError("writer pipe closed mid-frame")
-    return pickle.loads(data)
+    return data
 
 
 def build_writer(settings: dict[str, Any]) -> ChainWriter:
@@ -123,13 +127,14 @@ def main() -> int:
                 writer.idle()
                 continue
             try:
-                message = receive(inp)
+                frame = receive_frame(inp)
             except EOFError:
                 return 0  # the broker is gone; the finally below flushes what we have
+            message = pickle.loads(frame)
             if message[0] == "batch":
                 batch_id = message[3] if len(message) > 3 else None
                 try:
-                    count = writer.write(message[1], message[2], batch_id)
+                    count = writer.write(message[1], message[2], batch_id, frame if batch_id is not None else None)
                 except Exception as exc:  # neither stored nor spooled: the broker keeps the batch and retries
                     log.exception("batch %s was not written", batch_id)
                     send(out, ("failed", str(exc)))
