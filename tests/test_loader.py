@@ -117,3 +117,38 @@ def test_a_change_back_to_the_start_up_text_is_applied_after_the_loader_fails(br
     assert service.loads == {"loader": 1, "broker": 1}
     assert service.pdp.last_error is None
     connect("sensor-1", expect=0)
+
+
+def test_helper_processes_never_import_from_the_working_directory(tmp_path: Path, policy_dir: Path,
+                                                                   monkeypatch) -> None:
+    """Found by an outside attack: ``python -m`` put the working directory first on the path, so a ``pdp``
+    package planted where the broker was started ran as the broker (and could have forged deltas)."""
+    import asyncio
+
+    from pdp.evidence.writer import WriterProcess
+    from pdp.runtime.loader import LoaderProcess
+
+    planted = tmp_path / "cwd"
+    marker = tmp_path / "planted-code-ran"
+    for module in ("pdp/__init__.py", "pdp/runtime/__init__.py", "pdp/evidence/__init__.py"):
+        (planted / module).parent.mkdir(parents=True, exist_ok=True)
+        (planted / module).write_text(f"open({str(marker)!r}, 'a').write({module!r})\n")
+    monkeypatch.chdir(planted)
+    settings = PdpSettings(str(policy_dir / "model.conf"), str(policy_dir / "policy.csv"),
+                           str(policy_dir / "devices.yaml"),
+                           AdmissionSettings(identity=IdentitySettings(trust_domain=TRUST_DOMAIN)), settle=0)
+    point = DecisionPoint(settings)
+
+    async def ask_loader() -> object:
+        loader = LoaderProcess(settings)
+        try:
+            (policy_dir / "policy.csv").write_text((policy_dir / "policy.csv").read_text() + "# edited\n")
+            return await loader.load(point.file_signature, point.in_force())
+        finally:
+            await loader.close()
+
+    assert asyncio.run(ask_loader()) is not None  # the real loader answered
+    writer = WriterProcess({"node": "cwd-test", "spool_dir": str(tmp_path / "spool"),
+                            "assertion_db": str(tmp_path / "a.db")})
+    writer.close()
+    assert not marker.exists()

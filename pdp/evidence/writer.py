@@ -21,7 +21,6 @@ import os
 import pickle
 import selectors
 import signal
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -34,30 +33,9 @@ from pdp.evidence.chain import ChainWriter
 from pdp.evidence.node import NodeClaim, claim_token
 from pdp.evidence.record import Row, SessionFields, SinkError
 from pdp.evidence.sinks import JsonLinesSink, RedisStreamSink, SpoolingSink, SqliteSink
+from pdp.pipes import receive, receive_raw, send
 
 log = logging.getLogger("mqtt_pdp.assertions")
-_LEN = struct.Struct("!I")
-
-
-def send(stream: IO[bytes], message: Any) -> None:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(_LEN.pack(len(data)) + data)
-    stream.flush()
-
-
-def receive(stream: IO[bytes]) -> Any:
-    return pickle.loads(receive_frame(stream))
-
-
-def receive_frame(stream: IO[bytes]) -> bytes:
-    header = stream.read(_LEN.size)
-    if len(header) < _LEN.size:
-        raise EOFError("writer pipe closed")
-    (size,) = _LEN.unpack(header)
-    data = stream.read(size)
-    if len(data) < size:
-        raise EOFError("writer pipe closed mid-frame")
-    return data
 
 
 def build_writer(settings: dict[str, Any]) -> ChainWriter:
@@ -127,7 +105,7 @@ def main() -> int:
                 writer.idle()
                 continue
             try:
-                frame = receive_frame(inp)
+                frame = receive_raw(inp)
             except EOFError:
                 return 0  # the broker is gone; the finally below flushes what we have
             message = pickle.loads(frame)
@@ -176,7 +154,8 @@ class WriterProcess:
     def _start(self) -> None:
         root = Path(__file__).resolve().parent.parent
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-        self.proc = subprocess.Popen([sys.executable, "-m", "pdp.evidence.writer", json.dumps(self.settings)],
+        # -P: never import from the working directory (code planted there would run as the broker).
+        self.proc = subprocess.Popen([sys.executable, "-P", "-m", "pdp.evidence.writer", json.dumps(self.settings)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         assert self.proc.stdout is not None
         if not _readable(self.proc.stdout, self.start_timeout):
