@@ -74,10 +74,13 @@ def make_registry(count: int, rng: random.Random) -> str:
     return "\n".join(out) + "\n"
 
 
-def _replace(path: Path, text: str) -> float:
-    """Write ``text`` the way editors and ``mqtt-pdp apply`` do (rename over); the time it became visible."""
+def _replace(path: Path, data: bytes) -> float:
+    """Write ``data`` the way editors and ``mqtt-pdp apply`` do (rename over); the time it became visible.
+
+    The bytes are made before the latency probe runs: building and encoding a 10 MB text here held this
+    process's interpreter lock for milliseconds, delaying the probe's own threads (not the broker)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_bytes(data)
     os.replace(tmp, path)
     return time.time()
 
@@ -293,6 +296,28 @@ def run(workdir: Path, rules: int = 10_000, devices: int = 100_000, policy_edits
     return result
 
 
+def _edits(files: dict[str, Path], policy_edits: int, registry_edits: int) -> list[tuple[str, bytes]]:
+    """The files' successive contents: one-line policy edits (a rule's effect flipped), then one-device
+    registry edits (a device moves to another location: its line changes, the file's shape does not)."""
+    out: list[tuple[str, bytes]] = []
+    policy_lines = files["policy"].read_text().splitlines(keepends=True)
+    for n in range(policy_edits):
+        target = next(i for i, line in enumerate(policy_lines) if line.startswith("p, rule") and f"rule{n * 7}," in line)
+        line = policy_lines[target]
+        policy_lines[target] = line.replace(", allow\n", ", deny\n") if line.endswith(", allow\n") \
+            else line.replace(", deny\n", ", allow\n")
+        out.append(("policy", "".join(policy_lines).encode()))
+    registry_text = files["registry"].read_text()
+    for n in range(registry_edits):
+        match = re.search(r"(\n    location: )(plant-\d{3})\n", registry_text[len(registry_text) // (n + 2):])
+        assert match is not None
+        start = len(registry_text) // (n + 2) + match.start()
+        registry_text = (registry_text[:start] + match.group(1) + "plant-moved" + str(n) + "\n"
+                         + registry_text[start + len(match.group(0)):])
+        out.append(("registry", registry_text.encode()))
+    return out
+
+
 def _reloads(env: BenchEnv, files: dict[str, Path], config: Path, workdir: Path, env_vars: dict[str, str],
              policy_edits: int, registry_edits: int, rate: float, idle_seconds: float,
              timeout: float) -> dict[str, Any]:
@@ -303,31 +328,14 @@ def _reloads(env: BenchEnv, files: dict[str, Path], config: Path, workdir: Path,
         result["start_s"] = round(broker.start_s, 2)
         time.sleep(1.0)
         result["rss_mb"] = broker.rss_mb()
+        edits = _edits(files, policy_edits, registry_edits)
         probe = LatencyProbe(env, broker.port)
         probe.start(rate)
         time.sleep(idle_seconds)
         reloads: list[dict[str, Any]] = []
-        policy_lines = files["policy"].read_text().splitlines(keepends=True)
-        registry_text = files["registry"].read_text()
-        for n in range(policy_edits):
-            target = next(i for i, line in enumerate(policy_lines) if line.startswith("p, rule") and
-                          f"rule{n * 7}," in line)
-            policy_lines[target] = policy_lines[target].replace(", allow\n", ", deny\n") \
-                if policy_lines[target].endswith(", allow\n") else policy_lines[target].replace(", deny\n", ", allow\n")
-            text = "".join(policy_lines)
-            reloads.append({"kind": "policy", **_edit_and_wait(broker, lambda text=text: _replace(files["policy"], text),
-                                                               timeout)})
-            time.sleep(1.0)
-        for n in range(registry_edits):
-            # one device moves to another location (its line changes, the file's shape does not)
-            match = re.search(r"(\n    location: )(plant-\d{3})\n", registry_text[len(registry_text) // (n + 2):])
-            assert match is not None
-            start = len(registry_text) // (n + 2) + match.start()
-            registry_text = (registry_text[:start] + match.group(1) + "plant-moved" + str(n) + "\n"
-                             + registry_text[start + len(match.group(0)):])
-            text = registry_text
-            reloads.append({"kind": "registry", **_edit_and_wait(broker, lambda text=text: _replace(files["registry"], text),
-                                                                 timeout)})
+        for kind, data in edits:
+            reloads.append({"kind": kind, **_edit_and_wait(broker, lambda kind=kind, data=data: _replace(files[kind], data),
+                                                           timeout)})
             time.sleep(1.0)
         probe.stop()
         probe.close()

@@ -250,8 +250,9 @@ def applying(pdp: DecisionPoint, reply: Reply) -> Generator[None, None, Snapshot
     return (yield from pdp.accept(ParsedChange(reply.signature, parts, reply.rejected, reply.seconds, replaced)))
 
 
-async def run_in_steps(steps: Generator[None, None, T], budget: float = STEP_BUDGET) -> T:
-    """Run a stepwise build on the event loop, handing back to it after ``budget`` seconds of steps."""
+async def run_in_steps(steps: Generator[None, None, T], budget: float = STEP_BUDGET, pause: float = 0.0) -> T:
+    """Run a stepwise build on the event loop, handing back to it after ``budget`` seconds of steps (for
+    ``pause`` seconds: background work that nothing waits on)."""
     deadline = time.perf_counter() + budget
     while True:
         try:
@@ -259,7 +260,7 @@ async def run_in_steps(steps: Generator[None, None, T], budget: float = STEP_BUD
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
         if time.perf_counter() >= deadline:
-            await asyncio.sleep(0)
+            await asyncio.sleep(pause)
             deadline = time.perf_counter() + budget
 
 
