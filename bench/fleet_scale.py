@@ -12,6 +12,7 @@ previous version side by side.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -168,8 +169,9 @@ class Broker:
                 self.proc.wait()
 
 
-class LatencyProbe:
-    """A publisher and a subscriber; each message carries its send time (wall, for windows; perf, for latency)."""
+class _Probe:
+    """A publisher and a subscriber; each message carries its send time (wall, for windows; perf, for latency).
+    Runs in a process of its own (``LatencyProbe``)."""
 
     def __init__(self, env: BenchEnv, port: int) -> None:
         from bench.loadgen import connect_client
@@ -420,3 +422,54 @@ def table(result: dict[str, Any]) -> str:
         if "error" in result[name]:
             lines.append(f"{name} failed: {result[name]['error']}")
     return "\n".join(lines)
+
+
+class LatencyProbe:
+    """``_Probe`` in a child process: in this one, the benchmark's own work (the broker's log lines read and
+    matched, files written) would hold the interpreter lock the probe's threads need, and show up as
+    broker latency exactly during reloads."""
+
+    def __init__(self, env: BenchEnv, port: int) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.fleet_scale", "probe", str(env.dir), str(port)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("latency probe did not start")
+
+    def _say(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def start(self, rate: float) -> None:
+        self._say(f"start {rate}")
+
+    def stop(self) -> None:
+        self._say("stop")
+        assert self.proc.stdout is not None
+        self.samples = [tuple(sample) for sample in json.loads(self.proc.stdout.readline())]  # type: ignore[misc]
+
+    def close(self) -> None:
+        self._say("close")
+        self.proc.wait(30)
+
+
+def _probe_main(directory: str, port: int) -> None:
+    probe = _Probe(BenchEnv(Path(directory), None), port)  # type: ignore[arg-type] # certificates exist already
+    print("ready", flush=True)
+    for line in sys.stdin:
+        command = line.split()
+        if command[0] == "start":
+            probe.start(float(command[1]))
+        elif command[0] == "stop":
+            probe.stop()
+            print(json.dumps(probe.samples), flush=True)
+        else:
+            probe.close()
+            return
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["probe"]:
+    _probe_main(sys.argv[2], int(sys.argv[3]))
