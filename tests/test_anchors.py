@@ -297,3 +297,16 @@ def test_incremental_verify_walks_only_what_the_newest_signed_head_does_not_pin(
     code, lines = incremental()
     assert code == 1 and any("differs from signed head" in line for line in lines)
     assert cli("log", "verify", "--db", str(db), "--incremental").returncode == 2
+
+
+@pytest.mark.parametrize("value", ["'z'", "x'00'", "24.5"])
+def test_a_sequence_number_that_is_not_an_integer_is_named(store, key: Path, value: str) -> None:
+    """Found by an outside attack: the newest record's seq set to text sorted it after every integer, where
+    the walk never met it: plain verify said intact, and verify with anchors crashed."""
+    db, anchors = store
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"UPDATE records SET seq = {value} WHERE node = 'n1' AND seq = 25")
+    for args in ([], ["--anchors", str(anchors), "--public-key", f"{key}.pub"]):
+        result = cli("log", "verify", "--db", str(db), *args)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert "not an integer: altered" in result.stdout

@@ -378,3 +378,43 @@ def test_broker_and_writer_killed_together_chain_continues(test_pki, policy_dir,
     # The killed broker's unshipped captures are not silently gone: the restarted broker's first record says so.
     assert (records[-14].action, records[-14].decision) == ("gap", "lost")
     assert "stopped without flushing" in records[-14].reason
+
+
+def test_a_writer_that_cannot_restart_once_is_restarted_at_the_next_batch(tmp_path: Path) -> None:
+    """Found by an outside attack: after one failed restart (the node's lock still held), every later batch
+    failed on the missing process and the broker recorded nothing more until it was restarted."""
+    import fcntl
+    import os
+    import signal
+
+    from pdp.evidence.record import SinkError
+    from pdp.evidence.store import AssertionStore, QueryFilters
+    from pdp.evidence.writer import WriterProcess
+
+    spool = tmp_path / "spool"
+    writer = WriterProcess({"node": "n1", "spool_dir": str(spool), "assertion_db": str(tmp_path / "a.db")})
+    session = {1: ("dev-1", "ab" * 32, "01", "CN=ca", "sensor", "site", "telemetry", "ops", "active")}
+
+    def rows(n: int) -> list:
+        return [(1000.0 + n, 1, "dev-1", "127.0.0.1:1", "publish", f"t/{n}", True, "r1", "allowed by rule r1", "l1",
+                 10, "p.r")]
+
+    try:
+        assert writer.write(rows(1), session, "b1") == 1
+        with open(spool / "n1.lock", "a") as held:
+            os.kill(writer.proc.pid, signal.SIGKILL)
+            writer.proc.wait()
+            fcntl.flock(held, fcntl.LOCK_EX)  # the new writer cannot take the node's lock
+            with pytest.raises(SinkError):
+                writer.write(rows(2), session, "b2")
+            assert writer.proc is None
+        assert writer.write(rows(2), session, "b2") == 1  # the lock is free again: restarted, batch stored
+        assert writer.write(rows(3), session, "b3") == 1
+    finally:
+        writer.close()
+    store = AssertionStore(tmp_path / "a.db", readonly=True)
+    try:
+        assert sorted(record.topic for _, record in store.query(QueryFilters())) == ["t/1", "t/2", "t/3"]
+        assert [(report.node, report.problem) for report in store.verify()] == [("n1", None)]
+    finally:
+        store.close()

@@ -121,6 +121,9 @@ class QueryFilters:
     until: float | None = None
 
 
+_MAX_SEQ = 2**63 - 1
+
+
 @dataclass(frozen=True)
 class ChainReport:
     """One node's verdict. ``problems`` holds every break found (message, record id), not just the first:
@@ -559,6 +562,7 @@ class AssertionStore:
             walked = self._walk_node(name, prev_seq, prev_hash)
             checked, count, gaps = walked.checked, walked.count, walked.gaps
             problems.extend(walked.problems)
+            problems.extend(self._odd_sequence_numbers(name))
             if self._has_conflicts_table():
                 row = self.db.execute("SELECT count(*), min(seq) FROM conflicts WHERE node = ?", (name,)).fetchone()
                 if row[0]:
@@ -572,6 +576,19 @@ class AssertionStore:
             reports.append(ChainReport(name, checked, first[0], first[1], tuple(problems), anchored, anchored_seq,
                                        count + skipped, tuple(gaps), skipped, walk_from))
         return reports
+
+    def _odd_sequence_numbers(self, name: str) -> list[tuple[str, str | None]]:
+        """Records whose sequence number is not an integer sort before (NULL) or after (text, blob) every
+        integer, where a walk in sequence order may never meet them; the two ends of the index show them.
+        (Found by an outside attack: the newest record's seq set to 'z' hid it, and verify said intact.)"""
+        out: list[tuple[str, str | None]] = []
+        for order in ("ASC", "DESC"):
+            row = self.db.execute(f"SELECT seq, rowid FROM records WHERE node = ? ORDER BY seq {order} LIMIT 1",
+                                  (name,)).fetchone()
+            if row is not None and not isinstance(row[0], int):
+                out.append((f"record {name} (row {row[1]}) has the sequence number {row[0]!r}, not an integer: "
+                            "altered", f"{name}:row{row[1]}"))
+        return out
 
     def _walk_node(self, name: str, prev_seq: int, prev_hash: str) -> _Walk:
         """The walk, split into contiguous parts walked in parallel when the node is large and there are
@@ -663,9 +680,11 @@ class AssertionStore:
                 problems.append((f"no signed heads for node {name}: its {count} records are not anchored (anchoring "
                                  "off for this node, or its heads file deleted)", None))
             return 0, None
-        last_row = self.db.execute("SELECT max(seq) FROM records WHERE node = ?", (name,)).fetchone()
+        # The largest numeric sequence number (text sorts after numbers: a text one is reported by verify).
+        last_row = self.db.execute("SELECT seq FROM records WHERE node = ? AND seq <= ? ORDER BY seq DESC LIMIT 1",
+                                   (name, _MAX_SEQ)).fetchone()
         checkpoint_seq = checkpoint[0] if checkpoint else 0
-        db_end = last_row[0] if last_row[0] is not None else checkpoint_seq
+        db_end = int(last_row[0]) if last_row is not None else checkpoint_seq
         newest = heads[-1] if heads else None
         if count == 0 and checkpoint is None:
             where = f"{name}:{newest.seq}" if newest else None
@@ -691,7 +710,7 @@ class AssertionStore:
             if head.ts is not None:
                 found = self.db.execute("SELECT seq FROM records WHERE node = ? AND ts = ? AND seq != ?",
                                         (name, head.ts, head.seq)).fetchone()
-                moved = found[0] if found else None
+                moved = found[0] if found and isinstance(found[0], int) else None  # else: _odd_sequence_numbers
             if moved is not None:
                 renumbered = True
                 failures.append(("renumbered", f"the record signed as {name}:{head.seq} (signed head #{head.n}) is "

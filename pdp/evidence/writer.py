@@ -194,6 +194,12 @@ class WriterProcess:
         return receive(self.proc.stdout)
 
     def write(self, rows: list[Row], sessions: dict[int, SessionFields], batch_id: str | None = None) -> int:
+        if self.proc is None:
+            # A restart failed before (e.g. the node's lock still held by the dying writer): the recorder kept
+            # the batch and retries it here; start again. (Found by an outside attack: one failed restart
+            # left the broker without a writer for good, every later batch failing on the missing process.)
+            self._start()
+            self.restarts += 1
         try:
             reply = self._exchange(("batch", rows, sessions, batch_id))
         except (EOFError, BrokenPipeError, OSError) as exc:

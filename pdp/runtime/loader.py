@@ -104,12 +104,12 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Background work: on a busy machine the broker and its clients come first (a parse that takes
-    # a few hundred milliseconds alone may take longer; nothing waits on it but the change itself).
     try:  # expendable: if memory runs out, the kernel takes this process before the broker (it restarts it)
         Path("/proc/self/oom_score_adj").write_text("500")
     except OSError:
         pass
+    # Background work: on a busy machine the broker and its clients come first (a parse that takes
+    # a few hundred milliseconds alone may take longer; nothing waits on it but the change itself).
     try:
         os.nice(LOADER_NICENESS)
         if hasattr(os, "sched_setscheduler"):  # Linux: a CPU-bound batch job, never preempting on wake-up
