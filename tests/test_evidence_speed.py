@@ -67,8 +67,6 @@ def test_glob_prefilter_keeps_everything_the_filter_selects() -> None:
 def test_verify_in_parallel_parts_after_large_deletions_reports_what_one_walk_does(tmp_path: Path, monkeypatch,
                                                                                   deleted: str) -> None:
     """Parts are cut by sequence number: a deleted range over a cut must neither crash nor change the report."""
-    import pdp.evidence.store as store_module
-
     writer = ChainWriter("n1", [SqliteSink(tmp_path / "a.db")], tmp_path / "s")
     session = {1: ("d1", "ab" * 32, "0a", "CN=ca", "sensor", "x", "y", "z", "active")}
     writer.write([(1.0e9 + i, 1, "c1", None, "publish", f"t/{i}", True, "r", "ok", "l1", 900, "rev")
@@ -77,19 +75,25 @@ def test_verify_in_parallel_parts_after_large_deletions_reports_what_one_walk_do
     with sqlite3.connect(tmp_path / "a.db") as db:
         db.execute(f"DELETE FROM records WHERE {deleted}")
     db.close()
-    store = AssertionStore(tmp_path / "a.db", readonly=True)
+    one = _one_walk_equals_parts(tmp_path / "a.db", monkeypatch)
+    assert one[0].problems and one[0].problems[0][0].startswith("record(s) n1:")
+
+
+def _one_walk_equals_parts(db: Path, monkeypatch) -> list:
+    """Verify as one walk, then split in parts on four cores: the reports must be the same."""
+    import pdp.evidence.store as store_module
+
+    store = AssertionStore(db, readonly=True)
     one = store.verify()
     monkeypatch.setattr(store_module, "PARALLEL_WALK", 10)
     monkeypatch.setattr(store_module.os, "cpu_count", lambda: 4)
     parts = store.verify()
     store.close()
     assert parts == one
-    assert one[0].problems and one[0].problems[0][0].startswith("record(s) n1:")
+    return one
 
 
 def test_verify_in_parallel_parts_reports_exactly_what_one_walk_does(tmp_path: Path, monkeypatch) -> None:
-    import pdp.evidence.store as store_module
-
     writer = ChainWriter("n1", [SqliteSink(tmp_path / "a.db")], tmp_path / "s")
     session = {1: ("d1", "ab" * 32, "0a", "CN=ca", "sensor", "x", "y", "z", "active")}
     for batch in range(8):
@@ -101,13 +105,7 @@ def test_verify_in_parallel_parts_reports_exactly_what_one_walk_does(tmp_path: P
         db.execute("UPDATE records SET topic = 'forged' WHERE seq IN (7, 101, 150)")
         db.execute("DELETE FROM records WHERE seq IN (51, 52, 120)")
     db.close()
-    store = AssertionStore(tmp_path / "a.db", readonly=True)
-    one = store.verify()
-    monkeypatch.setattr(store_module, "PARALLEL_WALK", 10)
-    monkeypatch.setattr(store_module.os, "cpu_count", lambda: 4)
-    parts = store.verify()
-    store.close()
-    assert parts == one
+    one = _one_walk_equals_parts(tmp_path / "a.db", monkeypatch)
     assert one[0].records == 197 and one[0].checked == 6 and len(one[0].problems) == 5
 
 
