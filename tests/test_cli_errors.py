@@ -46,19 +46,23 @@ def bad_dbs(tmp_path: Path) -> dict[str, Path]:
     other = tmp_path / "other.db"
     with sqlite3.connect(other) as db:
         db.execute("CREATE TABLE notes (a)")
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as db:  # another application's table of the same name
+        db.execute("CREATE TABLE records (id INTEGER PRIMARY KEY, title TEXT)")
     directory = tmp_path / "dir.db"
     directory.mkdir()
-    return {"empty": empty, "text": text, "other": other, "directory": directory}
+    return {"empty": empty, "text": text, "other": other, "foreign": foreign, "directory": directory}
 
 
 EXPECTED = {
     "empty": "{db} is an empty file, not an assertion database",
     "text": "{db} is not an assertion database: file is not a database",
     "other": "{db} is an SQLite database without a records table, not an assertion database",
+    "foreign": "{db} has a records table that is not an assertion log's, not an assertion database",
     "directory": "{db} is a directory, not an assertion database",
 }
 LOG_COMMANDS = [["query"], ["stats"], ["verify"], ["prune", "--older-than", "1d"],
-                ["drain", "--redis", "redis://127.0.0.1:9"]]
+                ["drain", "--redis", "redis://127.0.0.1:9"], ["reindex"]]
 
 
 @pytest.mark.parametrize("kind", sorted(EXPECTED))

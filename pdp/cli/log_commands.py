@@ -168,6 +168,12 @@ def check_database(path: str, may_create: bool = False) -> None:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
         try:
             found = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'records'").fetchone()
+            if found is not None:
+                try:  # another application's table of that name (an outside test: reindex wrote into one)
+                    db.execute("SELECT record_id, node, seq, prev_hash, hash FROM records LIMIT 0")
+                except sqlite3.OperationalError:
+                    raise LogCliError(f"{path} has a records table that is not an assertion log's, not an "
+                                      "assertion database") from None
         finally:
             db.close()
     except sqlite3.DatabaseError as exc:
