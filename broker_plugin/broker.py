@@ -308,6 +308,10 @@ class HardenedBroker(Broker):
             raise
         except OSError as exc:  # e.g. amqtt answering a bad CONNECT to a peer that has reset the connection
             raise AMQTTError(f"{where}: connection lost during CONNECT: {exc!r}") from exc
+        except UnboundLocalError as exc:
+            # amqtt 0.12.1 reads the peer's address after the CONNECT, and a peer already reset has none
+            # (its remote_address is then unbound): a lost connection, not a bug of ours worth a traceback.
+            raise AMQTTError(f"{where}: connection lost during CONNECT (peer address gone)") from exc
 
         admission, superseded = self.authz.admit_session(incoming, persistent=not incoming.clean_session)
         if not admission.allowed:
