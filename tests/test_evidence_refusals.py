@@ -5,16 +5,12 @@ identical refusals become one record with a count."""
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from cryptography.x509.oid import ExtendedKeyUsageOID
-
-from pdp import pki
 from pdp.evidence.ratelimit import RefusalLimiter
 from pdp.evidence.store import AssertionStore, QueryFilters
-from tests.support import TRUST_DOMAIN, Client, wait_for
-from tests.test_strict_identity import tls_attempt, write
+from tests.support import Client, wait_for
+from tests.test_strict_identity import refused_certificates, tls_attempt
 
 
 def test_limiter_records_the_first_and_counts_the_rest_of_its_window() -> None:
@@ -50,18 +46,8 @@ def test_every_tls_refusal_is_a_record_with_the_presented_certificate_and_repeat
         make_broker, test_pki, policy_dir, tmp_path: Path) -> None:
     broker = make_broker(connect_timeout=1.0, refusal_window=3.0)
     db = policy_dir.parent / "assertions.db"
-    now = datetime.now(UTC)
-    ca = test_pki.ca
-    cases = {
-        "expired": (write(tmp_path, "expired", pki.issue_device(
-            ca, "sensor-1", TRUST_DOMAIN, not_before=now - timedelta(days=9), not_after=now - timedelta(days=1))),
-            "certificate has expired"),
-        "wrong-key-usage": (write(tmp_path, "server-eku", pki.issue_device(
-            ca, "sensor-1", TRUST_DOMAIN, usage=ExtendedKeyUsageOID.SERVER_AUTH)), "unsuitable certificate purpose"),
-        "foreign-ca": (write(tmp_path, "rogue", pki.issue_device(pki.make_ca("rogue CA"), "sensor-1", TRUST_DOMAIN)),
-                       "unable to get local issuer certificate"),
-        "none": (None, "peer did not return a certificate"),
-    }
+    cases = {name: case for name, case in refused_certificates(tmp_path, test_pki).items()
+             if name in ("expired", "wrong-key-usage", "foreign-ca", "none")}
     ports = {name: tls_attempt(broker.port, test_pki.ca_file, creds) for name, (creds, _) in cases.items()}
     wait_for(lambda: len(records(db, "tls")) == len(cases), "a record per refused handshake")
     by_peer = {r.peer: r for r in records(db, "tls")}

@@ -18,7 +18,7 @@ import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from pdp import pki
-from tests.support import TRUST_DOMAIN, WAIT, Credentials, wait_for
+from tests.support import TRUST_DOMAIN, WAIT, Credentials, TestPki, wait_for
 
 
 @pytest.fixture
@@ -82,11 +82,11 @@ def write(tmp_path: Path, name: str, issued: pki.Issued) -> Credentials:
     return creds
 
 
-def test_every_tls_refusal_is_logged_once_with_peer_and_reason(broker, connect, test_pki, tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="mqtt_pdp.broker")
+def refused_certificates(tmp_path: Path, test_pki: TestPki) -> dict[str, tuple[Credentials | None, str]]:
+    """Certificates a TLS listener must refuse, each with the reason OpenSSL gives (and no certificate)."""
     now = datetime.now(UTC)
     ca = test_pki.ca
-    cases = {
+    return {
         "expired": (write(tmp_path, "expired", pki.issue_device(
             ca, "sensor-1", TRUST_DOMAIN, not_before=now - timedelta(days=9), not_after=now - timedelta(days=1))),
             "certificate has expired"),
@@ -100,6 +100,11 @@ def test_every_tls_refusal_is_logged_once_with_peer_and_reason(broker, connect, 
         "self-signed": (write(tmp_path, "self", pki.make_ca("sensor-1")), "self-signed certificate"),
         "none": (None, "peer did not return a certificate"),
     }
+
+
+def test_every_tls_refusal_is_logged_once_with_peer_and_reason(broker, connect, test_pki, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="mqtt_pdp.broker")
+    cases = refused_certificates(tmp_path, test_pki)
     ports = {name: tls_attempt(broker.port, test_pki.ca_file, creds) for name, (creds, _) in cases.items()}
 
     def lines(port: int) -> list[str]:
