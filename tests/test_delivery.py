@@ -43,6 +43,14 @@ def offline(broker) -> None:
     wait_for(lambda: broker.run(lambda: sessions["sensor-1"][0].transitions.state == "disconnected"), "offline")
 
 
+def resumed(broker, test_pki) -> RawClient:
+    """sensor-1's persistent session again, once the broker has seen its previous connection go."""
+    offline(broker)
+    sensor = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+    assert sensor.connect("sensor-1", clean=False) == 0
+    return sensor
+
+
 def test_unacknowledged_qos_1_is_resent_with_dup_on_reconnect(broker, connect, test_pki):
     sensor = persistent_subscriber(broker, test_pki)
     dashboard = connect("dash-1")
@@ -52,10 +60,8 @@ def test_unacknowledged_qos_1_is_resent_with_dup_on_reconnect(broker, connect, t
         assert (first, payload) == (0x32, b"c1")  # QoS 1, DUP=0; not acknowledged
     finally:
         sensor.close()
-    offline(broker)
-    sensor = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+    sensor = resumed(broker, test_pki)
     try:
-        assert sensor.connect("sensor-1", clean=False) == 0
         assert publish_fields(sensor.read_packet()) == (0x3A, packet_id, b"c1")  # DUP=1, same id [MQTT-4.4.0-1]
         assert sensor.send(packet(0x40, struct.pack("!H", packet_id)))  # PUBACK
         dashboard.publish(CMD, b"c2", qos=1)
@@ -64,10 +70,8 @@ def test_unacknowledged_qos_1_is_resent_with_dup_on_reconnect(broker, connect, t
         assert sensor.send(packet(0x40, struct.pack("!H", next_id)))
     finally:
         sensor.close()
-    offline(broker)
-    sensor = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+    sensor = resumed(broker, test_pki)
     try:  # acknowledged messages are not sent again
-        assert sensor.connect("sensor-1", clean=False) == 0
         dashboard.publish(CMD, b"c3", qos=1)
         assert publish_fields(sensor.read_packet())[2] == b"c3"
     finally:
@@ -111,19 +115,15 @@ def test_qos_2_resumes_where_it_stopped_on_reconnect(broker, connect, test_pki):
         assert (first, payload) == (0x34, b"two")  # QoS 2, not acknowledged
     finally:
         sensor.close()
-    offline(broker)
-    sensor = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+    sensor = resumed(broker, test_pki)
     try:
-        assert sensor.connect("sensor-1", clean=False) == 0
         assert publish_fields(sensor.read_packet()) == (0x3C, packet_id, b"two")  # DUP=1, same id
         assert sensor.send(packet(0x50, struct.pack("!H", packet_id)))  # PUBREC, then gone before PUBCOMP
         assert sensor.read_packet() == packet(0x62, struct.pack("!H", packet_id))  # PUBREL
     finally:
         sensor.close()
-    offline(broker)
-    sensor = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+    sensor = resumed(broker, test_pki)
     try:
-        assert sensor.connect("sensor-1", clean=False) == 0
         assert sensor.read_packet() == packet(0x62, struct.pack("!H", packet_id))  # PUBREL again, no PUBLISH
         assert sensor.send(packet(0x70, struct.pack("!H", packet_id)))  # PUBCOMP
         session = broker.broker._sessions["sensor-1"][0]
@@ -141,10 +141,8 @@ def test_stock_amqtt_forgets_unacknowledged_qos_1_on_disconnect(broker, connect,
         sensor.read_packet()
     finally:
         sensor.close()
-    offline(broker)
-    sensor = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+    sensor = resumed(broker, test_pki)
     try:
-        assert sensor.connect("sensor-1", clean=False) == 0
         with pytest.raises(TimeoutError):
             sensor.read_packet(timeout=2)
     finally:
