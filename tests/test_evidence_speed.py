@@ -206,3 +206,18 @@ def test_log_reindex_command_converts_once(tmp_path: Path) -> None:
 
     assert reindex() == (0, f"{tmp_path / 'a.db'}: indexes of an earlier version replaced by this version's\n")
     assert reindex() == (0, f"{tmp_path / 'a.db'}: already has this version's indexes\n")
+
+
+def test_queries_by_client_and_fingerprint_find_records_whose_device_is_empty_or_missing(tmp_path: Path) -> None:
+    """``identities`` keeps '' for both an empty and a missing device: a query by client id or fingerprint must
+    still find records of each (an empty device id was missed, as only ``device_id IS NULL`` was asked)."""
+    fingerprint = "f" * 64
+    records = [_record("n1", seq, device, "t")._replace(client_id="shared", fingerprint=fingerprint)
+               for seq, device in ((1, ""), (2, None), (3, "d1"))]
+    records.append(_record("n1", 4, "", "t")._replace(client_id="other", fingerprint="e" * 64))
+    store = AssertionStore(tmp_path / "a.db")
+    store.insert(records)
+    for filters in (QueryFilters(client_id="shared"), QueryFilters(fingerprint=fingerprint)):
+        assert sorted(r.seq for _, r in store.query(filters)) == [1, 2, 3]
+    assert [r.seq for _, r in store.query(QueryFilters(client_id="other"))] == [4]
+    store.close()

@@ -436,7 +436,8 @@ class AssertionStore:
                 # first, so that the planner sees a plain IN list (an OR with a subquery made it scan by time).
                 devices = [row[0] for row in self.db.execute(
                     f"SELECT DISTINCT device_id FROM identities WHERE {column} = ?", (value,))]
-                named = [d for d in devices if d != ""]
+                # '' there stands for a record's empty device id and for none at all (NULL): both are asked for.
+                named = devices
                 either = [f"device_id IN ({', '.join('?' for _ in named)})"] if named else []
                 if "" in devices:
                     either.append("device_id IS NULL")
