@@ -35,11 +35,12 @@ from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.disconnect import DisconnectPacket
+from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.mqtt.pubrel import PubrelPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
-from amqtt.session import OutgoingApplicationMessage, Session
+from amqtt.session import INCOMING, OutgoingApplicationMessage, Session
 from amqtt.utils import format_client_message, gen_client_id
 from transitions import MachineError
 
@@ -59,6 +60,7 @@ __all__ = [
     "BrokerProtocolHandler",
     "ConnackPacket",
     "DisconnectPacket",
+    "INCOMING",
     "ListenerConfig",
     "ListenerType",
     "MQTTError",
@@ -67,6 +69,7 @@ __all__ = [
     "OutgoingApplicationMessage",
     "PluginError",
     "PluginLoadError",
+    "PubackPacket",
     "PublishPacket",
     "PubrelPacket",
     "ReaderAdapter",
@@ -123,7 +126,7 @@ BROKER_STATE = ("_sessions", "_subscriptions", "_retained_messages", "_broadcast
 HANDLER_METHODS = ("init_from_connect", "attach", "mqtt_connack_authorize", "start", "stop", "mqtt_publish",
                    "handle_connection_closed", "wait_disconnect", "get_next_pending_subscription",
                    "get_next_pending_unsubscription", "mqtt_deliver_next_message", "handle_publish", "_send_packet",
-                   "_retry_deliveries")
+                   "_retry_deliveries", "_handle_qos1_message_flow")
 # The acknowledgement waiters amqtt's reader completes, which the per-session sender (delivery.py) registers.
 HANDLER_STATE = ("_puback_waiters", "_pubrec_waiters", "_pubcomp_waiters")
 SESSION_FIELDS = ("inflight_out", "next_packet_id", "client_id", "clean_session", "will_flag", "will_message",

@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from broker_plugin.acknowledgement import acknowledge, defer_pubacks
 from broker_plugin.amqtt_compat import (
     NOT_AUTHORIZED,
     QOS_1,
@@ -416,6 +417,7 @@ class HardenedBroker(Broker):
         assert conn is not None
         if isinstance(reader, FramingGuard):
             reader.settle = PublishTracker(handler, self.limits.packet_timeout).settled
+        defer_pubacks(handler)  # a QoS 1 PUBACK only once the message is decided and routed
         handler.attach(client_session, reader, writer)
         client_id = client_session.client_id or ""
         previous = self._senders.pop(client_id, None)
@@ -549,7 +551,8 @@ class HardenedBroker(Broker):
     async def _handle_message_delivery(self, client_session: Session, handler: BrokerProtocolHandler,
                                        wait_deliver: Any) -> bool:
         """amqtt's, except that a ``$`` or empty topic is refused and recorded and the session goes on
-        (amqtt returned from the loop there, leaving a connection that acknowledged and never routed).
+        (amqtt returned from the loop there, leaving a connection that acknowledged and never routed),
+        and that a QoS 1 message is acknowledged here, once decided and routed (``broker_plugin.acknowledgement``).
         False only for what must close the connection (a wildcard topic, which the framing guard already
         refuses before amqtt parses it)."""
         app_message = wait_deliver.result()
@@ -557,11 +560,16 @@ class HardenedBroker(Broker):
             BrokerEvents.MESSAGE_RECEIVED, client_id=client_session.client_id, message=app_message)
         if app_message is None:
             return True
-        topic = app_message.topic
-        if "#" in topic or "+" in topic:
+        if "#" in app_message.topic or "+" in app_message.topic:
             log.warning("%s published to %r: wildcard in a topic name [MQTT-3.3.2-2], closing",
-                        client_session.client_id, topic)
-            return False
+                        client_session.client_id, app_message.topic)
+            return False  # not acknowledged: the connection closes
+        await self._route(client_session, app_message)
+        acknowledge(handler, app_message)  # decided (and recorded), then refused or routed: the publisher may forget it
+        return True
+
+    async def _route(self, client_session: Session, app_message: Any) -> None:
+        topic = app_message.topic
         # The core refuses '$' topics whatever the policy; the policy side refuses an empty topic as invalid.
         relay: tuple[str, str] | None = None
         if topic.startswith(GATEWAY_PREFIX):  # a gateway publishing for a child (pdp.core.gateway)
@@ -569,16 +577,15 @@ class HardenedBroker(Broker):
         else:
             allowed = self.authz.allows(client_session, "publish", topic)
         if not allowed:
-            return True
+            return
         await self.plugins_manager.fire_event(
             BrokerEvents.MESSAGE_BROADCAST, client_id=client_session.client_id, message=app_message)
         if relay is not None:  # delivered as the child's topic; a relayed message is never retained
             await self._broadcast_message(client_session, relay[1], app_message.data, app_message.qos)
-            return True
+            return
         await self._broadcast_message(client_session, topic, app_message.data, app_message.qos)
         if app_message.publish_packet and app_message.publish_packet.retain_flag:
             await self.retain_message(client_session, topic, app_message.data, app_message.qos)
-        return True
 
     # -- every topic check goes straight to the PDP, synchronously ----------------------
 

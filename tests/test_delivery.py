@@ -259,3 +259,48 @@ def test_a_taken_over_connection_publishes_its_will(broker, connect, test_pki, c
     finally:
         old.close()
         new.close()
+
+
+def test_a_qos_1_puback_comes_only_after_the_publish_is_decided(broker, test_pki):
+    """amqtt acknowledged a QoS 1 PUBLISH when it queued it: a broker killed then had acknowledged messages it
+    had neither decided nor recorded. Every PUBACK must find its decision captured for the log already."""
+    recorder = broker.plugin.service.recorder
+    sensor = Client(broker.port, "sensor-1", test_pki.device("sensor-1"), test_pki.ca_file)
+    sensor.client.max_inflight_messages_set(0)  # no window: the burst reaches the broker at once
+    assert sensor.connect() == 0
+    before = recorder.captured
+    acknowledged = 0
+    ahead: list[tuple[int, int]] = []  # (PUBACKs so far, decisions captured so far) whenever the first led
+
+    def on_publish(client, userdata, mid, code, props) -> None:
+        nonlocal acknowledged
+        acknowledged += 1
+        decided = recorder.captured - before
+        if decided < acknowledged:
+            ahead.append((acknowledged, decided))
+
+    sensor.client.on_publish = on_publish
+    infos = [sensor.client.publish("sites/plant-a/sensor-1/telemetry", b"%d" % i, qos=1) for i in range(2000)]
+    for info in infos:
+        info.wait_for_publish(WAIT)
+    assert acknowledged == 2000
+    assert ahead == [], f"{len(ahead)} PUBACKs came before their decision, e.g. {ahead[:3]}"
+    sensor.drop()
+
+
+def test_a_qos_1_publisher_within_its_window_cannot_grow_the_routing_queue(broker, test_pki):
+    """With the PUBACK after routing, a publisher that keeps to its in-flight window has at most that many
+    messages waiting to be routed (amqtt acknowledged on queueing: the queue grew past any window)."""
+    window = 10
+    sensor = Client(broker.port, "sensor-1", test_pki.device("sensor-1"), test_pki.ca_file)
+    sensor.client.max_inflight_messages_set(window)
+    assert sensor.connect() == 0
+    queue = broker.broker._sessions["sensor-1"][0].delivered_message_queue
+    sizes: list[int] = []
+    sensor.client.on_publish = lambda client, userdata, mid, code, props: sizes.append(queue.qsize())
+    infos = [sensor.client.publish("sites/plant-a/sensor-1/telemetry", bytes(512), qos=1) for _ in range(3000)]
+    for info in infos:
+        info.wait_for_publish(WAIT)
+    assert len(sizes) == 3000
+    assert max(sizes) <= window, max(sizes)
+    sensor.drop()

@@ -1,0 +1,51 @@
+"""A QoS 1 PUBLISH is acknowledged once it has been decided and routed, not when it is read.
+
+amqtt sends the PUBACK as soon as it has queued an incoming message for routing. A
+broker killed (-9) with messages in that queue had acknowledged them, so their
+publishers never resent them, and they were neither decided nor recorded: the log's
+gap record could not account for them (an outside test saw 1,058-2,388 per kill at
+full load), and the queue itself grew without bound while publishers outran routing.
+Here the PUBACK goes out after the broker has judged the message (its decision is
+captured for the log, whatever it was) and handed it to the subscribers' queues; a
+message still queued when the connection or the broker ends is not acknowledged, so
+its publisher sends it again [MQTT-4.4.0-1]. PUBACKs keep the order of the PUBLISHes
+[MQTT-4.6.0-2]: messages are routed in the order they were queued. QoS 2 is unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from broker_plugin.amqtt_compat import INCOMING, BrokerProtocolHandler, PubackPacket
+
+
+def defer_pubacks(handler: BrokerProtocolHandler) -> None:
+    """Incoming QoS 1 messages are queued for routing without their PUBACK (``acknowledge`` sends it)."""
+    original = handler._handle_qos1_message_flow
+
+    async def flow(app_message: Any) -> None:
+        if app_message.direction != INCOMING:
+            await original(app_message)
+            return
+        if handler.session is None:  # as amqtt's: a handler always has its session by now
+            await original(app_message)
+            return
+        await handler.session.delivered_message_queue.put(app_message)
+
+    handler._handle_qos1_message_flow = flow  # type: ignore[method-assign]
+
+
+def acknowledge(handler: BrokerProtocolHandler, app_message: Any) -> None:
+    """The PUBACK of a routed (or refused) incoming QoS 1 message; once, and only while the connection lives."""
+    if app_message.qos != 1 or app_message.direction != INCOMING or app_message.puback_packet is not None \
+            or app_message.packet_id is None:
+        return
+    puback = PubackPacket.build(app_message.packet_id)
+    app_message.puback_packet = puback
+    writer = handler.writer
+    if writer is None or getattr(writer, "is_closed", False):
+        return
+    try:
+        writer.write(puback.to_bytes())
+    except (OSError, RuntimeError):  # the connection is going away: the publisher resends on its next one
+        pass
