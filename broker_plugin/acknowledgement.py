@@ -19,30 +19,41 @@ from typing import Any
 from broker_plugin.amqtt_compat import INCOMING, BrokerProtocolHandler, PubackPacket
 
 
+class Owed:
+    """Held in an incoming message's ``puback_packet`` slot (amqtt's messages take no other attribute) until
+    the PUBACK is sent: the connection that read the PUBLISH, which alone may acknowledge it. A persistent
+    session taken over mid-burst has two loops routing from its one queue for a while; acknowledging on the
+    loop's own connection sent PUBACKs for the new connection's messages to the old one (a paho device's
+    window then never emptied) and the old connection's packet ids to the new one (found by an outside test)."""
+
+    __slots__ = ("handler",)
+
+    def __init__(self, handler: BrokerProtocolHandler) -> None:
+        self.handler = handler
+
+
 def defer_pubacks(handler: BrokerProtocolHandler) -> None:
     """Incoming QoS 1 messages are queued for routing without their PUBACK (``acknowledge`` sends it)."""
     original = handler._handle_qos1_message_flow
 
     async def flow(app_message: Any) -> None:
-        if app_message.direction != INCOMING:
-            await original(app_message)
+        if app_message.direction != INCOMING or handler.session is None or app_message.puback_packet is not None:
+            await original(app_message)  # outgoing, or what amqtt refuses itself
             return
-        if handler.session is None:  # as amqtt's: a handler always has its session by now
-            await original(app_message)
-            return
+        app_message.puback_packet = Owed(handler)
         await handler.session.delivered_message_queue.put(app_message)
 
     handler._handle_qos1_message_flow = flow  # type: ignore[method-assign]
 
 
-def acknowledge(handler: BrokerProtocolHandler, app_message: Any) -> None:
-    """The PUBACK of a routed (or refused) incoming QoS 1 message; once, and only while the connection lives."""
-    if app_message.qos != 1 or app_message.direction != INCOMING or app_message.puback_packet is not None \
-            or app_message.packet_id is None:
+def acknowledge(app_message: Any) -> None:
+    """The PUBACK of a routed (or refused) incoming QoS 1 message: once, on the connection that read it, and
+    only while that connection lives."""
+    owed = app_message.puback_packet
+    if not isinstance(owed, Owed):
         return
-    puback = PubackPacket.build(app_message.packet_id)
-    app_message.puback_packet = puback
-    writer = handler.writer
+    app_message.puback_packet = puback = PubackPacket.build(app_message.packet_id)
+    writer = owed.handler.writer
     if writer is None or getattr(writer, "is_closed", False):
         return
     try:

@@ -565,7 +565,7 @@ class HardenedBroker(Broker):
                         client_session.client_id, app_message.topic)
             return False  # not acknowledged: the connection closes
         await self._route(client_session, app_message)
-        acknowledge(handler, app_message)  # decided (and recorded), then refused or routed: the publisher may forget it
+        acknowledge(app_message)  # decided (and recorded), then refused or routed: the publisher may forget it
         return True
 
     async def _route(self, client_session: Session, app_message: Any) -> None:

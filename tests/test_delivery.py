@@ -304,3 +304,29 @@ def test_a_qos_1_publisher_within_its_window_cannot_grow_the_routing_queue(broke
     assert len(sizes) == 3000
     assert max(sizes) <= window, max(sizes)
     sensor.drop()
+
+
+def test_pubacks_go_to_the_connection_that_sent_the_publish_when_a_session_is_taken_over(broker, test_pki):
+    """A persistent session taken over while its old connection's burst is still routed: for a while both
+    connections' loops route from the session's one queue. Each PUBLISH is acknowledged on the connection that
+    sent it: the new connection gets exactly its own PUBACKs, in order (an outside test saw half of them sent to
+    the old connection, a paho device's window then never emptied, and PUBACKs for the old one's ids)."""
+    topic = "sites/plant-a/sensor-1/telemetry"
+    for attempt in range(3):
+        old = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+        assert old.connect("sensor-1", clean=False) == 0
+        old.sock.sendall(b"".join(packet(0x32, struct.pack(">H", len(topic)) + topic.encode()
+                                         + struct.pack(">H", i) + b"old") for i in range(1, 3001)))
+        new = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+        assert new.connect("sensor-1", clean=False) == 0
+        mine = list(range(40001, 40201))
+        new.sock.sendall(b"".join(packet(0x32, struct.pack(">H", len(topic)) + topic.encode()
+                                         + struct.pack(">H", i) + b"new") for i in mine))
+        acknowledged = []
+        while len(acknowledged) < len(mine):
+            reply = new.read_packet()
+            assert reply[0] == 0x40, reply  # nothing but PUBACKs is owed to this connection
+            acknowledged.append(struct.unpack(">H", reply[2:4])[0])
+        assert acknowledged == mine, (attempt, [i for i in acknowledged if i not in mine][:5])
+        old.close()
+        new.close()
