@@ -36,6 +36,8 @@ def run(workdir: Path, reps: int = 3, quick: bool = False) -> dict[str, Any]:
         for mode in MODES:  # interleaved, so that machine noise hits every mode alike
             with BrokerProcess(mode, broker_config(env, mode)) as broker:
                 for generator in generators():
+                    if generator == "mosquitto" and mode == "acl":
+                        continue  # stock amqtt's ACL plugin let no message of the mosquitto clients through
                     for qos in (0, 1):
                         for pubs, subs in SHAPES:
                             result = flows[generator](broker, env, pubs, subs, qos, per_pub[(pubs, subs)] * scale[generator])
@@ -46,7 +48,9 @@ def run(workdir: Path, reps: int = 3, quick: bool = False) -> dict[str, Any]:
             for pubs, subs in SHAPES:
                 bare = statistics.median(r["rate"] for r in samples[f"{generator} bare qos{qos} {pubs}x{subs}"])
                 for mode in MODES:
-                    runs = samples[f"{generator} {mode} qos{qos} {pubs}x{subs}"]
+                    runs = samples.get(f"{generator} {mode} qos{qos} {pubs}x{subs}")
+                    if not runs:
+                        continue
                     rate = statistics.median(r["rate"] for r in runs)
                     rows.append({
                         "generator": generator, "mode": mode, "qos": qos, "shape": f"{pubs}x{subs}", "rate": rate,
