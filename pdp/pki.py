@@ -16,6 +16,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+# Certificates start an hour before they are issued, as Let's Encrypt's do: a device or broker whose clock is
+# behind still accepts them. (Five minutes made unit tests that judge at their module's import time flaky
+# once a loaded suite reached them more than five minutes later: the certificate was "not yet valid".)
+BACKDATE = timedelta(hours=1)
+
 
 @dataclass(frozen=True)
 class Issued:
@@ -58,7 +63,7 @@ def make_ca(common_name: str = "mqtt-pdp development CA", days: int = 3650) -> I
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(timezone.utc)
     cert = (
-        _builder(_name(common_name), _name(common_name), key, now - timedelta(minutes=5), now + timedelta(days=days))
+        _builder(_name(common_name), _name(common_name), key, now - BACKDATE, now + timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -86,7 +91,7 @@ def issue_server(ca: Issued, hostnames: tuple[str, ...] = ("localhost",), days: 
     now = datetime.now(timezone.utc)
     san: list[x509.GeneralName] = [x509.DNSName(h) for h in hostnames]
     san += [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address("::1"))]
-    return _leaf(ca, hostnames[0], san, ExtendedKeyUsageOID.SERVER_AUTH, now - timedelta(minutes=5), now + timedelta(days=days))
+    return _leaf(ca, hostnames[0], san, ExtendedKeyUsageOID.SERVER_AUTH, now - BACKDATE, now + timedelta(days=days))
 
 
 def spiffe_id(trust_domain: str, device_id: str) -> str:
@@ -111,7 +116,7 @@ def issue_device(
     ``usage`` (extended key usage; None for no EKU extension) and ``is_ca`` exist so that tests can
     make the certificates a device must not be able to use."""
     now = datetime.now(timezone.utc)
-    start = not_before or now - timedelta(minutes=5)
+    start = not_before or now - BACKDATE
     end = not_after or now + timedelta(days=days)
     names = uris if uris is not None else [spiffe_id(trust_domain, device_id)]
     san: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in names]
