@@ -14,6 +14,7 @@ its publisher sends it again [MQTT-4.4.0-1]. PUBACKs keep the order of the PUBLI
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from broker_plugin.amqtt_compat import INCOMING, BrokerProtocolHandler, PubackPacket
@@ -60,3 +61,12 @@ def acknowledge(app_message: Any) -> None:
         writer.write(puback.to_bytes())
     except (OSError, RuntimeError):  # the connection is going away: the publisher resends on its next one
         pass
+
+
+def return_to_front(queue: asyncio.Queue[Any], message: Any) -> None:
+    """Put a message taken from a session's routing queue back where it was, first (asyncio's queue has no
+    such call: its deque and getters, as of Python 3.11-3.13)."""
+    queue._queue.appendleft(message)  # type: ignore[attr-defined]
+    queue._unfinished_tasks += 1  # type: ignore[attr-defined]
+    queue._finished.clear()  # type: ignore[attr-defined]
+    queue._wakeup_next(queue._getters)  # type: ignore[attr-defined]

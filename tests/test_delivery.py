@@ -330,3 +330,21 @@ def test_pubacks_go_to_the_connection_that_sent_the_publish_when_a_session_is_ta
         assert acknowledged == mine, (attempt, [i for i in acknowledged if i not in mine][:5])
         old.close()
         new.close()
+
+
+def test_a_clean_takeover_mid_burst_releases_the_old_connection_at_once(broker, test_pki):
+    """The old connection's end waits for the messages it queued to be routed; when amqtt clears a deleted
+    session's queue meanwhile, that wait lasted packet_timeout (30 s): a device reconnecting with clean
+    sessions mid-burst pinned a listener slot per takeover (outside test: 191 of 200 held)."""
+    topic = "sites/plant-a/sensor-1/telemetry"
+    for _ in range(4):
+        old = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+        assert old.connect("sensor-1") == 0
+        old.sock.sendall(b"".join(packet(0x32, struct.pack(">H", len(topic)) + topic.encode()
+                                         + struct.pack(">H", i) + b"old") for i in range(1, 3001)))
+        new = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
+        assert new.connect("sensor-1") == 0
+        old.close()
+        new.close()
+    wait_for(lambda: broker.run(lambda: len(broker.broker._connections)) == 0, "every connection released",
+             timeout=10)
