@@ -46,7 +46,8 @@ class BrokerProcess:
         return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
     def children_cpu(self) -> float:
-        """CPU seconds of the broker's running child processes (the assertion writer), which ``cpu`` omits."""
+        """CPU seconds of the broker's assertion writer process, which ``cpu`` omits (not its reload loader,
+        whose start fell inside the first flow of each broker and showed as writer CPU with the log off)."""
         total = 0.0
         try:
             with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as handle:
@@ -55,6 +56,9 @@ class BrokerProcess:
             return 0.0
         for child in children:
             try:
+                with open(f"/proc/{child}/cmdline", "rb") as handle:
+                    if b"pdp.evidence.writer" not in handle.read():
+                        continue
                 with open(f"/proc/{child}/stat") as handle:
                     fields = handle.read().rsplit(")", 1)[1].split()
             except OSError:
