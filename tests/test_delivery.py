@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 
 from broker_plugin.amqtt_compat import Broker
-from tests.rawmqtt import RawClient, packet, subscribe_packet
+from tests.rawmqtt import RawClient, packet, publish_packet, subscribe_packet
 from tests.support import WAIT, BrokerProcess, Client, wait_for, write_cli_config
 
 CMD = "sites/plant-a/sensor-1/cmd"
@@ -261,13 +262,24 @@ def test_a_taken_over_connection_publishes_its_will(broker, connect, test_pki, c
         new.close()
 
 
+def qos1_burst(topic: str, packet_ids: Iterable[int], payload: bytes) -> bytes:
+    """QoS 1 PUBLISHes in one buffer, to reach the broker as one burst (paho would pace them)."""
+    return b"".join(publish_packet(topic, payload, qos=1, packet_id=i) for i in packet_ids)
+
+
+def publisher_with_window(broker, test_pki, window: int) -> Client:
+    """sensor-1 through paho with this many QoS 1 messages in flight at most (0: no limit)."""
+    sensor = Client(broker.port, "sensor-1", test_pki.device("sensor-1"), test_pki.ca_file)
+    sensor.client.max_inflight_messages_set(window)  # before connecting: paho refuses it after
+    assert sensor.connect() == 0
+    return sensor
+
+
 def test_a_qos_1_puback_comes_only_after_the_publish_is_decided(broker, test_pki):
     """amqtt acknowledged a QoS 1 PUBLISH when it queued it: a broker killed then had acknowledged messages it
     had neither decided nor recorded. Every PUBACK must find its decision captured for the log already."""
     recorder = broker.plugin.service.recorder
-    sensor = Client(broker.port, "sensor-1", test_pki.device("sensor-1"), test_pki.ca_file)
-    sensor.client.max_inflight_messages_set(0)  # no window: the burst reaches the broker at once
-    assert sensor.connect() == 0
+    sensor = publisher_with_window(broker, test_pki, 0)  # no window: the burst reaches the broker at once
     before = recorder.captured
     acknowledged = 0
     ahead: list[tuple[int, int]] = []  # (PUBACKs so far, decisions captured so far) whenever the first led
@@ -292,9 +304,7 @@ def test_a_qos_1_publisher_within_its_window_cannot_grow_the_routing_queue(broke
     """With the PUBACK after routing, a publisher that keeps to its in-flight window has at most that many
     messages waiting to be routed (amqtt acknowledged on queueing: the queue grew past any window)."""
     window = 10
-    sensor = Client(broker.port, "sensor-1", test_pki.device("sensor-1"), test_pki.ca_file)
-    sensor.client.max_inflight_messages_set(window)
-    assert sensor.connect() == 0
+    sensor = publisher_with_window(broker, test_pki, window)
     queue = broker.broker._sessions["sensor-1"][0].delivered_message_queue
     sizes: list[int] = []
     sensor.client.on_publish = lambda client, userdata, mid, code, props: sizes.append(queue.qsize())
@@ -315,13 +325,11 @@ def test_pubacks_go_to_the_connection_that_sent_the_publish_when_a_session_is_ta
     for attempt in range(3):
         old = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
         assert old.connect("sensor-1", clean=False) == 0
-        old.sock.sendall(b"".join(packet(0x32, struct.pack(">H", len(topic)) + topic.encode()
-                                         + struct.pack(">H", i) + b"old") for i in range(1, 3001)))
+        old.sock.sendall(qos1_burst(topic, range(1, 3001), b"old"))
         new = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
         assert new.connect("sensor-1", clean=False) == 0
         mine = list(range(40001, 40201))
-        new.sock.sendall(b"".join(packet(0x32, struct.pack(">H", len(topic)) + topic.encode()
-                                         + struct.pack(">H", i) + b"new") for i in mine))
+        new.sock.sendall(qos1_burst(topic, mine, b"new"))
         acknowledged = []
         while len(acknowledged) < len(mine):
             reply = new.read_packet()
@@ -340,8 +348,7 @@ def test_a_clean_takeover_mid_burst_releases_the_old_connection_at_once(broker, 
     for _ in range(4):
         old = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
         assert old.connect("sensor-1") == 0
-        old.sock.sendall(b"".join(packet(0x32, struct.pack(">H", len(topic)) + topic.encode()
-                                         + struct.pack(">H", i) + b"old") for i in range(1, 3001)))
+        old.sock.sendall(qos1_burst(topic, range(1, 3001), b"old"))
         new = RawClient(broker.port, test_pki.device("sensor-1"), test_pki.ca_file)
         assert new.connect("sensor-1") == 0
         old.close()

@@ -437,12 +437,11 @@ class AssertionStore:
                 devices = [row[0] for row in self.db.execute(
                     f"SELECT DISTINCT device_id FROM identities WHERE {column} = ?", (value,))]
                 # '' there stands for a record's empty device id and for none at all (NULL): both are asked for.
-                named = devices
-                either = [f"device_id IN ({', '.join('?' for _ in named)})"] if named else []
+                either = [f"device_id IN ({', '.join('?' for _ in devices)})"] if devices else []
                 if "" in devices:
                     either.append("device_id IS NULL")
                 clauses.append(f"{column} = ? AND ({' OR '.join(either) or '0'})")
-                params += [value, *named]
+                params += [value, *devices]
         for column, value in (
             ("device_id", filters.device), ("action", filters.action), ("decision", filters.decision), ("rule_id", filters.rule_id),
             ("node", filters.node),
