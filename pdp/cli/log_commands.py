@@ -185,7 +185,16 @@ def check_database(path: str, may_create: bool = False) -> None:
 def _open(args: argparse.Namespace, readonly: bool = True, may_create: bool = False) -> AssertionStore:
     path = _db_path(args)
     check_database(path, may_create)
-    return AssertionStore(path, readonly=readonly)
+    store = AssertionStore(path, readonly=readonly)
+    _note_unindexed(store)
+    return store
+
+
+def _note_unindexed(store: AssertionStore) -> None:
+    if store.unindexed:
+        sys.stderr.write(f"mqtt-pdp: {store.unindexed} of the newest records are stored but not indexed, and not in "
+                         f"this answer: {store.path} cannot be written from here (the broker's writer indexes them "
+                         "when it is idle)\n")
 
 
 # Fixed column widths for --follow in table mode: the header is printed once, and later rows line up with it.
@@ -278,6 +287,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     try:
         while True:
             time.sleep(0.5)
+            store.catch_up()  # what the writer stored meanwhile, indexed (it waits for a quiet moment itself)
             new = list(store.query(filters, after_rowid=last))
             if new:
                 last = new[-1][0]

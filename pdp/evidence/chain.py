@@ -6,10 +6,10 @@ Runs in the writer process (``pdp.evidence.writer``), never on the broker's even
 from __future__ import annotations
 
 import fcntl
-from hashlib import sha256
 import logging
 import os
 import pickle
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,7 +22,8 @@ from pdp.evidence.record import (
     SessionFields,
     Sink,
     SinkError,
-    _canonical,
+    chained,
+    encode_batch,
 )
 
 log = logging.getLogger("mqtt_pdp.assertions")
@@ -118,8 +119,13 @@ class ChainWriter:
     in the sinks before it, which stores ignore.
     """
 
-    def __init__(self, node: str, sinks: Sequence[Sink], state_dir: Path, anchorer: Anchorer | None = None) -> None:
+    def __init__(self, node: str, sinks: Sequence[Sink], state_dir: Path, anchorer: Anchorer | None = None,
+                 index_backlog: int = 0) -> None:
+        """``index_backlog``: with more than 0, batches go to the store as pending rows (``AssertionStore``), and
+        ``index`` turns them into records; more than this many records pending and each write indexes a batch."""
         self.node = node
+        self.index_backlog = index_backlog
+        self.unindexed = 0  # records this writer stored as pending rows and has not indexed (an estimate)
         self.sinks = list(sinks)
         self.anchorer = anchorer  # signs the head outside the database at a cadence (pdp.evidence.anchor)
         self.chain = ChainState(state_dir, node)
@@ -161,42 +167,7 @@ class ChainWriter:
                 self.write(rows, sessions, batch_id)
 
     def materialize(self, rows: list[Row], sessions: dict[int, SessionFields]) -> list[AssertionRecord]:
-        """Chained records; the text hashed here equals ``chain_hash`` of each record, as verify recomputes it.
-
-        Deterministic: the same rows from the same head give the same records, so a batch written
-        again after a crash duplicates records exactly or not at all.
-        """
-        canon = _canonical
-        # _canonical inlined for str (as is) and None (U+0000): a bench batch has a session per record.
-        texts = {key: "\x1f".join([v if v.__class__ is str else ("\x00" if v is None else canon(v)) for v in values])
-                 for key, values in sessions.items()}
-        records = []
-        seq, prev = self.chain.seq, self.chain.hash
-        node = self.node
-        make = AssertionRecord._make
-        canon = _canonical
-        for ts, key, client_id, peer, action, topic, allowed, rule_id, reason, tier, latency_ns, revision in rows:
-            seq += 1
-            record_id = f"{node}:{seq}"
-            verdict = "allow" if allowed else ("deny" if allowed is not None else "lost")  # None: a gap record
-            latency = round(latency_ns / 1000, 3) if tier else None
-            # _canonical inlined for the common types (str as is, None as U+0000): a call per field was a
-            # fifth of the writer's time per record. The text is the same; record_hash pins it in the tests.
-            text = "\x1f".join((
-                record_id, node, str(seq), repr(ts),
-                client_id if client_id.__class__ is str else canon(client_id), texts[key], action,
-                topic if topic.__class__ is str else canon(topic), verdict,
-                rule_id if rule_id.__class__ is str else canon(rule_id), reason,
-                revision if revision.__class__ is str else canon(revision),
-                tier if tier.__class__ is str else canon(tier),
-                "\x00" if latency is None else repr(latency),
-                peer if peer.__class__ is str else canon(peer), prev,
-            ))
-            digest = sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-            records.append(make((record_id, node, seq, ts, client_id, *sessions[key], action, topic, verdict,
-                                 rule_id, reason, revision, tier, latency, peer, prev, digest)))
-            prev = digest
-        return records
+        return chained(self.node, self.chain.seq, self.chain.hash, rows, sessions)
 
     def write(self, rows: list[Row], sessions: dict[int, SessionFields], batch_id: str | None = None,
               frame: bytes | None = None) -> int:
@@ -212,14 +183,36 @@ class ChainWriter:
         if batch_id is not None:
             self.chain.save_inflight(self.chain.head, batch_id, rows, sessions, frame)
         records = self.materialize(rows, sessions)
-        for sink in self.sinks:
-            sink.write(records, batch_id)  # spooling sinks raise only when neither backend nor spool took the batch
+        body = encode_batch(rows, sessions) if self.index_backlog > 0 else None
+        for sink in self.sinks:  # spooling sinks raise only when neither backend nor spool took the batch
+            if body is None:
+                sink.write(records, batch_id)
+            else:
+                sink.write(records, batch_id, body)
+        if body is not None:
+            self.unindexed += len(records)
         last = records[-1]
         self.chain.save(last.seq, last.hash, batch_id)
         self.recorded += len(records)
         if self.anchorer is not None:
             self.anchorer.note(last.seq, last.hash, last.ts, len(records))
         return len(records)
+
+    def index(self, batches: int | None = 1) -> int:
+        """Index the oldest pending batches (all with None); returns the records indexed. A store that cannot
+        be written now keeps them pending: they are indexed later, by this writer or by whoever opens the store."""
+        done = 0
+        for sink in self.sinks:
+            index_pending = getattr(getattr(sink, "inner", sink), "index_pending", None)
+            if index_pending is None:
+                continue
+            try:
+                done += index_pending(batches)
+            except (sqlite3.Error, OSError) as exc:
+                log.warning("node %s: cannot index pending records now (%s); they stay pending", self.node, exc)
+                return 0
+        self.unindexed = max(0, self.unindexed - done) if done else 0
+        return done
 
     def tick(self) -> None:
         """Cheap, called between batches and when idle: sign the head when its interval is up."""
@@ -233,6 +226,9 @@ class ChainWriter:
                 sink.replay()  # type: ignore[attr-defined]
 
     def close(self) -> None:
+        """A clean stop leaves nothing pending."""
+        if self.unindexed:
+            self.index(None)
         for sink in self.sinks:
             sink.close()
         if self.anchorer is not None:

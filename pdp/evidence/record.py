@@ -90,11 +90,14 @@ class Sink(Protocol):
 
     ``batch_id`` names the broker's batch the records came from; a sink that can store it
     atomically with the records (SQLite) does, so that a restarted writer knows the batch was applied.
+    ``body`` is the batch's rows as ``encode_batch`` wrote them; a sink may store that instead of the records
+    (SQLite, indexed later), or ignore it.
     """
 
     name: str
 
-    def write(self, records: Sequence[AssertionRecord], batch_id: str | None = None) -> None: ...
+    def write(self, records: Sequence[AssertionRecord], batch_id: str | None = None,
+              body: bytes | None = None) -> None: ...
 
     def close(self) -> None: ...
 
@@ -133,3 +136,75 @@ def session_fields(admission: Admission | None) -> SessionFields:
     )
 
 
+
+
+def chained(node: str, seq: int, prev: str, rows: Sequence[Row], sessions: dict[int, SessionFields]
+            ) -> list[AssertionRecord]:
+    """The records of a batch as they chain after ``(seq, prev)``; their text hashed here equals ``chain_hash``.
+
+    Deterministic: the same rows from the same head give the same records, so a batch written again after a
+    crash duplicates records exactly or not at all, and a batch stored compactly (``pending``, indexed later)
+    turns into exactly the records whose hashes the writer chained and signed.
+    """
+    canon = _canonical
+    # _canonical inlined for str (as is) and None (U+0000): a bench batch has a session per record.
+    texts = {key: "\x1f".join([v if v.__class__ is str else ("\x00" if v is None else canon(v)) for v in values])
+             for key, values in sessions.items()}
+    records = []
+    make = AssertionRecord._make
+    sha = hashlib.sha256
+    for ts, key, client_id, peer, action, topic, allowed, rule_id, reason, tier, latency_ns, revision in rows:
+        seq += 1
+        record_id = f"{node}:{seq}"
+        verdict = "allow" if allowed else ("deny" if allowed is not None else "lost")  # None: a gap record
+        latency = round(latency_ns / 1000, 3) if tier else None
+        # _canonical inlined for the common types (str as is, None as U+0000): a call per field was a
+        # fifth of the writer's time per record. The text is the same; record_hash pins it in the tests.
+        text = "\x1f".join((
+            record_id, node, str(seq), repr(ts),
+            client_id if client_id.__class__ is str else canon(client_id), texts[key], action,
+            topic if topic.__class__ is str else canon(topic), verdict,
+            rule_id if rule_id.__class__ is str else canon(rule_id), reason,
+            revision if revision.__class__ is str else canon(revision),
+            tier if tier.__class__ is str else canon(tier),
+            "\x00" if latency is None else repr(latency),
+            peer if peer.__class__ is str else canon(peer), prev,
+        ))
+        digest = sha(text.encode("utf-8", "surrogatepass")).hexdigest()
+        records.append(make((record_id, node, seq, ts, client_id, *sessions[key], action, topic, verdict,
+                             rule_id, reason, revision, tier, latency, peer, prev, digest)))
+        prev = digest
+    return records
+
+
+def encode_batch(rows: Sequence[Row], sessions: dict[int, SessionFields]) -> bytes:
+    """A batch as the store keeps it until it is indexed: JSON, never pickle (the database is not trusted
+    when it is read back). orjson costs 0.06 us a record where the standard library's json costs 1.1; it
+    refuses lone surrogates, which the standard library escapes."""
+    import orjson
+
+    body = [rows, [[key, fields] for key, fields in sessions.items()]]
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        import json
+
+        return json.dumps(body, separators=(",", ":")).encode()
+
+
+def decode_batch(body: bytes) -> tuple[list[Row], dict[int, SessionFields]]:
+    """Raises ValueError on anything but a batch ``encode_batch`` wrote (the database may have been edited)."""
+    import orjson
+
+    try:
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            import json
+
+            data = json.loads(body)
+        rows, sessions = data
+        return ([tuple(row) for row in rows],  # type: ignore[misc]
+                {int(key): tuple(fields) for key, fields in sessions})
+    except (TypeError, KeyError, IndexError, AttributeError, RecursionError) as exc:
+        raise ValueError(f"not a stored batch: {exc}") from None

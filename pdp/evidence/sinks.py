@@ -126,8 +126,19 @@ class SqliteSink:
                             "replaces them", self.path, self.path)
         return self._store
 
-    def write(self, records: Sequence[AssertionRecord], batch_id: str | None = None) -> None:
-        self._open().insert_chain(records, batch_id)
+    def write(self, records: Sequence[AssertionRecord], batch_id: str | None = None, body: bytes | None = None) -> None:
+        """With ``body`` (``encode_batch`` of the batch's rows): stored as one pending row, indexed later."""
+        if body is None:
+            self._open().insert_chain(records, batch_id)
+            return
+        first, last = records[0], records[-1]
+        self._open().append_pending(last.node, first.seq, last.seq, first.prev_hash, last.hash, batch_id, body)
+
+    def pending_records(self) -> int:
+        return self._open().pending_records()
+
+    def index_pending(self, batches: int | None = None) -> int:
+        return self._open().index_pending(batches)
 
     def head(self, node: str) -> Head | None:
         """Read on a connection of its own: the writing one belongs to the thread that writes."""
@@ -160,7 +171,7 @@ class RedisStreamSink:
         self.client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=1)
         self.stream = stream_name(prefix)
 
-    def write(self, records: Sequence[AssertionRecord], batch_id: str | None = None) -> None:
+    def write(self, records: Sequence[AssertionRecord], batch_id: str | None = None, body: bytes | None = None) -> None:
         pipe = self.client.pipeline(transaction=False)
         for record in records:
             pipe.xadd(self.stream, {"r": record_to_json(record)})
@@ -204,7 +215,7 @@ class JsonLinesSink:
         self.path = directory / f"{safe}.assertions.jsonl"
         repair_tail(self.path)
 
-    def write(self, records: Sequence[AssertionRecord], batch_id: str | None = None) -> None:
+    def write(self, records: Sequence[AssertionRecord], batch_id: str | None = None, body: bytes | None = None) -> None:
         append_durably(self.path, batch_to_line(records, batch_id))
 
     def head(self, node: str) -> Head | None:
@@ -255,10 +266,14 @@ class SpoolingSink:
                     found = Head(record.seq, record.hash, batch_id, f"{self.inner.name} spool")
         return found
 
-    def write(self, records: Sequence[AssertionRecord], batch_id: str | None = None) -> None:
+    def write(self, records: Sequence[AssertionRecord], batch_id: str | None = None, body: bytes | None = None) -> None:
+        """``body``: passed on to the inner sink when it takes the batch now; a spooled batch keeps its records."""
         if not self.backlog:
             try:
-                self.inner.write(records, batch_id)
+                if body is None:
+                    self.inner.write(records, batch_id)
+                else:
+                    self.inner.write(records, batch_id, body)
                 self._mark_up()
                 return
             except SINK_ERRORS as exc:

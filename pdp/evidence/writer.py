@@ -23,6 +23,7 @@ import selectors
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -53,7 +54,8 @@ def build_writer(settings: dict[str, Any]) -> ChainWriter:
     if not sinks:
         sinks.append(JsonLinesSink(spool, settings["node"]))
         log.warning("no assertion_db and no assertion_stream: assertion records go to %s only", sinks[0].path)
-    return ChainWriter(settings["node"], sinks, spool, build_anchorer(settings))
+    backlog = int(settings.get("index_backlog", 0)) if settings.get("assertion_db") else 0
+    return ChainWriter(settings["node"], sinks, spool, build_anchorer(settings), backlog)
 
 
 def build_anchorer(settings: dict[str, Any]) -> Anchorer | None:
@@ -95,15 +97,23 @@ def main() -> int:
     # Where the chain ends and which batch put it there: the broker counts what its previous instance lost.
     head = writer.chain
     send(out, ("ready", head.batch_id, f"{writer.node}:{head.seq}" if head.seq else None))
+    quiet_after = float(settings.get("index_quiet", 0.2))
+    last_frame = time.monotonic()
     try:
         while True:
-            readable = _readable(inp, 0.5)
+            # Pending batches are indexed once no batch has come for ``quiet_after`` seconds, one batch at a
+            # time, looking for a new frame in between: indexing waits for the broker's quiet moments.
+            quiet = time.monotonic() - last_frame
+            readable = _readable(inp, (max(0.0, quiet_after - quiet) if writer.unindexed else 0.5))
             writer.tick()
             if claim is not None:
                 claim.tick()
             if not readable:
                 writer.idle()
+                if writer.unindexed and time.monotonic() - last_frame >= quiet_after:
+                    writer.index(1)
                 continue
+            last_frame = time.monotonic()
             try:
                 frame = receive_raw(inp)
             except EOFError:
@@ -118,6 +128,8 @@ def main() -> int:
                     send(out, ("failed", str(exc)))
                 else:
                     send(out, ("ack", count))
+                    while writer.unindexed > writer.index_backlog and writer.index(1):
+                        pass  # busy for longer than the backlog allows: index as fast as batches come
             elif message[0] == "close":
                 writer.close()
                 send(out, ("closed",))

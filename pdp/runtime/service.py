@@ -174,11 +174,15 @@ class AuthorizationService:
             raise ValueError("assertion_stream needs redis_url")
         if cfg.on_log_failure not in ("alarm", "refuse"):
             raise ValueError(f"on_log_failure must be 'alarm' or 'refuse', got {cfg.on_log_failure!r}")
+        if isinstance(cfg.assertion_index_backlog, bool) or not isinstance(cfg.assertion_index_backlog, int) \
+                or cfg.assertion_index_backlog < 0:
+            raise ValueError(f"assertion_index_backlog must be a whole number of records, 0 or more, got "
+                             f"{cfg.assertion_index_backlog!r}")
         writer = WriterProcess({
             "node": self.node_id, "spool_dir": cfg.spool_dir, "assertion_db": cfg.assertion_db,
             "stream_url": cfg.redis_url if cfg.assertion_stream else "", "stream_prefix": cfg.redis_prefix,
             "anchor_key_file": cfg.anchor_key_file, "anchor_dir": cfg.anchor_dir, "anchor_every": cfg.anchor_every,
-            "anchor_interval": cfg.anchor_interval,
+            "anchor_interval": cfg.anchor_interval, "index_backlog": cfg.assertion_index_backlog,
             "claim_url": cfg.redis_url, "claim_prefix": cfg.redis_prefix,  # one node id, one writer
             "log_format": cfg.log_format,  # its own log lines in the broker's format (JSON lines for a shipper)
         })

@@ -1,0 +1,198 @@
+"""Batches stored whole and indexed later (``pending``): the records they turn into are exactly those the
+writer chained and signed, every reader sees them, and a batch altered or destroyed in the database while
+it waited is named by verify."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from pdp.evidence.record import decode_batch, encode_batch
+from pdp.evidence.store import AssertionStore
+from pdp.evidence.writer import build_writer
+from tests.test_anchors import key  # noqa: F401 - the module's signing key fixture
+from tests.test_anchors import records as stored_records
+from tests.test_log_cli import cli, query
+
+SESSIONS = {
+    1: ("dev-1", "ab" * 32, "0a1b", "CN=unit CA", "sensor", "plant-a", "test", "qa", "active"),
+    2: (None, None, None, None, None, None, None, None, None),  # a refusal before any identity
+    3: ("dév\u00e9-\U0001f600", "cd" * 32, "ff", "CN=ü\x00,O=\x1b[31m", "cam", "b\nc", "p\t", "o", "revoked"),
+}
+
+
+def hostile_rows(count: int, base: float) -> list[tuple]:
+    """Every kind of value a row holds: None, control characters, NUL, astral characters, odd floats, a gap."""
+    out = []
+    for i in range(count):
+        key = 1 + i % 3
+        allowed = None if i == 7 else i % 2 == 0  # None: a gap record ("lost")
+        out.append((base + i / 3, key, None if i % 5 == 0 else f"c\x00{i}\r\n", None if i % 4 == 0 else "[::1]:1",
+                    "publish", None if i % 6 == 0 else f"t/\u202e{i}/#\x7f", allowed, None if i % 3 else f"r{i}",
+                    f"why\x1f{i}", None if i % 2 else "l1", 1234567 * i, None if i == 4 else "rev\x1e1"))
+    return out
+
+
+def writer_for(directory: Path, db: Path, backlog: int, key_file: Path | None = None):
+    return build_writer({"node": "n1", "spool_dir": str(directory / "spool"), "assertion_db": str(db),
+                         "stream_url": "", "stream_prefix": "p", "index_backlog": backlog,
+                         "anchor_key_file": str(key_file) if key_file else "", "anchor_dir": str(directory / "anchors"),
+                         "anchor_every": 5, "anchor_interval": 3600})
+
+
+def raw_count(db: Path, table: str) -> int:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+def test_a_batch_survives_its_encoding_exactly() -> None:
+    rows = hostile_rows(40, 1.7e9 + 0.1)
+    assert decode_batch(encode_batch(rows, SESSIONS)) == (rows, SESSIONS)
+    with pytest.raises(ValueError):
+        decode_batch(b'[[1, 2], "not sessions"]')
+
+
+def test_pending_batches_become_the_records_a_direct_insert_stores(tmp_path: Path) -> None:
+    base = time.time()
+    direct, deferred = tmp_path / "direct.db", tmp_path / "deferred.db"
+    now_writer = writer_for(tmp_path / "a", direct, 0)
+    later_writer = writer_for(tmp_path / "b", deferred, 1_000_000)
+    for n in range(4):
+        rows = hostile_rows(30, base + n * 100)
+        assert now_writer.write(rows, SESSIONS, f"b{n}") == later_writer.write(rows, SESSIONS, f"b{n}") == 30
+    now_writer.close()
+    # Stored and chained, not yet indexed: the chain head moved with the batch.
+    assert (raw_count(deferred, "records"), raw_count(deferred, "pending")) == (0, 4)
+    assert later_writer.unindexed == 120
+    # Any reader indexes first, even a read-only one (on a connection of its own).
+    reader = AssertionStore(deferred, readonly=True)
+    assert (reader.count(), reader.unindexed) == (120, 0)
+    reader.close()
+    assert (raw_count(deferred, "records"), raw_count(deferred, "pending")) == (120, 0)
+    assert stored_records(deferred) == stored_records(direct)
+    assert later_writer.index(None) == 0 and later_writer.unindexed == 0  # nothing left; the estimate resets
+    later_writer.close()
+
+
+def test_the_writer_indexes_what_it_stored_when_asked_and_when_it_stops(tmp_path: Path) -> None:
+    db = tmp_path / "a.db"
+    writer = writer_for(tmp_path, db, 1_000_000)
+    for n in range(3):
+        writer.write(hostile_rows(10, time.time()), SESSIONS, f"b{n}")
+    assert writer.index(1) == 10 and (raw_count(db, "records"), raw_count(db, "pending")) == (10, 2)
+    writer.write(hostile_rows(10, time.time()), SESSIONS, "b3")
+    writer.close()  # a clean stop leaves nothing pending
+    assert (raw_count(db, "records"), raw_count(db, "pending")) == (40, 0)
+
+
+def test_queries_see_records_the_writer_has_not_indexed(tmp_path: Path) -> None:
+    db = tmp_path / "a.db"
+    writer = writer_for(tmp_path, db, 1_000_000)
+    writer.write(hostile_rows(12, time.time()), SESSIONS, "b0")
+    assert raw_count(db, "records") == 0
+    found = query(db, "--device", "dev-1")
+    assert len(found) == 4 and {r["device_id"] for r in found} == {"dev-1"}
+    writer.close()
+
+
+def _pending_body(db: Path) -> tuple[int, bytes]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT first, body FROM pending ORDER BY first LIMIT 1").fetchone()
+
+
+def test_a_pending_batch_altered_in_the_database_is_named_by_verify(tmp_path: Path, key: Path) -> None:  # noqa: F811
+    db = tmp_path / "a.db"
+    writer = writer_for(tmp_path, db, 1_000_000, key)
+    for n in range(4):
+        writer.write(hostile_rows(5, time.time() - 100 + n * 10), SESSIONS, f"b{n}")
+    writer.tick()
+    # Rewrite the second batch's third row: another topic, as someone with write access would.
+    with sqlite3.connect(db) as conn:
+        body = conn.execute("SELECT body FROM pending WHERE first = 6").fetchone()[0]
+        rows, sessions = json.loads(body)
+        rows[2][5] = "t/innocent"
+        conn.execute("UPDATE pending SET body = ? WHERE first = 6", (json.dumps([rows, sessions]).encode(),))
+    result = cli("log", "verify", "--db", str(db), "--anchors", str(tmp_path / "anchors"), "--public-key",
+                 f"{key}.pub")
+    assert "the stored batch n1:6..10 no longer ends at the hash the writer chained" in result.stderr
+    assert result.returncode == 1, result
+    lines = result.stdout.splitlines()
+    assert "n1:11 does not follow the previous record (removed, reordered or replaced)" in result.stdout
+    assert any("n1:10 differs from signed head" in line for line in lines), lines
+    assert [r.topic for r in stored_records(db)][7] == "t/innocent"  # indexed as it now reads, and reported
+    writer.close()
+
+
+def test_a_pending_batch_destroyed_in_the_database_is_reported_missing(tmp_path: Path) -> None:
+    db = tmp_path / "a.db"
+    writer = writer_for(tmp_path, db, 1_000_000)
+    for n in range(3):
+        writer.write(hostile_rows(5, time.time()), SESSIONS, f"b{n}")
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE pending SET body = x'00ff' WHERE first = 6")
+    result = cli("log", "verify", "--db", str(db))
+    assert "the stored batch n1:6..10 cannot be read" in result.stderr
+    assert result.returncode == 1
+    assert "record(s) n1:6..10 missing before n1:11" in result.stdout, result.stdout
+    assert raw_count(db, "unindexable") == 1 and raw_count(db, "pending") == 0  # kept aside, never retried for ever
+    writer.close()
+
+
+TOPIC = "sites/plant-a/sensor-1/telemetry"
+
+
+@pytest.mark.parametrize("broker_settings", [{"assertion_index_backlog": 300}], ids=["backlog-300"])
+def test_a_busy_broker_keeps_the_backlog_bound_and_indexes_when_quiet(broker, connect, tmp_path: Path) -> None:
+    """Real broker, real TLS, paho: while traffic runs the writer stores batches whole and indexes only to stay
+    within ``assertion_index_backlog``; once traffic stops it indexes the rest by itself, with no reader."""
+    from tests.support import wait_for
+
+    db = Path(broker.plugin.service.settings.assertion_db)
+    sensor = connect("sensor-1")
+    sampled: list[int] = []
+    batches = [0]  # the largest batch seen pending
+    stop = False
+
+    def sample() -> None:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        try:
+            while not stop:
+                try:
+                    total, largest = conn.execute("SELECT coalesce(sum(last - first + 1), 0), "
+                                                  "coalesce(max(last - first + 1), 0) FROM pending").fetchone()
+                    sampled.append(total)
+                    batches[0] = max(batches[0], largest)
+                except sqlite3.OperationalError:  # not created yet
+                    pass
+                time.sleep(0.002)
+        finally:
+            conn.close()
+
+    import threading
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        for i in range(3000):
+            sensor.client.publish(TOPIC, b"%d" % i, 0)
+        sensor.publish(TOPIC, b"last", 1)
+        recorder = broker.plugin.service.recorder
+        wait_for(lambda: recorder.captured >= 3002 and recorder.shipped == recorder.captured, "every decision stored")
+    finally:
+        stop = True
+        sampler.join(10)
+    # Stored whole while traffic ran (not indexed at once), and never more pending than the backlog allows
+    # after a write, plus the batch just written before the writer indexes its way back under it.
+    assert max(sampled) > 0
+    assert max(sampled) <= 300 + batches[0], (max(sampled), batches[0])
+    # Quiet now: the writer indexes the rest itself (nothing opens the store through AssertionStore here).
+    wait_for(lambda: raw_count(db, "pending") == 0, "the backlog indexed while the broker is quiet")
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        published = conn.execute("SELECT count(*) FROM records WHERE action = 'publish' AND topic = ?",
+                                 (TOPIC,)).fetchone()[0]
+    assert published == 3001
+    assert cli("log", "verify", "--db", str(db)).returncode == 0
