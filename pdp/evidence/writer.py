@@ -128,8 +128,6 @@ def main() -> int:
                     send(out, ("failed", str(exc)))
                 else:
                     send(out, ("ack", count))
-                    while writer.unindexed > writer.index_backlog and writer.index(1):
-                        pass  # busy for longer than the backlog allows: index as fast as batches come
             elif message[0] == "close":
                 writer.close()
                 send(out, ("closed",))
