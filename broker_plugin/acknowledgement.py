@@ -47,18 +47,32 @@ def defer_pubacks(handler: BrokerProtocolHandler) -> None:
     handler._handle_qos1_message_flow = flow  # type: ignore[method-assign]
 
 
-def acknowledge(app_message: Any) -> None:
+def acknowledge(app_message: Any, batch: dict[Any, list[bytes]] | None = None) -> None:
     """The PUBACK of a routed (or refused) incoming QoS 1 message: once, on the connection that read it, and
-    only while that connection lives."""
+    only while that connection lives. With ``batch``, kept there per connection for ``send_batched``."""
     owed = app_message.puback_packet
     if not isinstance(owed, Owed):
         return
     app_message.puback_packet = puback = PubackPacket.build(app_message.packet_id)
     writer = owed.handler.writer
+    if batch is not None:
+        batch.setdefault(writer, []).append(puback.to_bytes())
+        return
+    _write(writer, puback.to_bytes())
+
+
+def send_batched(batch: dict[Any, list[bytes]]) -> None:
+    """The PUBACKs of messages routed in one go, one write per connection (one TLS record, one send)."""
+    for writer, parts in batch.items():
+        _write(writer, b"".join(parts))
+    batch.clear()
+
+
+def _write(writer: Any, data: bytes) -> None:
     if writer is None or getattr(writer, "is_closed", False):
         return
     try:
-        writer.write(puback.to_bytes())
+        writer.write(data)
     except (OSError, RuntimeError):  # the connection is going away: the publisher resends on its next one
         pass
 
