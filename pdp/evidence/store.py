@@ -12,10 +12,10 @@ the range of sequence numbers and the hash the chain ends at), in the
 transaction that moves the chain head: inserting a row per record and keeping
 the indexes cost 7-9 us a record, a third of a core at the broker's full rate,
 taken from the broker on a two-core machine. The batch is durable and chained
-at once; its records reach the ``records`` table (and every query) when the
-writer is idle, when more than its backlog limit is pending, at its shutdown,
-or when anyone opens the store (``AssertionStore`` indexes what is pending
-first). Indexing recomputes each record's hash from the row and checks that
+at once; its records reach the ``records`` table while the broker uses less
+than half a core, at the writer's stop, or when anyone opens the store
+(``AssertionStore`` indexes what is pending first); past the writer's backlog
+limit, batches go into the records at once. Indexing recomputes each record's hash from the row and checks that
 the batch still ends at the hash the writer chained (and signed).
 
 Client ids and certificate fingerprints are not indexed on the records (a

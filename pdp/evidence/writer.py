@@ -97,23 +97,21 @@ def main() -> int:
     # Where the chain ends and which batch put it there: the broker counts what its previous instance lost.
     head = writer.chain
     send(out, ("ready", head.batch_id, f"{writer.node}:{head.seq}" if head.seq else None))
-    quiet_after = float(settings.get("index_quiet", 0.2))
-    last_frame = time.monotonic()
+    broker = BrokerLoad(os.getppid())
     try:
         while True:
-            # Pending batches are indexed once no batch has come for ``quiet_after`` seconds, one batch at a
-            # time, looking for a new frame in between: indexing waits for the broker's quiet moments.
-            quiet = time.monotonic() - last_frame
-            readable = _readable(inp, (max(0.0, quiet_after - quiet) if writer.unindexed else 0.5))
+            # Pending batches are indexed one at a time while the broker uses less than half a core, looking
+            # for a new frame in between: indexing takes the CPU the broker leaves.
+            readable = _readable(inp, 0.05 if writer.unindexed else 0.5)
             writer.tick()
             if claim is not None:
                 claim.tick()
+            if writer.unindexed and not broker.busy():
+                writer.index(1)
             if not readable:
                 writer.idle()
-                if writer.unindexed and time.monotonic() - last_frame >= quiet_after:
-                    writer.index(1)
                 continue
-            last_frame = time.monotonic()
+            broker.frame_arrived()
             try:
                 frame = receive_raw(inp)
             except EOFError:
@@ -139,6 +137,48 @@ def main() -> int:
             pass
         if claim is not None:
             claim.release()
+
+
+class BrokerLoad:
+    """Whether the broker process used more than ``share`` of a core over the last ``window`` seconds, from its
+    CPU time in /proc. Where /proc cannot be read, whether a batch came within the last ``window``: the
+    broker's recorder ships one every 50 ms while it has records."""
+
+    def __init__(self, pid: int, share: float = 0.5, window: float = 0.2) -> None:
+        self.stat = f"/proc/{pid}/stat"
+        self.share = share
+        self.window = window
+        self._since = time.monotonic()
+        self._cpu = self._cpu_seconds()
+        self._busy = True  # until a window has been measured
+
+    def _cpu_seconds(self) -> float | None:
+        try:
+            with open(self.stat) as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def busy(self) -> bool:
+        now = time.monotonic()
+        if now - self._since < self.window:
+            return self._busy
+        cpu = self._cpu_seconds()
+        if cpu is None or self._cpu is None:
+            self._busy = False  # no measure: the caller's frames are the only sign of traffic
+        else:
+            self._busy = (cpu - self._cpu) / (now - self._since) > self.share
+        self._since, self._cpu = now, cpu
+        return self._busy
+
+    def frame_arrived(self) -> None:
+        """Without /proc, a batch means traffic: count the next window as busy."""
+        if self._cpu is None:
+            self._busy, self._since = True, time.monotonic()
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def _readable(stream: IO[bytes], timeout: float) -> bool:

@@ -61,8 +61,8 @@ class ServiceSettings:
     assertion_db: str = "var/assertions.db"  # "" for none
     assertion_stream: bool = False  # also append to a Redis Stream (needs redis_url)
     spool_dir: str = "var/spool"
-    # Records the writer may keep stored as whole batches, not yet indexed for queries; it indexes them once
-    # no batch has come for 0.2 s. Past it, batches are indexed as they are stored. 0: always so.
+    # Records the writer may keep stored as whole batches, not yet indexed for queries; it indexes them while
+    # the broker uses less than half a core. Past it, batches are indexed as they are stored. 0: always so.
     assertion_index_backlog: int = 200_000
     retention_days: float = 0  # prune the SQLite store of records older than this; 0 keeps everything
     # Signed chain heads outside the database (mqtt-pdp log keygen; verify with --anchors and --public-key).
