@@ -252,3 +252,80 @@ def test_pending_rows_with_any_columns_edited_never_stop_indexing(tmp_path: Path
     assert "n1:16 does not follow the previous record" in result.stdout  # 11..15 rechained from '7'
     assert result.returncode == 1
     writer.close()
+
+
+@pytest.mark.parametrize("value", [{"x": 1}, 2**63, float("nan"), "\ud800"], ids=["object", "int64+1", "nan", "surrogate"])
+def test_a_forged_pending_row_never_stops_indexing_or_the_writer(tmp_path: Path, value) -> None:
+    """Found by an outside attack: a row whose values decode but cannot be stored (an object, an integer past
+    SQLite's, ...) rolled indexing back for ever, hid every later record from verify (which said intact),
+    and one past SQLite's integers killed the writer at every restart."""
+    db = tmp_path / "a.db"
+    writer = writer_for(tmp_path, db, 1_000_000)
+    for n in range(3):
+        writer.write(hostile_rows(5, time.time()), SESSIONS, f"b{n}")
+    forged = json.dumps([[[time.time(), 1, value, None, "publish", "t", True, None, "r", None, 0, None]],
+                         [[1, [None] * 9]]]).encode()
+    with sqlite3.connect(db) as conn:  # node '!' sorts before every real one: indexed first
+        conn.execute("INSERT INTO pending VALUES ('!', 1, 1, ?, ?, 'forged', ?)", ("0" * 64, "0" * 64, forged))
+    assert writer.index(None) == 16
+    assert (raw_count(db, "pending"), raw_count(db, "unindexable"), raw_count(db, "records")) == (0, 1, 15)
+    writer.close()
+    again = writer_for(tmp_path, db, 1_000_000)  # a restarted writer starts and records
+    again.write(hostile_rows(5, time.time()), SESSIONS, "b3")
+    again.close()
+    result = cli("log", "verify", "--db", str(db))
+    assert result.returncode == 1
+    assert "BROKEN: node !: records !:1..1 were stored as a batch that cannot be read or stored" in result.stdout
+    assert "ok: node n1: 20 records, chain intact" in result.stdout
+
+
+def test_an_edited_range_does_not_make_pending_batches_look_indexed(tmp_path: Path) -> None:
+    """Found by an outside attack: readers skipped indexing when the sum of the pending ranges was 0, and one
+    edited cell made it so: verify said intact over a quarter of the records."""
+    db = tmp_path / "a.db"
+    writer = writer_for(tmp_path, db, 1_000_000)
+    for n in range(4):
+        writer.write(hostile_rows(10, time.time()), SESSIONS, f"b{n}")
+    writer.index(1)
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE pending SET last = first - 1 - (SELECT sum(last - first + 1) FROM pending p2 WHERE "
+                     "p2.first != pending.first) WHERE first = (SELECT max(first) FROM pending)")
+    result = cli("log", "verify", "--db", str(db))
+    assert result.stdout.splitlines() == ["ok: node n1: 40 records, chain intact"], result
+    assert raw_count(db, "pending") == 0
+    writer.close()
+
+
+@pytest.mark.parametrize("edit", ["UPDATE pending SET body = x'00ff' WHERE first = 31",
+                                  "UPDATE pending SET first = 'z' WHERE first = 31",
+                                  "DELETE FROM pending WHERE first = 31"], ids=["unreadable", "renumbered", "deleted"])
+def test_the_newest_pending_batch_edited_or_deleted_is_named_without_signed_heads(tmp_path: Path, edit: str) -> None:
+    """Found by an outside attack: with nothing after it to break the chain, plain verify said intact. The
+    chain head the writer stored with the batch names where the chain must end."""
+    db = tmp_path / "a.db"
+    writer = writer_for(tmp_path, db, 1_000_000)
+    for n in range(4):
+        writer.write(hostile_rows(10, time.time()), SESSIONS, f"b{n}")
+    with sqlite3.connect(db) as conn:
+        conn.execute(edit)
+    result = cli("log", "verify", "--db", str(db))
+    assert result.returncode == 1, result
+    assert "BROKEN: node n1: records n1:31..40 missing at the end: the chain head its writer stored names n1:40" \
+        in result.stdout
+    writer.close()
+
+
+def test_the_newest_pending_batch_rewritten_is_named_without_signed_heads(tmp_path: Path) -> None:
+    db = tmp_path / "a.db"
+    writer = writer_for(tmp_path, db, 1_000_000)
+    for n in range(4):
+        writer.write(hostile_rows(10, time.time()), SESSIONS, f"b{n}")
+    with sqlite3.connect(db) as conn:
+        rows, sessions = json.loads(conn.execute("SELECT body FROM pending WHERE first = 31").fetchone()[0])
+        rows[0][5] = "t/innocent"
+        conn.execute("UPDATE pending SET body = ? WHERE first = 31", (json.dumps([rows, sessions]).encode(),))
+    result = cli("log", "verify", "--db", str(db))
+    assert result.returncode == 1, result
+    assert "BROKEN: node n1: n1:40 differs from the chain head its writer stored with it: its batch was altered " \
+           "in the database" in result.stdout
+    writer.close()

@@ -9,7 +9,7 @@ import fcntl
 import logging
 import os
 import pickle
-import sqlite3
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -126,6 +126,7 @@ class ChainWriter:
         self.node = node
         self.index_backlog = index_backlog
         self.unindexed = 0  # records this writer stored as pending rows and has not indexed (an estimate)
+        self._index_retry_at = 0.0
         self.sinks = list(sinks)
         self.anchorer = anchorer  # signs the head outside the database at a cadence (pdp.evidence.anchor)
         self.chain = ChainState(state_dir, node)
@@ -136,6 +137,14 @@ class ChainWriter:
         except BaseException:
             self.chain.close()
             raise
+        if index_backlog > 0:  # left pending by a writer that was killed: indexed by this one
+            for sink in self.sinks:
+                count = getattr(getattr(sink, "inner", sink), "pending_records", None)
+                if count is not None:
+                    try:
+                        self.unindexed += count()
+                    except Exception as exc:  # noqa: BLE001 - a store that cannot be read now is retried by write
+                        log.warning("node %s: cannot count pending records (%s)", self.node, exc)
 
     def _recover(self) -> None:
         heads = [self.chain.head]
@@ -204,14 +213,19 @@ class ChainWriter:
         """Index the oldest pending batches (all with None); returns the records indexed. A store that cannot
         be written now keeps them pending: they are indexed later, by this writer or by whoever opens the store."""
         done = 0
+        now = time.monotonic()
+        if now < self._index_retry_at:
+            return 0
         for sink in self.sinks:
             index_pending = getattr(getattr(sink, "inner", sink), "index_pending", None)
             if index_pending is None:
                 continue
             try:
                 done += index_pending(batches)
-            except (sqlite3.Error, OSError) as exc:
-                log.warning("node %s: cannot index pending records now (%s); they stay pending", self.node, exc)
+            except Exception as exc:  # noqa: BLE001 - storing new batches goes on; indexing is tried again later
+                self._index_retry_at = now + 5.0
+                log.warning("node %s: cannot index pending records now (%s); they stay pending, next attempt in "
+                            "5 s", self.node, exc)
                 return 0
         self.unindexed = max(0, self.unindexed - done) if done else 0
         return done

@@ -8,6 +8,7 @@ chain is walked again (``pdp.evidence.store``).
 from __future__ import annotations
 
 import hashlib
+import math
 import logging
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -192,8 +193,16 @@ def encode_batch(rows: Sequence[Row], sessions: dict[int, SessionFields]) -> byt
         return json.dumps(body, separators=(",", ":")).encode()
 
 
+_ROW_TYPES: tuple[tuple[type, ...], ...] = (
+    (float, int), (int,), (str, type(None)), (str, type(None)), (str,), (str, type(None)), (bool, type(None)),
+    (str, type(None)), (str,), (str, type(None)), (int,), (str, type(None)),
+)
+_FIELD_TYPES = (str, int, type(None))
+
+
 def decode_batch(body: bytes) -> tuple[list[Row], dict[int, SessionFields]]:
-    """Raises ValueError on anything but a batch ``encode_batch`` wrote (the database may have been edited)."""
+    """Raises ValueError on anything but a batch ``encode_batch`` wrote (the database may have been edited):
+    each value of the type the writer gives it, integers within SQLite's, times finite."""
     import orjson
 
     try:
@@ -203,8 +212,23 @@ def decode_batch(body: bytes) -> tuple[list[Row], dict[int, SessionFields]]:
             import json
 
             data = json.loads(body)
-        rows, sessions = data
-        return ([tuple(row) for row in rows],  # type: ignore[misc]
-                {int(key): tuple(fields) for key, fields in sessions})
-    except (TypeError, KeyError, IndexError, AttributeError, RecursionError) as exc:
+        raw_rows, raw_sessions = data
+        sessions: dict[int, SessionFields] = {}
+        for key, fields in raw_sessions:
+            fields = tuple(fields)
+            if type(key) is not int or len(fields) != 9 or not all(
+                    type(v) in _FIELD_TYPES and (type(v) is not int or -2**63 <= v < 2**63) for v in fields):
+                raise ValueError("a session of another shape")
+            sessions[key] = fields
+        rows = []
+        for raw in raw_rows:
+            row = tuple(raw)
+            if len(row) != 12 or not all(type(v) in kinds for v, kinds in zip(row, _ROW_TYPES)):
+                raise ValueError("a row of another shape")
+            ts, key, latency = row[0], row[1], row[10]
+            if key not in sessions or not -2**63 <= latency < 2**63 or not math.isfinite(ts) or abs(ts) >= 2**53:
+                raise ValueError("a row with values out of range")
+            rows.append(row)
+        return rows, sessions  # type: ignore[return-value]
+    except (TypeError, KeyError, IndexError, AttributeError, RecursionError, OverflowError) as exc:
         raise ValueError(f"not a stored batch: {exc}") from None

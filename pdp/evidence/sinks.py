@@ -119,7 +119,9 @@ class SqliteSink:
 
     def _open(self) -> AssertionStore:
         if self._store is None:
-            self._store = AssertionStore(self.path)
+            # Not indexing on opening: the writer indexes on its own schedule (ChainWriter.index), and a
+            # failure there must not keep the writer from starting and storing new batches.
+            self._store = AssertionStore(self.path, catch_up=False)
             if self._store.unblocked:
                 log.warning("%s has the indexes of an earlier version, which make recording about three times "
                             "slower at 1M records; `mqtt-pdp log reindex --db %s` (with the broker stopped) "
@@ -143,7 +145,7 @@ class SqliteSink:
     def head(self, node: str) -> Head | None:
         """Read on a connection of its own: the writing one belongs to the thread that writes."""
         try:
-            store = AssertionStore(self.path)
+            store = AssertionStore(self.path, catch_up=False)
             try:
                 return store.head(node)
             finally:

@@ -216,6 +216,11 @@ PARALLEL_WALK = 200_000  # records of one node from which verify walks it in par
 _NO_END = 2**62
 
 
+def _storable(value: Any) -> Any:
+    """A value read from the database goes back into it (integers of any size did not)."""
+    return value if not isinstance(value, int) or -2**63 <= value < 2**63 else str(value)
+
+
 def _glob(topic_filter: str) -> str:
     """A GLOB pattern matching every topic (and, for subscribe records, every filter) that ``topic_filter``
     selects, and possibly more: '+' becomes '*' (which also crosses '/'), a final '#' a '*' after its parent."""
@@ -422,9 +427,12 @@ class AssertionStore:
                             (head_key(node), f"{last} {digest} {batch_id or ''}".rstrip()))
 
     def pending_records(self) -> int:
-        """Records stored as batches and not yet indexed (0 for stores from before batches were)."""
+        """Records stored as batches and not yet indexed (0 for stores from before batches were). A row whose
+        range was edited counts as at least one: a forged sum must not make the batches look indexed."""
         try:
-            return int(self.db.execute("SELECT coalesce(sum(last - first + 1), 0) FROM pending").fetchone()[0])
+            return int(self.db.execute(
+                "SELECT coalesce(sum(CASE WHEN typeof(first) = 'integer' AND typeof(last) = 'integer' AND "
+                "last >= first THEN last - first + 1 ELSE 1 END), 0) FROM pending").fetchone()[0])
         except sqlite3.OperationalError:  # no pending table: an older store opened read-only
             return 0
 
@@ -464,21 +472,30 @@ class AssertionStore:
 
     def _index_one(self, rowid: int, node: str, first: int, last: int, prev_hash: str, digest: str,
                    batch_id: str | None, body: bytes) -> int:
+        """One pending row into records, or into ``unindexable`` when its content (edited in the database) cannot
+        be read or stored; a failure of the database itself (locked, full) propagates and the row stays."""
+        self.db.execute("SAVEPOINT batch")
         try:
             rows, sessions = decode_batch(body)
+            if not isinstance(node, str) or not isinstance(prev_hash, str) or type(first) is not int:
+                raise ValueError("node, first or prev_hash of another type")
             records = chained(node, first - 1, prev_hash, rows, sessions)
-        except Exception as exc:  # noqa: BLE001 - whatever the database now holds there
-            self.db.execute("INSERT INTO unindexable VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                            (node, first, last, prev_hash, digest, batch_id, body, str(exc)[:200]))
-            log.critical("%s: the stored batch %s:%s..%s cannot be read (%s): altered in the database; "
-                         "its records are missing", self.path, node, first, last, exc)
-        else:
             if not records or records[-1].seq != last or records[-1].hash != digest:
                 log.critical("%s: the stored batch %s:%s..%s no longer ends at the hash the writer chained: "
                              "altered in the database", self.path, node, first, last)
             self._insert(records)
+        except (ValueError, TypeError, KeyError, OverflowError, RecursionError, sqlite3.IntegrityError,
+                sqlite3.InterfaceError, sqlite3.ProgrammingError, sqlite3.DataError) as exc:
+            self.db.execute("ROLLBACK TO batch")
+            self._stored_identities = set()
+            self.db.execute("INSERT INTO unindexable VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            tuple(_storable(v) for v in (node, first, last, prev_hash, digest, batch_id, body))
+                            + (f"{type(exc).__name__}: {exc}"[:200],))
+            log.critical("%s: the stored batch %s:%s..%s cannot be read (%s): altered in the database; "
+                         "its records are missing", self.path, node, first, last, exc)
+        self.db.execute("RELEASE batch")
         self.db.execute("DELETE FROM pending WHERE rowid = ?", (rowid,))  # whatever its columns now hold
-        return last - first + 1 if isinstance(first, int) and isinstance(last, int) else 0
+        return last - first + 1 if type(first) is int and type(last) is int and last >= first else 1
 
     def head(self, node: str) -> Head | None:
         """Where ``node``'s chain ends in this store: its newest record, a prune checkpoint, or the stored head."""
@@ -653,7 +670,12 @@ class AssertionStore:
         recomputed hashes, renumbered after a deletion, cut off at the new end, deleted at the old end
         behind an unsigned checkpoint, and whole nodes missing.
         """
+        stored_heads = self._stored_heads()  # before indexing what arrived since opening: all of it is then indexed
+        self.catch_up()
         names = [node] if node else self.nodes()
+        set_aside = self._unindexable()
+        if node is None:
+            names = sorted(set(names) | set(stored_heads) | set(set_aside))
         if anchors is not None and node is None:
             names = sorted(set(names) | set(anchors.heads) | set(anchors.prunes) | set(self._checkpoint_nodes()))
         reports = []
@@ -673,6 +695,14 @@ class AssertionStore:
             checked, count, gaps = walked.checked, walked.count, walked.gaps
             problems.extend(walked.problems)
             problems.extend(self._odd_sequence_numbers(name))
+            for first_seq, last_seq, why in set_aside.get(name, []):
+                where = f"{name}:{first_seq}..{last_seq}"
+                problems.append((f"records {where} were stored as a batch that cannot be read or stored ({why}): "
+                                 "altered in the database, set aside in the unindexable table", where))
+            signed = max((h.seq for h in anchors.heads.get(name, [])), default=0) if anchors is not None else 0
+            if name in stored_heads and not self.unindexed and stored_heads[name][0] > signed:
+                # (Up to the newest signed head, the signed heads say it, and more: see _check_anchors.)
+                problems.extend(self._check_stored_head(name, *stored_heads[name]))
             if self._has_conflicts_table():
                 row = self.db.execute("SELECT count(*), min(seq) FROM conflicts WHERE node = ?", (name,)).fetchone()
                 if row[0]:
@@ -686,6 +716,50 @@ class AssertionStore:
             reports.append(ChainReport(name, checked, first[0], first[1], tuple(problems), anchored, anchored_seq,
                                        count + skipped, tuple(gaps), skipped, walk_from))
         return reports
+
+    def _stored_heads(self) -> dict[str, tuple[int, str]]:
+        """Each node's chain head as its writer stored it with its last batch (``meta``)."""
+        heads = {}
+        for key, value in self.db.execute("SELECT key, value FROM meta WHERE key LIKE 'head:%'"):
+            seq, _, rest = str(value).partition(" ")
+            try:
+                heads[str(key)[5:]] = (int(seq), rest.partition(" ")[0])
+            except ValueError:
+                heads[str(key)[5:]] = (-1, "")
+        return heads
+
+    def _unindexable(self) -> dict[str, list[tuple[Any, Any, str]]]:
+        found: dict[str, list[tuple[Any, Any, str]]] = {}
+        try:
+            for name, first_seq, last_seq, why in self.db.execute(
+                    "SELECT node, first, last, error FROM unindexable ORDER BY rowid"):
+                found.setdefault(str(name), []).append((first_seq, last_seq, str(why)))
+        except sqlite3.OperationalError:  # an older store: no such table
+            pass
+        return found
+
+    def _check_stored_head(self, name: str, seq: int, digest: str) -> list[tuple[str, str | None]]:
+        """The chain must end where its writer said it did: a batch edited in the database before it was
+        indexed ends at another hash, and records deleted at the new end leave the head pointing past them.
+        (With signed heads the same is checked against heads outside the database, which an attacker who
+        also rewrote this one cannot forge.)"""
+        if seq < 0:
+            return [(f"the chain head stored for node {name} is not a chain head (edited in the database)", None)]
+        row = self.db.execute("SELECT hash FROM records WHERE node = ? AND seq = ?", (name, seq)).fetchone()
+        if row is not None:
+            if row[0] == digest:
+                return []
+            return [(f"{name}:{seq} differs from the chain head its writer stored with it: its batch was altered "
+                     "in the database", f"{name}:{seq}")]
+        newest = self.db.execute("SELECT max(seq) FROM records WHERE node = ?", (name,)).fetchone()[0]
+        checkpoint = self.db.execute("SELECT seq FROM checkpoints WHERE node = ?", (name,)).fetchone()
+        if checkpoint is not None and checkpoint[0] >= seq:
+            return []  # pruned up to and past it
+        if isinstance(newest, int) and newest > seq:
+            return []  # records written after the head was read
+        after = newest if isinstance(newest, int) else 0
+        return [(f"records {name}:{after + 1}..{seq} missing at the end: the chain head its writer stored names "
+                 f"{name}:{seq}", None)]
 
     def _odd_sequence_numbers(self, name: str) -> list[tuple[str, str | None]]:
         """Records whose sequence number is not an integer sort before (NULL) or after (text, blob) every
