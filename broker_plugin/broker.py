@@ -20,7 +20,15 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from broker_plugin.acknowledgement import acknowledge, defer_pubacks, return_to_front, send_batched
+from broker_plugin.acknowledgement import (
+    acknowledge,
+    defer_pubacks,
+    next_delivery,
+    return_to_front,
+    send_batched,
+    stop_routing,
+    taken_over,
+)
 from broker_plugin.amqtt_compat import (
     NOT_AUTHORIZED,
     QOS_1,
@@ -148,6 +156,7 @@ class HardenedBroker(Broker):
         self.tls_refused = 0  # TLS handshakes that failed (each logged with peer and reason)
         self._tls_contexts: dict[str, ssl.SSLContext] = {}  # listener -> the context its handshakes use
         self._senders: dict[str, SessionSender] = {}  # client id -> the sender of its live connection
+        self._routing_loops: dict[str, int] = {}  # client id -> message loops routing from its session's queue
         self._outbound_limits = OutboundLimits(self.limits.max_inflight_messages, self.limits.session_queue_messages,
                                                self.limits.session_queue_bytes)
         self.outbound_dropped = 0  # QoS 0 messages dropped from live sessions' full queues, since start
@@ -338,7 +347,8 @@ class HardenedBroker(Broker):
             incoming.parent = 0
         elif incoming.client_id in self._sessions:
             # Same device (the client id is bound to the identity): resume, with this connection's credentials.
-            session, _ = self._sessions[incoming.client_id]
+            session, old_handler = self._sessions[incoming.client_id]
+            stop_routing(old_handler)  # before this connection queues anything: its loop routes from here
             for name in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive",
                          "username", "password", "remote_address", "remote_port", "ssl_object"):
                 setattr(session, name, getattr(incoming, name))
@@ -505,9 +515,11 @@ class HardenedBroker(Broker):
         disconnect_waiter = asyncio.ensure_future(handler.wait_disconnect())
         subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
         unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
-        wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+        wait_deliver = next_delivery(handler)
         waiters = [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver]
         consumed: asyncio.Future[Any] | None = None  # the last delivery future handled
+        client_id = client_session.client_id or ""
+        self._routing_loops[client_id] = self._routing_loops.get(client_id, 0) + 1
         loop = asyncio.get_running_loop()
         connected = True
         handled = False
@@ -519,6 +531,8 @@ class HardenedBroker(Broker):
                     # end the session; as amqtt does, still handle the other waiters that completed with it.
                     queue = client_session.delivered_message_queue
                     while True:
+                        if taken_over(handler) or self._routing_loops.get(client_id, 0) > 1:
+                            break  # the new connection's loop routes the queue from here (stop_routing)
                         if not wait_deliver.done():
                             # Re-checked, not one wait of packet_timeout: the queue can empty meanwhile (amqtt
                             # clears a deleted session's queue; a connection taking the session over routes
@@ -533,7 +547,7 @@ class HardenedBroker(Broker):
                         consumed = wait_deliver
                         if not await self._handle_message_delivery(client_session, handler, wait_deliver.result()):
                             return handled
-                        wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+                        wait_deliver = next_delivery(handler)
                     await self._handle_disconnect(client_session, handler, disconnect_waiter)
                     connected = False
                     handled = True
@@ -543,11 +557,13 @@ class HardenedBroker(Broker):
                 if unsubscribe_waiter in done:
                     await self._handle_unsubscription(client_session, handler, unsubscribe_waiter)
                     unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
-                if wait_deliver in done:
+                if wait_deliver in done and wait_deliver.cancelled():  # taken over (stop_routing)
+                    wait_deliver = next_delivery(handler)
+                elif wait_deliver in done:
                     consumed = wait_deliver
                     if not await self._route_queued(client_session, handler, wait_deliver.result(), waiters):
                         return handled
-                    wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+                    wait_deliver = next_delivery(handler)
                 waiters = [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver]
         except asyncio.CancelledError:
             log.debug("client loop of %s cancelled", client_session.client_id)
@@ -562,25 +578,38 @@ class HardenedBroker(Broker):
             if wait_deliver is not consumed and wait_deliver.done() and not wait_deliver.cancelled() \
                     and wait_deliver.exception() is None and wait_deliver.result() is not None:
                 return_to_front(client_session.delivered_message_queue, wait_deliver.result())
+            # Only now: until a message it took is back in the queue, the other loop must not run past it.
+            left = self._routing_loops.get(client_id, 1) - 1
+            if left > 0:
+                self._routing_loops[client_id] = left
+            else:
+                self._routing_loops.pop(client_id, None)
         return handled
 
     async def _route_queued(self, client_session: Session, handler: BrokerProtocolHandler, first: Any,
                             waiters: list[asyncio.Future[Any]]) -> bool:
         """Route ``first`` and then what its PUBLISH's read queued behind it, up to ``ROUTE_RUN`` messages, without
         a getter task and an ``asyncio.wait`` per message; their PUBACKs go out together at the end, one
-        write per connection. Stops early when another waiter (disconnect, subscribe, unsubscribe) is done,
-        so those keep their place among the messages. False when the connection must close."""
+        write per connection. Stops early when another waiter (disconnect, subscribe, unsubscribe) is done
+        and the loop sees it (as amqtt's loop, a SUBSCRIBE read after PUBLISHes can take effect before some
+        of them are routed; MQTT orders PUBLISHes only). Only while this is the one loop routing from the
+        session's queue: after a persistent takeover the old connection's loop may hold a message of the new
+        one, and a run of the new loop went past it (found by an outside attack: PUBACKs 40001-40003 before
+        40000 in 2-4 takeovers of 30); with two loops each routes one message per wake-up, as amqtt's did.
+        False when the connection must close."""
         queue = client_session.delivered_message_queue
+        client_id = client_session.client_id or ""
         batch: dict[Any, list[bytes]] = {}
         try:
-            message = first
-            for _ in range(ROUTE_RUN):
+            message, routed = first, 0
+            while True:
                 if not await self._handle_message_delivery(client_session, handler, message, batch):
                     return False
-                if queue.empty() or any(waiter.done() for waiter in waiters[:3]) or not handler._is_attached():
+                routed += 1
+                if routed >= ROUTE_RUN or queue.empty() or any(waiter.done() for waiter in waiters[:3]) \
+                        or not handler._is_attached() or self._routing_loops.get(client_id, 0) != 1:
                     return True
-                message = queue.get_nowait()
-            return True
+                message = queue.get_nowait()  # routed next: nothing taken is left behind
         finally:
             send_batched(batch)
 

@@ -290,7 +290,9 @@ def cmd_query(args: argparse.Namespace) -> int:
             store.catch_up()  # what the writer stored meanwhile, indexed (it waits for a quiet moment itself)
             new = list(store.query(filters, after_rowid=last))
             if new:
-                last = new[-1][0]
+                # The largest rowid, not the newest record's: a batch indexed late has older records under
+                # higher rowids, and the next poll printed them again (found by an outside attack).
+                last = max(rowid for rowid, _ in new)
                 _emit([r for _, r in new], args.format, sys.stdout, header=False, fixed=True)
     except KeyboardInterrupt:
         return 0
@@ -369,7 +371,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for problem in store.check_identities(after):
             broken += 1
             print(f"BROKEN: {safe_text(problem)}")
-    return 1 if broken else (3 if gapped else 0)
+    if store.unindexed:
+        print(f"incomplete: the newest {store.unindexed} records are stored but not indexed, and not verified "
+              f"(no write access to {safe_text(store.path)})")
+    return 1 if broken else (3 if gapped or store.unindexed else 0)
 
 
 def cmd_reindex(args: argparse.Namespace) -> int:
