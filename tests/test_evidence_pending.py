@@ -44,6 +44,23 @@ def writer_for(directory: Path, db: Path, backlog: int, key_file: Path | None = 
                          "anchor_every": 5, "anchor_interval": 3600})
 
 
+def pending_batches(tmp_path: Path, batches: int, size: int, key_file: Path | None = None):
+    """A writer that stored ``batches`` batches of ``size`` records whole, none indexed (it is not closed)."""
+    db = tmp_path / "a.db"
+    writer = writer_for(tmp_path, db, 1_000_000, key_file)
+    for n in range(batches):
+        writer.write(hostile_rows(size, time.time() - 100 + n * 10), SESSIONS, f"b{n}")
+    return db, writer
+
+
+def retopic(db: Path, first: int, row: int, topic: str) -> None:
+    """Rewrite one row's topic in the stored batch that starts at ``first``, as someone with write access would."""
+    with sqlite3.connect(db) as conn:
+        rows, sessions = json.loads(conn.execute("SELECT body FROM pending WHERE first = ?", (first,)).fetchone()[0])
+        rows[row][5] = topic
+        conn.execute("UPDATE pending SET body = ? WHERE first = ?", (json.dumps([rows, sessions]).encode(), first))
+
+
 def raw_count(db: Path, table: str) -> int:
     with sqlite3.connect(db) as conn:
         return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
@@ -79,10 +96,7 @@ def test_pending_batches_become_the_records_a_direct_insert_stores(tmp_path: Pat
 
 
 def test_the_writer_indexes_what_it_stored_when_asked_and_when_it_stops(tmp_path: Path) -> None:
-    db = tmp_path / "a.db"
-    writer = writer_for(tmp_path, db, 1_000_000)
-    for n in range(3):
-        writer.write(hostile_rows(10, time.time()), SESSIONS, f"b{n}")
+    db, writer = pending_batches(tmp_path, 3, 10)
     assert writer.index(1) == 10 and (raw_count(db, "records"), raw_count(db, "pending")) == (10, 2)
     writer.write(hostile_rows(10, time.time()), SESSIONS, "b3")
     writer.close()  # a clean stop leaves nothing pending
@@ -105,17 +119,9 @@ def _pending_body(db: Path) -> tuple[int, bytes]:
 
 
 def test_a_pending_batch_altered_in_the_database_is_named_by_verify(tmp_path: Path, key: Path) -> None:  # noqa: F811
-    db = tmp_path / "a.db"
-    writer = writer_for(tmp_path, db, 1_000_000, key)
-    for n in range(4):
-        writer.write(hostile_rows(5, time.time() - 100 + n * 10), SESSIONS, f"b{n}")
+    db, writer = pending_batches(tmp_path, 4, 5, key)
     writer.tick()
-    # Rewrite the second batch's third row: another topic, as someone with write access would.
-    with sqlite3.connect(db) as conn:
-        body = conn.execute("SELECT body FROM pending WHERE first = 6").fetchone()[0]
-        rows, sessions = json.loads(body)
-        rows[2][5] = "t/innocent"
-        conn.execute("UPDATE pending SET body = ? WHERE first = 6", (json.dumps([rows, sessions]).encode(),))
+    retopic(db, 6, 2, "t/innocent")  # the second batch's third row
     result = cli("log", "verify", "--db", str(db), "--anchors", str(tmp_path / "anchors"), "--public-key",
                  f"{key}.pub")
     assert "the stored batch n1:6..10 no longer ends at the hash the writer chained" in result.stderr
@@ -128,10 +134,7 @@ def test_a_pending_batch_altered_in_the_database_is_named_by_verify(tmp_path: Pa
 
 
 def test_a_pending_batch_destroyed_in_the_database_is_reported_missing(tmp_path: Path) -> None:
-    db = tmp_path / "a.db"
-    writer = writer_for(tmp_path, db, 1_000_000)
-    for n in range(3):
-        writer.write(hostile_rows(5, time.time()), SESSIONS, f"b{n}")
+    db, writer = pending_batches(tmp_path, 3, 5)
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE pending SET body = x'00ff' WHERE first = 6")
     result = cli("log", "verify", "--db", str(db))
@@ -234,10 +237,7 @@ def test_steady_light_traffic_is_indexed_while_it_runs(broker, connect) -> None:
 
 def test_pending_rows_with_any_columns_edited_never_stop_indexing(tmp_path: Path) -> None:
     """Columns an attacker set to text or numbers of the wrong kind: each such row is set aside once, the others are indexed."""
-    db = tmp_path / "a.db"
-    writer = writer_for(tmp_path, db, 1_000_000)
-    for n in range(4):
-        writer.write(hostile_rows(5, time.time()), SESSIONS, f"b{n}")
+    db, writer = pending_batches(tmp_path, 4, 5)
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE pending SET first = 'six' WHERE first = 6")
         conn.execute("UPDATE pending SET last = 'x', prev_hash = 7 WHERE first = 11")
@@ -259,10 +259,7 @@ def test_a_forged_pending_row_never_stops_indexing_or_the_writer(tmp_path: Path,
     """Found by an outside attack: a row whose values decode but cannot be stored (an object, an integer past
     SQLite's, ...) rolled indexing back for ever, hid every later record from verify (which said intact),
     and one past SQLite's integers killed the writer at every restart."""
-    db = tmp_path / "a.db"
-    writer = writer_for(tmp_path, db, 1_000_000)
-    for n in range(3):
-        writer.write(hostile_rows(5, time.time()), SESSIONS, f"b{n}")
+    db, writer = pending_batches(tmp_path, 3, 5)
     forged = json.dumps([[[time.time(), 1, value, None, "publish", "t", True, None, "r", None, 0, None]],
                          [[1, [None] * 9]]]).encode()
     with sqlite3.connect(db) as conn:  # node '!' sorts before every real one: indexed first
@@ -282,10 +279,7 @@ def test_a_forged_pending_row_never_stops_indexing_or_the_writer(tmp_path: Path,
 def test_an_edited_range_does_not_make_pending_batches_look_indexed(tmp_path: Path) -> None:
     """Found by an outside attack: readers skipped indexing when the sum of the pending ranges was 0, and one
     edited cell made it so: verify said intact over a quarter of the records."""
-    db = tmp_path / "a.db"
-    writer = writer_for(tmp_path, db, 1_000_000)
-    for n in range(4):
-        writer.write(hostile_rows(10, time.time()), SESSIONS, f"b{n}")
+    db, writer = pending_batches(tmp_path, 4, 10)
     writer.index(1)
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE pending SET last = first - 1 - (SELECT sum(last - first + 1) FROM pending p2 WHERE "
@@ -302,10 +296,7 @@ def test_an_edited_range_does_not_make_pending_batches_look_indexed(tmp_path: Pa
 def test_the_newest_pending_batch_edited_or_deleted_is_named_without_signed_heads(tmp_path: Path, edit: str) -> None:
     """Found by an outside attack: with nothing after it to break the chain, plain verify said intact. The
     chain head the writer stored with the batch names where the chain must end."""
-    db = tmp_path / "a.db"
-    writer = writer_for(tmp_path, db, 1_000_000)
-    for n in range(4):
-        writer.write(hostile_rows(10, time.time()), SESSIONS, f"b{n}")
+    db, writer = pending_batches(tmp_path, 4, 10)
     with sqlite3.connect(db) as conn:
         conn.execute(edit)
     result = cli("log", "verify", "--db", str(db))
@@ -316,14 +307,8 @@ def test_the_newest_pending_batch_edited_or_deleted_is_named_without_signed_head
 
 
 def test_the_newest_pending_batch_rewritten_is_named_without_signed_heads(tmp_path: Path) -> None:
-    db = tmp_path / "a.db"
-    writer = writer_for(tmp_path, db, 1_000_000)
-    for n in range(4):
-        writer.write(hostile_rows(10, time.time()), SESSIONS, f"b{n}")
-    with sqlite3.connect(db) as conn:
-        rows, sessions = json.loads(conn.execute("SELECT body FROM pending WHERE first = 31").fetchone()[0])
-        rows[0][5] = "t/innocent"
-        conn.execute("UPDATE pending SET body = ? WHERE first = 31", (json.dumps([rows, sessions]).encode(),))
+    db, writer = pending_batches(tmp_path, 4, 10)
+    retopic(db, 31, 0, "t/innocent")
     result = cli("log", "verify", "--db", str(db))
     assert result.returncode == 1, result
     assert "BROKEN: node n1: n1:40 differs from the chain head its writer stored with it: its batch was altered " \
