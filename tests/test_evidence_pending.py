@@ -314,3 +314,36 @@ def test_the_newest_pending_batch_rewritten_is_named_without_signed_heads(tmp_pa
     assert "BROKEN: node n1: n1:40 differs from the chain head its writer stored with it: its batch was altered " \
            "in the database" in result.stdout
     writer.close()
+
+
+@pytest.mark.parametrize("value", ["abc", "99999999999999999999999 ab", "9223372036854775800 ab"],
+                         ids=["text", "past-int64", "near-int64"])
+def test_a_stored_chain_head_edited_in_the_database_neither_stops_nor_stalls_the_writer(tmp_path: Path,
+                                                                                         value: str) -> None:
+    """Found by an outside attack: one edited ``meta`` value kept the broker's writer from starting, or had
+    it continue past SQLite's integers and fail every batch; verify crashed on it or said intact."""
+    db, writer = pending_batches(tmp_path, 2, 5)
+    writer.close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'head:n1'", (value,))
+    result = cli("log", "verify", "--db", str(db))
+    assert result.returncode == 1, result
+    assert "BROKEN: node n1: the chain head stored for node n1 is not a chain head (edited in the database)" \
+        in result.stdout
+    again = writer_for(tmp_path, db, 1_000_000)  # starts, and goes on after the records it finds
+    assert again.write(hostile_rows(5, time.time()), SESSIONS, "b9") == 5
+    again.close()
+    assert sorted(r.seq for r in stored_records(db)) == list(range(1, 16))
+
+
+def test_a_forged_pending_row_after_the_newest_batch_is_named(tmp_path: Path) -> None:
+    """Found by an outside attack: a copy of the newest stored batch renumbered after it indexed into a chain
+    of its own, and verify said intact (the writer's stored head names where the chain ends)."""
+    db, writer = pending_batches(tmp_path, 4, 10)
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT INTO pending SELECT node, 41, 50, hash, hash, 'x', body FROM pending WHERE first = 31")
+    result = cli("log", "verify", "--db", str(db))
+    assert result.returncode == 1, result
+    assert "BROKEN: node n1: records n1:41..50 come after the chain head their writer stored (n1:40): not " \
+           "written by it" in result.stdout
+    writer.close()

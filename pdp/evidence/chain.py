@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pdp.evidence.anchor import Anchorer
+from pdp.evidence.store import MAX_SEQ
 from pdp.evidence.record import (
     GENESIS,
     AssertionRecord,
@@ -154,7 +155,12 @@ class ChainWriter:
                 found = head_of(self.node)
                 if found is not None:
                     heads.append(found)
-        best = max(heads, key=lambda h: h.seq)
+        sane = [h for h in heads if 0 <= h.seq < MAX_SEQ]
+        for other in heads:
+            if other not in sane:
+                log.critical("node %s: %s names record %d, which no writer reaches (edited); ignored", self.node,
+                             other.source, other.seq)
+        best = max(sane or [Head(0, GENESIS, None, "genesis")], key=lambda h: h.seq)
         for other in heads:
             if other.seq == best.seq and other.hash != best.hash:
                 log.critical("node %s: %s and %s disagree on record %d (hash %s vs %s); continuing from %s",

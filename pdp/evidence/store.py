@@ -120,6 +120,18 @@ _IDENTITY = itemgetter(FIELD_NAMES.index("device_id"), FIELD_NAMES.index("client
 log = logging.getLogger("mqtt_pdp.assertions")
 
 
+MAX_SEQ = 2**62  # no writer gets near it; a stored head beyond it was edited
+
+
+def parse_head(value: object) -> tuple[int, str, str | None] | None:
+    """'seq hash [batch_id]' as a writer stores it, or None for anything else."""
+    seq, _, rest = str(value).partition(" ")
+    digest, _, batch_id = rest.partition(" ")
+    if not seq.isdigit() or not 0 <= int(seq) < MAX_SEQ:
+        return None
+    return int(seq), digest, batch_id or None
+
+
 def head_key(node: str) -> str:
     """The meta key of a node's chain head: 'seq hash batch_id', stored with the records that end there."""
     return f"head:{node}"
@@ -498,20 +510,25 @@ class AssertionStore:
         return last - first + 1 if type(first) is int and type(last) is int and last >= first else 1
 
     def head(self, node: str) -> Head | None:
-        """Where ``node``'s chain ends in this store: its newest record, a prune checkpoint, or the stored head."""
+        """Where ``node``'s chain ends in this store: its newest record, a prune checkpoint, or the stored head.
+
+        A stored head that is not one (text, or a sequence number no writer reaches: an edit in the database)
+        is reported CRITICAL and ignored, not followed: one such value kept the broker from starting, or had
+        its writer go on past SQLite's integers and fail every batch (found by an outside attack)."""
         found: Head | None = None
         row = self.db.execute("SELECT seq, hash FROM records WHERE node = ? ORDER BY seq DESC LIMIT 1",
                               (node,)).fetchone()
-        if row is None:
+        if row is None or type(row[0]) is not int:
             row = self.db.execute("SELECT seq, hash FROM checkpoints WHERE node = ?", (node,)).fetchone()
-        if row is not None:
-            found = Head(int(row[0]), row[1], None, f"store {self.path}")
+        if row is not None and type(row[0]) is int:
+            found = Head(row[0], str(row[1]), None, f"store {self.path}")
         meta = self.get_meta(head_key(node))
-        if meta:
-            seq, _, rest = meta.partition(" ")
-            digest, _, batch_id = rest.partition(" ")
-            if found is None or int(seq) >= found.seq:
-                found = Head(int(seq), digest, batch_id or None, f"store {self.path}")
+        parsed = parse_head(meta) if meta else None
+        if meta and parsed is None:
+            log.critical("%s: the chain head stored for node %s is not one (%r): edited in the database; ignored",
+                         self.path, node, str(meta)[:80])
+        elif parsed is not None and (found is None or parsed[0] >= found.seq):
+            found = Head(parsed[0], parsed[1], parsed[2], f"store {self.path}")
         return found
 
     def _committed(self) -> None:
@@ -700,9 +717,12 @@ class AssertionStore:
                 problems.append((f"records {where} were stored as a batch that cannot be read or stored ({why}): "
                                  "altered in the database, set aside in the unindexable table", where))
             signed = max((h.seq for h in anchors.heads.get(name, [])), default=0) if anchors is not None else 0
-            if name in stored_heads and not self.unindexed and stored_heads[name][0] > signed:
+            if name in stored_heads and not self.unindexed and (stored_heads[name][0] > signed
+                                                                 or stored_heads[name][0] < 0):
                 # (Up to the newest signed head, the signed heads say it, and more: see _check_anchors.)
                 problems.extend(self._check_stored_head(name, *stored_heads[name]))
+            if name in stored_heads:
+                problems.extend(self._records_beyond_head(name))
             if self._has_conflicts_table():
                 row = self.db.execute("SELECT count(*), min(seq) FROM conflicts WHERE node = ?", (name,)).fetchone()
                 if row[0]:
@@ -718,14 +738,11 @@ class AssertionStore:
         return reports
 
     def _stored_heads(self) -> dict[str, tuple[int, str]]:
-        """Each node's chain head as its writer stored it with its last batch (``meta``)."""
+        """Each node's chain head as its writer stored it with its last batch (``meta``); -1 for one that is not."""
         heads = {}
         for key, value in self.db.execute("SELECT key, value FROM meta WHERE key LIKE 'head:%'"):
-            seq, _, rest = str(value).partition(" ")
-            try:
-                heads[str(key)[5:]] = (int(seq), rest.partition(" ")[0])
-            except ValueError:
-                heads[str(key)[5:]] = (-1, "")
+            parsed = parse_head(value)
+            heads[str(key)[5:]] = (parsed[0], parsed[1]) if parsed else (-1, "")
         return heads
 
     def _unindexable(self) -> dict[str, list[tuple[Any, Any, str]]]:
@@ -760,6 +777,23 @@ class AssertionStore:
         after = newest if isinstance(newest, int) else 0
         return [(f"records {name}:{after + 1}..{seq} missing at the end: the chain head its writer stored names "
                  f"{name}:{seq}", None)]
+
+    def _records_beyond_head(self, name: str) -> list[tuple[str, str | None]]:
+        """Records after the chain head their writer stored, read in one snapshot (a writer moves the head in
+        the transaction of its records): inserted in the database, e.g. as a forged pending row copied from a
+        genuine one, which indexed into a chain of its own (found by an outside attack: verify said intact)."""
+        self.db.execute("BEGIN")
+        try:
+            value = self.get_meta(head_key(name))
+            newest = self.db.execute("SELECT max(seq) FROM records WHERE node = ? AND typeof(seq) = 'integer'",
+                                     (name,)).fetchone()[0]
+        finally:
+            self.db.execute("COMMIT")
+        parsed = parse_head(value) if value is not None else None
+        if parsed is None or not isinstance(newest, int) or newest <= parsed[0]:
+            return []
+        return [(f"records {name}:{parsed[0] + 1}..{newest} come after the chain head their writer stored "
+                 f"({name}:{parsed[0]}): not written by it", f"{name}:{parsed[0] + 1}")]
 
     def _odd_sequence_numbers(self, name: str) -> list[tuple[str, str | None]]:
         """Records whose sequence number is not an integer sort before (NULL) or after (text, blob) every
