@@ -347,3 +347,31 @@ def test_a_forged_pending_row_after_the_newest_batch_is_named(tmp_path: Path) ->
     assert "BROKEN: node n1: records n1:41..50 come after the chain head their writer stored (n1:40): not " \
            "written by it" in result.stdout
     writer.close()
+
+
+def test_follow_prints_each_record_once_when_a_batch_is_indexed_after_a_newer_one(tmp_path: Path) -> None:
+    """Found by an outside attack: --follow resumed after the newest record's rowid, and a batch indexed after a
+    newer one stored directly (past the backlog) has older records under higher rowids: printed again."""
+    import subprocess
+    import sys
+
+    db = tmp_path / "a.db"
+    writer = writer_for(tmp_path, db, 5)  # a batch of 5 fills the backlog: the next one goes in directly
+    writer.write(hostile_rows(5, time.time() - 50), SESSIONS, "b0")
+    writer.index(None)
+    follow = subprocess.Popen([sys.executable, "-m", "pdp.cli", "log", "query", "--db", str(db), "--follow",
+                               "--format", "jsonl"], cwd=Path(__file__).resolve().parent.parent,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert follow.stdout is not None
+        first = [follow.stdout.readline() for _ in range(5)]
+        writer.write(hostile_rows(5, time.time() - 20), SESSIONS, "b1")  # stored whole, indexed by the follower
+        writer.write(hostile_rows(5, time.time() - 10), SESSIONS, "b2")  # newer, into the records at once
+        later = [follow.stdout.readline() for _ in range(10)]
+        time.sleep(1.5)  # three more polls: a repeat would be printed by now
+    finally:
+        follow.terminate()
+        rest, _ = follow.communicate(timeout=10)
+    seqs = [json.loads(line)["seq"] for line in first + later + rest.splitlines() if line.strip()]
+    assert sorted(seqs) == list(range(1, 16)), seqs
+    writer.close()
