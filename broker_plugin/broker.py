@@ -156,7 +156,6 @@ class HardenedBroker(Broker):
         self.tls_refused = 0  # TLS handshakes that failed (each logged with peer and reason)
         self._tls_contexts: dict[str, ssl.SSLContext] = {}  # listener -> the context its handshakes use
         self._senders: dict[str, SessionSender] = {}  # client id -> the sender of its live connection
-        self._routing_loops: dict[str, int] = {}  # client id -> message loops routing from its session's queue
         self._outbound_limits = OutboundLimits(self.limits.max_inflight_messages, self.limits.session_queue_messages,
                                                self.limits.session_queue_bytes)
         self.outbound_dropped = 0  # QoS 0 messages dropped from live sessions' full queues, since start
@@ -518,8 +517,6 @@ class HardenedBroker(Broker):
         wait_deliver = next_delivery(handler)
         waiters = [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver]
         consumed: asyncio.Future[Any] | None = None  # the last delivery future handled
-        client_id = client_session.client_id or ""
-        self._routing_loops[client_id] = self._routing_loops.get(client_id, 0) + 1
         loop = asyncio.get_running_loop()
         connected = True
         handled = False
@@ -531,7 +528,7 @@ class HardenedBroker(Broker):
                     # end the session; as amqtt does, still handle the other waiters that completed with it.
                     queue = client_session.delivered_message_queue
                     while True:
-                        if taken_over(handler) or self._routing_loops.get(client_id, 0) > 1:
+                        if taken_over(handler):
                             break  # the new connection's loop routes the queue from here (stop_routing)
                         if not wait_deliver.done():
                             # Re-checked, not one wait of packet_timeout: the queue can empty meanwhile (amqtt
@@ -578,12 +575,6 @@ class HardenedBroker(Broker):
             if wait_deliver is not consumed and wait_deliver.done() and not wait_deliver.cancelled() \
                     and wait_deliver.exception() is None and wait_deliver.result() is not None:
                 return_to_front(client_session.delivered_message_queue, wait_deliver.result())
-            # Only now: until a message it took is back in the queue, the other loop must not run past it.
-            left = self._routing_loops.get(client_id, 1) - 1
-            if left > 0:
-                self._routing_loops[client_id] = left
-            else:
-                self._routing_loops.pop(client_id, None)
         return handled
 
     async def _route_queued(self, client_session: Session, handler: BrokerProtocolHandler, first: Any,
@@ -592,13 +583,10 @@ class HardenedBroker(Broker):
         a getter task and an ``asyncio.wait`` per message; their PUBACKs go out together at the end, one
         write per connection. Stops early when another waiter (disconnect, subscribe, unsubscribe) is done
         and the loop sees it (as amqtt's loop, a SUBSCRIBE read after PUBLISHes can take effect before some
-        of them are routed; MQTT orders PUBLISHes only). Only while this is the one loop routing from the
-        session's queue: after a persistent takeover the old connection's loop may hold a message of the new
-        one, and a run of the new loop went past it (found by an outside attack: PUBACKs 40001-40003 before
-        40000 in 2-4 takeovers of 30); with two loops each routes one message per wake-up, as amqtt's did.
-        False when the connection must close."""
+        of them are routed; MQTT orders PUBLISHes only), and at once when the session was taken over: the new
+        connection's loop routes its queue from then on (``stop_routing``). False when the connection must
+        close."""
         queue = client_session.delivered_message_queue
-        client_id = client_session.client_id or ""
         batch: dict[Any, list[bytes]] = {}
         try:
             message, routed = first, 0
@@ -607,7 +595,7 @@ class HardenedBroker(Broker):
                     return False
                 routed += 1
                 if routed >= ROUTE_RUN or queue.empty() or any(waiter.done() for waiter in waiters[:3]) \
-                        or not handler._is_attached() or self._routing_loops.get(client_id, 0) != 1:
+                        or not handler._is_attached() or taken_over(handler):
                     return True
                 message = queue.get_nowait()  # routed next: nothing taken is left behind
         finally:

@@ -8,8 +8,8 @@ chain is walked again (``pdp.evidence.store``).
 from __future__ import annotations
 
 import hashlib
-import math
 import logging
+import math
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -135,8 +135,6 @@ def session_fields(admission: Admission | None) -> SessionFields:
         device.type if device else None, device.location if device else None,
         device.purpose if device else None, device.owner if device else None, device.status if device else None,
     )
-
-
 
 
 def chained(node: str, seq: int, prev: str, rows: Sequence[Row], sessions: dict[int, SessionFields]
