@@ -12,7 +12,7 @@ import pytest
 from pdp.core.topics import covers, matches
 import pdp.evidence.store as store_module
 from pdp.evidence.chain import ChainWriter
-from pdp.evidence.record import AssertionRecord, record_hash
+from pdp.evidence.record import AssertionRecord, ChainedBatch, chained, record_hash
 from pdp.evidence.sinks import SqliteSink
 from pdp.evidence.store import AssertionStore, QueryFilters, _glob
 
@@ -39,6 +39,24 @@ def test_verify_hashes_hostile_values_as_the_writer_did_and_catches_each_altered
         db.close()
         problems = AssertionStore(altered).verify()[0].problems
         assert problems == (("n1:2 was altered (its hash does not match its content)", "n1:2"),), column
+
+
+def test_a_batch_built_lazily_is_the_batch_chained_gives_read_any_way() -> None:
+    """The writer builds only the first and last record of a batch a store keeps whole; a sink that reads
+    more (the spool, the stream, a direct insert) must get exactly the chained records, hashes included."""
+    sessions = {1: ("dev\x00x", None, "0a", "CN=\u00fc ca", None, "[*?]", None, None, None), 2: ("d2",) + (None,) * 8}
+    rows = [(1.5 + i, 1 + i % 2, None if i % 3 else f"c{i}\n", "1.2.3.4:5", "receive", f"t/{i}", [True, False, None][i % 3],
+             None, "why", "l1" if i % 2 else None, i * 1001, "rev") for i in range(7)]
+    full = chained("n1", 40, "ab" * 32, rows, sessions)
+    assert all(record_hash(r) == r.hash for r in full)
+    for read in (lambda b: b[0], lambda b: b[-1], lambda b: b[6], lambda b: b[3], lambda b: b[2:5], list,
+                 lambda b: [r.hash for r in b], len):
+        expected = read(full)
+        assert read(ChainedBatch("n1", 40, "ab" * 32, rows, sessions)) == expected
+    lazy = ChainedBatch("n1", 40, "ab" * 32, rows, sessions)
+    assert (lazy[0], lazy[-1], lazy[1], lazy[-1]) == (full[0], full[-1], full[1], full[-1])  # before and after building
+    with pytest.raises(ValueError):
+        ChainedBatch("n1", 0, "0" * 64, [], {})
 
 
 def test_glob_prefilter_keeps_everything_the_filter_selects() -> None:

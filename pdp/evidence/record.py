@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
@@ -137,6 +137,58 @@ def session_fields(admission: Admission | None) -> SessionFields:
     )
 
 
+def chain_hashes(node: str, seq: int, prev: str, rows: Sequence[Row], sessions: dict[int, SessionFields]
+                 ) -> list[str]:
+    """The hash of each record of a batch as it chains after ``(seq, prev)``, without building the records.
+
+    What the writer needs while the store keeps the batch whole (``pending``): the hash its chain ends at.
+    Building the records too cost a fifth of the writer's time in a flow; ``ChainedBatch`` builds them
+    only for a sink that takes records.
+    """
+    canon = _canonical
+    # _canonical inlined for str (as is) and None (U+0000): a bench batch has a session per record.
+    texts = {key: "\x1f".join([v if v.__class__ is str else ("\x00" if v is None else canon(v)) for v in values])
+             for key, values in sessions.items()}
+    hashes: list[str] = []
+    append = hashes.append
+    sha = hashlib.sha256
+    for ts, key, client_id, peer, action, topic, allowed, rule_id, reason, tier, latency_ns, revision in rows:
+        seq += 1
+        latency = round(latency_ns / 1000, 3) if tier else None
+        # _canonical inlined for the common types (str as is, None as U+0000): a call per field was a
+        # fifth of the writer's time per record. The text is the same; record_hash pins it in the tests.
+        prev = sha("\x1f".join((
+            f"{node}:{seq}", node, str(seq), repr(ts),
+            client_id if client_id.__class__ is str else canon(client_id), texts[key], action,
+            topic if topic.__class__ is str else canon(topic), _verdict(allowed),
+            rule_id if rule_id.__class__ is str else canon(rule_id), reason,
+            revision if revision.__class__ is str else canon(revision),
+            tier if tier.__class__ is str else canon(tier),
+            "\x00" if latency is None else repr(latency),
+            peer if peer.__class__ is str else canon(peer), prev,
+        )).encode("utf-8", "surrogatepass")).hexdigest()
+        append(prev)
+    return hashes
+
+
+def _verdict(allowed: bool | None) -> str:
+    return "allow" if allowed else ("deny" if allowed is not None else "lost")  # None: a gap record
+
+
+def _records(node: str, seq: int, prev: str, rows: Sequence[Row], sessions: dict[int, SessionFields],
+             hashes: Sequence[str]) -> list[AssertionRecord]:
+    records = []
+    make = AssertionRecord._make
+    for (ts, key, client_id, peer, action, topic, allowed, rule_id, reason, tier, latency_ns, revision), digest \
+            in zip(rows, hashes):
+        seq += 1
+        records.append(make((f"{node}:{seq}", node, seq, ts, client_id, *sessions[key], action, topic,
+                             _verdict(allowed), rule_id, reason, revision, tier,
+                             round(latency_ns / 1000, 3) if tier else None, peer, prev, digest)))
+        prev = digest
+    return records
+
+
 def chained(node: str, seq: int, prev: str, rows: Sequence[Row], sessions: dict[int, SessionFields]
             ) -> list[AssertionRecord]:
     """The records of a batch as they chain after ``(seq, prev)``; their text hashed here equals ``chain_hash``.
@@ -145,35 +197,40 @@ def chained(node: str, seq: int, prev: str, rows: Sequence[Row], sessions: dict[
     crash duplicates records exactly or not at all, and a batch stored compactly (``pending``, indexed later)
     turns into exactly the records whose hashes the writer chained and signed.
     """
-    canon = _canonical
-    # _canonical inlined for str (as is) and None (U+0000): a bench batch has a session per record.
-    texts = {key: "\x1f".join([v if v.__class__ is str else ("\x00" if v is None else canon(v)) for v in values])
-             for key, values in sessions.items()}
-    records = []
-    make = AssertionRecord._make
-    sha = hashlib.sha256
-    for ts, key, client_id, peer, action, topic, allowed, rule_id, reason, tier, latency_ns, revision in rows:
-        seq += 1
-        record_id = f"{node}:{seq}"
-        verdict = "allow" if allowed else ("deny" if allowed is not None else "lost")  # None: a gap record
-        latency = round(latency_ns / 1000, 3) if tier else None
-        # _canonical inlined for the common types (str as is, None as U+0000): a call per field was a
-        # fifth of the writer's time per record. The text is the same; record_hash pins it in the tests.
-        text = "\x1f".join((
-            record_id, node, str(seq), repr(ts),
-            client_id if client_id.__class__ is str else canon(client_id), texts[key], action,
-            topic if topic.__class__ is str else canon(topic), verdict,
-            rule_id if rule_id.__class__ is str else canon(rule_id), reason,
-            revision if revision.__class__ is str else canon(revision),
-            tier if tier.__class__ is str else canon(tier),
-            "\x00" if latency is None else repr(latency),
-            peer if peer.__class__ is str else canon(peer), prev,
-        ))
-        digest = sha(text.encode("utf-8", "surrogatepass")).hexdigest()
-        records.append(make((record_id, node, seq, ts, client_id, *sessions[key], action, topic, verdict,
-                             rule_id, reason, revision, tier, latency, peer, prev, digest)))
-        prev = digest
-    return records
+    return _records(node, seq, prev, rows, sessions, chain_hashes(node, seq, prev, rows, sessions))
+
+
+class ChainedBatch(Sequence[AssertionRecord]):
+    """A batch's records as ``chained`` gives them, built only when a sink reads past the first and last:
+    a store that keeps the batch whole needs only those two, and the hashes."""
+
+    def __init__(self, node: str, seq: int, prev: str, rows: Sequence[Row], sessions: dict[int, SessionFields]
+                 ) -> None:
+        if not rows:
+            raise ValueError("an empty batch")
+        self._args = (node, seq, prev, rows, sessions)
+        self.hashes = chain_hashes(node, seq, prev, rows, sessions)
+        self._built: list[AssertionRecord] | None = None
+
+    def _one(self, index: int) -> AssertionRecord:
+        node, seq, prev, rows, sessions = self._args
+        before = prev if index == 0 else self.hashes[index - 1]
+        return _records(node, seq + index, before, rows[index:index + 1], sessions, self.hashes[index:index + 1])[0]
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def, override]
+        if self._built is None and isinstance(index, int) and index in (0, -1, len(self) - 1):
+            return self._one(index % len(self))
+        if self._built is None:
+            self._built = _records(*self._args, self.hashes)
+        return self._built[index]
+
+    def __iter__(self) -> Iterator[AssertionRecord]:
+        if self._built is None:
+            self._built = _records(*self._args, self.hashes)
+        return iter(self._built)
 
 
 def encode_batch(rows: Sequence[Row], sessions: dict[int, SessionFields]) -> bytes:

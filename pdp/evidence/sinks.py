@@ -33,7 +33,7 @@ def record_from_json(text: str | bytes) -> AssertionRecord:
 
 def batch_to_line(records: Sequence[AssertionRecord], batch_id: str | None) -> bytes:
     """One spool line per batch: the batch is spooled whole or (a torn line, quarantined) not at all."""
-    return (json.dumps({"batch": batch_id, "records": records}, separators=(",", ":")) + "\n").encode()
+    return (json.dumps({"batch": batch_id, "records": list(records)}, separators=(",", ":")) + "\n").encode()
 
 
 def batch_from_line(line: bytes) -> tuple[str | None, list[AssertionRecord]]:
