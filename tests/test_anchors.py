@@ -116,6 +116,24 @@ def test_deleted_record_and_renumbered_chain(store, key: Path) -> None:
         "deleted and the chain renumbered and rehashed (3 later signed heads differ too)"])
 
 
+def test_renumbered_chain_whose_records_share_a_time_counts_what_was_deleted_or_inserted(store, key: Path) -> None:
+    """Records of one burst can share a timestamp; the count named was negative when another record of the
+    signed one's time was taken for it (an outside attack)."""
+    db, anchors = store
+    original = records(db)
+    signed_ts = original[9].ts  # n1:10, signed head #2
+    burst = [r._replace(ts=signed_ts) if r.seq in (8, 12, 13) else r for r in original]
+    rewrite_chain(db, [r for r in burst if r.seq != 7])
+    assert verify(db, anchors, key)[1][0].startswith(
+        "BROKEN: node n1: the record signed as n1:10 (signed head #2) is stored as n1:9: 1 record(s) in n1:6..10 "
+        "deleted and the chain renumbered and rehashed")
+    extra = original[11]._replace(topic="forged")
+    rewrite_chain(db, burst[:8] + [extra] + burst[8:])
+    assert verify(db, anchors, key)[1][0].startswith(
+        "BROKEN: node n1: the record signed as n1:10 (signed head #2) is stored as n1:11: 1 record(s) inserted "
+        "before it and the chain renumbered and rehashed")
+
+
 def test_newest_records_deleted(store, key: Path) -> None:
     db, anchors = store
     with sqlite3.connect(db) as conn:

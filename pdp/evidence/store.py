@@ -926,14 +926,17 @@ class AssertionStore:
                 continue
             moved = None
             if head.ts is not None:
-                found = self.db.execute("SELECT seq FROM records WHERE node = ? AND ts = ? AND seq != ?",
-                                        (name, head.ts, head.seq)).fetchone()
-                moved = found[0] if found and isinstance(found[0], int) else None  # else: _odd_sequence_numbers
+                # Records of one burst can share a time: the one nearest the signed number, the lower first.
+                found = self.db.execute(
+                    "SELECT seq FROM records WHERE node = ? AND ts = ? AND seq != ? AND typeof(seq) = 'integer' "
+                    "ORDER BY abs(seq - ?), seq LIMIT 1", (name, head.ts, head.seq, head.seq)).fetchone()
+                moved = found[0] if found else None  # a text one: _odd_sequence_numbers
             if moved is not None:
                 renumbered = True
+                shift = (f"{head.seq - moved} record(s) in {name}:{last_ok + 1}..{head.seq} deleted" if moved < head.seq
+                         else f"{moved - head.seq} record(s) inserted before it")
                 failures.append(("renumbered", f"the record signed as {name}:{head.seq} (signed head #{head.n}) is "
-                                 f"stored as {name}:{moved}: {head.seq - moved} record(s) in {name}:{last_ok + 1}.."
-                                 f"{head.seq} deleted and the chain renumbered and rehashed"))
+                                 f"stored as {name}:{moved}: {shift} and the chain renumbered and rehashed"))
             elif row is not None:
                 failures.append(("rewritten", f"{name}:{head.seq} differs from signed head #{head.n}: records in "
                                  f"{name}:{last_ok + 1}..{head.seq} were rewritten and the hashes after them "
