@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import re
+import shutil
 import sqlite3
 import sys
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from pdp.evidence.record import FIELD_NAMES, AssertionRecord
-from pdp.evidence.store import AssertionStore, QueryFilters
+from pdp.evidence.store import AssertionStore, QueryFilters, connect_readonly
 from pdp.evidence.text import csv_cell, cut, safe_text
 
 DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
@@ -165,7 +166,7 @@ def check_database(path: str, may_create: bool = False) -> None:
     if where.stat().st_size == 0:
         raise LogCliError(f"{path} is an empty file, not an assertion database")
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        db, copy = connect_readonly(path, schema_only=True)
         try:
             found = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'records'").fetchone()
             if found is not None:
@@ -176,6 +177,8 @@ def check_database(path: str, may_create: bool = False) -> None:
                                       "assertion database") from None
         finally:
             db.close()
+            if copy is not None:
+                shutil.rmtree(copy.parent, ignore_errors=True)
     except sqlite3.DatabaseError as exc:
         raise LogCliError(f"{path} is not an assertion database: {exc}") from None
     if found is None:

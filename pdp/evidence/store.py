@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sqlite3
+import weakref
 from hashlib import sha256
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -256,6 +258,50 @@ def _topic_prefix(topic_filter: str) -> str:
     return "/".join(literal)
 
 
+def connect_readonly(path: str, schema_only: bool = False) -> tuple[sqlite3.Connection, Path | None]:
+    """A read-only connection, also on read-only media (an evidence copy on a read-only mount), where SQLite
+    cannot create the ``-shm`` file a WAL database needs: then ``immutable`` when no WAL and no pending batch
+    hold records (complete, nothing copied), else a private copy of the database and its WAL, returned as
+    the second value (``immutable`` would silently skip what the WAL holds). ``schema_only``: the caller
+    reads only the schema, so ``immutable`` does unless the WAL holds the records table itself."""
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone()
+        return db, None
+    except sqlite3.OperationalError:
+        directory = os.path.dirname(os.path.abspath(path))
+        if os.access(directory, os.W_OK):
+            raise
+    wal = Path(f"{path}-wal")
+    logged = wal.exists() and wal.stat().st_size > 0
+    db = sqlite3.connect(f"{Path(path).absolute().as_uri()}?immutable=1", uri=True)
+    if schema_only:
+        has_records = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'records'").fetchone() is not None
+        if has_records or not logged:
+            return db, None
+    elif not logged:
+        try:
+            pending = db.execute("SELECT 1 FROM pending LIMIT 1").fetchone()
+        except sqlite3.OperationalError:
+            pending = None  # no pending table: a store from before batches were, or not a store at all
+        if pending is None:
+            return db, None
+    db.close()
+    import tempfile
+
+    copy = Path(tempfile.mkdtemp(prefix="mqtt-pdp-readonly-")) / Path(path).name
+    try:
+        shutil.copyfile(path, copy)
+        if wal.exists():
+            shutil.copyfile(wal, f"{copy}-wal")
+    except OSError:
+        shutil.rmtree(copy.parent, ignore_errors=True)
+        raise
+    log.warning("%s is on read-only media with records in its write-ahead log or not yet indexed: reading a "
+                "private copy in %s", path, copy.parent)
+    return sqlite3.connect(f"file:{copy}?mode=ro", uri=True, timeout=10), copy
+
+
 class AssertionStore:
     def __init__(self, path: str | Path, *, readonly: bool = False, catch_up: bool = True) -> None:
         """``catch_up``: index the batches the writer stored but has not indexed yet, so that every answer
@@ -268,10 +314,13 @@ class AssertionStore:
         # (device, client id, fingerprint) as the records hold them (None, not ''):
         self._known_identities: set[tuple[str | None, str | None, str | None]] = set()  # committed by this connection
         self._stored_identities: set[tuple[str | None, str | None, str | None]] = set()  # in the open transaction
+        self.copy: Path | None = None  # read-only media: the private copy read instead (connect_readonly)
         if readonly:
             if not Path(self.path).exists():
                 raise FileNotFoundError(f"no assertion database at {self.path}")
-            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+            self.db, self.copy = connect_readonly(self.path)
+            if self.copy is not None:
+                weakref.finalize(self, shutil.rmtree, self.copy.parent, True)
             # Reads through mmap instead of a read() per page: verify and wide queries fetch a third faster.
             self.db.execute("PRAGMA mmap_size=1073741824")
         else:
@@ -299,7 +348,7 @@ class AssertionStore:
             self.index_pending()
             return
         try:
-            AssertionStore(self.path).close()  # indexes on opening
+            AssertionStore(self.copy or self.path).close()  # indexes on opening
         except (sqlite3.Error, OSError) as exc:
             log.warning("%s: cannot index the newest records (%s); they are not in this answer", self.path, exc)
         self.unindexed = self.pending_records()
