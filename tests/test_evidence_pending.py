@@ -118,6 +118,28 @@ def _pending_body(db: Path) -> tuple[int, bytes]:
         return conn.execute("SELECT first, body FROM pending ORDER BY first LIMIT 1").fetchone()
 
 
+@pytest.mark.parametrize("edit", ["hash = 'ab' || substr(hash, 3)", "last = 12"], ids=["hash", "range"])
+def test_a_pending_batch_whose_records_stay_intact_but_whose_row_was_edited_is_named_by_verify(
+        tmp_path: Path, edit: str) -> None:
+    """Edits that leave the records as they were (the stored hash or range alone) were only logged by whoever
+    indexed the batch, and verify said intact (a noted gap of the last outside attack)."""
+    db, writer = pending_batches(tmp_path, 4, 5)
+    with sqlite3.connect(db) as conn:
+        end = conn.execute("SELECT hash FROM pending WHERE first = 6").fetchone()[0]
+        conn.execute(f"UPDATE pending SET {edit} WHERE first = 6")
+    conn.close()
+    said = ("..10 with hash ab" + end[2:12]) if edit.startswith("hash") else ("..12 with hash " + end[:12])
+    result = cli("log", "verify", "--db", str(db))
+    assert (result.returncode, result.stdout.splitlines()) == (1, [
+        f"BROKEN: node n1: the stored batch n1:6{said[:4]} was altered in the database before it was indexed: its row "
+        f"says it ends at n1:{said[2:4]} with hash {said[-12:]}, its records end at n1:10 with hash {end[:12]} "
+        "(indexed as they read)"]), result
+    assert [r.seq for r in stored_records(db)] == list(range(1, 21))  # the records themselves are all there
+    again = cli("log", "verify", "--db", str(db))  # reported on every later verify too, not only once
+    assert again.returncode == 1 and "was altered in the database before it was indexed" in again.stdout
+    writer.close()
+
+
 def test_a_pending_batch_altered_in_the_database_is_named_by_verify(tmp_path: Path, key: Path) -> None:  # noqa: F811
     db, writer = pending_batches(tmp_path, 4, 5, key)
     writer.tick()

@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import time
 import weakref
 from hashlib import sha256
 from collections.abc import Callable, Iterator, Sequence
@@ -71,6 +72,9 @@ CREATE TABLE IF NOT EXISTS pending (
 CREATE TABLE IF NOT EXISTS unindexable (
     node TEXT NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL,
     batch_id TEXT, body BLOB, error TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS altered_batches (
+    node TEXT, first, last, stored_hash, found_last INTEGER, found_hash TEXT, noted REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS conflicts (
     record_id TEXT NOT NULL, node TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL,
@@ -541,10 +545,16 @@ class AssertionStore:
             if not isinstance(node, str) or not isinstance(prev_hash, str) or type(first) is not int:
                 raise ValueError("node, first or prev_hash of another type")
             records = chained(node, first - 1, prev_hash, rows, sessions)
+            self._insert(records)
             if not records or records[-1].seq != last or records[-1].hash != digest:
                 log.critical("%s: the stored batch %s:%s..%s no longer ends at the hash the writer chained: "
                              "altered in the database", self.path, node, first, last)
-            self._insert(records)
+                # Kept for verify: with only the stored hash or range edited the records are intact, and
+                # nothing else would show it.
+                self.db.execute("INSERT INTO altered_batches VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                (node, _storable(first), _storable(last), _storable(digest),
+                                 records[-1].seq if records else None, records[-1].hash if records else None,
+                                 time.time()))
         except (ValueError, TypeError, KeyError, OverflowError, RecursionError, sqlite3.IntegrityError,
                 sqlite3.InterfaceError, sqlite3.ProgrammingError, sqlite3.DataError) as exc:
             self.db.execute("ROLLBACK TO batch")
@@ -740,8 +750,9 @@ class AssertionStore:
         self.catch_up()
         names = [node] if node else self.nodes()
         set_aside = self._unindexable()
+        altered = self._altered_batches()
         if node is None:
-            names = sorted(set(names) | set(stored_heads) | set(set_aside))
+            names = sorted(set(names) | set(stored_heads) | set(set_aside) | set(altered))
         if anchors is not None and node is None:
             names = sorted(set(names) | set(anchors.heads) | set(anchors.prunes) | set(self._checkpoint_nodes()))
         reports = []
@@ -761,6 +772,12 @@ class AssertionStore:
             checked, count, gaps = walked.checked, walked.count, walked.gaps
             problems.extend(walked.problems)
             problems.extend(self._odd_sequence_numbers(name))
+            for first_seq, last_seq, stored, found_last, found in altered.get(name, []):
+                where = f"{name}:{first_seq}..{last_seq}"
+                problems.append((f"the stored batch {where} was altered in the database before it was indexed: its "
+                                 f"row says it ends at {name}:{last_seq} with hash {str(stored)[:12]}, its records "
+                                 f"end at {name}:{found_last} with hash {str(found)[:12]} (indexed as they read)",
+                                 where))
             for first_seq, last_seq, why in set_aside.get(name, []):
                 where = f"{name}:{first_seq}..{last_seq}"
                 problems.append((f"records {where} were stored as a batch that cannot be read or stored ({why}): "
@@ -793,6 +810,16 @@ class AssertionStore:
             parsed = parse_head(value)
             heads[str(key)[5:]] = (parsed[0], parsed[1]) if parsed else (-1, "")
         return heads
+
+    def _altered_batches(self) -> dict[str, list[tuple[Any, ...]]]:
+        found: dict[str, list[tuple[Any, ...]]] = {}
+        try:
+            for name, *fields in self.db.execute("SELECT node, first, last, stored_hash, found_last, found_hash "
+                                                 "FROM altered_batches ORDER BY rowid"):
+                found.setdefault(str(name), []).append(tuple(fields))
+        except sqlite3.OperationalError:  # an older store: no such table
+            pass
+        return found
 
     def _unindexable(self) -> dict[str, list[tuple[Any, Any, str]]]:
         found: dict[str, list[tuple[Any, Any, str]]] = {}
