@@ -98,11 +98,13 @@ def main() -> int:
     head = writer.chain
     send(out, ("ready", head.batch_id, f"{writer.node}:{head.seq}" if head.seq else None))
     broker = BrokerLoad(os.getppid())
+    frames = selectors.DefaultSelector()  # one for the process: a new one per wait cost three system calls
+    frames.register(inp, selectors.EVENT_READ)
     try:
         while True:
             # Pending batches are indexed one at a time while the broker uses less than half a core, looking
             # for a new frame in between: indexing takes the CPU the broker leaves.
-            readable = _readable(inp, 0.05 if writer.unindexed else 0.5)
+            readable = bool(frames.select(0.05 if writer.unindexed else 0.5))
             writer.tick()
             if claim is not None:
                 claim.tick()
@@ -131,6 +133,7 @@ def main() -> int:
                 send(out, ("closed",))
                 return 0
     finally:
+        frames.close()
         try:
             writer.close()
         except Exception:  # already closed, or closing after a failure: nothing more to do
