@@ -75,6 +75,7 @@ from pdp.core.admission import Admission
 from pdp.core.enforcement import ConnId, Disconnect, DropSession, DropSubscription
 from pdp.core.outbound import OutboundLimits
 from pdp.core.ratelimit import ConnectRateLimit
+from pdp.core.retained import RetainedLedger
 from pdp.core.topics import TopicError, matches, validate_filter
 from pdp.runtime.admin import AdminError
 
@@ -163,6 +164,8 @@ class HardenedBroker(Broker):
         self._connect_rate = ConnectRateLimit(self.limits.connect_rate, self.limits.connect_burst)
         self._rate_logged: set[str] = set()  # addresses whose rate overflow was logged (cleared when large)
         self.refused_rate = 0  # connections closed before any handshake: their address connected too often
+        self._retained = RetainedLedger(self.limits.max_retained_messages, self.limits.max_retained_bytes,
+                                        self.limits.max_retained_per_device)
         self.admin: Any = None  # the admin socket's server, when admin_socket is set
 
     # -- the operator's admin interface (broker_plugin.operations) ------------------------
@@ -675,7 +678,21 @@ class HardenedBroker(Broker):
 
     async def retain_message(self, source_session: Session | None, topic_name: str | None,
                              data: bytes | bytearray | None, qos: int | None = None) -> None:
-        """amqtt's, remembering which device published what it retains: served only while that device may."""
+        """amqtt's, remembering which device published what it retains (served only while that device may),
+        within the retained store's limits (``RetainedLedger``)."""
+        if topic_name is not None:
+            publisher = self.authz.publisher(source_session)
+            owner = (publisher.device.device_id if publisher is not None and publisher.device is not None
+                     else (source_session.client_id if source_session is not None else None)) or ""
+            refused = self._retained.refuses(topic_name, len(data or b""), owner)
+            if refused is not None:
+                if self._retained.first_refusal(owner):
+                    log.warning("retained store: %s not retained for %s (%s); further refusals for this device "
+                                "are counted, not logged, until it retains again", topic_name, owner or "the broker",
+                                refused)
+                data = b""  # removes the topic's earlier retained message, as an empty retained PUBLISH does
+            else:
+                self._retained.store(topic_name, len(data or b""), owner)
         await super().retain_message(source_session, topic_name, data, qos)
         if topic_name is None:
             return

@@ -64,6 +64,8 @@ class BrokerOperations:
             "refused_full": broker.refused_full,
             "ended_by_guard": broker.ended_by_guard,
             "queued_dropped": broker.queued_dropped,
+            "retained": {"topics": len(broker._retained), "bytes": broker._retained.bytes,
+                         "refused": broker._retained.refused},
             "redis": redis,
             "assertions": recorder is not None,
             "assertion_backlog": recorder.pending if recorder is not None else 0,
@@ -136,6 +138,10 @@ def broker_readings(broker: HardenedBroker) -> dict[str, tuple[str, str, float]]
                                         "protocol violation)", broker.ended_by_guard),
         "mqtt_pdp_limit_offline_queue_dropped": ("counter", "Queued messages dropped by offline queue limits",
                                                  broker.queued_dropped),
+        "mqtt_pdp_retained_messages": ("gauge", "Topics with a retained message", len(broker._retained)),
+        "mqtt_pdp_retained_bytes": ("gauge", "Payload bytes of the retained messages", broker._retained.bytes),
+        "mqtt_pdp_limit_retained_refused": ("counter", "Retained PUBLISHes not retained: a retained store limit",
+                                            broker._retained.refused),
     }
 
 

@@ -239,3 +239,24 @@ def test_queued_message_not_delivered_after_receive_is_revoked(broker, connect, 
     assert lab.subscribe("a/z") == 0
     root.publish("a/z", b"sentinel")
     assert [m.topic for m in lab.messages_until("a/z")] == ["a/y", "a/z"]
+
+
+# A zero-byte retained PUBLISH removes the retained message: later subscribers get none [MQTT-3.3.1-10/11].
+
+
+def cleared_retained_attack(broker, connect) -> list[tuple[str, bytes, bool]]:
+    root = connect("root-1")
+    root.publish("a/ok", b"retained", qos=1, retain=True)
+    root.publish("a/ok", b"", qos=1, retain=True)  # cleared
+    root.publish("a/kept", b"still retained", qos=1, retain=True)
+    watcher = connect("watcher-1")
+    assert watcher.subscribe("a/#") == 0
+    root.publish("a/sentinel", b"after the retained ones")
+    return sorted((m.topic, m.payload, bool(m.retain)) for m in watcher.messages_until("a/sentinel"))
+
+
+def test_cleared_retained_message_is_not_sent_to_later_subscribers(broker, connect):
+    assert cleared_retained_attack(broker, connect) == [("a/kept", b"still retained", True),
+                                                         ("a/sentinel", b"after the retained ones", False)]
+    assert broker.run(lambda: sorted(broker.broker._retained_messages)) == ["a/kept"]  # a/ok removed, not kept empty
+
