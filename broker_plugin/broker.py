@@ -661,20 +661,22 @@ class HardenedBroker(Broker):
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Session) -> None:
         """Retained messages for a filter the session holds, each checked as a receive (hole 1) and against
-        its publisher's current rights."""
+        its publisher's current rights, sent by the session's sender: in order, at most its in-flight window
+        of QoS 1/2 unacknowledged, each waiting for its acknowledgement as long as the connection lives.
+        amqtt started a task per retained message, all at once, and gave up on a QoS 1/2 one not acknowledged
+        within 5 s (a traceback in the log). Offered as backlog, outside the live queue's limits: a filter
+        that matches many retained messages must not make its subscriber a slow consumer; the retained
+        store's own limits bound them."""
         topic_filter, qos = subscription
-        handler = self._get_handler(session)
-        if handler is None:
+        sender = self._senders.get(session.client_id or "")
+        if sender is None or sender.session is not session:
             return
         publishers = self._retained_publishers
-        tasks = [
-            asyncio.ensure_future(handler.mqtt_publish(retained.topic, retained.data, min(qos, qos if retained.qos is None else retained.qos), retain=True))
-            for topic, retained in list(self._retained_messages.items())
-            if matches(topic_filter, topic)
-            and self.authz.allows(session, "receive", topic, "retained", publishers.get(topic))
-        ]
-        if tasks:
-            await asyncio.wait(tasks)
+        for topic, retained in list(self._retained_messages.items()):
+            if retained.data and matches(topic_filter, topic) \
+                    and self.authz.allows(session, "receive", topic, "retained", publishers.get(topic)):
+                sender.offer_backlog(topic, bytes(retained.data), min(qos, qos if retained.qos is None else retained.qos),
+                                     retain=True)
 
     async def retain_message(self, source_session: Session | None, topic_name: str | None,
                              data: bytes | bytearray | None, qos: int | None = None) -> None:

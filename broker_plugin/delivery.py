@@ -72,10 +72,11 @@ class SessionSender:
         self._started = True
         self._pump()
 
-    def offer_backlog(self, topic: str, data: bytes, qos: int) -> None:
-        """A message queued while the session was offline: bounded by the offline limits already."""
+    def offer_backlog(self, topic: str, data: bytes, qos: int, retain: bool = False) -> None:
+        """A message queued while the session was offline (bounded by the offline limits already), or a retained
+        one for a new subscription (bounded by the retained store's limits)."""
         if not self._stopped:
-            self.queue.offer_backlog(Outgoing(topic, data, qos))
+            self.queue.offer_backlog(Outgoing(topic, data, qos, retain))
             self._pump()
 
     def offer(self, topic: str, data: bytes, qos: int, retain: bool = False) -> None:

@@ -377,3 +377,38 @@ def test_runs_of_routing_lose_nothing_at_their_limit(broker, test_pki, monkeypat
         acknowledged.append(struct.unpack(">H", reply[2:4])[0])
     assert acknowledged == list(range(1, 601))
     sensor.close()
+
+
+def test_retained_messages_on_subscribe_go_through_the_in_flight_window_and_wait_for_their_acks(broker, connect,
+                                                                                                 test_pki):
+    """amqtt sent every matching retained message at once, a task each, and gave up on a QoS 1 one not
+    acknowledged within 5 s; they now go through the session's sender like any delivery."""
+    root = connect("root-1")
+    for i in range(60):
+        root.publish(f"a/r{i:02d}", f"v{i}".encode(), qos=1, retain=True)
+    watcher = RawClient(broker.port, test_pki.device("watcher-1"), test_pki.ca_file)
+    try:
+        assert watcher.connect("watcher-1") == 0
+        assert watcher.send(subscribe_packet([("a/#", 1)], packet_id=7))
+        assert watcher.read_packet() == b"\x90\x03\x00\x07\x01"  # SUBACK first
+        window = broker.run(lambda: broker.broker.limits.max_inflight_messages)
+        first = [watcher.read_packet() for _ in range(window)]
+        assert all(p[0] == 0x33 for p in first)  # PUBLISH, QoS 1, RETAIN=1 [MQTT-3.3.1-8]
+        state = lambda: (len(broker.broker._sessions["watcher-1"][0].inflight_out),  # noqa: E731
+                         broker.broker._senders["watcher-1"].queue.held_messages)
+        wait_for(lambda: broker.run(state) == (window, 60), "the window full, the rest waiting")
+        seen = []
+        for data in first:
+            pos = 4 + struct.unpack("!H", data[2:4])[0]
+            seen.append(data[4:pos].decode())
+            assert watcher.send(b"\x40\x02" + data[pos:pos + 2])  # PUBACK
+        while len(seen) < 60:
+            data = watcher.read_packet()
+            assert data[0] == 0x33
+            pos = 4 + struct.unpack("!H", data[2:4])[0]
+            seen.append(data[4:pos].decode())
+            assert watcher.send(b"\x40\x02" + data[pos:pos + 2])
+        assert seen == [f"a/r{i:02d}" for i in range(60)]  # all, once each, in the store's order
+        wait_for(lambda: broker.run(state) == (0, 0), "all acknowledged")
+    finally:
+        watcher.close()
