@@ -418,3 +418,29 @@ def test_a_writer_that_cannot_restart_once_is_restarted_at_the_next_batch(tmp_pa
         assert [(report.node, report.problem) for report in store.verify()] == [("n1", None)]
     finally:
         store.close()
+
+
+def test_head_file_written_at_most_once_a_second_beside_a_store_and_always_alone(tmp_path: Path,
+                                                                                monkeypatch) -> None:
+    """Beside SQLite (which keeps the head in each batch's transaction) the head file is a hint written at most
+    once a second: a writer killed meanwhile leaves it behind, and the next one continues from the store. Alone
+    (JSON Lines here, a stream in production) it is written with every batch."""
+    monkeypatch.setattr("pdp.evidence.chain.time.monotonic", lambda: 1000.0)  # every batch within the same second
+    first = writer(tmp_path)
+    for n in range(5):
+        first.write(*rows(n * 2, 2), f"b:{n}")
+    assert first.chain.path.read_text().split()[0] == "2"  # the first batch's head; the rest within the second
+    first.chain.close()  # killed: the lock goes with the process, nothing else runs
+    second = writer(tmp_path)
+    assert (second.chain.seq, second.chain.batch_id) == (10, "b:4")
+    second.write(*rows(10, 1), "c:1")
+    second.close()
+    assert second.chain.path.read_text().split()[:1] == ["11"]  # a clean stop writes it
+    assert_exact_log(tmp_path, topics(0, 11))
+
+    alone = build_writer({"node": "j1", "spool_dir": str(tmp_path / "jsonl"), "assertion_db": "", "stream_url": "",
+                          "stream_prefix": "p"})
+    for n in range(3):
+        alone.write(*rows(n, 1), f"j:{n}")
+        assert alone.chain.path.read_text().split()[0] == str(n + 1)
+    alone.close()

@@ -112,6 +112,7 @@ class SqliteSink:
     """The local store; it holds each node's chain head and last batch id in the transaction of the records."""
 
     name = "sqlite"
+    holds_head = True  # the chain head and batch id are stored in each batch's transaction (ChainWriter)
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
