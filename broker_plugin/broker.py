@@ -665,18 +665,19 @@ class HardenedBroker(Broker):
         of QoS 1/2 unacknowledged, each waiting for its acknowledgement as long as the connection lives.
         amqtt started a task per retained message, all at once, and gave up on a QoS 1/2 one not acknowledged
         within 5 s (a traceback in the log). Offered as backlog, outside the live queue's limits: a filter
-        that matches many retained messages must not make its subscriber a slow consumer; the retained
-        store's own limits bound them."""
+        that matches many retained messages must not make its subscriber a slow consumer; at most one per
+        topic waits (``OutboundQueue.offer_retained``), so the retained store's limits bound them."""
         topic_filter, qos = subscription
         sender = self._senders.get(session.client_id or "")
         if sender is None or sender.session is not session:
             return
         publishers = self._retained_publishers
+        waiting = sender.queue.retained_waiting
         for topic, retained in list(self._retained_messages.items()):
-            if retained.data and matches(topic_filter, topic) \
+            # One still waiting for this session is not decided (and recorded) again: it is sent once.
+            if retained.data and matches(topic_filter, topic) and not waiting(topic) \
                     and self.authz.allows(session, "receive", topic, "retained", publishers.get(topic)):
-                sender.offer_backlog(topic, bytes(retained.data), min(qos, qos if retained.qos is None else retained.qos),
-                                     retain=True)
+                sender.offer_retained(topic, bytes(retained.data), min(qos, qos if retained.qos is None else retained.qos))
 
     async def retain_message(self, source_session: Session | None, topic_name: str | None,
                              data: bytes | bytearray | None, qos: int | None = None) -> None:

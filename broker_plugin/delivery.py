@@ -72,11 +72,15 @@ class SessionSender:
         self._started = True
         self._pump()
 
-    def offer_backlog(self, topic: str, data: bytes, qos: int, retain: bool = False) -> None:
-        """A message queued while the session was offline (bounded by the offline limits already), or a retained
-        one for a new subscription (bounded by the retained store's limits)."""
+    def offer_backlog(self, topic: str, data: bytes, qos: int) -> None:
+        """A message queued while the session was offline: bounded by the offline limits already."""
         if not self._stopped:
-            self.queue.offer_backlog(Outgoing(topic, data, qos, retain))
+            self.queue.offer_backlog(Outgoing(topic, data, qos))
+            self._pump()
+
+    def offer_retained(self, topic: str, data: bytes, qos: int) -> None:
+        """A retained message for a new subscription, unless one of its topic still waits (``OutboundQueue``)."""
+        if not self._stopped and self.queue.offer_retained(Outgoing(topic, data, qos, True)):
             self._pump()
 
     def offer(self, topic: str, data: bytes, qos: int, retain: bool = False) -> None:
@@ -110,8 +114,10 @@ class SessionSender:
         if self._draining is not None:
             self._draining.cancel()
             await asyncio.gather(self._draining, return_exceptions=True)
-        # Resends not yet sent again are still in inflight_out: the next connection resends them.
-        return [item for item in self.queue.drain() if item.resend is None]
+        # Resends not yet sent again are still in inflight_out: the next connection resends them. Retained messages
+        # for a subscription go too: a persistent session's next connection gets them again, as retained (they came
+        # back twice, once as queued with RETAIN=0, and filled the offline queue: an outside attack).
+        return [item for item in self.queue.drain() if item.resend is None and not item.retain]
 
     # -- writing ------------------------------------------------------------------------------
 

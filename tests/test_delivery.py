@@ -412,3 +412,48 @@ def test_retained_messages_on_subscribe_go_through_the_in_flight_window_and_wait
         wait_for(lambda: broker.run(state) == (0, 0), "all acknowledged")
     finally:
         watcher.close()
+
+
+def test_subscribing_again_and_again_does_not_pile_up_retained_copies(broker, connect, test_pki, caplog):
+    """Found by an outside attack: each SUBSCRIBE queued (and recorded) a copy of every matching retained message
+    behind a client that did not acknowledge: 300 SUBSCRIBEs of '#' to 7,000 retained held 2.1M, +380 MB.
+    And a persistent session's waiting retained copies came back twice on reconnect, once with RETAIN=0."""
+    caplog.set_level(logging.WARNING, logger="mqtt_pdp.broker")
+    root = connect("root-1")
+    for i in range(60):
+        root.publish(f"a/r{i:02d}", f"v{i}".encode(), qos=1, retain=True)
+    watcher = RawClient(broker.port, test_pki.device("watcher-1"), test_pki.ca_file)
+    try:
+        assert watcher.connect("watcher-1", clean=False) == 0
+        window = broker.run(lambda: broker.broker.limits.max_inflight_messages)
+        state = lambda: (len(broker.broker._sessions["watcher-1"][0].inflight_out),  # noqa: E731
+                         broker.broker._senders["watcher-1"].queue.held_messages)
+        for packet_id in range(1, 41):
+            assert watcher.send(subscribe_packet([("a/#", 1)], packet_id=packet_id))
+        packets = [watcher.read_packet() for _ in range(40 + window)]
+        assert sum(1 for p in packets if p[0] == 0x90) == 40  # every SUBACK
+        assert sum(1 for p in packets if p[0] == 0x33) == window
+        # 20 in flight; the other 40 wait once each, and the 20 in flight once more (a later SUBSCRIBE re-sends)
+        wait_for(lambda: broker.run(state) == (window, 60 + window), "no more than one waiting copy per topic")
+        watcher.close()
+        offline = lambda: broker.broker._sessions["watcher-1"][0].transitions.state == "disconnected"  # noqa: E731
+        wait_for(lambda: broker.run(offline), "offline")
+        assert broker.run(lambda: broker.broker._sessions["watcher-1"][0].retained_messages.qsize()) == 0
+        watcher = RawClient(broker.port, test_pki.device("watcher-1"), test_pki.ca_file)
+        assert watcher.connect("watcher-1", clean=False) == 0
+        again = [watcher.read_packet() for _ in range(window)]  # the unacknowledged ones first, DUP=1
+        assert all(p[0] == 0x3B for p in again)
+        for data in again:
+            pos = 4 + struct.unpack("!H", data[2:4])[0]
+            assert watcher.send(b"\x40\x02" + data[pos:pos + 2])
+        topics = []
+        while len(topics) < 60:
+            data = watcher.read_packet()
+            assert data[0] == 0x33, data[:1]  # retained, RETAIN=1, never again as queued (RETAIN=0)
+            pos = 4 + struct.unpack("!H", data[2:4])[0]
+            topics.append(data[4:pos].decode())
+            assert watcher.send(b"\x40\x02" + data[pos:pos + 2])
+        assert sorted(topics) == [f"a/r{i:02d}" for i in range(60)]
+        assert "offline queue of watcher-1 is full" not in caplog.text
+    finally:
+        watcher.close()

@@ -82,3 +82,18 @@ def test_a_backlog_is_held_on_top_of_the_live_limits() -> None:
     assert not q.offer(msg("live2", 1)).overflow
     assert q.offer(msg("live3", 1)).overflow
     assert q.offer(msg("live0", 0)).dropped == 1  # a live QoS 0 goes; backlog QoS 0 are not dropped either
+
+
+def test_a_retained_message_waits_once_per_topic_however_often_the_client_subscribes() -> None:
+    q = queue(inflight=1, messages=2)
+    for _ in range(50):  # fifty SUBSCRIBEs matching the same three retained messages
+        for name in ("r1", "r2", "r3"):
+            q.offer_retained(msg(name, 1))
+    assert (q.held_messages, [i.topic for i in q.waiting]) == (3, ["r1", "r2", "r3"])
+    assert all(i.retain and i.backlog for i in q.waiting)
+    first = q.next_to_send()
+    assert first.topic == "r1" and not q.retained_waiting("r1") and q.retained_waiting("r2")
+    assert q.offer_retained(msg("r1", 1)) is True  # sent, not waiting: a new SUBSCRIBE gets it again
+    assert q.offer_retained(msg("r2", 1)) is False
+    assert [i.topic for i in q.drain()] == ["r2", "r3", "r1"]
+    assert q.offer_retained(msg("r2", 1)) is True  # the connection's end forgets what waited
