@@ -18,6 +18,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from bench.setup import ROOT, BenchEnv
+from pdp.evidence.store import uri_of
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -52,7 +53,7 @@ class BrokerProcess:
         cpu0, deadline, empty_since = self.children_cpu(), time.perf_counter() + timeout, None
         while time.perf_counter() < deadline:
             try:
-                db = sqlite3.connect(f"file:{self.assertion_db}?mode=ro", uri=True, timeout=5)
+                db = sqlite3.connect(uri_of(self.assertion_db, "mode=ro"), uri=True, timeout=5)
                 try:
                     pending = db.execute("SELECT count(*) FROM pending").fetchone()[0]
                 finally:

@@ -44,6 +44,7 @@ from typing import Any
 import yaml
 
 from bench.setup import ROOT, TRUST_DOMAIN, UNLIMITED, BenchEnv, make_env
+from pdp.evidence.store import uri_of
 from pdp.runtime.sources import write_together
 
 log = logging.getLogger("bench.revocation")
@@ -418,7 +419,7 @@ async def _scenario(env: BenchEnv, broker: CliBroker, revoked_ids: list[str], co
 
 def _store_counts(db: Path, revoked: set[str], control: set[str], new_revision: str) -> dict[str, Any]:
     """What the assertion store says about the revoked devices and the control group."""
-    connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    connection = sqlite3.connect(uri_of(db, "mode=ro"), uri=True)
     try:
         rows = connection.execute(
             "SELECT device_id, action, decision, policy_revision = ?, reason, count(*) FROM records "

@@ -6,7 +6,6 @@ import argparse
 import csv
 import json
 import re
-import shutil
 import sqlite3
 import sys
 import time
@@ -178,7 +177,7 @@ def check_database(path: str, may_create: bool = False) -> None:
         finally:
             db.close()
             if copy is not None:
-                shutil.rmtree(copy.parent, ignore_errors=True)
+                copy.remove()
     except sqlite3.DatabaseError as exc:
         raise LogCliError(f"{path} is not an assertion database: {exc}") from None
     if found is None:

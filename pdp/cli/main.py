@@ -351,6 +351,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"mqtt-pdp: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "hostname", "unset") is None:
@@ -365,8 +369,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if args.command == "log":
+            import signal
+
+            import orjson  # noqa: F401 - loaded before the handler below: SystemExit raised while its native module
+            # initialised crashed the interpreter (SIGSEGV, seen once in five SIGTERMs during the first indexing)
+
             from pdp.cli import log_commands as log_cli
 
+            # SIGTERM ends the command as Ctrl-C does, through the interpreter's exit: a private copy of an
+            # evidence database on read-only media is removed then (an outside attack found it left behind).
+            signal.signal(signal.SIGTERM, _exit_on_signal)
             return log_cli.run(args)
         return int(args.func(args))
     except (CliError, SourceError, LogCliError, AdminError, DeviceCliError, ReportCliError) as exc:

@@ -262,14 +262,14 @@ def _topic_prefix(topic_filter: str) -> str:
     return "/".join(literal)
 
 
-def connect_readonly(path: str, schema_only: bool = False) -> tuple[sqlite3.Connection, Path | None]:
+def connect_readonly(path: str, schema_only: bool = False) -> tuple[sqlite3.Connection, PrivateCopy | None]:
     """A read-only connection, also on read-only media (an evidence copy on a read-only mount), where SQLite
     cannot create the ``-shm`` file a WAL database needs: then ``immutable`` when no WAL and no pending batch
     hold records (complete, nothing copied), else a private copy of the database and its WAL, returned as
     the second value (``immutable`` would silently skip what the WAL holds). ``schema_only``: the caller
     reads only the schema, so ``immutable`` does unless the WAL holds the records table itself."""
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        db = sqlite3.connect(uri_of(path, "mode=ro"), uri=True, timeout=10)
         db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone()
         return db, None
     except sqlite3.OperationalError:
@@ -278,7 +278,7 @@ def connect_readonly(path: str, schema_only: bool = False) -> tuple[sqlite3.Conn
             raise
     wal = Path(f"{path}-wal")
     logged = wal.exists() and wal.stat().st_size > 0
-    db = sqlite3.connect(f"{Path(path).absolute().as_uri()}?immutable=1", uri=True)
+    db = sqlite3.connect(uri_of(path, "immutable=1"), uri=True)
     if schema_only:
         has_records = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'records'").fetchone() is not None
         if has_records or not logged:
@@ -291,19 +291,43 @@ def connect_readonly(path: str, schema_only: bool = False) -> tuple[sqlite3.Conn
         if pending is None:
             return db, None
     db.close()
-    import tempfile
+    return private_copy(path)
 
-    copy = Path(tempfile.mkdtemp(prefix="mqtt-pdp-readonly-")) / Path(path).name
+
+class PrivateCopy:
+    """A directory of its own under $TMPDIR for a copy of a database: removed when this object goes, or at the
+    interpreter's exit (a SIGTERM as the copy was made left it behind: an outside attack)."""
+
+    def __init__(self, name: str) -> None:
+        import tempfile
+
+        self.directory = Path(tempfile.mkdtemp(prefix="mqtt-pdp-readonly-"))
+        self.remove = weakref.finalize(self, shutil.rmtree, self.directory, True)
+        self.path = self.directory / name
+
+
+def private_copy(path: str) -> tuple[sqlite3.Connection, PrivateCopy]:
+    """A read-only connection to a copy of the database and its WAL (never its -shm): where the store cannot be
+    written, its pending batches can be indexed there. The copy goes with the returned ``PrivateCopy``."""
+    copy = PrivateCopy(Path(path).name)
+    wal = Path(f"{path}-wal")
     try:
-        shutil.copyfile(path, copy)
+        shutil.copyfile(path, copy.path)
         if wal.exists():
-            shutil.copyfile(wal, f"{copy}-wal")
-    except OSError:
-        shutil.rmtree(copy.parent, ignore_errors=True)
+            shutil.copyfile(wal, f"{copy.path}-wal")
+        db = sqlite3.connect(uri_of(copy.path, "mode=ro"), uri=True, timeout=10)
+    except BaseException:
+        copy.remove()
         raise
     log.warning("%s is on read-only media with records in its write-ahead log or not yet indexed: reading a "
-                "private copy in %s", path, copy.parent)
-    return sqlite3.connect(f"file:{copy}?mode=ro", uri=True, timeout=10), copy
+                "private copy in %s", path, copy.directory)
+    return db, copy
+
+
+def uri_of(path: str | Path, query: str) -> str:
+    """An SQLite URI for ``path``, escaped: '%', '?' and '#' in a file name are its own (an outside attack read
+    the database x%41.db when asked for x%2541.db's neighbour, and '?' cut the name short)."""
+    return f"{Path(path).absolute().as_uri()}?{query}"
 
 
 class AssertionStore:
@@ -319,14 +343,11 @@ class AssertionStore:
         self._known_identities: set[tuple[str | None, str | None, str | None]] = set()  # committed by this connection
         self._stored_identities: set[tuple[str | None, str | None, str | None]] = set()  # in the open transaction
         self.copy: Path | None = None  # read-only media: the private copy read instead (connect_readonly)
+        self._private: PrivateCopy | None = None  # holds the copy: removed with this store
         if readonly:
             if not Path(self.path).exists():
                 raise FileNotFoundError(f"no assertion database at {self.path}")
-            self.db, self.copy = connect_readonly(self.path)
-            if self.copy is not None:
-                weakref.finalize(self, shutil.rmtree, self.copy.parent, True)
-            # Reads through mmap instead of a read() per page: verify and wide queries fetch a third faster.
-            self.db.execute("PRAGMA mmap_size=1073741824")
+            self._use(*connect_readonly(self.path))
         else:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(self.path, timeout=10)
@@ -343,6 +364,12 @@ class AssertionStore:
         if catch_up:
             self.catch_up()
 
+    def _use(self, db: sqlite3.Connection, copy: PrivateCopy | None) -> None:
+        self.db, self._private = db, copy
+        self.copy = copy.path if copy is not None else None
+        # Reads through mmap instead of a read() per page: verify and wide queries fetch a third faster.
+        self.db.execute("PRAGMA mmap_size=1073741824")
+
     def catch_up(self) -> None:
         """Index what the writer stored and has not indexed (see ``__init__``)."""
         self.unindexed = 0
@@ -352,7 +379,16 @@ class AssertionStore:
             self.index_pending()
             return
         try:
-            AssertionStore(self.copy or self.path).close()  # indexes on opening
+            try:
+                AssertionStore(self.copy or self.path).close()  # indexes on opening
+            except (sqlite3.Error, OSError):
+                if self.copy is not None or os.access(os.path.dirname(os.path.abspath(self.path)), os.W_OK):
+                    raise
+                # Read-only media whose -shm came along (opened in place): index in a private copy instead
+                # (an outside attack: 30 of 45 records, and 'incomplete', from a `cp a.db*` copy).
+                self.db.close()
+                self._use(*private_copy(self.path))
+                AssertionStore(self.copy).close()
         except (sqlite3.Error, OSError) as exc:
             log.warning("%s: cannot index the newest records (%s); they are not in this answer", self.path, exc)
         self.unindexed = self.pending_records()
