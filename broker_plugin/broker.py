@@ -165,7 +165,7 @@ class HardenedBroker(Broker):
         self._rate_logged: set[str] = set()  # addresses whose rate overflow was logged (cleared when large)
         self.refused_rate = 0  # connections closed before any handshake: their address connected too often
         self._retained = RetainedLedger(self.limits.max_retained_messages, self.limits.max_retained_bytes,
-                                        self.limits.max_retained_per_device)
+                                        self.limits.max_retained_per_device, self.limits.max_retained_bytes_per_device)
         self.admin: Any = None  # the admin socket's server, when admin_socket is set
 
     # -- the operator's admin interface (broker_plugin.operations) ------------------------

@@ -14,24 +14,40 @@ from pdp.runtime.settings import ServiceSettings
 
 
 def test_each_limit_refuses_only_what_would_pass_it() -> None:
-    ledger = RetainedLedger(max_messages=4, max_bytes=100, max_per_device=2)
-    assert ledger.refuses("a/1", 10, "d1") is None
-    ledger.store("a/1", 10, "d1")
-    ledger.store("a/2", 10, "d1")
-    assert ledger.refuses("a/3", 10, "d1") == "max_retained_per_device 2 reached"
-    assert ledger.refuses("a/1", 30, "d1") is None  # replacing its own topic: not a new one
-    ledger.store("a/1", 30, "d1")
+    """Bytes are the payload and the topic name (every topic here is 3 bytes long)."""
+    ledger = RetainedLedger(max_messages=4, max_bytes=112, max_per_device=2, max_bytes_per_device=60)
+    assert ledger.refuses("a/1", 7, "d1") is None
+    ledger.store("a/1", 7, "d1")
+    ledger.store("a/2", 7, "d1")
+    assert ledger.refuses("a/3", 7, "d1") == "max_retained_per_device 2 reached"
+    assert ledger.refuses("a/1", 27, "d1") is None  # replacing its own topic: not a new one
+    ledger.store("a/1", 27, "d1")
     assert (len(ledger), ledger.bytes) == (2, 40)
-    ledger.store("b/1", 50, "d2")
-    assert ledger.refuses("b/2", 11, "d2") == "max_retained_bytes 100 would be passed"
-    assert ledger.refuses("b/2", 10, "d2") is None
-    ledger.store("b/2", 10, "d2")
+    ledger.store("b/1", 47, "d2")
+    assert ledger.refuses("b/2", 23, "d2") == "max_retained_bytes 112 would be passed"
+    assert ledger.refuses("b/2", 7, "d2") is None
+    ledger.store("b/2", 7, "d2")
     assert ledger.refuses("c/1", 0, "d3") is None  # an empty payload removes, never refused
     assert ledger.refuses("c/1", 1, "d3") == "max_retained_messages 4 reached"
-    # Another device taking over a topic counts against that device's own limit.
+    # Another device taking over a topic counts against that device's own limits.
     assert ledger.refuses("b/1", 5, "d1") == "max_retained_per_device 2 reached"
     assert (len(ledger), ledger.bytes, ledger.refused) == (3, 50, 4)  # b/1 forgotten: the broker removes it
     assert ledger.refuses("b/1", 5, "d3") is None
+    # One device's bytes: its own message on a topic counts once, replaced or not.
+    assert ledger.refuses("a/1", 47, "d1") is None  # 10 + 50 of its own
+    assert ledger.refuses("a/1", 48, "d1") == "max_retained_bytes_per_device 60 would be passed"
+    assert (len(ledger), ledger.bytes) == (2, 20)  # a/1 forgotten with its refusal
+
+
+def test_topic_names_count_as_bytes() -> None:
+    """Found by an outside attack: 1,000 retained topics of 60 KB names and 1-byte payloads held 59 MB while
+    the store counted 1,000 bytes."""
+    ledger = RetainedLedger(max_messages=100, max_bytes=1_000_000, max_per_device=100, max_bytes_per_device=200_000)
+    for i in range(3):
+        assert ledger.refuses(f"{i}/" + "x" * 60_000, 1, "d1") is None
+        ledger.store(f"{i}/" + "x" * 60_000, 1, "d1")
+    assert ledger.bytes == 3 * 60_003
+    assert ledger.refuses("3/" + "x" * 60_000, 1, "d1") == "max_retained_bytes_per_device 200000 would be passed"
 
 
 def test_a_refusal_is_logged_once_per_device_until_it_retains_again() -> None:
@@ -41,7 +57,8 @@ def test_a_refusal_is_logged_once_per_device_until_it_retains_again() -> None:
     assert ledger.first_refusal("d1") is True
 
 
-@pytest.mark.parametrize("name", ["max_retained_messages", "max_retained_bytes", "max_retained_per_device"])
+@pytest.mark.parametrize("name", ["max_retained_messages", "max_retained_bytes", "max_retained_per_device",
+                                  "max_retained_bytes_per_device"])
 @pytest.mark.parametrize("value", [0, -1, "many", True])
 def test_bad_limits_are_refused_with_their_name(name: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"{name} must be a positive number"):

@@ -31,6 +31,7 @@ class BrokerLimits:
     max_retained_messages: int
     max_retained_bytes: int
     max_retained_per_device: int
+    max_retained_bytes_per_device: int
 
 
 @dataclass
@@ -106,13 +107,14 @@ class ServiceSettings:
     # bucket); beyond, a connection is closed before its TLS handshake (counted, logged once per address).
     connect_rate: float = 50.0
     connect_burst: int = 200
-    # The retained store: at most this many topics and payload bytes in all, and topics retained by one device
-    # (as admitted when it published). A retained PUBLISH beyond any is delivered but not retained, and the
-    # topic's earlier retained message is removed (a stale one would pass for the newest); counted, logged
-    # once per device until it retains again. amqtt kept every retained message without limit.
+    # The retained store: at most this many topics and bytes (payloads and topic names) in all, and of them for
+    # one device (as admitted when it published). A retained PUBLISH beyond any is delivered but not retained,
+    # and the topic's earlier retained message is removed (a stale one would pass for the newest); counted,
+    # logged once per device until it retains again. amqtt kept every retained message without limit.
     max_retained_messages: int = 100_000
     max_retained_bytes: int = 268_435_456
     max_retained_per_device: int = 1_000
+    max_retained_bytes_per_device: int = 16_777_216
     # -- shared certificates (pdp.core.sharing): one fingerprint on two live connections with different client
     # ids, or from two source addresses within the window: a warning, a 'shared-certificate' record and a count;
     # 'refuse' also refuses the second connection; 'off' tracks nothing.
