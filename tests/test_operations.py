@@ -91,6 +91,11 @@ def test_status_sessions_and_kick_follow_the_traffic(running: Running) -> None:
     assert table.stdout.splitlines()[0].split() == ["CLIENT_ID", "DEVICE_ID", "TYPE", "LOCATION", "PEER",
                                                     "CONNECTED_SINCE", "SUBSCRIPTIONS"]
     assert table.stdout.splitlines()[-1] == "2 connected"
+    sensor.publish("sites/plant-a/sensor-001/telemetry", b"21.5", qos=1, retain=True)
+    retained = len("sites/plant-a/sensor-001/telemetry") + 4
+    assert running.admin("status")["retained"] == {"topics": 1, "bytes": retained, "refused": 0}
+    assert f"retained:          1 topics, {retained} bytes, 0 not retained" in cli("status", "--socket",
+                                                                                 running.socket).stdout
 
     sensor.client.reconnect_delay_set(min_delay=120, max_delay=120)  # paho would reconnect (a kick allows that)
     kicked = cli("kick", "sensor-001", "--actor", "alice", "--socket", running.socket)

@@ -98,6 +98,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"sessions:          {status['sessions']} ({status['offline_sessions']} offline)",
         f"refused:           {status['tls_refused']} TLS handshakes, {status['refused_full']} listener full, "
         f"{status['ended_by_guard']} ended by the packet guard",
+        f"retained:          {status['retained']['topics']} topics, {status['retained']['bytes']} bytes, "
+        f"{status['retained']['refused']} not retained (a retained store limit)",
         "redis:             " + ("off" if redis is None else
                                   f"{redis['url']} {'up' if redis['available'] else 'DOWN'} ({redis['outages']} outages)"),
         "assertions:        " + (f"{status['assertion_backlog']} records waiting, spool {status['spool_bytes']} bytes"
