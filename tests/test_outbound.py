@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pdp.core.outbound import OutboundLimits, OutboundQueue, Outgoing
+from pdp.core.outbound import Offered, OutboundLimits, OutboundQueue, Outgoing
 
 
 def queue(inflight: int = 2, messages: int = 4, size: int = 1000) -> OutboundQueue:
@@ -97,3 +97,17 @@ def test_a_retained_message_waits_once_per_topic_however_often_the_client_subscr
     assert q.offer_retained(msg("r2", 1)) is False
     assert [i.topic for i in q.drain()] == ["r2", "r3", "r1"]
     assert q.offer_retained(msg("r2", 1)) is True  # the connection's end forgets what waited
+
+
+def test_backlog_qos_0_is_not_counted_as_droppable_and_an_overflow_still_ends() -> None:
+    """Found in review: a waiting backlog QoS 0 message (the offline queue, or a retained message for a new
+    subscription) was counted as droppable, but never dropped: offering live QoS 1 past the limits then looped
+    for ever, the broker's event loop with it."""
+    q = queue(inflight=1, messages=2)
+    q.offer_backlog(msg("b", 0))
+    q.offer_retained(msg("r", 0))
+    offered = [q.offer(msg(f"l{i}", 1)) for i in range(3)]
+    assert [o.overflow for o in offered] == [False, False, True]
+    assert [i.topic for i in q.waiting] == ["b", "r", "l0", "l1", "l2"]  # the backlog kept, not dropped
+    assert [q.next_to_send().topic for _ in range(3)] == ["b", "r", "l0"]
+    assert q.offer(msg("z", 0)) == Offered(dropped=1, overflow=True)  # a live QoS 0 one is droppable

@@ -69,7 +69,7 @@ class OutboundQueue:
         self.held_bytes = 0
         self.backlog_messages = 0
         self.backlog_bytes = 0
-        self._waiting_qos0 = 0
+        self._waiting_qos0 = 0  # waiting QoS 0 messages that may be dropped: live ones, not backlog
         self._retained_waiting: set[str] = set()  # topics of retained messages offered for a subscription, not sent
 
     def offer_backlog(self, item: Outgoing, *, first: bool = False) -> None:
@@ -79,9 +79,7 @@ class OutboundQueue:
             self.waiting.appendleft(item)
         else:
             self.waiting.append(item)
-        self._held(item, +1)
-        if not item.qos:
-            self._waiting_qos0 += 1
+        self._held(item, +1)  # never dropped, so not among the droppable QoS 0 messages (_waiting_qos0)
 
     def offer_retained(self, item: Outgoing) -> bool:
         """A retained message for a new subscription, as backlog, unless one of its topic is still waiting:
@@ -123,7 +121,7 @@ class OutboundQueue:
             self._retained_waiting.discard(head.topic)
         if head.qos:
             self.inflight += 1
-        else:
+        elif not head.backlog:
             self._waiting_qos0 -= 1
         return head
 
