@@ -36,7 +36,7 @@ class RetainedLedger:
         if payload == 0:
             return None
         held = self._topics.get(topic)
-        size = payload + len(topic.encode("utf-8", "surrogatepass"))
+        size = _size(topic, payload)
         new_topic = held is None
         owned = held[0] if held is not None and held[1] == owner else 0  # what this owner already holds there
         if new_topic and len(self._topics) >= self.max_messages:
@@ -57,7 +57,7 @@ class RetainedLedger:
         """Note what was retained (after ``refuses`` said None)."""
         self._forget(topic)
         if payload:
-            size = payload + len(topic.encode("utf-8", "surrogatepass"))
+            size = _size(topic, payload)
             self._topics[topic] = (size, owner)
             self._per_owner[owner] += 1
             self._owner_bytes[owner] += size
@@ -82,3 +82,8 @@ class RetainedLedger:
             self._owner_bytes[owner] -= size
             if self._per_owner[owner] <= 0:
                 del self._per_owner[owner], self._owner_bytes[owner]
+
+
+def _size(topic: str, payload: int) -> int:
+    """What a retained message counts against the byte limits: its payload and its topic name."""
+    return payload + len(topic.encode("utf-8", "surrogatepass"))
