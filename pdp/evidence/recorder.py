@@ -39,6 +39,7 @@ class AssertionRecorder:
         self.writer = writer
         self.ledger = ledger  # reserves capture numbers durably ahead of use (pdp.evidence.ledger)
         self.flush_interval = flush_interval
+        self.idle_interval = max(flush_interval, 1.0)  # spool delivery retries of an in-process writer
         self.batch_size = batch_size
         self._queue: deque[Captured] = deque()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="assertions")
@@ -110,10 +111,7 @@ class AssertionRecorder:
         last_at, last_count = time.monotonic(), self.captured
         block = self.ledger.min_block
         while not self._stopping.is_set():
-            try:
-                await asyncio.wait_for(self._stopping.wait(), self.flush_interval)
-            except TimeoutError:
-                pass
+            await asyncio.sleep(self.flush_interval)
             captured = self.captured
             now = time.monotonic()
             if now - last_at >= 1.0:
@@ -123,15 +121,18 @@ class AssertionRecorder:
                 await loop.run_in_executor(self._ledger_executor, self.ledger.reserve, captured, block)
 
     async def _run(self) -> None:
+        """A plain sleep between flushes, and the writer's ``idle`` at most once a second: a ``wait_for`` on the
+        stop event (a task each) and a thread hop for ``idle`` every 50 ms cost the idle broker 1% of a core
+        (11 ms of CPU a second against 1.5 with the log off), and as much beside traffic. ``close`` waits out
+        at most one sleep."""
         loop = asyncio.get_running_loop()
+        idle_due = 0.0
         while not self._stopping.is_set():
-            try:
-                await asyncio.wait_for(self._stopping.wait(), self.flush_interval)
-            except TimeoutError:
-                pass
+            await asyncio.sleep(self.flush_interval)
             if self._queue:
                 await self._drain()
-            else:
+            elif time.monotonic() >= idle_due and not self._stopping.is_set():
+                idle_due = time.monotonic() + self.idle_interval
                 await loop.run_in_executor(self._executor, self.writer.idle)
 
     def _rows(self, batch: list[Captured]) -> tuple[list[Row], dict[int, SessionFields]]:
