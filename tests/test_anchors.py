@@ -328,3 +328,70 @@ def test_a_sequence_number_that_is_not_an_integer_is_named(store, key: Path, val
         result = cli("log", "verify", "--db", str(db), *args)
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         assert "not an integer: altered" in result.stdout
+
+
+def test_indexes_triggers_and_views_added_or_redefined_by_hand_are_named(store, key: Path) -> None:
+    """An index the planner may prefer answers queries from its own pages: verify names every index, trigger
+    and view no version of the broker creates, and an index of ours whose definition was rewritten."""
+    db, anchors = store
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE INDEX sneaky ON records (device_id)")
+        conn.execute("CREATE TRIGGER quiet AFTER INSERT ON records BEGIN SELECT 1; END")
+        conn.execute("CREATE VIEW recent AS SELECT * FROM records")
+    code, lines = verify(db, anchors, key)
+    assert code == 1
+    assert lines[0] == "ok: node n1: 25 records, chain intact, matches 5 signed heads up to n1:25"
+    assert sorted(line.split(" that ")[0] for line in lines[1:]) == [
+        "BROKEN: schema: a index 'sneaky' on 'records'", "BROKEN: schema: a trigger 'quiet' on 'records'",
+        "BROKEN: schema: a view 'recent' on 'recent'"]
+    with sqlite3.connect(db) as conn:
+        for name in ("sneaky", "quiet", "recent"):
+            conn.execute(f"DROP {dict(sneaky='INDEX', quiet='TRIGGER', recent='VIEW')[name]} {name}")
+        conn.execute("PRAGMA writable_schema = ON")
+        conn.execute("UPDATE sqlite_master SET sql = replace(sql, 'topic)', 'topic) WHERE device_id <> ''s1''') "
+                     "WHERE name = 'records_block'")
+    code, lines = verify(db, anchors, key)
+    assert (code, lines[1:]) == (1, [
+        "BROKEN: schema: a index 'records_block' on 'records' that no broker creates (added or redefined by hand: "
+        "queries may answer from it, not from the records): CREATE INDEX records_block ON records ((seq >> 14), "
+        "device_id, topic) WHERE device_id <> 's1'"])
+
+
+def test_index_entries_edited_in_the_file_hide_records_from_queries_and_deep_verify_names_it(store, key: Path) -> None:
+    """The records and their chain intact, the index a query by device reads edited in place (its bytes,
+    not SQL): the device's records vanish from --device. verify walks the records by (node, seq) and does
+    not see it; --deep compares every index entry with its record."""
+    db, anchors = store
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = [row[0] for row in conn.execute("SELECT pageno FROM dbstat WHERE name = 'records_block'")]
+    assert len(json_lines(cli("log", "query", "--db", str(db), "--device", "s1", "--format", "jsonl"))) == 25
+    data = bytearray(db.read_bytes())
+    edited = 0
+    for page in pages:
+        start = (page - 1) * page_size
+        chunk = bytes(data[start:start + page_size])
+        edited += chunk.count(b"s1t/")  # an entry: block, device 's1', topic 't/..', rowid
+        data[start:start + page_size] = chunk.replace(b"s1t/", b"s9t/")
+    assert edited == 25
+    db.write_bytes(bytes(data))
+    assert json_lines(cli("log", "query", "--db", str(db), "--device", "s1", "--format", "jsonl")) == []
+    assert verify(db, anchors, key) == (0, ["ok: node n1: 25 records, chain intact, matches 5 signed heads up to n1:25"])
+    deep = cli("log", "verify", "--db", str(db), "--deep")
+    assert deep.returncode == 1, deep.stdout
+    lines = deep.stdout.splitlines()
+    assert lines[0] == "ok: node n1: 25 records, chain intact"
+    assert lines[1:] and all(line.startswith("BROKEN: database pages: ") for line in lines[1:])
+    assert any("records_block" in line for line in lines[1:])
+
+
+def test_deep_verify_of_an_untouched_store_is_ok(store, key: Path) -> None:
+    db, _ = store
+    deep = cli("log", "verify", "--db", str(db), "--deep")
+    assert (deep.returncode, deep.stdout) == (0, "ok: node n1: 25 records, chain intact\n")
+
+
+def json_lines(result) -> list[dict]:
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]

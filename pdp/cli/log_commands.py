@@ -83,7 +83,7 @@ def add_arguments(sub: Any) -> None:
     s.add_argument("--top", type=int, default=10)
     s.set_defaults(log_func=cmd_stats)
 
-    v = log_sub.add_parser("verify", help="check every broker's hash chain; report the first altered, removed or reordered record",
+    v = log_sub.add_parser("verify", help="check every broker's hash chain; report every altered, removed or reordered record",
                            description="Verify the hash chains. Exit status 1 if any chain is broken; 3 if the chains are "
                                        "intact but hold gap records (LOST lines: a broker stopped with records it "
                                        "never wrote, e.g. killed with -9).")
@@ -95,6 +95,10 @@ def add_arguments(sub: Any) -> None:
     v.add_argument("--incremental", action="store_true",
                    help="walk only the records after each node's newest signed head the database still holds "
                         "(needs --anchors); an edit before it that left every hash unchanged needs a full verify")
+    v.add_argument("--deep", action="store_true",
+                   help="also check every database page and that each index entry matches its record (SQLite's "
+                        "integrity_check: 6.5 s at 1M records where a full verify takes 4.7 s); without it, verify "
+                        "checks the records, the identities table and the index definitions, not the index contents")
     v.set_defaults(log_func=cmd_verify)
 
     k = log_sub.add_parser("keygen", help="create the Ed25519 key pair that signs chain heads (anchor_key_file)",
@@ -373,6 +377,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for problem in store.check_identities(after):
             broken += 1
             print(f"BROKEN: {safe_text(problem)}")
+    for problem in store.check_schema() + (store.check_pages() if args.deep else []):
+        broken += 1
+        print(f"BROKEN: {safe_text(problem)}")
     if store.unindexed:
         print(f"incomplete: the newest {store.unindexed} records are stored but not indexed, and not verified "
               f"(no write access to {safe_text(store.path)})")

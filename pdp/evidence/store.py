@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import sqlite3
 import time
@@ -111,6 +112,28 @@ CREATE INDEX IF NOT EXISTS records_ts ON records (ts);
 CREATE INDEX IF NOT EXISTS records_rule ON records (rule_id, ts);
 CREATE INDEX IF NOT EXISTS records_topic ON records (topic);
 """
+
+# Index definitions some version of the store created (as SQLite keeps them: without IF NOT EXISTS).
+# Anything else on a table of the store (another index, any trigger or view) was added by hand: an index
+# the planner prefers over ours answers queries from its own pages, and verify reads the records by
+# (node, seq), so the query indexes are checked here (their definitions) and by ``check_pages`` (content).
+_ORDERED_INDEXES = (
+    f"CREATE INDEX records_block ON records ({BLOCK}, device_id, ts, topic)",  # 2026-11 development versions
+    "CREATE INDEX records_client ON records (client_id, ts)",
+    "CREATE INDEX records_fingerprint ON records (fingerprint, ts)",
+)
+KNOWN_INDEXES = frozenset(
+    re.sub(r"\s+", " ", statement.strip()).replace("CREATE INDEX IF NOT EXISTS", "CREATE INDEX")
+    for statement in (SCHEMA + INDEXES + EARLIER_INDEXES).split(";")
+    if "CREATE INDEX" in statement
+) | frozenset(_ORDERED_INDEXES)
+
+def _number_text(value: Any) -> str:
+    """A sequence number as an edited row holds it: an integral REAL in full (1e+20 read as a float)."""
+    if type(value) is float and value.is_integer():
+        return str(int(value))
+    return str(value)
+
 
 _COLUMNS = ", ".join(FIELD_NAMES)
 # verify: the text columns between ts and latency_us (client_id .. cache_tier), joined as chain_hash joins them
@@ -809,13 +832,14 @@ class AssertionStore:
             problems.extend(walked.problems)
             problems.extend(self._odd_sequence_numbers(name))
             for first_seq, last_seq, stored, found_last, found in altered.get(name, []):
+                first_seq, last_seq = _number_text(first_seq), _number_text(last_seq)
                 where = f"{name}:{first_seq}..{last_seq}"
                 problems.append((f"the stored batch {where} was altered in the database before it was indexed: its "
                                  f"row says it ends at {name}:{last_seq} with hash {str(stored)[:12]}, its records "
                                  f"end at {name}:{found_last} with hash {str(found)[:12]} (indexed as they read)",
                                  where))
             for first_seq, last_seq, why in set_aside.get(name, []):
-                where = f"{name}:{first_seq}..{last_seq}"
+                where = f"{name}:{_number_text(first_seq)}..{_number_text(last_seq)}"
                 problems.append((f"records {where} were stored as a batch that cannot be read or stored ({why}): "
                                  "altered in the database, set aside in the unindexable table", where))
             signed = max((h.seq for h in anchors.heads.get(name, [])), default=0) if anchors is not None else 0
@@ -996,6 +1020,28 @@ class AssertionStore:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         return [f"identities table: {len(missing)} (device, client id, fingerprint) used by records missing "
                 f"(rows deleted: --client and --fingerprint would not find their records): {shown}{more}"]
+
+    def check_schema(self) -> list[str]:
+        """Indexes, triggers and views that no version of the broker creates (cheap: the schema table only)."""
+        problems = []
+        for kind, name, table, sql in self.db.execute(
+                "SELECT type, name, tbl_name, sql FROM sqlite_master WHERE type IN ('index', 'trigger', 'view')"):
+            if sql is None:
+                continue  # an index SQLite made for a UNIQUE or PRIMARY KEY constraint of the table's definition
+            if kind == "index" and re.sub(r"\s+", " ", sql.strip()) in KNOWN_INDEXES:
+                continue
+            problems.append(f"schema: a {kind} {name!r} on {table!r} that no broker creates (added or redefined "
+                            f"by hand: queries may answer from it, not from the records): {sql}")
+        return problems
+
+    def check_pages(self) -> list[str]:
+        """SQLite's ``integrity_check``: every page well formed, and every index entry matching its record (a
+        query by device, topic or time reads the index, not the records verify walks). O(records), so only for
+        ``verify --deep``."""
+        found = [row[0] for row in self.db.execute("PRAGMA integrity_check(100)")]
+        if found == ["ok"]:
+            return []
+        return [f"database pages: {problem}" for problem in found]
 
     def _checkpoint_nodes(self) -> list[str]:
         return [row[0] for row in self.db.execute("SELECT node FROM checkpoints")]
