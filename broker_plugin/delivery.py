@@ -21,7 +21,6 @@ from typing import Any
 from broker_plugin.amqtt_compat import (
     BrokerProtocolHandler,
     OutgoingApplicationMessage,
-    PublishPacket,
     PubrelPacket,
     Session,
     StreamWriterAdapter,
@@ -134,7 +133,7 @@ class SessionSender:
             if item.qos:
                 self._begin_flow(item)
             else:
-                self._write(PublishPacket.build(item.topic, item.data, None, False, 0, item.retain))
+                self.handler.writer.write(qos0_publish(item.topic, item.data, item.retain))
                 queue.sent(item)
             if self._buffer_full():
                 self._draining = asyncio.ensure_future(self._drain())
@@ -207,6 +206,25 @@ class SessionSender:
         message.pubrel_packet = PubrelPacket.build(message.packet_id)
         self._expect(item, message, self.handler._pubcomp_waiters)
         self._write(message.pubrel_packet)
+
+
+def qos0_publish(topic: str, data: bytes, retain: bool) -> bytes:
+    """A QoS 0 PUBLISH as amqtt's ``PublishPacket.build(...).to_bytes()`` writes it, byte for byte (a test
+    compares them): it has no packet id and nothing is kept of it, so no packet object is needed. amqtt's
+    objects cost about 4 us a delivery (a fifth of the broker's CPU per delivered message at 10x10 QoS 0)."""
+    name = topic.encode("utf-8")
+    length = 2 + len(name) + len(data)
+    if length < 128:
+        header = bytes((0x31 if retain else 0x30, length))
+    else:
+        encoded = bytearray((0x31 if retain else 0x30,))
+        while True:
+            length, digit = divmod(length, 128)
+            encoded.append(digit | 0x80 if length else digit)
+            if not length:
+                break
+        header = bytes(encoded)
+    return b"".join((header, len(name).to_bytes(2, "big"), name, data))
 
 
 def take_inflight(session: Session) -> list[OutgoingApplicationMessage]:

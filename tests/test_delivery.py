@@ -457,3 +457,22 @@ def test_subscribing_again_and_again_does_not_pile_up_retained_copies(broker, co
         assert "offline queue of watcher-1 is full" not in caplog.text
     finally:
         watcher.close()
+
+
+@pytest.mark.parametrize("topic", ["t", "sites/plant-a/sensor-001/telemetry", "ä/€/𝄞", "x" * 200, "y" * 70000])
+@pytest.mark.parametrize("size", [0, 1, 60, 125, 126, 127, 128, 16_380, 16_384, 2_097_200])
+@pytest.mark.parametrize("retain", [False, True])
+def test_qos0_publish_is_byte_for_byte_what_amqtt_writes(topic: str, size: int, retain: bool) -> None:
+    """The sender writes QoS 0 PUBLISHes without amqtt's packet objects; the bytes must be amqtt's, at each
+    boundary of the remaining length's encoding (1 to 4 bytes) and for multi-byte UTF-8 topics."""
+    from broker_plugin.amqtt_compat import PublishPacket
+    from broker_plugin.delivery import qos0_publish
+
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    if len(topic.encode()) > 65535:
+        with pytest.raises((ValueError, struct.error)):  # amqtt refuses it too
+            PublishPacket.build(topic, data, None, False, 0, retain).to_bytes()
+        with pytest.raises(OverflowError):  # ours (a topic name is at most 65,535 bytes; none longer is read)
+            qos0_publish(topic, data, retain)
+        return
+    assert qos0_publish(topic, data, retain) == PublishPacket.build(topic, data, None, False, 0, retain).to_bytes()

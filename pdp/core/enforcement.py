@@ -77,6 +77,12 @@ class Authority(Protocol):
 
 # -- events ---------------------------------------------------------------------------
 
+# Events and actions are values: nothing assigns to one after it is made. Those made for every message
+# (a publish, subscribe, delivery or will and its verdict) are not frozen dataclasses, only by convention
+# values: a frozen dataclass sets each field through object.__setattr__, and a Verdict cost 1.06 us to make
+# where this costs 0.23 (a DeliveryDue 0.66 against 0.2): 1.3 us of the broker's 33 per delivered message
+# (10 publishers to 10 subscribers, QoS 0), with the log on or off.
+
 
 @dataclass(frozen=True, slots=True)
 class ConnectRequested:
@@ -86,19 +92,19 @@ class ConnectRequested:
     persistent: bool = False  # clean_session = 0: the session outlives the connection
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per message: not frozen (see above)
 class SubscribeRequested:
     conn: ConnId
     topic_filter: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per message: not frozen (see above)
 class PublishReceived:
     conn: ConnId
     topic: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per message: not frozen (see above)
 class DeliveryDue:
     conn: ConnId
     topic: str
@@ -106,7 +112,7 @@ class DeliveryDue:
     publisher: Admission | None = None  # admission of the connection that published a retained message; None: the broker
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per message: not frozen (see above)
 class WillDue:
     conn: ConnId
     topic: str
@@ -153,7 +159,7 @@ class Refused:
     snapshot_revision: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per message: not frozen (see above)
 class Verdict:
     """The answer to one publish, subscribe, receive or will: carry it out (``allowed``) or drop it."""
 

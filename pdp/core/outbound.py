@@ -53,6 +53,9 @@ class Offered:
     overflow: bool  # still over the limits with only QoS 1/2 waiting: disconnect the slow consumer
 
 
+TAKEN = Offered(0, False)
+
+
 class OutboundQueue:
     """The messages held for one live session; counts and bytes cover waiting and in-flight ones.
 
@@ -103,6 +106,8 @@ class OutboundQueue:
         self._held(item, +1)
         if not item.qos:
             self._waiting_qos0 += 1
+        if not self._over():
+            return TAKEN  # the common case, per delivery: no new (frozen, so slow to make) Offered
         dropped = 0
         while self._over() and self._waiting_qos0:
             self._drop_oldest_qos0()

@@ -11,6 +11,7 @@ import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -42,6 +43,8 @@ class AssertionRecorder:
         self.idle_interval = max(flush_interval, 1.0)  # spool delivery retries of an in-process writer
         self.batch_size = batch_size
         self._queue: deque[Captured] = deque()
+        # The per-decision path of the broker: append one ``Captured`` tuple (no call of ours in between).
+        self.capture: Callable[[Captured], None] = self._queue.append
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="assertions")
         self._sessions: dict[int, tuple[Admission | None, SessionFields]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -63,8 +66,8 @@ class AssertionRecorder:
     def decision(self, admission: Admission | None, client_id: str | None, peer: Peer, action: str,
                  topic: str | None, decision: Decision, tier: str | None, latency_ns: int,
                  policy_revision: str | None) -> None:
-        self._queue.append((time.time(), admission, client_id, peer, action, topic, decision, tier, latency_ns,
-                            policy_revision))
+        self.capture((time.time(), admission, client_id, peer, action, topic, decision, tier, latency_ns,
+                      policy_revision))
 
     def connect(self, admission: Admission, client_id: str | None, peer: Peer, policy_revision: str) -> None:
         decision = Decision(admission.allowed, admission.rule_id, admission.reason)

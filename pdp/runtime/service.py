@@ -96,6 +96,7 @@ def _event(conn: ConnId, action: str, topic: str, origin: Origin, publisher: Adm
     raise ValueError(f"unknown action {action!r}")
 
 
+NO_PEER: tuple[None, None] = (None, None)
 LOG_REFUSAL = "refused: assertion records cannot be made durable (on_log_failure: refuse)"
 
 
@@ -375,12 +376,13 @@ class AuthorizationService:
             return Verdict(conn, action, topic, refusal, "log-refusal", self.pdp.snapshot_revision)
         start = perf_counter_ns()
         verdict: Verdict = self.enforcer.handle(_event(conn, action, topic, origin, publisher))[0]  # type: ignore[assignment]
+        elapsed = perf_counter_ns() - start
         if self.metrics is not None:
-            self.metrics.decided(verdict.action, verdict.allowed, verdict.tier, perf_counter_ns() - start)
-        if self.recorder is not None:
-            client_id, peer = self._peers.get(conn, (None, None))
-            self.recorder.decision(self.enforcer.admission_of(conn), client_id, peer, verdict.action, topic,
-                                   verdict.decision, verdict.tier, perf_counter_ns() - start, verdict.snapshot_revision)
+            self.metrics.decided(verdict.action, verdict.allowed, verdict.tier, elapsed)
+        if self.recorder is not None:  # AssertionRecorder.decision, inlined: it runs for every message
+            client_id, peer = self._peers.get(conn, NO_PEER)
+            self.recorder.capture((time.time(), self.enforcer.admission_of(conn), client_id, peer, verdict.action,
+                                   topic, verdict.decision, verdict.tier, elapsed, verdict.snapshot_revision))
         if not verdict.allowed and action != "receive":
             client_id = self._peers.get(conn, (None,))[0]
             held = self._denials_logged.admit(client_id or "", time.monotonic())
