@@ -113,24 +113,39 @@ CREATE INDEX IF NOT EXISTS records_rule ON records (rule_id, ts);
 CREATE INDEX IF NOT EXISTS records_topic ON records (topic);
 """
 
-# Index definitions some version of the store created (as SQLite keeps them: without IF NOT EXISTS).
-# Anything else on a table of the store (another index, any trigger or view) was added by hand: an index
-# the planner prefers over ours answers queries from its own pages, and verify reads the records by
-# (node, seq), so the query indexes are checked here (their definitions) and by ``check_pages`` (content).
-_ORDERED_INDEXES = (
-    f"CREATE INDEX records_block ON records ({BLOCK}, device_id, ts, topic)",  # 2026-11 development versions
-    "CREATE INDEX records_client ON records (client_id, ts)",
-    "CREATE INDEX records_fingerprint ON records (fingerprint, ts)",
-)
-KNOWN_INDEXES = frozenset(
-    re.sub(r"\s+", " ", statement.strip()).replace("CREATE INDEX IF NOT EXISTS", "CREATE INDEX")
-    for statement in (SCHEMA + INDEXES + EARLIER_INDEXES).split(";")
-    if "CREATE INDEX" in statement
-) | frozenset(_ORDERED_INDEXES)
+# The schema as some version of the store created it (SQLite keeps a CREATE statement as written, less
+# IF NOT EXISTS). Anything else in it was made by hand: an index the planner prefers over ours answers queries
+# from its own pages, a trigger can move or rewrite what the writer stores, a table redefined changes what
+# a comparison means (affinity, collation), and verify reads the records by (node, seq). So ``check_schema``
+# names every other object and definition, and ``check_pages`` (--deep) checks the index contents.
+_EARLIER_DEFINITIONS = tuple(
+    f"CREATE INDEX records_block ON records ((seq >> {bits}), device_id, {columns})"  # 2026-11 development versions
+    for bits in (14, 16) for columns in ("topic", "ts, topic")
+) + ("CREATE INDEX records_client ON records (client_id, ts)",
+     "CREATE INDEX records_fingerprint ON records (fingerprint, ts)")
+_PLANNER_STATISTICS = frozenset({"sqlite_stat1", "sqlite_stat2", "sqlite_stat3", "sqlite_stat4"})  # ANALYZE's
+
+
+def _definition(sql: str) -> str:
+    """A CREATE statement with runs of ASCII white space as one space (SQLite reads other spaces, such as
+    U+00A0, as part of a name)."""
+    sql = re.sub(r"[ \t\n\r\f\v]+", " ", sql.strip())
+    return sql.replace(" IF NOT EXISTS ", " ")
+
+
+KNOWN_DEFINITIONS = frozenset(
+    _definition(statement) for statement in (SCHEMA + INDEXES + EARLIER_INDEXES).split(";") if statement.strip()
+) | frozenset(_EARLIER_DEFINITIONS)
+# The text columns queries compare (=, GLOB, IN): a value stored there as a BLOB hashes as the text of its
+# bytes (verify joins the columns in SQL) but equals no text, so a query would not find its record.
+COMPARED_COLUMNS = ("client_id", "device_id", "fingerprint", "action", "topic", "decision", "rule_id",
+                    "policy_revision")
+MAX_ROWID = 2**62  # no store gets near it; a record above it makes SQLite pick new rowids at random
 
 def _number_text(value: Any) -> str:
-    """A sequence number as an edited row holds it: an integral REAL in full (1e+20 read as a float)."""
-    if type(value) is float and value.is_integer():
+    """A sequence number as an edited row holds it: an integral REAL within SQLite's integers in full (1e+20
+    read as a float), any other value as Python prints it."""
+    if type(value) is float and value.is_integer() and 1 <= abs(value) < 2**63:
         return str(int(value))
     return str(value)
 
@@ -141,8 +156,15 @@ _COLUMNS = ", ".join(FIELD_NAMES)
 # hashed it. The separators are blob literals (constants; char(31) and char(0) were function calls per column).
 # Not printf: its %s ends a value at an embedded U+0000, so "dev-1" + U+0000 + "x" would hash as "dev-1".
 _MIDDLE = " || x'1f' || ".join(f"coalesce({name}, x'00')" for name in FIELD_NAMES[4:21])
-_VERIFY_SELECT = (f"SELECT record_id, node, seq, ts, {_MIDDLE}, latency_us, peer, prev_hash, hash, "
-                  "action FROM records WHERE node = ? AND seq > ? AND seq <= ? ORDER BY seq")
+# The last column is 1 where a compared column holds a BLOB: every BLOB sorts after every text, x'' first of
+# them (comparisons, where min(typeof(...)) cost 0.4 s more at 1M records, these 0.15).
+_AS_BYTES = " OR ".join(f"{name} >= x''" for name in COMPARED_COLUMNS)
+_VERIFY_SELECT = (f"SELECT record_id, node, seq, ts, {_MIDDLE}, latency_us, peer, prev_hash, hash, action, ({_AS_BYTES}) "
+                  "FROM records WHERE node = ? AND seq > ? AND seq <= ? ORDER BY seq")
+# What queries and stats read: the text columns as text, a value edited into a BLOB too (verify names it;
+# the JSON and the tables then show it as the text it reads as, where json.dumps failed on bytes).
+_NUMERIC = frozenset({"seq", "ts", "latency_us"})
+_READ_COLUMNS = ", ".join(name if name in _NUMERIC else f"CAST({name} AS TEXT)" for name in FIELD_NAMES)
 _INSERT = f"INSERT OR IGNORE INTO records ({_COLUMNS}) VALUES ({', '.join('?' for _ in FIELD_NAMES)})"
 _INSERT_CONFLICT = f"INSERT OR IGNORE INTO conflicts ({_COLUMNS}) VALUES ({', '.join('?' for _ in FIELD_NAMES)})"
 _IDENTITY = itemgetter(FIELD_NAMES.index("device_id"), FIELD_NAMES.index("client_id"), FIELD_NAMES.index("fingerprint"))
@@ -218,7 +240,7 @@ def _walk(db: sqlite3.Connection, name: str, prev_seq: int, prev_hash: str, upto
     gaps: list[tuple[str, str]] = []
     checked = count = 0
     nul = "\x00"
-    for record_id, rnode, seq, ts, middle, latency, peer, prev, digest, action in db.execute(
+    for record_id, rnode, seq, ts, middle, latency, peer, prev, digest, action, as_bytes in db.execute(
             _VERIFY_SELECT, (name, prev_seq, upto)):
         count += 1
         if action == "gap":  # a broker stopped with captures it never recorded (pdp.evidence.ledger)
@@ -238,6 +260,9 @@ def _walk(db: sqlite3.Connection, name: str, prev_seq: int, prev_hash: str, upto
                 f"{nul if latency is None else latency}\x1f{nul if peer is None else peer}\x1f{prev}")
         if sha256(text.encode("utf-8", "surrogatepass")).hexdigest() != digest or record_id != f"{rnode}:{seq}":
             problems.append((f"{record_id} was altered (its hash does not match its content)", record_id))
+        elif as_bytes:
+            problems.append((f"{record_id} was altered: a value stored as bytes, not text (its hash still "
+                             "matches; a query comparing that column would not find the record)", record_id))
         if not problems:
             checked += 1
         prev_seq, prev_hash = seq, digest
@@ -691,7 +716,8 @@ class AssertionStore:
 
     def query(self, filters: QueryFilters, limit: int | None = None, after_rowid: int = 0,
               newest_first: bool = False) -> Iterator[tuple[int, AssertionRecord]]:
-        clauses, params = ["rowid > ?"], [after_rowid]
+        # Only --follow reads by rowid (verify names rowids not as SQLite gives them).
+        clauses, params = (["rowid > ?"], [after_rowid]) if after_rowid else ([], [])
         for column, value in (("client_id", filters.client_id), ("fingerprint", filters.fingerprint)):
             if value is not None:
                 # Through the device index: the devices that ever used this client id or certificate, looked up
@@ -738,7 +764,8 @@ class AssertionStore:
         if any(v is not None for v in (filters.device, filters.client_id, filters.fingerprint, filters.topic)):
             clauses.append(self.block_clause(filters.node))  # the device and topic indexes are per block
         order = "DESC" if newest_first else "ASC"
-        sql = f"SELECT rowid, {_COLUMNS} FROM records WHERE {' AND '.join(clauses)} ORDER BY ts {order}, rowid {order}"
+        where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
+        sql = f"SELECT rowid, {_READ_COLUMNS} FROM records {where}ORDER BY ts {order}, rowid {order}"
         count = 0
         for row in self.db.execute(sql, params):
             record = AssertionRecord._make(row[1:])
@@ -777,7 +804,8 @@ class AssertionStore:
         denied_topics: Counter[str] = Counter()
         refused: Counter[tuple[str, str]] = Counter()
         for action, decision, device, topic, reason in self.db.execute(
-                f"SELECT action, decision, device_id, topic, reason FROM records WHERE {' AND '.join(where)}", params):
+                "SELECT CAST(action AS TEXT), CAST(decision AS TEXT), CAST(device_id AS TEXT), CAST(topic AS TEXT), "
+                f"CAST(reason AS TEXT) FROM records WHERE {' AND '.join(where)}", params):
             outcomes[(action, decision)] += 1
             if decision == "deny":
                 denied_devices[device or "(unknown)"] += 1
@@ -1022,26 +1050,43 @@ class AssertionStore:
                 f"(rows deleted: --client and --fingerprint would not find their records): {shown}{more}"]
 
     def check_schema(self) -> list[str]:
-        """Indexes, triggers and views that no version of the broker creates (cheap: the schema table only)."""
+        """Objects and definitions no version of the broker creates, and records out of the rowids SQLite gives
+        (a query's --follow reads new records by rowid). Cheap: the schema table and two index seeks."""
         problems = []
-        for kind, name, table, sql in self.db.execute(
-                "SELECT type, name, tbl_name, sql FROM sqlite_master WHERE type IN ('index', 'trigger', 'view')"):
-            if sql is None:
-                continue  # an index SQLite made for a UNIQUE or PRIMARY KEY constraint of the table's definition
-            if kind == "index" and re.sub(r"\s+", " ", sql.strip()) in KNOWN_INDEXES:
+        for kind, name, table, sql in self.db.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"):
+            if sql is None and str(name).startswith("sqlite_autoindex_"):
+                continue  # the index of a UNIQUE or PRIMARY KEY constraint in the table's own definition
+            if str(kind).lower() == "table" and name in _PLANNER_STATISTICS:
+                continue  # ANALYZE's statistics: they choose between our indexes, and every plan answers alike
+            if isinstance(sql, str) and _definition(sql) in KNOWN_DEFINITIONS:
                 continue
-            problems.append(f"schema: a {kind} {name!r} on {table!r} that no broker creates (added or redefined "
-                            f"by hand: queries may answer from it, not from the records): {sql}")
+            problems.append(f"schema: {kind} {name!r} on {table!r} is not as any broker version creates it "
+                            f"(made or redefined by hand: queries may not answer from the records): {sql}")
+        low = self.db.execute("SELECT min(rowid) FROM records").fetchone()[0]
+        high = self.db.execute("SELECT max(rowid) FROM records").fetchone()[0]
+        if low is not None and (low < 1 or high > MAX_ROWID):
+            problems.append(f"records table: rowids from {low} to {high}, not as SQLite gives them (1 up): "
+                            "records moved by hand (query --follow reads new records by rowid)")
         return problems
 
     def check_pages(self) -> list[str]:
         """SQLite's ``integrity_check``: every page well formed, and every index entry matching its record (a
         query by device, topic or time reads the index, not the records verify walks). O(records), so only for
-        ``verify --deep``."""
-        found = [row[0] for row in self.db.execute("PRAGMA integrity_check(100)")]
+        ``verify --deep``. Where the file is too damaged for it, ``quick_check`` (pages only), and where even
+        that stops, the error: a broken database, not a tool failure."""
+        found: list[str] = []
+        for pragma in ("integrity_check(100)", "quick_check(100)"):
+            try:
+                found = [line for row in self.db.execute(f"PRAGMA {pragma}") for line in str(row[0]).splitlines()]
+                break
+            except sqlite3.DatabaseError as exc:
+                found = [f"cannot be read: {exc}"]
         if found == ["ok"]:
             return []
-        return [f"database pages: {problem}" for problem in found]
+        shown = [f"database pages: {problem}" for problem in found[:20]]
+        if len(found) > 20:
+            shown.append(f"database pages: {len(found) - 20} more problems")
+        return shown
 
     def _checkpoint_nodes(self) -> list[str]:
         return [row[0] for row in self.db.execute("SELECT node FROM checkpoints")]
