@@ -142,14 +142,6 @@ COMPARED_COLUMNS = ("client_id", "device_id", "fingerprint", "action", "topic", 
                     "policy_revision")
 MAX_ROWID = 2**62  # no store gets near it; a record above it makes SQLite pick new rowids at random
 
-def _number_text(value: Any) -> str:
-    """A sequence number as an edited row holds it: an integral REAL within SQLite's integers in full (1e+20
-    read as a float), any other value as Python prints it."""
-    if type(value) is float and value.is_integer() and 1 <= abs(value) < 2**63:
-        return str(int(value))
-    return str(value)
-
-
 _COLUMNS = ", ".join(FIELD_NAMES)
 # verify: the text columns between ts and latency_us (client_id .. cache_tier), joined as chain_hash joins them
 # (None as U+0000), by SQLite in C; TEXT affinity stores every value of these columns as text, as the writer
@@ -860,14 +852,13 @@ class AssertionStore:
             problems.extend(walked.problems)
             problems.extend(self._odd_sequence_numbers(name))
             for first_seq, last_seq, stored, found_last, found in altered.get(name, []):
-                first_seq, last_seq = _number_text(first_seq), _number_text(last_seq)
                 where = f"{name}:{first_seq}..{last_seq}"
                 problems.append((f"the stored batch {where} was altered in the database before it was indexed: its "
                                  f"row says it ends at {name}:{last_seq} with hash {str(stored)[:12]}, its records "
                                  f"end at {name}:{found_last} with hash {str(found)[:12]} (indexed as they read)",
                                  where))
             for first_seq, last_seq, why in set_aside.get(name, []):
-                where = f"{name}:{_number_text(first_seq)}..{_number_text(last_seq)}"
+                where = f"{name}:{first_seq}..{last_seq}"
                 problems.append((f"records {where} were stored as a batch that cannot be read or stored ({why}): "
                                  "altered in the database, set aside in the unindexable table", where))
             signed = max((h.seq for h in anchors.heads.get(name, [])), default=0) if anchors is not None else 0
