@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from pdp.evidence.store import AssertionStore, QueryFilters
+from tests.support import wait_for
 
 
 def records_of(path) -> list:
@@ -166,3 +167,22 @@ def test_killed_writer_process_is_restarted_without_loss(broker, connect, policy
     assert len(records) == 3 + 2 * publishes
     assert [(r.problem, r.checked) for r in store.verify()] == [(None, len(records))]
     assert store.db.execute("SELECT count(*) FROM conflicts").fetchone()[0] == 0
+
+
+def test_a_delivery_decided_as_its_connection_closes_names_the_device(broker, connect, test_pki, policy_dir):
+    """A delivery routed to a connection that is closing is still decided (denied: not admitted) and recorded;
+    the record names the device, client id and certificate it was for (an outside attack counted thousands
+    of such records naming nobody after slow consumers were closed)."""
+    dashboard = connect("dash-1")
+    assert dashboard.subscribe("sites/plant-a/#") == 0
+    service = broker.plugin.service
+    conn = broker.run(lambda: next(c for c, (client, _) in service._peers.items() if client == "dash-1"))
+    dashboard.close()
+    wait_for(lambda: broker.run(lambda: conn not in service._peers), "the connection closed")
+    assert broker.run(lambda: service.allows(conn, "receive", "sites/plant-a/sensor-1/telemetry")) is False
+    broker.stop()
+    last = records_of(policy_dir.parent / "assertions.db")[-1]
+    assert (last.action, last.decision, last.reason) == ("receive", "deny", "connection not admitted")
+    assert (last.device_id, last.client_id, last.fingerprint) == (
+        "dash-1", "dash-1", test_pki.device("dash-1").fingerprint)
+    assert last.peer and last.peer.startswith("127.0.0.1:")

@@ -18,6 +18,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from broker_plugin.amqtt_compat import Broker
+from broker_plugin.operations import BrokerOperations, broker_readings
 from tests.rawmqtt import RawClient, packet, publish_packet, subscribe_packet
 from tests.support import WAIT, BrokerProcess, Client, wait_for, write_cli_config
 
@@ -232,6 +233,13 @@ def test_a_qos_0_subscriber_that_stops_reading_loses_its_oldest_messages_and_sta
         assert watcher.messages_until("a/end")[-1].payload == b"end"
         wait_for(lambda: broker.run(lambda: broker.broker.outbound_dropped) > 0, "oldest QoS 0 dropped")
         assert broker.run(lambda: broker.broker.slow_consumers) == 0
+        # Seen where an operator looks (an outside attack: the count was kept but shown nowhere).
+        dropped = broker.run(lambda: broker.broker.outbound_dropped)
+        readings = broker.run(lambda: broker_readings(broker.broker))
+        assert readings["mqtt_pdp_limit_outbound_dropped"][2] == dropped
+        assert readings["mqtt_pdp_limit_slow_consumer"][2] == 0
+        status = broker.call(BrokerOperations(broker.broker).status({}, None))  # type: ignore[arg-type]
+        assert (status["outbound_dropped"], status["slow_consumers"]) == (dropped, 0)
         assert not slow.closed_by_peer(timeout=0.5)  # still connected
     finally:
         slow.close()

@@ -98,6 +98,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"sessions:          {status['sessions']} ({status['offline_sessions']} offline)",
         f"refused:           {status['tls_refused']} TLS handshakes, {status['refused_full']} listener full, "
         f"{status['ended_by_guard']} ended by the packet guard",
+        f"dropped:           {status.get('queued_dropped', 0)} queued for offline sessions, "
+        f"{status.get('outbound_dropped', 0)} QoS 0 from full live queues; "
+        f"{status.get('slow_consumers', 0)} slow consumers closed",
         f"retained:          {status['retained']['topics']} topics, {status['retained']['bytes']} bytes, "
         f"{status['retained']['refused']} not retained (a retained store limit)",
         "redis:             " + ("off" if redis is None else

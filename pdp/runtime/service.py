@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from time import perf_counter_ns
@@ -97,6 +98,7 @@ def _event(conn: ConnId, action: str, topic: str, origin: Origin, publisher: Adm
 
 
 NO_PEER: tuple[None, None] = (None, None)
+ENDED_KEPT = 10_000
 LOG_REFUSAL = "refused: assertion records cannot be made durable (on_log_failure: refuse)"
 
 
@@ -111,6 +113,10 @@ class AuthorizationService:
         self.aborter: Aborter | None = None
         self._conn_ids = itertools.count(1)
         self._peers: dict[ConnId, tuple[str | None, str | None]] = {}  # client id and peer, for the records
+        # Who the last ENDED_KEPT closed connections were: a delivery routed to one as it closed is still decided
+        # (denied: not admitted) and recorded, and its record names the device (an outside attack counted
+        # 2,788 such records naming none after slow consumers were closed).
+        self._ended: OrderedDict[ConnId, tuple[Admission | None, str | None, str | None]] = OrderedDict()
         self.connected_at: dict[ConnId, float] = {}  # admitted connections: when (for mqtt-pdp sessions)
         self._denials_logged = PerKeyRateLimit(DENIAL_LOG_INTERVAL)
         self.started_at = time.time()
@@ -348,11 +354,24 @@ class AuthorizationService:
         self.enforcer.handle(Unsubscribed(conn, topic_filter))
 
     def closed(self, conn: ConnId) -> None:
+        admission = self.enforcer.admission_of(conn)
         self.enforcer.handle(ConnectionClosed(conn))
         if self.sharing is not None:
             self.sharing.closed(conn)
-        self._peers.pop(conn, None)
+        client_id, peer = self._peers.pop(conn, NO_PEER)
+        if self.recorder is not None and admission is not None:
+            self._ended[conn] = (admission, client_id, peer)
+            if len(self._ended) > ENDED_KEPT:
+                self._ended.popitem(last=False)
         self.connected_at.pop(conn, None)
+
+    def _identity_of(self, conn: ConnId) -> tuple[Admission | None, str | None, str | None]:
+        """Admission, client id and peer for a record: of the connection, or of one that has just ended."""
+        admission = self.enforcer.admission_of(conn)
+        if admission is None:
+            return self._ended.get(conn, (None, None, None))
+        client_id, peer = self._peers.get(conn, NO_PEER)
+        return admission, client_id, peer
 
     def allows(self, conn: ConnId, action: str, topic: str, origin: Origin = "live",
                publisher: Admission | None = None) -> bool:
@@ -369,9 +388,9 @@ class AuthorizationService:
                 publisher: Admission | None = None) -> Verdict:
         if self.log_refusing:
             assert self.recorder is not None
-            client_id, peer = self._peers.get(conn, (None, None))
+            admission, client_id, peer = self._identity_of(conn)
             refusal = Decision(False, None, LOG_REFUSAL)
-            self.recorder.decision(self.enforcer.admission_of(conn), client_id, peer, action, topic, refusal, None, 0,
+            self.recorder.decision(admission, client_id, peer, action, topic, refusal, None, 0,
                                    self.pdp.snapshot_revision)
             return Verdict(conn, action, topic, refusal, "log-refusal", self.pdp.snapshot_revision)
         start = perf_counter_ns()
@@ -380,9 +399,9 @@ class AuthorizationService:
         if self.metrics is not None:
             self.metrics.decided(verdict.action, verdict.allowed, verdict.tier, elapsed)
         if self.recorder is not None:  # AssertionRecorder.decision, inlined: it runs for every message
-            client_id, peer = self._peers.get(conn, NO_PEER)
-            self.recorder.capture((time.time(), self.enforcer.admission_of(conn), client_id, peer, verdict.action,
-                                   topic, verdict.decision, verdict.tier, elapsed, verdict.snapshot_revision))
+            admission, client_id, peer = self._identity_of(conn)
+            self.recorder.capture((time.time(), admission, client_id, peer, verdict.action, topic,
+                                   verdict.decision, verdict.tier, elapsed, verdict.snapshot_revision))
         if not verdict.allowed and action != "receive":
             client_id = self._peers.get(conn, (None,))[0]
             held = self._denials_logged.admit(client_id or "", time.monotonic())
