@@ -98,7 +98,7 @@ def _event(conn: ConnId, action: str, topic: str, origin: Origin, publisher: Adm
 
 
 NO_PEER: tuple[None, None] = (None, None)
-ENDED_KEPT = 10_000
+ENDED_KEPT = 2_000  # a delivery to a closing connection is decided within moments of its close
 LOG_REFUSAL = "refused: assertion records cannot be made durable (on_log_failure: refuse)"
 
 
