@@ -98,6 +98,7 @@ def _event(conn: ConnId, action: str, topic: str, origin: Origin, publisher: Adm
 
 
 NO_PEER: tuple[None, None] = (None, None)
+NO_IDENTITY: tuple[None, None, None] = (None, None, None)
 ENDED_KEPT = 2_000  # a delivery to a closing connection is decided within moments of its close
 LOG_REFUSAL = "refused: assertion records cannot be made durable (on_log_failure: refuse)"
 
@@ -369,7 +370,7 @@ class AuthorizationService:
         """Admission, client id and peer for a record: of the connection, or of one that has just ended."""
         admission = self.enforcer.admission_of(conn)
         if admission is None:
-            return self._ended.get(conn, (None, None, None))
+            return self._ended.get(conn, NO_IDENTITY)
         client_id, peer = self._peers.get(conn, NO_PEER)
         return admission, client_id, peer
 
@@ -398,8 +399,12 @@ class AuthorizationService:
         elapsed = perf_counter_ns() - start
         if self.metrics is not None:
             self.metrics.decided(verdict.action, verdict.allowed, verdict.tier, elapsed)
-        if self.recorder is not None:  # AssertionRecorder.decision, inlined: it runs for every message
-            admission, client_id, peer = self._identity_of(conn)
+        if self.recorder is not None:  # AssertionRecorder.decision and _identity_of, inlined: per message
+            admission = self.enforcer.admission_of(conn)
+            if admission is None:
+                admission, client_id, peer = self._ended.get(conn, NO_IDENTITY)
+            else:
+                client_id, peer = self._peers.get(conn, NO_PEER)
             self.recorder.capture((time.time(), admission, client_id, peer, verdict.action, topic,
                                    verdict.decision, verdict.tier, elapsed, verdict.snapshot_revision))
         if not verdict.allowed and action != "receive":
