@@ -27,6 +27,7 @@ class BrokerProcess:
     """The broker under test, in its own process; ``cpu()`` is its user+system CPU seconds."""
 
     def __init__(self, mode: str, config: dict[str, Any]) -> None:
+        self.mode = mode
         handle = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
         json.dump(config, handle)
         handle.close()
@@ -154,14 +155,18 @@ class Counter:
         self.last = time.perf_counter()
 
 
-def subscribe_all(clients: list[mqtt.Client], topic_filter: str, qos: int) -> None:
+def subscribe_all(clients: list[mqtt.Client], topic_filter: str, qos: int, broker: str = "") -> None:
     done = threading.Semaphore(0)
-    for client in clients:
-        client.on_subscribe = lambda c, u, mid, codes, p: done.release()
+    acked: set[int] = set()
+    for index, client in enumerate(clients):
+        client.on_subscribe = lambda c, u, mid, codes, p, index=index: (acked.add(index), done.release())
         client.subscribe(topic_filter, qos)
     for _ in clients:
         if not done.acquire(timeout=30):
-            raise RuntimeError("SUBACK missing")
+            missing = [f"#{i} ({'connected' if c.is_connected() else 'not connected'})"
+                       for i, c in enumerate(clients) if i not in acked]
+            raise RuntimeError(f"SUBACK missing from broker {broker or '?'} within 30 s for subscriber(s) "
+                               f"{', '.join(missing)}")
 
 
 def run_flow(broker: BrokerProcess, env: BenchEnv, pubs: int, subs: int, qos: int, per_pub: int,
@@ -172,7 +177,7 @@ def run_flow(broker: BrokerProcess, env: BenchEnv, pubs: int, subs: int, qos: in
     counters = [Counter() for _ in subscribers]
     for client, counter in zip(subscribers, counters):
         client.on_message = counter.on_message
-    subscribe_all(subscribers, "sites/bench/#", qos)
+    subscribe_all(subscribers, "sites/bench/#", qos, broker.mode)
     expected = pubs * subs * per_pub
     cpu0, child0, t0 = broker.cpu(), broker.children_cpu(), time.perf_counter()
 
