@@ -36,7 +36,9 @@ from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.puback import PubackPacket
+from amqtt.mqtt.pubcomp import PubcompPacket
 from amqtt.mqtt.publish import PublishPacket
+from amqtt.mqtt.pubrec import PubrecPacket
 from amqtt.mqtt.pubrel import PubrelPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
@@ -70,7 +72,9 @@ __all__ = [
     "PluginError",
     "PluginLoadError",
     "PubackPacket",
+    "PubcompPacket",
     "PublishPacket",
+    "PubrecPacket",
     "PubrelPacket",
     "ReaderAdapter",
     "RetainedApplicationMessage",

@@ -448,6 +448,8 @@ class HardenedBroker(Broker):
                                lambda reason: self._slow_consumer(conn, client_session, handler, reason),
                                self._outbound_drop)
         self._senders[client_id] = sender
+        if isinstance(reader, FramingGuard):
+            reader.on_ack = sender.take_ack
         self._take_offline_queue(client_session)  # before anything live can be routed to the new connection
         ended = False
         try:

@@ -29,6 +29,8 @@ SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 
 SERVER_ONLY = {CONNACK: "CONNACK", SUBACK: "SUBACK", UNSUBACK: "UNSUBACK", PINGRESP: "PINGRESP"}
 FLAGS_0010 = (PUBREL, SUBSCRIBE, UNSUBSCRIBE)  # [MQTT-3.6.1-1], [MQTT-3.8.1-1], [MQTT-3.10.1-1]
 BODY_LENGTH = {PUBACK: 2, PUBREC: 2, PUBREL: 2, PUBCOMP: 2, PINGREQ: 0, DISCONNECT: 0}
+ACK_FIRST_BYTES = frozenset((PUBACK << 4, PUBREC << 4, PUBCOMP << 4))  # what FramingGuard.on_ack is offered
+ACKS_PER_TURN = 32
 
 
 class Malformed(Exception):
@@ -197,9 +199,15 @@ class FramingGuard(ReaderAdapter):
         # Awaited before amqtt is handed a DISCONNECT or an end, so that the packets before it take effect
         # first (see broker_plugin.ordering); None until the broker sets it.
         self.settle: Callable[[], Awaitable[None]] | None = None
+        # ``on_ack(kind, packet_id)``: offered each whole PUBACK, PUBREC and PUBCOMP first; True when it took
+        # it (the connection's sender completed its flow), and amqtt never sees that packet.
+        self.on_ack: Callable[[int, int], bool] | None = None
         stream = stream_of(inner)
         # asyncio.StreamReader's own buffer (CPython private, checked here; without it every packet is awaited)
         self._stream = stream if isinstance(getattr(stream, "_buffer", None), bytearray) else None
+        # (and its wait for data, used in place of a task when nothing is buffered: ``_awaitable_in_place``)
+        self._wait_in_place = self._stream is not None and callable(getattr(stream, "_wait_for_data", None)) \
+            and all(hasattr(stream, name) for name in ("_waiter", "_eof", "_exception"))
 
     async def read(self, n: int = -1) -> bytes:
         if not self._buffer:
@@ -213,19 +221,54 @@ class FramingGuard(ReaderAdapter):
         return data
 
     async def _next(self) -> None:
-        """Put the next whole, checked packet in ``_buffer``; IncompleteReadError when the connection ends."""
+        """Put the next whole, checked packet for amqtt in ``_buffer``; IncompleteReadError when the
+        connection ends. Acknowledgements ``on_ack`` takes are not put there: the next packet is read."""
+        taken = 0
+        while True:
+            # One turn of the loop before each packet, as the awaited path gives, so the tasks handling the
+            # previous packets progress before this one is looked at (between taken acknowledgements, which
+            # start no task, one turn per ACKS_PER_TURN of them, so a flood of them cannot hold the loop).
+            packet = await self._whole(taken % ACKS_PER_TURN == 0)
+            if packet is None:
+                return
+            on_ack = self.on_ack
+            if on_ack is None or len(packet) != 4 or packet[0] not in ACK_FIRST_BYTES \
+                    or not on_ack(packet[0] >> 4, (packet[2] << 8) | packet[3]):
+                break
+            taken += 1
+        if packet[0] >> 4 == DISCONNECT:
+            await self._settled()
+        self._buffer = memoryview(packet)
+
+    async def _whole(self, turn: bool) -> bytes | None:
+        """The next whole, checked packet; None if ``_buffer`` was filled meanwhile."""
         packet: bytes | None = None
         if self._framing is None:
-            # One turn of the loop before each packet, as the awaited path gives, so the tasks handling
-            # the previous packets progress before this one is looked at.
-            await asyncio.sleep(0)
-            if self._buffer:
-                return
+            if turn:
+                await asyncio.sleep(0)
+                if self._buffer:
+                    return None
             ended = False
             try:
                 packet = self._take_buffered() if self._framing is None else None
             except ConnectionEnded:
                 ended = True
+            if packet is None and not ended and self._awaitable_in_place():
+                # Nothing buffered: wait for bytes here, with no task (a cancelled wait consumes nothing), then
+                # take the packet at once if it came whole, as it usually does. A task per packet and a timer per
+                # byte of its header, below, were the guard's largest cost per QoS 1 delivery (an acknowledgement
+                # each). A partial packet goes on below, with its deadlines from now on.
+                try:
+                    async with asyncio.timeout(self.idle_limit):
+                        await self._stream._wait_for_data("read")  # type: ignore[union-attr]
+                except TimeoutError:
+                    self._end(f"keep-alive expired: no packet within {self.idle_limit or 0:g} s [MQTT-3.1.2-24]")
+                    ended = True
+                else:
+                    try:
+                        packet = self._take_buffered()
+                    except ConnectionEnded:
+                        ended = True
             if ended:
                 await self._settled()
                 raise asyncio.IncompleteReadError(b"", None)
@@ -242,9 +285,7 @@ class FramingGuard(ReaderAdapter):
             if packet is None:  # ended: amqtt sees end of stream
                 await self._settled()
                 raise asyncio.IncompleteReadError(b"", None)
-        if packet[0] >> 4 == DISCONNECT:
-            await self._settled()
-        self._buffer = memoryview(packet)
+        return packet
 
     async def _settled(self) -> None:
         if self.settle is not None:
@@ -287,6 +328,13 @@ class FramingGuard(ReaderAdapter):
             raise ConnectionEnded(str(exc)) from None
         self.connected = True
         return packet
+
+    def _awaitable_in_place(self) -> bool:
+        """Whether ``_whole`` may wait for the next packet's first bytes itself: a connected client, a stream
+        with an empty buffer and nobody else waiting on it, not ended."""
+        stream = self._stream
+        return (stream is not None and self._wait_in_place and self.connected and self.ended is None and not stream._buffer
+                and not stream._eof and stream._exception is None and stream._waiter is None)
 
     def cancel(self) -> None:
         """Stop reading (the connection is going away)."""

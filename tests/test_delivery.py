@@ -468,19 +468,25 @@ def test_subscribing_again_and_again_does_not_pile_up_retained_copies(broker, co
 
 
 @pytest.mark.parametrize("topic", ["t", "sites/plant-a/sensor-001/telemetry", "ä/€/𝄞", "x" * 200, "y" * 70000])
-@pytest.mark.parametrize("size", [0, 1, 60, 125, 126, 127, 128, 16_380, 16_384, 2_097_200])
+@pytest.mark.parametrize("size", [0, 1, 60, 123, 124, 125, 126, 127, 128, 16_380, 16_384, 2_097_200])
+@pytest.mark.parametrize("qos, packet_id, dup", [(0, 0, False), (1, 1, False), (1, 65535, True), (2, 258, False),
+                                                 (2, 7, True)])
 @pytest.mark.parametrize("retain", [False, True])
-def test_qos0_publish_is_byte_for_byte_what_amqtt_writes(topic: str, size: int, retain: bool) -> None:
-    """The sender writes QoS 0 PUBLISHes without amqtt's packet objects; the bytes must be amqtt's, at each
-    boundary of the remaining length's encoding (1 to 4 bytes) and for multi-byte UTF-8 topics."""
+def test_publish_bytes_are_byte_for_byte_what_amqtt_writes(topic: str, size: int, qos: int, packet_id: int, dup: bool,
+                                                            retain: bool) -> None:
+    """The sender writes PUBLISHes without amqtt's packet objects; the bytes must be amqtt's, at each
+    boundary of the remaining length's encoding (1 to 4 bytes, the packet id counted), for multi-byte UTF-8
+    topics, at every QoS, with and without DUP and RETAIN."""
     from broker_plugin.amqtt_compat import PublishPacket
-    from broker_plugin.delivery import qos0_publish
+    from broker_plugin.delivery import publish_bytes
 
     data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    expected_id = packet_id if qos else None
     if len(topic.encode()) > 65535:
         with pytest.raises((ValueError, struct.error)):  # amqtt refuses it too
-            PublishPacket.build(topic, data, None, False, 0, retain).to_bytes()
+            PublishPacket.build(topic, data, expected_id, dup, qos, retain).to_bytes()
         with pytest.raises(OverflowError):  # ours (a topic name is at most 65,535 bytes; none longer is read)
-            qos0_publish(topic, data, retain)
+            publish_bytes(topic, data, retain, qos, packet_id, dup)
         return
-    assert qos0_publish(topic, data, retain) == PublishPacket.build(topic, data, None, False, 0, retain).to_bytes()
+    assert publish_bytes(topic, data, retain, qos, packet_id, dup) == \
+        PublishPacket.build(topic, data, expected_id, dup, qos, retain).to_bytes()
