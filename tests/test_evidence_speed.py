@@ -239,3 +239,45 @@ def test_queries_by_client_and_fingerprint_find_records_whose_device_is_empty_or
         assert sorted(r.seq for _, r in store.query(filters)) == [1, 2, 3]
     assert [r.seq for _, r in store.query(QueryFilters(client_id="other"))] == [4]
     store.close()
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_verify_all_checks_identities_beside_the_parallel_walk(tmp_path: Path, monkeypatch, parallel: bool) -> None:
+    """The identities check runs in this process while the workers walk (``verify_all``): a deleted
+    identities row must be named exactly as the check on its own names it, in parts or in one walk."""
+    import pdp.evidence.store as store_module
+
+    writer = ChainWriter("n1", [SqliteSink(tmp_path / "a.db")], tmp_path / "s")
+    sessions = {k: (f"d{k}", f"{k:064x}", "0a", "CN=ca", "sensor", "x", "y", "z", "active") for k in range(1, 4)}
+    writer.write([(1.0e9 + i, 1 + i % 3, f"d{1 + i % 3}", None, "publish", f"t/{i}", True, "r", "ok", "l1", 900,
+                   "rev") for i in range(200)], sessions, "b:1")
+    writer.close()
+    with sqlite3.connect(tmp_path / "a.db") as db:
+        db.execute("DELETE FROM identities WHERE device_id = 'd2'")
+    db.close()
+    if parallel:
+        monkeypatch.setattr(store_module, "PARALLEL_WALK", 10)
+        monkeypatch.setattr(store_module.os, "cpu_count", lambda: 2)
+    store = AssertionStore(tmp_path / "a.db", readonly=True)
+    walking, checked_while_walking = [False], []
+    walk_node, check = store._walk_node, store.check_identities
+
+    def walk_node_spy(*args):
+        walking[0] = True
+        try:
+            return walk_node(*args)
+        finally:
+            walking[0] = False
+
+    def check_spy(*args):
+        checked_while_walking.append(walking[0])
+        return check(*args)
+
+    monkeypatch.setattr(store, "_walk_node", walk_node_spy)
+    monkeypatch.setattr(store, "check_identities", check_spy)
+    reports, problems = store.verify_all()
+    alone = check()
+    store.close()
+    assert [r.problem for r in reports] == [None]
+    assert problems == alone and len(alone) == 1 and "device d2, client d2" in alone[0]
+    assert checked_while_walking == [parallel]  # beside the workers' walk; after a walk in one piece

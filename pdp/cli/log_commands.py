@@ -342,7 +342,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise LogCliError("--incremental needs --anchors and --public-key")
     store = _open(args)
     _check_node(store, args.node)
-    reports = store.verify(args.node, anchors, incremental=args.incremental)
+    identity_problems: list[str] | None = None
+    if args.node or args.incremental:
+        reports = store.verify(args.node, anchors, incremental=args.incremental)
+    else:
+        reports, identity_problems = store.verify_all(anchors)
     broken = gapped = 0
     for problem in anchors.problems if anchors else []:
         broken += 1
@@ -374,7 +378,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 print(f"BROKEN: node {safe_text(report.node)}: {safe_text(problem)}")
     if not args.node:
         after = {r.node: r.verified_after for r in reports} if args.incremental else None
-        for problem in store.check_identities(after):
+        for problem in identity_problems if identity_problems is not None else store.check_identities(after):
             broken += 1
             print(f"BROKEN: {safe_text(problem)}")
     for problem in store.check_schema() + (store.check_pages() if args.deep else []):
