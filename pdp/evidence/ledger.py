@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,28 +147,34 @@ class CaptureLedger:
         self.overrun = False
         self.failures = 0
         self.carried: tuple[str, ...] = ()  # gap records this instance is about to write (see LedgerEntry)
+        # The recorder reserves from its own thread ahead of use and, when captures catch up with the
+        # reservation first, from the broker's loop: one write at a time, and a reservation never shrinks.
+        self._lock = threading.Lock()
 
     def reserve(self, captured: int, block: int) -> bool:
-        """Reserve up to ``captured + block``; False (logged) when the file cannot be written."""
-        if captured > self.reserved and self.reserved:
-            self.overrun = True
-            log.warning("capture ledger: %d captures beyond the reservation of %d before it was renewed",
-                        captured - self.reserved, self.reserved)
-        target = captured + max(block, self.min_block)
-        try:
-            write_ledger(self.path, LedgerEntry(self.instance, target, None, self.overrun, self.carried))
-        except OSError as exc:
-            self.failures += 1
-            log.error("capture ledger %s: cannot reserve (%s); a kill now could lose records unnoticed",
-                      self.path, exc)
-            return False
-        self.reserved = target
-        return True
+        """Reserve up to ``captured + block`` (never less than already reserved); False (logged) when the file
+        cannot be written."""
+        with self._lock:
+            if captured > self.reserved and self.reserved:
+                self.overrun = True
+                log.warning("capture ledger: %d captures beyond the reservation of %d before it was renewed",
+                            captured - self.reserved, self.reserved)
+            target = max(captured + max(block, self.min_block), self.reserved)
+            try:
+                write_ledger(self.path, LedgerEntry(self.instance, target, None, self.overrun, self.carried))
+            except OSError as exc:
+                self.failures += 1
+                log.error("capture ledger %s: cannot reserve (%s); a kill now could lose records unnoticed",
+                          self.path, exc)
+                return False
+            self.reserved = target
+            return True
 
     def close(self, captured: int) -> None:
         """A graceful stop: the exact number of captures, so the next start can tell exactly what was lost."""
-        try:
-            write_ledger(self.path, LedgerEntry(self.instance, max(self.reserved, captured), captured, self.overrun,
-                                                self.carried))
-        except OSError as exc:
-            log.error("capture ledger %s: cannot record the final count (%s)", self.path, exc)
+        with self._lock:
+            try:
+                write_ledger(self.path, LedgerEntry(self.instance, max(self.reserved, captured), captured,
+                                                    self.overrun, self.carried))
+            except OSError as exc:
+                log.error("capture ledger %s: cannot record the final count (%s)", self.path, exc)

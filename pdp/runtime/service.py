@@ -405,7 +405,10 @@ class AuthorizationService:
                 admission, client_id, peer = self._ended.get(conn, NO_IDENTITY)
             else:
                 client_id, peer = self._peers.get(conn, NO_PEER)
-            self.recorder.capture((time.time(), admission, client_id, peer, verdict.action, topic,
+            recorder = self.recorder
+            if len(recorder.queue) >= recorder.queue_room:  # the durable reservation first (reserve_now)
+                recorder.reserve_now()
+            recorder.capture((time.time(), admission, client_id, peer, verdict.action, topic,
                                    verdict.decision, verdict.tier, elapsed, verdict.snapshot_revision))
         if not verdict.allowed and action != "receive":
             client_id = self._peers.get(conn, (None,))[0]
