@@ -32,10 +32,12 @@ def run(workdir: Path, reps: int = 5, quick: bool = False) -> dict[str, Any]:
     env = make_env(workdir / "throughput", devices)
     for device_id, _ in devices:
         env.device(device_id)
-    # Flows of 2-12 s each. They were 0.2-0.8 s (3,000 and 200 messages per publisher): a third of a second is
-    # a few of the kernel's 10 ms CPU ticks, and one scheduling hiccup of the shared machine moved a single
-    # ratio anywhere from 0.64 to 2.34. Side by side with paho at 10x10 (2026-11-26), six repetitions of 1,000
-    # messages per publisher at QoS 0 gave single ratios of 1.03-1.11, where 200 gave 0.86-1.15.
+    # Flows of 2-12 s each, the same for both generators. The paho flows were 0.2-0.8 s (3,000 and 200 messages
+    # per publisher; the mosquitto ones five times that): a third of a second is a few of the kernel's 10 ms CPU
+    # ticks, and one scheduling hiccup of the shared machine moved a single ratio anywhere from 0.64 to 2.34.
+    # Side by side with paho at 10x10 (2026-11-26), six repetitions of 1,000 messages per publisher at QoS 0
+    # gave single ratios of 1.03-1.11, where 200 gave 0.86-1.15. (The mosquitto clients' start, a process and
+    # a TLS handshake each, is inside their window: longer flows make it a smaller part.)
     per_pub = {(1, 1): 600 if quick else 30000, (10, 10): 40 if quick else 1000}
     flows = {"paho": run_flow, "mosquitto": run_flow_mosquitto}
     samples: dict[str, list[dict[str, Any]]] = {}

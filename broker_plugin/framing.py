@@ -264,6 +264,8 @@ class FramingGuard(ReaderAdapter):
                 except TimeoutError:
                     self._end(f"keep-alive expired: no packet within {self.idle_limit or 0:g} s [MQTT-3.1.2-24]")
                     ended = True
+                except ConnectionError:  # reset while waiting (the stream's exception): end of stream, as _read does
+                    ended = True
                 else:
                     try:
                         packet = self._take_buffered()
@@ -333,8 +335,8 @@ class FramingGuard(ReaderAdapter):
         """Whether ``_whole`` may wait for the next packet's first bytes itself: a connected client, a stream
         with an empty buffer and nobody else waiting on it, not ended."""
         stream = self._stream
-        return (stream is not None and self._wait_in_place and self.connected and self.ended is None and not stream._buffer
-                and not stream._eof and stream._exception is None and stream._waiter is None)
+        return (stream is not None and self._wait_in_place and self.connected and self.ended is None
+                and not stream._buffer and not stream._eof and stream._exception is None and stream._waiter is None)
 
     def cancel(self) -> None:
         """Stop reading (the connection is going away)."""

@@ -116,3 +116,24 @@ def test_end_of_stream_while_waiting_in_place_is_end_of_stream_for_amqtt() -> No
         assert ended == []  # the client's own end, not the guard's
 
     asyncio.run(scenario())
+
+
+def test_a_reset_while_waiting_in_place_settles_first_and_is_end_of_stream_for_amqtt() -> None:
+    """As on the task path: the packets before the end take effect first (``settle``), and amqtt sees an
+    end of stream, not the reset (an outside attack found the reset passed straight through)."""
+    async def scenario() -> None:
+        stream, ended, settled = asyncio.StreamReader(), [], []
+        guard = make_guard(stream, ended)
+
+        async def settle() -> None:
+            settled.append(True)
+
+        guard.settle = settle
+        reading = asyncio.ensure_future(guard.read(-1))
+        await asyncio.sleep(0.02)
+        stream.set_exception(ConnectionResetError("reset by peer"))
+        with pytest.raises(asyncio.IncompleteReadError):
+            await asyncio.wait_for(reading, 5)
+        assert settled == [True]
+
+    asyncio.run(scenario())
