@@ -29,8 +29,10 @@ from broker_plugin.amqtt_compat import (
     StreamWriterAdapter,
 )
 from pdp.core.outbound import OutboundLimits, OutboundQueue, Outgoing
+from pdp.evidence.text import field
 
 log = logging.getLogger("mqtt_pdp.broker")
+ACK_NAMES = {4: "PUBACK", 5: "PUBREC", 7: "PUBCOMP"}
 
 
 class SessionSender:
@@ -61,6 +63,7 @@ class SessionSender:
         self._started = False
         self._stopped = False
         self._logged = False
+        self.unexpected_acks = 0  # acknowledgements nothing waited for (take_ack)
 
     def start(self, redeliver: list[OutgoingApplicationMessage]) -> None:
         """Begin sending: first the unacknowledged messages of the previous connection (same packet ids,
@@ -207,13 +210,14 @@ class SessionSender:
 
     def take_ack(self, kind: int, packet_id: int) -> bool:
         """A PUBACK (4), PUBREC (5) or PUBCOMP (7) the connection's guard has read whole: completes the flow
-        waiting for it and returns True, or returns False (no flow of ours waits for that kind and id) and
-        amqtt's reader gets the packet, as before. Taking it here skips, per acknowledgement, amqtt's parse
-        from the stream, its PACKET_RECEIVED event (not fired for these) and a task running its handler,
-        which only completed this same future: about a third of the broker's CPU per QoS 1 delivery."""
-        ack = self._flows.get(packet_id)
-        if ack is None or ack.done():
-            return False
+        waiting for it and returns True. Taking it here skips, per acknowledgement, amqtt's parse from the
+        stream, its PACKET_RECEIVED event (not fired for these) and a task running its handler, which only
+        completed this same future: about a third of the broker's CPU per QoS 1 delivery.
+
+        One that nothing waits for (an unknown packet id, a duplicate) is taken too: amqtt's handler only
+        logged a warning for each, a line per packet a client chose to send (25,000 PUBACKs, 25,000 lines,
+        in an outside attack); here the first is logged, and the rest counted in ``unexpected_acks``. One
+        that amqtt's own waiter of that kind waits for goes to amqtt's reader (False), as before."""
         handler = self.handler
         if kind == 4:
             waiters, packet = handler._puback_waiters, PubackPacket
@@ -221,9 +225,17 @@ class SessionSender:
             waiters, packet = handler._pubrec_waiters, PubrecPacket
         else:
             waiters, packet = handler._pubcomp_waiters, PubcompPacket
-        if waiters.get(packet_id) is not ack:
-            return False
-        ack.set_result(packet.build(packet_id))
+        waiter = waiters.get(packet_id)
+        if waiter is not None and waiter is not self._flows.get(packet_id):
+            return False  # amqtt's own
+        if waiter is None or waiter.done():  # unknown, or a duplicate of one taken in this same read
+            self.unexpected_acks += 1
+            if self.unexpected_acks == 1:
+                log.warning("client %s sent a %s for packet id %d, which nothing waits for: ignored (further "
+                            "ones on this connection are not logged)", field(self.session.client_id or ""),
+                            ACK_NAMES.get(kind, kind), packet_id)
+            return True
+        waiter.set_result(packet.build(packet_id))
         return True
 
     def _send_pubrel(self, item: Outgoing, message: OutgoingApplicationMessage) -> None:

@@ -81,6 +81,30 @@ def test_unacknowledged_qos_1_is_resent_with_dup_on_reconnect(broker, connect, t
         sensor.close()
 
 
+def test_acknowledgements_nothing_waits_for_are_ignored_with_one_log_line(broker, connect, test_pki, caplog):
+    """A client may send PUBACKs, PUBRECs and PUBCOMPs for packet ids nothing waits for, or twice: amqtt
+    logged a warning for each (25,000 lines for 25,000 in an outside attack). Now one line per connection;
+    the connection and its real flows go on."""
+    sensor = persistent_subscriber(broker, test_pki)
+    dashboard = connect("dash-1")
+    try:
+        caplog.set_level(logging.WARNING)
+        junk = b"".join(packet(first, struct.pack("!H", i % 65535 + 1)) for i in range(3000)
+                        for first in (0x40, 0x50, 0x70))
+        assert sensor.send(junk)
+        dashboard.publish(CMD, b"after", qos=1)
+        first, packet_id, payload = publish_fields(sensor.read_packet())
+        assert (first, payload) == (0x32, b"after")
+        assert sensor.send(packet(0x40, struct.pack("!H", packet_id)) * 3)  # acknowledged, then twice more
+        dashboard.publish(CMD, b"next", qos=1)
+        assert publish_fields(sensor.read_packet())[2] == b"next"  # the flow completed: the window moved on
+        lines = [r for r in caplog.records if "nothing waits for" in r.getMessage()
+                 or "unknown pending message" in r.getMessage() or "already done" in r.getMessage()]
+        assert len(lines) == 1 and "sensor-1" in lines[0].getMessage(), [r.getMessage() for r in lines[:5]]
+    finally:
+        sensor.close()
+
+
 def test_a_message_the_policy_no_longer_grants_is_not_resent(broker, connect, test_pki, policy_dir):
     sensor = persistent_subscriber(broker, test_pki)
     dashboard = connect("dash-1")
