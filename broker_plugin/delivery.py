@@ -180,7 +180,8 @@ class SessionSender:
                                            message.qos or item.qos, message.packet_id, item.resend is not None))
 
     def _expect(self, item: Outgoing, message: OutgoingApplicationMessage, waiters: dict[int, Any]) -> None:
-        """Wait for the next acknowledgement of this flow; amqtt's reader completes the future."""
+        """Wait for the next acknowledgement of this flow: the connection's guard completes the future
+        (``take_ack``); amqtt's reader would, for a reader without the guard."""
         ack: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         waiters[message.packet_id] = ack
         self._flows[message.packet_id] = ack

@@ -248,11 +248,7 @@ class FramingGuard(ReaderAdapter):
                 await asyncio.sleep(0)
                 if self._buffer:
                     return None
-            ended = False
-            try:
-                packet = self._take_buffered() if self._framing is None else None
-            except ConnectionEnded:
-                ended = True
+            packet, ended = self._take()
             if packet is None and not ended and self._awaitable_in_place():
                 # Nothing buffered: wait for bytes here, with no task (a cancelled wait consumes nothing), then
                 # take the packet at once if it came whole, as it usually does. A task per packet and a timer per
@@ -262,15 +258,12 @@ class FramingGuard(ReaderAdapter):
                     async with asyncio.timeout(self.idle_limit):
                         await self._stream._wait_for_data("read")  # type: ignore[union-attr]
                 except TimeoutError:
-                    self._end(f"keep-alive expired: no packet within {self.idle_limit or 0:g} s [MQTT-3.1.2-24]")
+                    self._end(self._idle_reason())
                     ended = True
                 except ConnectionError:  # reset while waiting (the stream's exception): end of stream, as _read does
                     ended = True
                 else:
-                    try:
-                        packet = self._take_buffered()
-                    except ConnectionEnded:
-                        ended = True
+                    packet, ended = self._take()
             if ended:
                 await self._settled()
                 raise asyncio.IncompleteReadError(b"", None)
@@ -331,6 +324,16 @@ class FramingGuard(ReaderAdapter):
         self.connected = True
         return packet
 
+    def _take(self) -> tuple[bytes | None, bool]:
+        """``_take_buffered`` as (packet or None, whether the guard ended the connection)."""
+        try:
+            return self._take_buffered(), False
+        except ConnectionEnded:
+            return None, True
+
+    def _idle_reason(self) -> str:
+        return f"keep-alive expired: no packet within {self.idle_limit or 0:g} s [MQTT-3.1.2-24]"
+
     def _awaitable_in_place(self) -> bool:
         """Whether ``_whole`` may wait for the next packet's first bytes itself: a connected client, a stream
         with an empty buffer and nobody else waiting on it, not ended."""
@@ -376,8 +379,7 @@ class FramingGuard(ReaderAdapter):
             first = await self._read(1, deadline, idle_reason)
         else:
             idle = None if self.idle_limit is None else time.monotonic() + self.idle_limit
-            idle_reason = f"keep-alive expired: no packet within {self.idle_limit or 0:g} s [MQTT-3.1.2-24]"
-            first = await self._read(1, idle, idle_reason)
+            first = await self._read(1, idle, self._idle_reason())
             deadline = time.monotonic() + self.packet_timeout
             late = f"packet not complete within {self.packet_timeout:g} s"
         if first is None:

@@ -81,7 +81,7 @@ class AssertionRecorder:
         decision = Decision(admission.allowed, admission.rule_id, admission.reason)
         self.decision(admission, client_id, peer, "connect", None, decision, None, 0, policy_revision)
 
-    def reserve_now(self) -> None:
+    def reserve_now(self) -> bool:
         """The next capture would go beyond the durable reservation: reserve first, here, on the broker's loop.
 
         The reservation is normally renewed ahead of use from a thread (``_reserve_ahead``), every flush
@@ -90,13 +90,13 @@ class AssertionRecorder:
         outside test run saw 1,055 decisions made where 574 were stored and the gap said at most 426. So
         the capture path waits for the file write (an fsync, milliseconds) instead. When the file cannot be
         written (logged by the ledger), captures go on for another block before the next attempt: the
-        default is to stay available, alarmed."""
+        default is to stay available, alarmed. Also the first reservation, at start. False: not written."""
         assert self.ledger is not None
-        self._block = max(self._block, self.ledger.min_block)
         if self.ledger.reserve(self.captured, self._block):
             self.queue_room = self.ledger.reserved - self._popped
-        else:
-            self.queue_room = self.captured + self.ledger.min_block - self._popped
+            return True
+        self.queue_room = self.captured + self.ledger.min_block - self._popped
+        return False
 
     # -- background --------------------------------------------------------------------------
 
@@ -108,11 +108,8 @@ class AssertionRecorder:
     def start(self) -> None:
         if self.ledger is not None:
             self._note_previous_loss(self.ledger)
-            if not self.ledger.reserve(self.captured, self.ledger.min_block):
+            if not self.reserve_now():
                 log.critical("capture ledger unavailable: records lost by a kill of this broker would go unnoticed")
-                self.queue_room = self.captured + self.ledger.min_block - self._popped
-            else:
-                self.queue_room = self.ledger.reserved - self._popped
             self._ledger_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capture-ledger")
             self._reserve_task = asyncio.get_running_loop().create_task(self._reserve_ahead(),
                                                                         name="mqtt-pdp-capture-ledger")

@@ -409,7 +409,7 @@ class AuthorizationService:
             if len(recorder.queue) >= recorder.queue_room:  # the durable reservation first (reserve_now)
                 recorder.reserve_now()
             recorder.capture((time.time(), admission, client_id, peer, verdict.action, topic,
-                                   verdict.decision, verdict.tier, elapsed, verdict.snapshot_revision))
+                              verdict.decision, verdict.tier, elapsed, verdict.snapshot_revision))
         if not verdict.allowed and action != "receive":
             client_id = self._peers.get(conn, (None,))[0]
             held = self._denials_logged.admit(client_id or "", time.monotonic())
